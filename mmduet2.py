@@ -1,0 +1,658 @@
+"""MMDuet2's core: the chat template, frames, token ids, model loading and the streaming engine.
+
+Every script of the pipeline imports this file (it imports none of them):
+
+    data.py ──▶ sft.py ──▶ grpo.py ──▶ infer.py          (reward.py stands alone)
+          \\________ all of them use mmduet2.py ________/
+
+What lives here, top to bottom (paper Sec. 4.1 and Appendix A):
+
+1. Constants: the proactive system prompt of the paper's Fig. 2, the silence string, special tokens.
+2. Frames: sample a video at a fixed interval with decord, one frame at a time; the frame-size
+   rule (128 LLM tokens per frame by default); the time of each user turn.
+3. Dialogue files: our SFT JSONL, the released MMDuet2 SFT JSONL and ProactiveVideoQA anno.json.
+4. Token ids in, token ids out: a conversation is encoded message by message as *deltas*
+   (input ids, modality types, pixels, image grids, loss mask) and positioned with Qwen2.5-VL's
+   3-D rope, chunk by chunk.
+5. Models: `from_pretrained` on the hub or a folder, or `tiny`: a random Qwen2.5-VL with a
+   tokenizer trained in-process, for tests, the toy world and smoke runs.
+6. `Stream`: the KV-cached proactive engine. Feed a user turn, get the assistant turn back
+   (a reply or NO REPLY) with its exact token ids; "fast silence" checks the NO REPLY draft in
+   the same forward pass as the user turn.
+
+Try it:
+
+    python -c "import mmduet2; m, p = mmduet2.load_model('tiny'); print(m.num_parameters())"
+    python infer.py video.mp4 --model tiny          # the engine on a real file
+"""
+import copy
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------
+# 1. Constants
+
+# The paper's Fig. 2 system prompt, one space-joined line. The released checkpoint was trained on
+# exactly this text: changing a character changes what the model sees.
+SYSTEM_PROMPT = (
+    "You are a helpful assistant. Your task is to answer questions based on continuously incoming "
+    "video frames. Your responses should include information from the video since your last reply "
+    '(if any). If the information in this segment of the video cannot answer the question, output "NO REPLY".'
+)
+# Offline (non-proactive) examples keep Qwen's default prompt (Sec. 4.1: the system prompt tells the
+# two kinds of task apart, which limits forgetting of offline skills).
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+SILENCE = "NO REPLY"   # a turn is silent when its stripped text equals this
+IMAGE = "<image>"      # one frame in a message's text (the released data's placeholder)
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+IMAGE_PAD, VIDEO_PAD, ENDOFTEXT = "<|image_pad|>", "<|video_pad|>", "<|endoftext|>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+
+DEFAULT_MODEL = "wangyueqian/MMDuet2"
+FRAME_TOKENS = 128      # LLM tokens per frame (paper: max_pixels = 128·28·28 in training)
+PIXELS_PER_TOKEN = 28 * 28  # one LLM token = a 2×2 merge of 14×14 patches
+
+# Qwen2.5-VL's chat format, written as a Jinja template for the tiny tokenizer (a released checkpoint
+# ships its own). Each message renders as `<|im_start|>role\n...<|im_end|>\n`, images as
+# `<|vision_start|><|image_pad|><|vision_end|>`; a conversation without a system turn gets the default.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def is_silent(text):
+    """A turn is silent when its text, stripped, is exactly NO REPLY (the paper's rule)."""
+    return text.strip() == SILENCE
+
+
+# ----------------------------------------------------------------------------
+# 2. Frames
+
+def _open_video(path):
+    """decord VideoReader with a one-line error for a missing, corrupt or empty file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video not found: {path}")
+    import decord  # imported here: decord is only needed when a real video is read
+    try:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    except Exception as e:  # decord raises its own DECORDError for anything unreadable
+        raise ValueError(f"cannot decode video {path}: {str(e).splitlines()[0][:200]}") from None
+    if len(vr) == 0 or vr.get_avg_fps() <= 0:
+        raise ValueError(f"video has no frames: {path}")
+    return vr
+
+
+def video_duration(path):
+    """Length of a video in seconds (frame count / average fps)."""
+    vr = _open_video(path)
+    return len(vr) / vr.get_avg_fps()
+
+
+def read_frames(path, interval):
+    """Yield `(t, frame)` for frame k = 0, 1, ... sampled at video time t = k·interval.
+
+    `frame` is an (H, W, 3) uint8 RGB array. A video of duration D gives int(D / interval) frames:
+    a trailing piece shorter than one interval is dropped, so every frame's turn time
+    ((k+1)·interval, see `turn_times`) lies inside the video. Frames are decoded one at a time, so
+    an hour-long video never sits in memory.
+        10.5 s video, interval 2 → frames at t = 0, 2, 4, 6, 8 (5 frames)
+    """
+    if interval <= 0:
+        raise ValueError(f"frame interval must be > 0 s, got {interval}")
+    vr = _open_video(path)
+    fps, n_video = vr.get_avg_fps(), len(vr)
+    n = int(n_video / fps / interval + 1e-6)  # the epsilon absorbs float error on exact multiples
+    if n == 0:
+        raise ValueError(f"video {path} ({n_video / fps:.2f} s) is shorter than one frame interval ({interval} s)")
+    for k in range(n):
+        idx = min(round(k * interval * fps), n_video - 1)
+        yield k * interval, vr[idx].asnumpy()
+
+
+def turn_times(n_frames, interval, frames_per_turn):
+    """Time of each user turn: frames fed so far × interval (the paper's end-of-turn convention).
+
+    Turn j holds frames [j·fpt, (j+1)·fpt); the last turn may hold fewer.
+        5 frames, 2 s, 2 per turn → [4.0, 8.0, 10.0]      3 frames, 1 s, 1 per turn → [1.0, 2.0, 3.0]
+    """
+    if frames_per_turn not in (1, 2):
+        raise ValueError(f"frames per turn must be 1 or 2, got {frames_per_turn}")
+    return [min(j + frames_per_turn, n_frames) * interval for j in range(0, n_frames, frames_per_turn)]
+
+
+def frame_tokens(height, width, max_tokens=FRAME_TOKENS):
+    """LLM tokens one (height × width) frame costs after Qwen's resize to at most max_tokens·28·28 pixels.
+
+    This is the paper's frame-size rule (max_pixels = 128·28·28): sides are rounded to multiples
+    of 28 and the area capped, so a 16:9 frame gets 120 tokens and 84×84 gets 9 (no resize).
+    """
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    h, w = smart_resize(height, width, factor=28, min_pixels=4 * PIXELS_PER_TOKEN,
+                        max_pixels=max_tokens * PIXELS_PER_TOKEN)
+    return (h // 28) * (w // 28)
+
+
+def set_frame_tokens(processor, max_tokens=FRAME_TOKENS):
+    """Make the processor resize every frame to at most max_tokens LLM tokens."""
+    processor.image_processor.size = {"shortest_edge": 4 * PIXELS_PER_TOKEN,
+                                      "longest_edge": max_tokens * PIXELS_PER_TOKEN}
+
+
+# ----------------------------------------------------------------------------
+# 3. Dialogue files
+#
+# A dialogue is a list of messages {"role", "content", "time"?} whose text holds one "<image>" per
+# frame, plus the frames in order. Our SFT JSONL (written by data.py) names a video and an interval;
+# the released MMDuet2 JSONL names one image file per placeholder instead. Both load to the same thing.
+
+def read_jsonl(path):
+    """Yield (line_number, record) from a JSONL file; a malformed line is a one-line ValueError."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+
+
+def _load_image(spec, root):
+    """One released-data frame: a JPG/PNG path, or `file.hdf5:::index` (web part of MMDuet2-data)."""
+    from PIL import Image
+    if ":::" in spec:
+        try:
+            import h5py  # only the released web frames need it
+        except ImportError:
+            raise ImportError("frames stored as file.hdf5:::index need h5py: pip install h5py") from None
+        file, index = spec.split(":::")
+        with h5py.File(os.path.join(root, file), "r") as h:
+            data = h[list(h.keys())[0]][int(index)] if len(h.keys()) == 1 else h[index][()]
+        if data.ndim == 1:  # stored as encoded JPEG bytes
+            import io
+            return np.asarray(Image.open(io.BytesIO(data.tobytes())).convert("RGB"))
+        return np.asarray(data)
+    return np.asarray(Image.open(os.path.join(root, spec)).convert("RGB"))
+
+
+def load_dialogue(record, root="."):
+    """Turn one SFT JSONL record (ours or the released format) into (messages, frames).
+
+    Paths are relative to `root` (the JSONL's folder). Only as many video frames are read as the
+    messages have "<image>" placeholders, so a truncated dialogue costs only its own frames.
+    """
+    messages = record["messages"]
+    n_images = sum(m["content"].count(IMAGE) for m in messages)
+    if "images" in record:  # released format: one file per placeholder
+        specs = [im["path"] if isinstance(im, dict) else im for im in record["images"]]
+        if len(specs) != n_images:
+            raise ValueError(f"{len(specs)} images for {n_images} {IMAGE} placeholders")
+        frames = [_load_image(s, root) for s in specs]
+    else:  # ours: frames sampled from the video at the dialogue's interval
+        frames = []
+        for _, frame in read_frames(os.path.join(root, record["video"]), record["interval"]):
+            if len(frames) == n_images:
+                break
+            frames.append(frame)
+        if len(frames) < n_images:
+            raise ValueError(f"{record['video']} has {len(frames)} frames, the dialogue needs {n_images}")
+    return messages, frames
+
+
+def load_anno(path):
+    """Read a ProactiveVideoQA anno.json (a list of examples), checking the fields we use."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        examples = json.load(open(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+    if not isinstance(examples, list):
+        raise ValueError(f"{path}: expected a JSON list of examples (ProactiveVideoQA anno.json)")
+    for i, ex in enumerate(examples):
+        missing = {"video", "question_id", "conversation", "answer"} - set(ex)
+        if missing:
+            raise ValueError(f"{path}: example {i} lacks {sorted(missing)}: not a ProactiveVideoQA anno.json")
+    return examples
+
+
+# ----------------------------------------------------------------------------
+# 4. Token ids in, token ids out
+
+def to_chat(message):
+    """Our message (text with "<image>" placeholders) → the processor's chat format: frames first."""
+    parts = message["content"].split(IMAGE)
+    content = [{"type": "image"}] * (len(parts) - 1)
+    text = "".join(parts)
+    if text:
+        content = content + [{"type": "text", "text": text}]
+    return {"role": message["role"], "content": content}
+
+
+@dataclass
+class Chunk:
+    """A piece of the token sequence, ready to be fed to the model (batch size 1)."""
+    ids: list                 # token ids
+    mm_types: list            # 0 text, 1 image token, per id (Qwen2.5-VL needs it for 3-D rope)
+    mask: list                # 1 = a supervised/generated assistant token, 0 = context
+    pixels: list = field(default_factory=list)  # per image: (patches, 1176) float tensor
+    grids: list = field(default_factory=list)   # per image: (t, h, w) patch grid
+
+    def __add__(self, other):
+        return Chunk(self.ids + other.ids, self.mm_types + other.mm_types, self.mask + other.mask,
+                     self.pixels + other.pixels, self.grids + other.grids)
+
+
+def _tokenize(processor, text, images=()):
+    """Text with one image marker per frame → a Chunk (image pads expanded to the frame's tokens)."""
+    out = processor(text=[text], images=list(images) or None, return_tensors="pt")
+    ids = out["input_ids"][0].tolist()
+    pixels, grids = [], []
+    if images:
+        grid = out["image_grid_thw"]  # (n_images, 3)
+        sizes = grid.prod(-1).tolist()
+        pixels = list(torch.split(out["pixel_values"], sizes))  # (patches_i, C·T·14·14) each
+        grids = [tuple(g) for g in grid.tolist()]
+    return Chunk(ids, out["mm_token_type_ids"][0].tolist(), [0] * len(ids), pixels, grids)
+
+
+def _render(processor, messages, generation_prompt=False):
+    return processor.apply_chat_template([to_chat(m) for m in messages], tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def _delta(processor, system, message, generation_prompt=False):
+    """The text `message` adds to a conversation, through the checkpoint's own chat template.
+
+    Render [system] and [system, message] and keep the difference. The template renders each message
+    on its own (only a *missing* system turn is special, and we always give one), so the delta does
+    not depend on the turns before it: a test checks this against rendering the whole conversation.
+    """
+    before = _render(processor, [system])
+    after = _render(processor, [system, message], generation_prompt)
+    assert after.startswith(before), "chat template is not prefix-stable"
+    return after[len(before):]
+
+
+def encode_system(processor, system=SYSTEM_PROMPT):
+    """The system turn as a Chunk (mask 0)."""
+    return _tokenize(processor, _render(processor, [{"role": "system", "content": system}]))
+
+
+def encode_user(processor, text, frames, system=SYSTEM_PROMPT, generation_prompt=True):
+    """A user turn (frames first, then text) plus, by default, the `<|im_start|>assistant\\n` header."""
+    sys_msg = {"role": "system", "content": system}
+    return _tokenize(processor, _delta(processor, sys_msg, {"role": "user", "content": IMAGE * len(frames) + (text or "")},
+                                       generation_prompt), frames)
+
+
+def encode_assistant(processor, text, system=SYSTEM_PROMPT):
+    """An assistant turn: header + text + <|im_end|> + "\\n". Mask = 1 on text and <|im_end|>.
+
+    The header `<|im_start|>assistant\\n` and the trailing newline are template, not a decision,
+    so they are not trained. NO REPLY turns are trained like any reply: silence is a decision.
+    """
+    sys_msg = {"role": "system", "content": system}
+    full = _delta(processor, sys_msg, {"role": "assistant", "content": text})
+    head = _delta(processor, sys_msg, {"role": "user", "content": ""}, True)
+    head = head[head.index(IM_START + "assistant"):]  # "<|im_start|>assistant\n"
+    assert full.startswith(head) and full.endswith(IM_END + "\n"), "unexpected chat template"
+    body = _tokenize(processor, full[len(head):-1])  # text + <|im_end|>
+    body.mask = [1] * len(body.ids)
+    tail = _tokenize(processor, "\n")
+    return _tokenize(processor, head) + body + tail
+
+
+def encode_dialogue(processor, messages, frames, system=SYSTEM_PROMPT, max_tokens=None):
+    """A whole dialogue → one Chunk with its loss mask (the SFT input).
+
+    A system message in the data overrides `system` (offline examples carry Qwen's default).
+    `max_tokens` truncates on the right (paper: 10,000), never inside an image.
+    """
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    seq, k = encode_system(processor, system), 0
+    for m in messages:
+        if m["role"] == "assistant":
+            seq = seq + encode_assistant(processor, m["content"], system)
+        else:
+            n = m["content"].count(IMAGE)
+            text = m["content"].replace(IMAGE, "")
+            seq = seq + encode_user(processor, text, frames[k:k + n], system, generation_prompt=False)
+            k += n
+        if max_tokens and len(seq.ids) >= max_tokens:
+            break
+    if max_tokens and len(seq.ids) > max_tokens:
+        seq = truncate(seq, max_tokens)
+    return seq
+
+
+def truncate(seq, n):
+    """Keep the first n tokens; an image cut in half is dropped whole (its tokens and pixels)."""
+    ids, types, mask = seq.ids[:n], seq.mm_types[:n], seq.mask[:n]
+    n_img_tokens = sum(types)  # image tokens kept
+    pixels, grids, used = [], [], 0
+    for p, g in zip(seq.pixels, seq.grids):
+        t = g[0] * g[1] * g[2] // 4  # LLM tokens of this image (2×2 merge)
+        if used + t > n_img_tokens:
+            break
+        pixels.append(p), grids.append(g)
+        used += t
+    cut = len(ids)
+    if used < n_img_tokens:  # drop the partial image's tokens from where it starts
+        cut = [i for i, t in enumerate(types) if t][used]
+    return Chunk(ids[:cut], types[:cut], mask[:cut], pixels, grids)
+
+
+def rope_positions(model, chunk, start=0):
+    """3-D rope positions (3, 1, L) of a chunk whose first token follows position `start - 1`.
+
+    Qwen2.5-VL gives text tokens equal (t, h, w) positions and image tokens a grid; the index is
+    offset-invariant, so a chunk's positions are its own rope index plus where the sequence is.
+    Passing these explicitly on every cached forward matters: left alone, the model reuses
+    `rope_deltas` state from an earlier call and the logits drift (spec/streaming.md, pitfall 1).
+    """
+    ids = torch.tensor([chunk.ids])
+    types = torch.tensor([chunk.mm_types])
+    grids = torch.tensor(chunk.grids) if chunk.grids else None
+    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grids)
+    return pos + start
+
+
+def model_inputs(model, chunk, start=0):
+    """Keyword arguments for `model(...)` on a chunk: ids, pixels, grids and explicit positions."""
+    dev = model.device
+    kw = dict(input_ids=torch.tensor([chunk.ids], device=dev),
+              position_ids=rope_positions(model, chunk, start).to(dev))
+    if chunk.pixels:
+        kw["pixel_values"] = torch.cat(chunk.pixels).to(dev, model.dtype)
+        kw["image_grid_thw"] = torch.tensor(chunk.grids, device=dev)
+    return kw
+
+
+def token_logprobs(logits, ids, temperature=1.0):
+    """log p(ids[i] | ...) from logits (L, V) for ids (L,), under softmax(logits / temperature)."""
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, ids[:, None])[:, 0]
+
+
+# ----------------------------------------------------------------------------
+# 5. Models
+
+def load_model(name=DEFAULT_MODEL, dtype=None, device=None, attn=None, frame_tokens=FRAME_TOKENS):
+    """(model, processor) from a hub name, a local folder, or "tiny" (built in-process, random).
+
+    dtype: bf16 on GPU, fp32 on CPU unless given. attn: e.g. "sdpa", "flash_attention_2".
+    """
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    if name == "tiny":
+        model, processor = tiny_model()
+    else:
+        if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+            raise FileNotFoundError(f"model folder not found: {name}")
+        try:
+            kw = {"attn_implementation": attn} if attn else {}
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, **kw)
+            processor = AutoProcessor.from_pretrained(name)
+        except OSError as e:
+            raise OSError(
+                f"cannot load model '{name}' ({str(e).splitlines()[0][:160]}). Without network, download it "
+                f"elsewhere (huggingface-cli download {name} --local-dir DIR) and pass the folder, "
+                "or use --model tiny for a smoke run.") from None
+    set_frame_tokens(processor, frame_tokens)
+    return model.to(device, dtype).eval(), processor
+
+
+def tiny_tokenizer(corpus=(), vocab_size=512):
+    """A byte-level BPE tokenizer trained here, with Qwen's pre-tokenizer, special tokens and template.
+
+    Trained on the prompts, the silence string and `corpus` (e.g. the toy world's answers) so that
+    NO REPLY is two tokens and the first one decides, as with the real Qwen vocabulary.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    texts = [SYSTEM_PROMPT, DEFAULT_SYSTEM_PROMPT, SILENCE, "user", "assistant", "system"] + list(corpus)
+    bpe.train_from_iterator(texts * 4, trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+# The toy world's vocabulary, so the tiny tokenizer has whole-word tokens for it.
+TOY_CORPUS = [f"A {c} square appeared on the {p}." for c in
+              ("red", "green", "blue", "yellow", "magenta", "cyan", "white") for p in ("left", "right", "top", "bottom")
+              ] + ["Tell me whenever a new shape appears.", "Tell me the colour of each new shape.",
+                   "Red. Green. Blue. Yellow. Magenta. Cyan. White.", "So far: 0123456789, and"]
+
+
+def tiny_model(seed=0, hidden=128, layers=2, vision_hidden=64, vision_depth=2):
+    """A random Qwen2.5-VL of ~0.7M parameters with a real processor: the same classes as the 3B model.
+
+    The vision tower keeps Qwen's 14-px patches and 2×2 merge, so an 84×84 frame is 9 LLM tokens.
+    Everything is built offline; `save_pretrained` / `load_model(folder)` round-trip it.
+    """
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    tok = tiny_tokenizer(TOY_CORPUS)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    heads = 4
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
+                         max_position_embeddings=32768, tie_word_embeddings=True,
+                         # mrope splits each head's rotary half-dims into (t, h, w): 3B uses [16, 24, 24] of 64
+                         rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+                         bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT]),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                           num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[vision_depth - 1]),
+        image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
+        bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT])
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
+                                    video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    return model, processor
+
+
+# ----------------------------------------------------------------------------
+# 6. The streaming engine
+
+@dataclass
+class Reply:
+    """One assistant turn: its text and the exact ids the model produced (ending in <|im_end|>)."""
+    text: str
+    ids: list
+    logprobs: list  # log p of each id under the sampling temperature (before top-k), for GRPO
+    forced_end: bool = False  # True when max_new_tokens cut the reply and <|im_end|> was appended
+
+    @property
+    def silent(self):
+        return is_silent(self.text)
+
+
+def _filter(logits, temperature, top_k):
+    """Sampling distribution: logits / T, then keep the top-k (the rollout settings T=1.2, k=10)."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits, -1)
+
+
+def accept_draft(probs, token, generator=None):
+    """Speculative acceptance of a fixed draft token: returns (token actually emitted, accepted).
+
+    The draft is deterministic (q = one-hot on `token`), so the rule "accept with min(1, p/q)"
+    is "accept with probability p(token)"; on rejection we sample from the residual
+    max(0, p − q) ∝ p with `token` removed. The emitted token is then distributed exactly as p.
+    """
+    p = probs[token].item()
+    if torch.rand((), generator=generator).item() < p:
+        return token, True
+    residual = probs.clone()
+    residual[token] = 0.0
+    return torch.multinomial(residual / residual.sum(), 1, generator=generator).item(), False
+
+
+class Stream:
+    """A proactive conversation kept in a KV cache, one user turn at a time.
+
+    Invariants: `self.seq` holds every token so far (ids, mask, pixels, grids); the KV cache holds
+    `seq.ids[:self.cached]`; `self.pos` is the next rope position. After a turn the last `<|im_end|>`
+    and the template's "\\n" are in `seq` but not yet in the cache (generation stops on <|im_end|>
+    before feeding it); they are fed at the head of the next chunk, so the cache always equals the ids.
+
+    Decoding is a short explicit loop, not `generate()`: generate derives cached positions from
+    `rope_deltas` state that a cached multi-image stream invalidates (spec/streaming.md, pitfalls
+    1 and 4), and fast silence needs the logits of a draft, which generate does not verify for us.
+    The golden test in tests/test_mmduet2.py holds the loop to a full forward.
+    """
+
+    def __init__(self, model, processor, system=SYSTEM_PROMPT):
+        from transformers import DynamicCache
+        self.model, self.processor, self.system = model, processor, system
+        tok = processor.tokenizer
+        self.im_end = tok.convert_tokens_to_ids(IM_END)
+        self.draft = _tokenize(processor, SILENCE + IM_END).ids  # "NO REPLY<|im_end|>"
+        self.seq = encode_system(processor, system)
+        self.cache, self.cached, self.pos = DynamicCache(config=model.config), 0, 0
+
+    def fork(self):
+        """An independent copy (its own cache) sharing everything encoded so far: one per rollout."""
+        other = copy.copy(self)
+        other.cache, other.seq = copy.deepcopy(self.cache), copy.deepcopy(self.seq)
+        return other
+
+    @torch.no_grad()
+    def _forward(self, chunk, keep):
+        """Feed a chunk through the model into the cache; return the last `keep` positions' logits."""
+        out = self.model(**model_inputs(self.model, chunk, self.pos), past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=keep)
+        self.pos = int(rope_positions(self.model, chunk, self.pos).max()) + 1
+        self.cached += len(chunk.ids)
+        return out.logits[0]  # (keep, V)
+
+    def _pending(self):
+        """Everything in `seq` that the cache does not hold yet, with the pixels of its images."""
+        s, c = self.seq, self.cached
+        n_cached = sum(s.mm_types[:c])  # image tokens already in the cache
+        pixels, grids, seen = [], [], 0
+        for p, g in zip(s.pixels, s.grids):
+            if seen >= n_cached:
+                pixels.append(p), grids.append(g)
+            seen += g[0] * g[1] * g[2] // 4  # LLM tokens of this image (2×2 merge)
+        return Chunk(s.ids[c:], s.mm_types[c:], s.mask[c:], pixels, grids)
+
+    def _crop(self, n):
+        """Drop the last n cached tokens (a rejected draft); they are text, so positions step back by n."""
+        self.cache.crop(-n)
+        self.cached -= n
+        self.pos -= n
+
+    def feed(self, text=None, frames=(), role="user"):
+        """Append a turn the model does not produce (e.g. the gold context of a GRPO episode).
+
+        Fed assistant turns get mask 0: in a stream the mask marks only what the policy generated.
+        """
+        if role == "assistant":
+            turn = encode_assistant(self.processor, text, self.system)
+            turn.mask = [0] * len(turn.ids)
+            self.seq = self.seq + turn
+        else:
+            self.seq = self.seq + encode_user(self.processor, text, frames, self.system, generation_prompt=False)
+
+    def prefill(self):
+        """Encode everything not yet cached: e.g. a GRPO episode's shared context, once for the group."""
+        if self.cached < len(self.seq.ids):
+            self._forward(self._pending(), 1)
+
+    def _pick(self, logits, temperature, top_k, generator, draft=None):
+        """Next token from one row of logits; with a draft token, whether it was accepted."""
+        if temperature == 0:  # greedy: the draft is accepted iff it is the argmax
+            tok = int(logits.argmax())
+            return tok, tok == draft
+        probs = _filter(logits, temperature, top_k)
+        if draft is not None:
+            return accept_draft(probs, draft, generator)
+        return torch.multinomial(probs, 1, generator=generator).item(), False
+
+    def turn(self, frames=(), text=None, max_new_tokens=100, temperature=0.0, top_k=None,
+             fast_silence=True, generator=None):
+        """Feed one user turn (1–2 frames, optional text) and return the assistant's Reply.
+
+        temperature 0 = greedy (the paper's inference); > 0 samples (rollouts: T 1.2, top_k 10).
+        Fast silence: the NO REPLY draft rides along with the user turn in the same forward pass.
+        Its logits say, token by token, whether the model would have produced the draft itself
+        (greedy: argmax; sampling: speculative acceptance, see `accept_draft`). An accepted draft
+        makes a silent turn cost one forward; a rejected one is cropped from the cache and decoding
+        goes on from the token the model chose instead. The output is the same as plain decoding.
+        """
+        self.seq = self.seq + encode_user(self.processor, text, frames, self.system)
+        draft = self.draft if fast_silence and max_new_tokens >= len(self.draft) else []
+        chunk = self._pending() + Chunk(draft, [0] * len(draft), [0] * len(draft))
+        logits = self._forward(chunk, len(draft) + 1)  # row i predicts the token after draft[:i]
+        lp_temp = temperature or 1.0  # greedy replies report plain log-probs
+        out, logps = [], []
+        for i, row in enumerate(logits):
+            d = draft[i] if i < len(draft) else None
+            tok, accepted = self._pick(row, temperature, top_k, generator, d)
+            out.append(tok)
+            logps.append(token_logprobs(row[None], torch.tensor([tok]), lp_temp).item())
+            if d is None or not accepted:
+                self._crop(len(draft) - i)  # keep the accepted draft[:i] in the cache, drop the rest
+                break
+            if tok == self.im_end:  # the whole draft was accepted: the turn is over
+                break
+        while out[-1] != self.im_end and len(out) < max_new_tokens:
+            row = self._forward(Chunk([out[-1]], [0], [0]), 1)[0]
+            tok, _ = self._pick(row, temperature, top_k, generator)
+            out.append(tok)
+            logps.append(token_logprobs(row[None], torch.tensor([tok]), lp_temp).item())
+        forced = out[-1] != self.im_end
+        ids = out + [self.im_end] * forced  # a cut reply still closes its turn (not trained: mask 0)
+        newline = _tokenize(self.processor, "\n")
+        self.seq = self.seq + Chunk(ids, [0] * len(ids), [1] * len(out) + [0] * forced) + newline
+        text = self.processor.tokenizer.decode(out, skip_special_tokens=True)
+        return Reply(text, ids, logps, forced)
+
+
+def forward_logprobs(model, seq, temperature=1.0):
+    """One full forward over a Chunk: log p of every masked token (training; the golden reference).
+
+    Logits are computed only at the positions that predict a masked token (the lm_head over a long
+    video dialogue would otherwise be the largest tensor of the step). Returns a (n_masked,) tensor.
+    """
+    mask = torch.tensor(seq.mask)
+    targets = mask[1:].nonzero()[:, 0] + 1  # indices of supervised tokens; position i-1 predicts i
+    out = model(**model_inputs(model, seq), logits_to_keep=(targets - 1).to(model.device))
+    ids = torch.tensor(seq.ids, device=model.device)[targets.to(model.device)]
+    return token_logprobs(out.logits[0], ids, temperature)

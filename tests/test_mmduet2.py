@@ -1,0 +1,257 @@
+"""mmduet2.py: frames, the template deltas, the loss mask, rope positions, models and the streaming engine."""
+import numpy as np
+import pytest
+import torch
+from conftest import random_frames, write_video
+
+import mmduet2
+from mmduet2 import IMAGE, SILENCE, Chunk, Stream
+
+QUESTION = "Tell me whenever a new shape appears."
+
+
+def dialogue(replies, frames_per_turn=2, question=QUESTION):
+    messages = []
+    for k, reply in enumerate(replies):
+        messages.append({"role": "user", "content": IMAGE * frames_per_turn + (question if k == 0 else "")})
+        messages.append({"role": "assistant", "content": reply})
+    return messages
+
+
+# ----------------------------------------------------------------------------
+# frames
+
+@pytest.mark.parametrize("seconds, interval, expected", [(5, 1.0, 5), (5, 2.0, 2), (7.5, 2.0, 3), (6, 2.0, 3), (3, 0.5, 6)])
+def test_frame_times_and_counts(tmp_path, seconds, interval, expected):
+    path = write_video(tmp_path / "v.mp4", seconds)
+    frames = list(mmduet2.read_frames(path, interval))
+    assert [t for t, _ in frames] == [k * interval for k in range(expected)]
+    for t, frame in frames:  # frame i of the video is filled with red = 7·i: check we sampled index t·fps
+        assert frame.shape == (84, 84, 3) and frame.dtype == np.uint8
+        assert abs(int(frame[..., 0].mean()) - round(t * 10) * 7 % 256) <= 6
+
+
+def test_turn_times():
+    assert mmduet2.turn_times(5, 2.0, 2) == [4.0, 8.0, 10.0]
+    assert mmduet2.turn_times(4, 1.0, 2) == [2.0, 4.0]  # paper Fig. 2: first 2-frame turn at 1 s/frame → t=2
+    assert mmduet2.turn_times(3, 1.0, 1) == [1.0, 2.0, 3.0]
+    assert mmduet2.turn_times(3, 0.5, 1) == [0.5, 1.0, 1.5]
+
+
+def test_frame_tokens():
+    assert mmduet2.frame_tokens(84, 84) == 9
+    assert mmduet2.frame_tokens(448, 224) == 128     # the paper's exact 128-token frame
+    assert mmduet2.frame_tokens(1080, 1920) == 120   # 16:9 under the 128·28·28 pixel cap
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="video not found"):
+        next(mmduet2.read_frames(str(tmp_path / "missing.mp4"), 1.0))
+    (tmp_path / "junk.mp4").write_bytes(b"this is not a video" * 100)
+    with pytest.raises(ValueError, match="cannot decode"):
+        next(mmduet2.read_frames(str(tmp_path / "junk.mp4"), 1.0))
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(ValueError):
+        next(mmduet2.read_frames(str(tmp_path / "empty.mp4"), 1.0))
+    path = write_video(tmp_path / "short.mp4", 0.5)
+    with pytest.raises(ValueError, match="shorter than one frame interval"):
+        next(mmduet2.read_frames(path, 1.0))
+    with pytest.raises(ValueError, match="interval must be > 0"):
+        next(mmduet2.read_frames(path, 0))
+    with pytest.raises(ValueError, match="frames per turn"):
+        mmduet2.turn_times(4, 1.0, 3)
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        mmduet2.load_model(str(tmp_path / "no-such-model"))
+
+
+# ----------------------------------------------------------------------------
+# token ids in, token ids out
+
+def test_deltas_equal_whole_conversation(tiny):
+    """Message-by-message deltas == the processor on the whole conversation rendered by its template."""
+    _, processor = tiny
+    frames = random_frames(6)
+    messages = dialogue(["NO REPLY", "A red square appeared on the left.", SILENCE])
+    seq = mmduet2.encode_dialogue(processor, messages, frames)
+    full = [{"role": "system", "content": mmduet2.SYSTEM_PROMPT}] + messages
+    text = processor.apply_chat_template([mmduet2.to_chat(m) for m in full], tokenize=False)
+    ref = processor(text=[text], images=frames, return_tensors="pt")
+    assert seq.ids == ref["input_ids"][0].tolist()
+    assert seq.mm_types == ref["mm_token_type_ids"][0].tolist()
+    assert seq.grids == [tuple(g) for g in ref["image_grid_thw"].tolist()]
+    assert torch.equal(torch.cat(seq.pixels), ref["pixel_values"])
+
+
+def test_system_turn_in_data_overrides_default(tiny):
+    _, processor = tiny
+    messages = [{"role": "system", "content": mmduet2.DEFAULT_SYSTEM_PROMPT}] + dialogue(["Blue."], 1)
+    seq = mmduet2.encode_dialogue(processor, messages, random_frames(1))
+    text = processor.tokenizer.decode(seq.ids)
+    assert mmduet2.DEFAULT_SYSTEM_PROMPT in text and "NO REPLY\"" not in text
+
+
+def test_mask_is_exactly_assistant_text_and_im_end(tiny):
+    _, processor = tiny
+    replies = ["NO REPLY", "A red square appeared on the left.", "NO REPLY", "Blue."]
+    seq = mmduet2.encode_dialogue(processor, dialogue(replies), random_frames(8))
+    runs, run = [], []
+    for i, m in zip(seq.ids, seq.mask + [0]):
+        if m:
+            run.append(i)
+        elif run:
+            runs.append(run)
+            run = []
+    if run:
+        runs.append(run)
+    decoded = [processor.tokenizer.decode(r) for r in runs]
+    assert decoded == [r + mmduet2.IM_END for r in replies]
+    # the header before each trained run is the template's, untrained
+    header = processor.tokenizer.encode("<|im_start|>assistant\n")
+    starts = [i for i in range(1, len(seq.mask)) if seq.mask[i] and not seq.mask[i - 1]]
+    assert all(seq.ids[s - len(header):s] == header for s in starts)
+
+
+def test_chunk_positions_equal_whole_positions(tiny):
+    """Rope positions chunk by chunk (offset by where the sequence is) == positions of the whole."""
+    model, processor = tiny
+    frames = random_frames(6)
+    sys_chunk = mmduet2.encode_system(processor)
+    chunks = [sys_chunk]
+    for k, reply in enumerate(["NO REPLY", "A red square.", "NO REPLY"]):
+        chunks.append(mmduet2.encode_user(processor, QUESTION if k == 0 else None, frames[2 * k:2 * k + 2],
+                                          generation_prompt=False))
+        chunks.append(mmduet2.encode_assistant(processor, reply))
+    whole = sum(chunks[1:], chunks[0])
+    ref = mmduet2.rope_positions(model, whole)
+    pieces, start = [], 0
+    for c in chunks:
+        p = mmduet2.rope_positions(model, c, start)
+        pieces.append(p)
+        start = int(p.max()) + 1
+    assert torch.equal(torch.cat(pieces, -1), ref)
+    assert not torch.equal(ref[0], ref[1])  # really 3-D: image tokens have distinct h/w positions
+
+
+def test_truncate_drops_partial_image(tiny):
+    _, processor = tiny
+    seq = mmduet2.encode_dialogue(processor, dialogue(["NO REPLY", "Blue."]), random_frames(4))
+    first_img = seq.mm_types.index(1)
+    cut = mmduet2.truncate(seq, first_img + 3)  # 3 tokens into the first image
+    assert len(cut.ids) == first_img and cut.pixels == [] and cut.grids == []
+    short = mmduet2.encode_dialogue(processor, dialogue(["NO REPLY", "Blue."]), random_frames(4), max_tokens=80)
+    assert len(short.ids) <= 80 and sum(short.mm_types) == 9 * len(short.grids)
+
+
+def test_tiny_model_saves_and_reloads(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model2, processor2 = mmduet2.load_model(str(tmp_path))
+    seq = mmduet2.encode_dialogue(processor, dialogue(["NO REPLY"]), random_frames(2))
+    assert mmduet2.encode_dialogue(processor2, dialogue(["NO REPLY"]), random_frames(2)).ids == seq.ids
+    with torch.no_grad():
+        a = model(**mmduet2.model_inputs(model, seq)).logits
+        b = model2(**mmduet2.model_inputs(model2, seq)).logits
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------
+# the streaming engine
+
+def test_golden_streaming_equals_full_forward(chatty):
+    """Logits at every assistant position of a cached stream == one full forward over the ids."""
+    model, processor, frames, _ = chatty
+    stream = Stream(model, processor)
+    rows, forward = [], stream._forward
+    stream._forward = lambda chunk, keep: rows.append(forward(chunk, keep)[-1]) or rows[-1][None]  # record logits
+    logprobs = []
+    for k in range(4):
+        reply = stream.turn(frames[2 * k:2 * k + 2], QUESTION if k == 0 else None, max_new_tokens=12,
+                            temperature=1.0, fast_silence=False, generator=torch.Generator().manual_seed(k))
+        logprobs += reply.logprobs
+        # the cache holds every id but the closing <|im_end|> and "\n", fed at the head of the next turn
+        assert stream.cache.get_seq_length() == stream.cached
+        assert stream.seq.ids[stream.cached:] == [stream.im_end] + processor.tokenizer.encode("\n")
+    with torch.no_grad():
+        full = mmduet2.forward_logprobs(model, stream.seq)
+    generated = [i for i, m in zip(stream.seq.ids, stream.seq.mask) if m]
+    assert len(full) == len(logprobs) == len(generated)
+    assert torch.allclose(full, torch.tensor(logprobs), atol=1e-4)
+    # and the distributions themselves, at every position, match a full forward
+    with torch.no_grad():
+        logits = model(**mmduet2.model_inputs(model, stream.seq)).logits[0]
+    targets = [i for i in range(1, len(stream.seq.mask)) if stream.seq.mask[i]]
+    assert len(rows) == len(targets)  # one decoding step per generated token
+    assert torch.allclose(torch.stack(rows), logits[[t - 1 for t in targets]], atol=1e-4)
+
+
+def test_stream_with_fed_context_and_forks(chatty):
+    """A GRPO-style episode: gold context fed, prefilled once, forked; each fork == a full forward."""
+    model, processor, frames, replies = chatty
+    base = Stream(model, processor)
+    base.feed(QUESTION, frames[0:1])
+    base.feed(replies[0], role="assistant")
+    base.feed(None, frames[1:2])
+    base.feed(replies[1], role="assistant")
+    base.prefill()
+    assert base.cached == len(base.seq.ids)
+    for g in range(2):
+        s = base.fork()
+        lps = []
+        for k in range(2, 5):
+            lps += s.turn(frames[k:k + 1], temperature=1.2, top_k=10, max_new_tokens=10,
+                          generator=torch.Generator().manual_seed(g)).logprobs
+        with torch.no_grad():
+            full = mmduet2.forward_logprobs(model, s.seq, temperature=1.2)
+        assert torch.allclose(full, torch.tensor(lps), atol=1e-4)
+    assert base.cache.get_seq_length() == base.cached  # forks did not touch the shared context
+
+
+def test_fast_silence_greedy_identical(chatty):
+    """Greedy with and without fast silence: the same replies, ids and log-probs, silent or not."""
+    model, processor, frames, replies = chatty
+    outs = []
+    for fast in (True, False):
+        s = Stream(model, processor)
+        outs.append([s.turn(frames[k:k + 1], QUESTION if k == 0 else None, max_new_tokens=16,
+                            fast_silence=fast) for k in range(8)])
+        outs[-1].append(s.seq.ids)
+    fast_out, slow_out = outs
+    assert fast_out[-1] == slow_out[-1]
+    for a, b in zip(fast_out[:-1], slow_out[:-1]):
+        assert a.ids == b.ids and a.text == b.text
+        assert np.allclose(a.logprobs, b.logprobs, atol=1e-4)
+    texts = [r.text for r in fast_out[:-1]]
+    assert SILENCE in texts and any(t != SILENCE for t in texts), texts  # both kinds of turn were exercised
+
+
+def test_accept_draft_preserves_distribution():
+    """Speculative acceptance of a fixed draft emits tokens distributed exactly as p."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    g = torch.Generator().manual_seed(0)
+    for draft in (0, 3):
+        counts = torch.zeros(4)
+        for _ in range(20000):
+            counts[mmduet2.accept_draft(p, draft, g)[0]] += 1
+        assert torch.allclose(counts / counts.sum(), p, atol=0.012)
+
+
+def test_fast_silence_sampling_distribution(chatty):
+    """Sampling with fast silence: P(silent turn) matches the model's exact probability of NO REPLY."""
+    model, processor, frames, _ = chatty
+    base = Stream(model, processor)
+    base.turn(frames[0:1], QUESTION, max_new_tokens=16)
+    # exact P(NO REPLY<|im_end|>) at the next turn, from one full forward of the draft
+    probe = base.fork()
+    probe.seq = probe.seq + mmduet2.encode_user(processor, None, frames[2:3])
+    draft = probe.draft
+    probe.seq = probe.seq + Chunk(draft, [0] * len(draft), [1] * len(draft))
+    with torch.no_grad():
+        p_silent = mmduet2.forward_logprobs(model, probe.seq, temperature=1.5)[-len(draft):].sum().exp().item()
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    for fast in (True, False):
+        silent = sum(base.fork().turn(frames[2:3], temperature=1.5, max_new_tokens=8, fast_silence=fast,
+                                      generator=g).silent for _ in range(n))
+        sd = (p_silent * (1 - p_silent) / n) ** 0.5
+        assert abs(silent / n - p_silent) < 4 * sd + 1e-3, (fast, silent / n, p_silent)
