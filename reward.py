@@ -1,0 +1,726 @@
+"""PAUC: the ProactiveVideoQA metric and the MMDuet2 GRPO reward, with their judges.
+
+Role in the pipeline: `grpo.py` calls `mmduet2_reward` on every rollout (training signal,
+paper Sec. 4.3.2, Eq. 1-2); after `infer.py` has streamed a benchmark, `python reward.py eval`
+scores its predictions with the ProactiveVideoQA metric (what the paper's Table 2 reports).
+This file stands alone: it imports nothing of ours and no torch, so its math can be read and
+tested without a model. The exact definitions, with worked examples, are in spec/reward.md.
+
+Two things share the name "PAUC" and both rest on `area_ratio` (a step curve of judge scores
+over a gold reply span; area under it / best possible area):
+
+1. The metric (`pauc_metric`): replies judged cumulatively on a 3-point scale (S = 2), late
+   replies that lower the score pruned, mean over all gold turns, reported x100 at w = 0/0.5/1.
+2. The reward (`mmduet2_reward`): r = 3*r_PAUC + 2*r_rep + 0.5*r_in_span + 2*r_pfx, where
+   r_PAUC judges each reply alone on a 5-point scale (S = 4) without pruning.
+
+Where we depart from the paper or the released code (each also noted beside its line):
+
+1. r_in_span divides by the turns that fall in no gold span (NO REPLY included), as the released
+   code does, not by "all reply entries" as the paper's prose says: the code made the numbers.
+2. r_rep counts each reply once; the released code counts some judged replies twice.
+3. The metric's "reply duplicate proportion" is our reconstruction: the released evaluation file
+   could not be read.
+4. The judge instructions are our own wording of the rubric.
+
+Judges: `OpenAIJudge` talks to any OpenAI-compatible endpoint (vLLM, SGLang, a hosted API) with
+retries, bounded concurrency and an on-disk cache; `OfflineJudge` is a deterministic word-overlap
+judge for tests and the toy world. `LLMClient` (cache + retries + counters) is reused by data.py.
+
+Run:
+    python reward.py eval --gold anno.json --pred preds.jsonl --judge offline
+    OPENAI_BASE_URL=http://localhost:8000/v1 OPENAI_API_KEY=EMPTY JUDGE_MODEL=Qwen/Qwen2.5-32B-Instruct \
+        python reward.py eval --gold anno.json --pred preds.jsonl --judge openai --json scores.json
+    python -m pytest tests/test_reward.py -q     # the worked examples of spec/reward.md, offline
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import openai
+from tqdm import tqdm
+
+SILENCE = "NO REPLY"  # the silence turn; must match mmduet2.SILENCE (this file imports nothing of ours)
+METRIC_SCALE = 3  # ProactiveVideoQA judge: 1 incorrect / 2 partial / 3 mostly covered -> S = 2
+REWARD_SCALE = 5  # MMDuet2 reward judge: 5 points stored 0..4 -> S = 4 (paper Sec. 4.3.2)
+PREFIX_CHARS = 50  # r_pfx: a shared prefix this long marks a "verbose prefix" turn
+DEFAULT_CACHE = "~/.cache/mmduet2/judge.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------
+# The area function (shared by the metric and the reward)
+
+def area_ratio(points, span_len, max_score, omega=0.5, start_score=0.5):
+    """Area under the step curve of judge scores over one reply span, over the best possible area.
+
+    points: [(x, score)], x = reply time - s0 (seconds since the span starts), 0 <= x <= span_len.
+    The curve starts at `start_score` at x = 0 and jumps to each score at x * (1 - omega); it is a
+    step function, not a linear interpolation. Paper Eq. 1, with the delay compression omega:
+
+        ratio = [x1' * start + sum_p (x'_{p+1} - x'_p) * s_p + (span_len - x'_P) * s_P] / (span_len * S)
+
+    omega = 0 is pure timeliness, omega = 1 pure correctness (the last score / S), omega = 0.5 (the
+    headline) gives a correct reply at the very end of the span half of the time credit.
+
+    Worked examples, S = 2, span [10, 20] (span_len 10):
+        one reply at t=14 scored 2 -> x=4:  omega 0 -> (4*0.5 + 6*2)/20 = 0.70, 0.5 -> 0.85, 1 -> 1.0
+        no reply -> 0.5/2 = 0.25
+        t=12 scored 1, t=16 scored 2, omega 0.5 -> x' = 1, 3 -> (1*0.5 + 2*1 + 7*2)/20 = 0.825
+    With S = 4 a reply scored 0 at x=2 gives (1*0.5 + 9*0)/40 = 0.0125 < 0.125 (silence): by design.
+    """
+    if span_len <= 0:
+        raise ValueError(f"area_ratio: span_len must be > 0 (a reply span needs s1 > s0), got {span_len}")
+    if not points:
+        return start_score / max_score  # silence keeps the start score over the whole span
+    pts = sorted(points)
+    if pts[0][0] < 0 or pts[-1][0] > span_len:
+        raise ValueError(f"area_ratio: every x must lie in [0, {span_len}], got {[x for x, _ in pts]}")
+    area, prev_x, height = 0.0, 0.0, start_score
+    for x, score in pts:
+        x *= 1 - omega  # compress the delay: with omega > 0 a late reply still earns some width
+        area += (x - prev_x) * height  # the step before this reply keeps the previous height
+        prev_x, height = x, score
+    area += (span_len - prev_x) * height  # the last score holds until the span ends
+    return area / (span_len * max_score)
+
+
+# ----------------------------------------------------------------------------------------------
+# Judges: one interface, two implementations
+
+class Judge(Protocol):
+    """What the metric and the reward need from a judge (both judges below implement it).
+
+    score: how well `pred` covers `gold` for `question`, on a `scale`-point rubric (3 or 5),
+        returned as the judge's digit - 1 (so 0..scale-1), or None when the call failed.
+    repeats: whether all information in `new` is already in `previous`, or None on failure.
+    A None is dropped by the callers (and counted in `failures`), never read as a score of 0.
+    """
+    calls: int
+    cache_hits: int
+    failures: int
+
+    def score(self, question: str, gold: str, pred: str, scale: int) -> int | None: ...
+    def repeats(self, previous: list[str], new: str) -> bool | None: ...
+
+
+class JudgeError(RuntimeError):
+    """The endpoint cannot be used at all (unreachable, bad key, unknown model): stop the run."""
+
+
+def parse_score(answer, scale):
+    """The judge's digit - 1, or None. Strict: the stripped answer starts with one digit in 1..scale.
+
+    Examples (scale 3): "3" -> 2, "2. Partially" -> 1, "0" -> None, "35" -> None, "Score: 3" -> None.
+    """
+    m = re.match(r"\s*([1-9])(?!\d)", answer or "")  # (?!\d): "35" is not the digit 3
+    return int(m.group(1)) - 1 if m and int(m.group(1)) <= scale else None
+
+
+def parse_yes_no(answer):
+    """True for "yes...", False for "no...", None for anything else ("Nope", "I think yes")."""
+    m = re.match(r"\s*(yes|no)\b", answer or "", re.IGNORECASE)
+    return None if m is None else m.group(1).lower() == "yes"
+
+
+class LLMClient:
+    """One chat model behind an OpenAI-compatible endpoint: `ask(instruction, text) -> str | None`.
+
+    - Cache: an append-only JSONL file keyed by sha256(model, instruction, text), so a re-run asks
+      nothing twice and an interrupted run loses nothing. Answers are cached as returned (even
+      ones a parser will reject: at temperature 0 asking again gives the same text).
+    - Retries: timeouts, 408/409/429 and 5xx are retried with exponential backoff, then the call
+      is a failure (None, counted). Other 4xx (e.g. a too-long input) fail at once.
+    - Fatal: an unreachable endpoint (after the retries), a bad key or an unknown model raise one
+      JudgeError; every later ask raises it at once, so a thread pool stops without a storm.
+    - Counters: `calls` (questions sent to the endpoint, retries not counted), `cache_hits`,
+      `failures` (calls with no usable answer, parse failures included), `last_error`.
+    Thread-safe: the cache, the file and the counters are guarded by one lock; requests run
+    outside it, up to `max_workers` at a time when a caller uses `run_all`.
+    """
+
+    def __init__(self, model=None, base_url=None, api_key=None, cache_path=DEFAULT_CACHE,
+                 max_workers=8, timeout=60.0, retries=3, backoff=1.0, max_tokens=1024):
+        self.model = model or os.environ.get("JUDGE_MODEL")
+        if not self.model:
+            raise JudgeError("no judge model: pass --model or set JUDGE_MODEL")
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        # a local server (vLLM, SGLang) takes any key, but the client refuses an empty one
+        api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        # max_retries=0: the retries are ours (below), so they are bounded, counted and testable
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key, timeout=timeout, max_retries=0)
+        self.max_workers, self.retries, self.backoff, self.max_tokens = max_workers, retries, backoff, max_tokens
+        self.calls = self.cache_hits = self.failures = 0
+        self.last_error = None
+        self._fatal = None  # set once the endpoint is known to be unusable
+        self._lock = threading.Lock()
+        self.cache_path = Path(cache_path).expanduser() if cache_path else None
+        self._cache = {}
+        if self.cache_path and self.cache_path.exists():
+            text = self.cache_path.read_text()
+            for line in text.splitlines():
+                try:
+                    row = json.loads(line)
+                    self._cache[row["key"]] = row["answer"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a line cut short by an interrupted run: that call is simply asked again
+            if text and not text.endswith("\n"):
+                with self.cache_path.open("a") as f:
+                    f.write("\n")  # close the cut line so the next append starts clean
+
+    def ask(self, instruction, text):
+        """The model's answer to `text` under the system `instruction`, or None if the call failed."""
+        key = hashlib.sha256(json.dumps([self.model, instruction, text]).encode()).hexdigest()
+        with self._lock:
+            if self._fatal:
+                raise JudgeError(self._fatal)
+            if key in self._cache:
+                self.cache_hits += 1
+                return self._cache[key]
+            self.calls += 1
+        answer = self._request(instruction, text)  # outside the lock: requests run concurrently
+        with self._lock:
+            if answer is None:
+                return None  # _request has counted the failure
+            self._cache[key] = answer
+            if self.cache_path:
+                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                with self.cache_path.open("a") as f:  # one line per answer, flushed on close
+                    f.write(json.dumps({"key": key, "answer": answer}) + "\n")
+        return answer
+
+    def _request(self, instruction, text):
+        messages = [{"role": "system", "content": instruction}, {"role": "user", "content": text}]
+        error, fatal = None, False
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))  # 1x, 2x, 4x ... the base backoff
+            try:
+                out = self.client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=0.0, max_tokens=self.max_tokens)
+                return out.choices[0].message.content or ""  # an empty answer is an answer (bad, not lost)
+            except openai.APITimeoutError:  # before APIConnectionError: it is a subclass of it
+                error, fatal = "timed out", False
+            except openai.APIConnectionError as e:
+                error, fatal = f"unreachable ({e})", True
+            except openai.APIStatusError as e:
+                error, fatal = f"HTTP {e.status_code}: {str(e)[:200]}", False
+                if e.status_code in (401, 403, 404):  # bad key, forbidden, unknown model: a setup error
+                    self._stop(error)
+                if e.status_code not in (408, 409, 429) and e.status_code < 500:
+                    break  # other 4xx (e.g. input too long) will not get better by asking again
+            except openai.OpenAIError as e:  # e.g. a response that is not a chat completion
+                error, fatal = f"bad response ({str(e)[:200]})", False
+                break
+        if fatal:  # still unreachable after every retry: no later call will do better
+            self._stop(error)
+        self.count_failure(error)
+        return None
+
+    def _stop(self, error):
+        with self._lock:
+            self._fatal = (f"judge endpoint {self.base_url} (model {self.model}): {error}; "
+                           "check the server, --base-url / OPENAI_BASE_URL, the key and --model / JUDGE_MODEL")
+        raise JudgeError(self._fatal)
+
+    def count_failure(self, error):
+        """Count one call that produced no usable answer (also used by parsers on top of ask)."""
+        with self._lock:
+            self.failures += 1
+            self.last_error = error
+
+
+# our own wording of the rubrics in spec/reward.md; the scale-3 one is the metric's, scale-5 the reward's
+SCORE_INSTRUCTIONS = {
+    3: ("You grade a video assistant's answer against a reference answer to the same question about "
+        "a video. Rate how much of the reference's information the answer states correctly: "
+        "1 = incorrect or unrelated, 2 = partially covered, 3 = mostly covered. "
+        "Reply with the single digit only."),
+    5: ("You grade a video assistant's answer against a reference answer to the same question about "
+        "a video. Rate how much of the reference's information the answer states correctly: "
+        "1 = incorrect or unrelated, 2 = a small part, 3 = about half, 4 = most of it, "
+        "5 = all of it. Reply with the single digit only."),
+}
+REPEAT_INSTRUCTION = (
+    "A video assistant sent some earlier replies and then a new reply. Is all the information in the "
+    "new reply already covered by the earlier replies? Answer with yes or no only.")
+
+
+class OpenAIJudge(LLMClient):
+    """The LLM judge: our rubric prompts on top of LLMClient, answers parsed strictly.
+
+    An answer the parser rejects counts as a failure (None), like a timeout: dropped, never 0.
+    """
+
+    def __init__(self, *args, max_tokens=16, **kwargs):  # a digit or yes/no needs a few tokens
+        super().__init__(*args, max_tokens=max_tokens, **kwargs)
+
+    def score(self, question, gold, pred, scale):
+        if scale not in SCORE_INSTRUCTIONS:
+            raise ValueError(f"judge scale must be 3 or 5, got {scale}")
+        answer = self.ask(SCORE_INSTRUCTIONS[scale],
+                          f"Question: {question}\nReference answer: {gold}\nAssistant's answer: {pred}")
+        return self._parsed(answer, parse_score(answer, scale))
+
+    def repeats(self, previous, new):
+        earlier = "\n".join(f"- {p}" for p in previous)
+        answer = self.ask(REPEAT_INSTRUCTION, f"Earlier replies:\n{earlier}\nNew reply: {new}")
+        return self._parsed(answer, parse_yes_no(answer))
+
+    def _parsed(self, answer, value):
+        if answer is not None and value is None:  # answered, but not in the format we asked for
+            self.count_failure(f"unparsable judge answer {answer[:60]!r}")
+        return value
+
+
+# words that carry no attribute: in "A red circle appeared on the left." only red/circle/left count
+STOPWORDS = frozenset("""a an the this that these those it its there here is are was were be been
+being has have had do does did on in at of to into onto from by for with and or as now just then
+appear appears appeared appearing shown seen visible screen video""".split())
+
+
+def content_words(text):
+    """Lower-cased alphanumeric words minus STOPWORDS: "A red circle appeared on the left." -> {red, circle, left}."""
+    return set(re.findall(r"[a-z0-9]+", text.lower())) - STOPWORDS
+
+
+class OfflineJudge:
+    """A deterministic judge without network, for tests and the toy world.
+
+    score measures content-word overlap between prediction and gold as an F1 (both a missing
+    attribute and an extra, hedged one cost points: a recall-only judge would teach the toy GRPO
+    policy to list every colour), mapped to the scale and rounded: round(F1 * (scale - 1)).
+        gold "A red circle appeared on the left."  (red, circle, left)
+        "A red circle on the left."   -> F1 1.0 -> 4 on scale 5, 2 on scale 3
+        "A red square on the left."   -> F1 2/3 -> 3 on scale 5, 1 on scale 3
+        "A blue square on the right." -> F1 0   -> 0
+    repeats: an exact repeat, or the new reply's content words all appear in ONE earlier reply
+    (not in their union: a new event "red circle on the right" after "red square on the right"
+    and "blue circle on the left" is news, though every word was said before). A reply with no
+    content word ("It appeared.") adds nothing, so it repeats whatever came before it.
+    """
+    max_workers = 1  # cheap: run_all runs it inline
+
+    def __init__(self):
+        self.calls = self.cache_hits = self.failures = 0  # same names as OpenAIJudge, for the CLI
+        self._lock = threading.Lock()
+
+    def _count(self):
+        with self._lock:
+            self.calls += 1
+
+    def score(self, question, gold, pred, scale):
+        if scale not in (3, 5):
+            raise ValueError(f"judge scale must be 3 or 5, got {scale}")
+        self._count()
+        g, p = content_words(gold), content_words(pred)
+        if not g:  # a gold with no content word ("Yes."): compare the plain words instead
+            g, p = set(re.findall(r"[a-z0-9]+", gold.lower())), set(re.findall(r"[a-z0-9]+", pred.lower()))
+        hits = len(g & p)
+        f1 = 2 * hits / (len(g) + len(p)) if hits else 0.0
+        return int(f1 * (scale - 1) + 0.5)  # round half up onto 0..scale-1
+
+    def repeats(self, previous, new):
+        self._count()
+        words = content_words(new)
+        return any(new.strip() == p.strip() or words <= content_words(p) for p in previous)
+
+
+def run_all(judge, fn, jobs):
+    """[fn(*job) for job in jobs], concurrently up to judge.max_workers, in job order, with a progress bar."""
+    workers = getattr(judge, "max_workers", 1)
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*job) for job in jobs]
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(lambda job: fn(*job), jobs)
+        # disable=None: the bar shows only on a terminal; a JudgeError re-raises here
+        return list(tqdm(results, total=len(jobs), desc="judge", disable=None, leave=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The ProactiveVideoQA metric (evaluation)
+
+def _span(turn, key, where):
+    """[start, end] of a gold turn as floats; a reply span must have end > start."""
+    span = turn.get(key) if isinstance(turn, dict) else None
+    if not (isinstance(span, (list, tuple)) and len(span) == 2
+            and all(isinstance(v, (int, float)) for v in span)):
+        raise ValueError(f"{where}: '{key}' must be [start, end] in seconds, got {span!r}")
+    a, b = float(span[0]), float(span[1])
+    if key == "reply_timespan" and b <= a:
+        raise ValueError(f"{where}: reply_timespan {list(span)} has s1 <= s0 (a span needs positive length)")
+    return a, b
+
+
+def _replies(preds):
+    """(time, text) replies in time order: stripped, NO REPLY left out (silence is not a reply)."""
+    out = [(float(t), text.strip()) for t, text in preds if text.strip() != SILENCE]
+    return sorted(out, key=lambda r: r[0])  # stable: replies at the same time keep their order
+
+
+def _question(example, turn):
+    # a dialogue with several questions names each gold turn's question; else it is the first user turn
+    return turn.get("question") or example["conversation"][0]["content"]
+
+
+def prune_late(points, r1):
+    """Late-reply pruning: drop scores after the event ends (t > r1) that are below the last on-time one.
+
+    points: [(time, score)] in time order. Only applies when there is more than one score.
+    `last` = the most recent score at t <= r1, starting at 0. Example, r1 = 15:
+        [(12, 2), (17, 1), (18, 2)] -> [(12, 2), (18, 2)]   (the 1 at t=17 came late and lowered the curve)
+    """
+    if len(points) <= 1:
+        return points
+    kept, last = [], 0
+    for t, s in points:
+        if t <= r1:
+            last = s  # on time: always kept, and it sets the bar for later replies
+            kept.append((t, s))
+        elif s >= last:
+            kept.append((t, s))  # late, but it does not lower the score
+    return kept
+
+
+def metric_turns(examples, predictions, judge):
+    """Judge every gold turn once for the metric: [(points, span_len)], points = [(x, score)], S = 2.
+
+    Per gold turn: in-span replies in time order; a text equal to one already kept is skipped;
+    the space-joined kept texts so far are judged against the gold (cumulative judging, 3-point
+    scale stored 0..2); failed calls are dropped; then late-reply pruning. All judge inputs are
+    known before any is judged, so they run concurrently through run_all.
+    """
+    jobs, turns = [], []  # judge requests; per gold turn (s0, s1, r1, [(time, job index)])
+    for i, ex in enumerate(examples):
+        qid = ex["question_id"]
+        if qid not in predictions:
+            raise ValueError(f"no prediction for question_id {qid!r} (example {i})")
+        replies = _replies(predictions[qid])
+        for j, g in enumerate(ex["answer"]):
+            where = f"example {i} ({qid}) answer {j}"
+            s0, s1 = _span(g, "reply_timespan", where)
+            r1 = _span(g, "related_timespan", where)[1]
+            kept, requests = [], []
+            for t, text in replies:
+                if not s0 <= t <= s1 or text in kept:  # inclusive span; exact repeats are not re-judged
+                    continue
+                kept.append(text)
+                requests.append((t, len(jobs)))
+                jobs.append((_question(ex, g), g["content"], " ".join(kept), METRIC_SCALE))  # cumulative
+            turns.append((s0, s1, r1, requests))
+    scores = run_all(judge, judge.score, jobs)
+    out = []
+    for s0, s1, r1, requests in turns:
+        points = [(t, scores[k]) for t, k in requests if scores[k] is not None]  # failures dropped, not 0
+        out.append(([(t - s0, s) for t, s in prune_late(points, r1)], s1 - s0))
+    return out
+
+
+def pauc_metric(examples, predictions, judge, omega=0.5):
+    """The ProactiveVideoQA PAUC: mean over ALL gold turns of all examples of area_ratio(S=2).
+
+    examples: parsed anno.json entries; predictions: {question_id: [(time, text), ...]} replies.
+    Turn-weighted, not example-weighted; a turn without a score counts 0.5/2 = 0.25; replies
+    outside every span are not penalised. Example: one example, gold spans [10, 20] (r1 = 19) and
+    [30, 40]; one reply at t=14 judged "3" (stored 2) -> turn 1 = 0.85 (omega 0.5), turn 2 = 0.25,
+    PAUC = (0.85 + 0.25) / 2 = 0.55 (x100 = 55.0).
+    """
+    turns = metric_turns(examples, predictions, judge)
+    if not turns:
+        raise ValueError("pauc_metric: the gold examples have no answer turns")
+    return sum(area_ratio(p, span_len, METRIC_SCALE - 1, omega) for p, span_len in turns) / len(turns)
+
+
+def duplicate_proportion(predictions, judge):
+    """Reply duplicate proportion (OUR RECONSTRUCTION: the released evaluation file was unreadable).
+
+    Among each example's replies in time order (NO REPLY excluded), the share that repeat: an
+    exact repeat of an earlier reply (no judge call), or judged "all information already covered
+    by the earlier replies". A first reply repeats nothing. Failed judge calls are dropped.
+    Example: replies "A red circle.", "A red circle.", "A blue square." with a judge that says no
+    -> 1 repeat out of 3 -> 0.333.
+    """
+    verdicts, jobs, slots = [], [], []  # one verdict per reply; judge jobs fill the None slots
+    for preds in predictions.values():
+        texts = [text for _, text in _replies(preds)]
+        for i, text in enumerate(texts):
+            earlier = list(dict.fromkeys(texts[:i]))  # unique, in order: a shorter prompt, same meaning
+            if text in earlier or not earlier:
+                verdicts.append(bool(earlier))  # exact repeat -> True; first reply -> False
+            else:
+                slots.append(len(verdicts))
+                verdicts.append(None)
+                jobs.append((earlier, text))
+    for slot, verdict in zip(slots, run_all(judge, judge.repeats, jobs)):
+        verdicts[slot] = verdict
+    counted = [v for v in verdicts if v is not None]  # failed calls dropped from both counts
+    return sum(counted) / len(counted) if counted else 0.0
+
+
+def reply_stats(examples, predictions):
+    """Extra diagnostics, NOT part of the paper's metric: reply count and mean reply delay.
+
+    delay of a gold turn = time of its first in-span reply - s0; averaged over the gold turns that
+    got one (None when none did). Example: span [10, 20], replies at 13 and 16 -> delay 3.0.
+    """
+    n_replies, delays = 0, []
+    for ex in examples:
+        replies = _replies(predictions[ex["question_id"]])
+        n_replies += len(replies)
+        for g in ex["answer"]:
+            s0, s1 = _span(g, "reply_timespan", f"example {ex['question_id']}")
+            first = next((t for t, _ in replies if s0 <= t <= s1), None)
+            if first is not None:
+                delays.append(first - s0)
+    return {"replies": n_replies,
+            "replies_per_example": n_replies / len(examples) if examples else 0.0,
+            "mean_delay": sum(delays) / len(delays) if delays else None,
+            "turns_with_reply": len(delays)}
+
+
+def stream_rounds(example, fps):
+    """How many frames to stream for evaluation: to the end of the last gold reply span, never past the video.
+
+    rounds = max(1, min(int(duration * fps), ceil(min(duration, last s1) * fps)))
+    Example: duration 12.87 s, last s1 = 6.0, fps 1 -> min(12, 6) = 6 rounds.
+    """
+    duration = float(example["duration"])
+    last_s1 = max((float(g["reply_timespan"][1]) for g in example["answer"]), default=duration)
+    return max(1, min(int(duration * fps), math.ceil(min(duration, last_s1) * fps)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The MMDuet2 training reward (paper Sec. 4.3.2, Eq. 2)
+
+def mmduet2_reward(turns, answers, judge, context_replies=(), weights=(3, 2, 0.5, 2)):
+    """r = w_PAUC*r_PAUC + w_rep*r_rep + w_in_span*r_in_span + w_pfx*r_pfx for one rollout.
+
+    turns: every assistant turn of the rollout segment as (time, text), NO REPLY included, in order.
+    answers: gold turns, each with `content`, `question` and `reply_timespan` [s0, s1].
+    context_replies: replies already in the dialogue history before the segment.
+    weights: (3, 2, 0.5, 2), the paper's; the released code's defaults differ, its run scripts use these.
+
+    r_PAUC: gold turns with s0 <= the last turn's time (the rest were never reached); in-span
+        replies minus exact repeats, each judged ALONE on 5 points (S = 4), no pruning -> mean area.
+    r_rep: -(share of replies already covered by context + earlier replies).
+    r_in_span: -(replies / turns) among the turns in no gold span.
+    r_pfx: -(share of turns sharing a >= 50-character prefix with an earlier turn or context reply).
+
+    Worked example (spec/reward.md; judge: "poured" reply 4, "stirs" reply 3, nothing a repeat).
+    Gold "Fish sauce is added to the pan." [4, 10], "Sugar is stirred in." [12, 20]; turns every
+    2 s from 2 to 22, replies at 6 "Fish sauce is poured into the pan.", 10 (the same text),
+    16 "Someone stirs sugar into the pan.", 22 "The pan is washed.":
+        r_PAUC = ((1*0.5 + 5*4)/24 + (2*0.5 + 6*3)/32) / 2 = (0.854167 + 0.59375) / 2 = 0.723958
+        r_rep = -1/4 (t=10 exact repeat); r_in_span = -1/2 (t=2 silent, t=22 reply); r_pfx = 0
+        r = 3*0.723958 - 2*0.25 - 0.5*0.5 - 0 = 1.421875
+    """
+    turns = [(float(t), text.strip()) for t, text in turns]
+    replies = [(t, text) for t, text in turns if text != SILENCE]
+    spans = [_span(g, "reply_timespan", f"gold turn {j}") for j, g in enumerate(answers)]
+    for j, g in enumerate(answers):
+        if not (isinstance(g.get("content"), str) and isinstance(g.get("question"), str)):
+            raise ValueError(f"gold turn {j}: needs text 'content' and 'question', got keys {sorted(g)}")
+
+    # r_PAUC (Eq. 1 with S = 4, each reply judged alone: the paper's two changes to the metric)
+    last_time = max((t for t, _ in turns), default=-math.inf)
+    areas = []
+    for g, (s0, s1) in zip(answers, spans):
+        if s0 > last_time:
+            continue  # the rollout stopped before this span began: nothing to judge it on
+        seen, points = [], []
+        for t, text in replies:
+            if not s0 <= t <= s1 or text in seen:  # an exact repeat within the span is not re-judged
+                continue
+            seen.append(text)
+            score = judge.score(g["question"], g["content"], text, REWARD_SCALE)
+            if score is not None:  # a failed call is dropped, never a 0
+                points.append((t - s0, score))
+        areas.append(area_ratio(points, s1 - s0, REWARD_SCALE - 1, omega=0.5))  # start 0.5, no pruning
+    r_pauc = sum(areas) / len(areas) if areas else 0.0
+
+    # r_rep: each reply counted once (the released code counts some judged replies twice)
+    previous = [c.strip() for c in context_replies if c.strip() != SILENCE]
+    verdicts = []
+    for _, text in replies:
+        if text in previous:
+            verdicts.append(True)  # exact repeat: no judge call needed
+        elif previous:
+            verdict = judge.repeats(list(dict.fromkeys(previous)), text)
+            if verdict is not None:
+                verdicts.append(verdict)
+        else:
+            verdicts.append(False)  # nothing said before: nothing to repeat
+        previous.append(text)
+    r_rep = -sum(verdicts) / len(verdicts) if verdicts else 0.0
+
+    # r_in_span: denominator = turns in no gold span, NO REPLY included (released code; the paper's
+    # prose says "all reply entries"; we follow the code, which produced the reported numbers)
+    outside = [text for t, text in turns if not any(s0 <= t <= s1 for s0, s1 in spans)]
+    r_in_span = -sum(text != SILENCE for text in outside) / len(outside) if outside else 0.0
+
+    # r_pfx: a reply that restates an earlier one before adding news is verbose (spec: over all turns)
+    earlier, verbose = [c.strip() for c in context_replies], 0
+    for _, text in turns:
+        verbose += any(len(os.path.commonprefix([text, e])) >= PREFIX_CHARS for e in earlier)
+        earlier.append(text)
+    r_pfx = -verbose / len(turns) if turns else 0.0
+
+    w_pauc, w_rep, w_in_span, w_pfx = weights  # paper: 3, 2, 0.5, 2 (the released defaults differ)
+    total = w_pauc * r_pauc + w_rep * r_rep + w_in_span * r_in_span + w_pfx * r_pfx
+    return {"pauc": r_pauc, "rep": r_rep, "in_span": r_in_span, "prefix": r_pfx, "total": total}
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: anno.json (gold) and predictions JSONL, with errors that say where
+
+def load_gold(path):
+    """anno.json: a JSON list of examples with question_id, duration, conversation, answer."""
+    try:
+        examples = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(examples, list) or not examples:
+        raise ValueError(f"{path}: expected a non-empty JSON list of examples")
+    seen = set()
+    for i, ex in enumerate(examples):
+        where = f"{path} example {i}"
+        missing = [k for k in ("question_id", "duration", "conversation", "answer")
+                   if not isinstance(ex, dict) or k not in ex]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)}")
+        where += f" ({ex['question_id']})"
+        if ex["question_id"] in seen:
+            raise ValueError(f"{where}: question_id appears twice")
+        seen.add(ex["question_id"])
+        conv = ex["conversation"]
+        if not (isinstance(conv, list) and conv and isinstance(conv[0], dict) and isinstance(conv[0].get("content"), str)):
+            raise ValueError(f"{where}: 'conversation' must start with the question turn {{role, content, time}}")
+        if not isinstance(ex["answer"], list):
+            raise ValueError(f"{where}: 'answer' must be a list of gold turns")
+        for j, g in enumerate(ex["answer"]):
+            _span(g, "reply_timespan", f"{where} answer {j}")
+            _span(g, "related_timespan", f"{where} answer {j}")
+            if not isinstance(g.get("content"), str):
+                raise ValueError(f"{where} answer {j}: missing the gold text 'content'")
+    return examples
+
+
+def load_predictions(path, known_ids=None):
+    """preds.jsonl -> {question_id: [(time, text), ...]}, assistant replies only (NO REPLY dropped)."""
+    preds = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        if not (isinstance(row, dict) and "question_id" in row and isinstance(row.get("model_response_list"), list)):
+            raise ValueError(f"{where}: expected {{\"question_id\": ..., \"model_response_list\": [...]}}")
+        qid = row["question_id"]
+        if known_ids is not None and qid not in known_ids:
+            raise ValueError(f"{where}: question_id {qid!r} is not in the gold file")
+        if qid in preds:
+            raise ValueError(f"{where}: question_id {qid!r} appears twice")
+        replies = []
+        for turn in row["model_response_list"]:
+            if not isinstance(turn, dict) or turn.get("role") != "assistant":
+                continue  # user turns (text or image) are context, not predictions
+            t, text = turn.get("time"), turn.get("content")
+            if not isinstance(t, (int, float)) or not isinstance(text, str):
+                raise ValueError(f"{where}: an assistant turn needs a numeric 'time' and a text 'content', got {turn!r}")
+            if text.strip() != SILENCE:  # should already be left out; silence anyway
+                replies.append((float(t), text.strip()))
+        preds[qid] = replies
+    if not preds:
+        raise ValueError(f"{path}: no predictions (the file is empty)")
+    return preds
+
+
+def evaluate(gold_path, pred_path, judge, omegas=(0.0, 0.5, 1.0)):
+    """Everything `reward.py eval` prints, as a dict (judged once, areas computed per omega)."""
+    gold = load_gold(gold_path)
+    preds = load_predictions(pred_path, known_ids={ex["question_id"] for ex in gold})
+    examples = [ex for ex in gold if ex["question_id"] in preds]
+    skipped = [ex["question_id"] for ex in gold if ex["question_id"] not in preds]
+    if not examples:
+        raise ValueError(f"{pred_path}: no prediction matches an example of {gold_path}")
+    turns = metric_turns(examples, preds, judge)
+    if not turns:
+        raise ValueError(f"{gold_path}: the examples have no answer turns")
+    pauc = {w: 100 * sum(area_ratio(p, L, METRIC_SCALE - 1, w) for p, L in turns) / len(turns) for w in omegas}
+    dup = duplicate_proportion({ex["question_id"]: preds[ex["question_id"]] for ex in examples}, judge)
+    stats = reply_stats(examples, preds)
+    return {"pauc": {str(w): v for w, v in pauc.items()}, "duplicate_proportion": dup,
+            "examples": len(examples), "skipped": skipped, "gold_turns": len(turns),
+            "replies": stats["replies"], "judge_calls": judge.calls, "judge_cache_hits": judge.cache_hits,
+            "judge_failures": judge.failures,
+            "diagnostics": {"replies_per_example": stats["replies_per_example"],
+                            "mean_reply_delay_s": stats["mean_delay"],
+                            "gold_turns_with_reply": stats["turns_with_reply"]}}
+
+
+def format_summary(s):
+    skipped = f" ({len(s['skipped'])} skipped, no prediction: {', '.join(map(str, s['skipped']))})" if s["skipped"] else ""
+    d = s["diagnostics"]
+    delay = "n/a" if d["mean_reply_delay_s"] is None else f"{d['mean_reply_delay_s']:.2f} s"
+    return "\n".join([
+        f"examples {s['examples']}{skipped}, gold turns {s['gold_turns']}, replies {s['replies']}",
+        "PAUC x100: " + "  ".join(f"w={w} {v:.2f}" for w, v in s["pauc"].items()),
+        f"reply duplicate proportion (our reconstruction): {100 * s['duplicate_proportion']:.1f}%",
+        f"judge: {s['judge_calls']} calls, {s['judge_cache_hits']} cache hits, {s['judge_failures']} failed",
+        f"extra diagnostics (not the paper's metric): {d['replies_per_example']:.2f} replies/example, "
+        f"mean reply delay {delay} after s0 ({d['gold_turns_with_reply']} of {s['gold_turns']} gold turns replied in span)",
+    ])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Score streaming predictions with the ProactiveVideoQA PAUC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("eval", help="PAUC x100 at w = 0 / 0.5 / 1, duplicate proportion, counts")
+    # data
+    ev.add_argument("--gold", required=True, help="benchmark anno.json (a JSON list of examples)")
+    ev.add_argument("--pred", required=True, help="predictions JSONL from infer.py, one example per line")
+    ev.add_argument("--json", default=None, help="also write the summary to this JSON file")
+    # judge
+    ev.add_argument("--judge", choices=["offline", "openai"], default="offline",
+                    help="offline: deterministic word overlap; openai: an LLM behind an OpenAI-compatible endpoint")
+    ev.add_argument("--model", default=None, help="judge model (default: $JUDGE_MODEL)")
+    ev.add_argument("--base-url", default=None, help="endpoint, e.g. http://localhost:8000/v1 (default: $OPENAI_BASE_URL)")
+    ev.add_argument("--api-key", default=None, help="key (default: $OPENAI_API_KEY, prefer it: flags show in ps)")
+    ev.add_argument("--cache", default=DEFAULT_CACHE, help="JSONL cache of judge answers ('' to disable)")
+    ev.add_argument("--workers", type=int, default=8, help="judge requests in flight at once")
+    ev.add_argument("--timeout", type=float, default=60.0, help="seconds per judge request")
+    ev.add_argument("--retries", type=int, default=3, help="retries of a timed-out / 429 / 5xx request")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.judge == "offline":
+            judge = OfflineJudge()
+        else:
+            judge = OpenAIJudge(model=args.model, base_url=args.base_url, api_key=args.api_key,
+                                cache_path=args.cache or None, max_workers=args.workers,
+                                timeout=args.timeout, retries=args.retries)
+        summary = evaluate(args.gold, args.pred, judge)
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    except (ValueError, OSError, JudgeError) as e:
+        raise SystemExit(f"reward.py: {e}") from None  # one line, no traceback
+    print(format_summary(summary))
+    if summary["judge_failures"] and getattr(judge, "last_error", None):
+        print(f"last judge failure: {judge.last_error}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,550 @@
+"""Tests for reward.py: every worked example of spec/reward.md, checked by hand, plus the rules
+around it (monotonicity, inclusive spans, pruning, truncated rollouts), the file loaders and the
+CLI, and the OpenAI judge driven through the real `openai` client against a tiny
+OpenAI-compatible server that the test starts on 127.0.0.1. No network, a few seconds in all.
+
+Run: python -m pytest tests/test_reward.py -q
+"""
+import json
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # reward.py lives in the repo root
+import reward  # noqa: E402
+from reward import (SILENCE, JudgeError, OfflineJudge, OpenAIJudge, area_ratio,  # noqa: E402
+                    duplicate_proportion, mmduet2_reward, pauc_metric, prune_late)
+
+
+class ScriptedJudge:
+    """A judge with fixed answers: score by prediction text, repeats by new text; records every call."""
+
+    def __init__(self, scores=None, repeats=None, default_score=0):
+        self.scores, self.repeat_map, self.default_score = scores or {}, repeats or {}, default_score
+        self.score_calls, self.repeat_calls = [], []
+        self.calls = self.cache_hits = self.failures = 0
+
+    def score(self, question, gold, pred, scale):
+        self.score_calls.append((question, gold, pred, scale))
+        self.calls += 1
+        return self.scores.get(pred, self.default_score)
+
+    def repeats(self, previous, new):
+        self.repeat_calls.append((list(previous), new))
+        self.calls += 1
+        return self.repeat_map.get(new, False)
+
+
+def example(qid, spans, question="What happens?", duration=60.0):
+    """An anno.json example; spans = [(s0, s1, r1)], related span [s0, r1], gold text 'gold i'."""
+    return {"video": f"{qid}.mp4", "question_id": qid, "duration": duration,
+            "conversation": [{"role": "user", "content": question, "time": 0}],
+            "answer": [{"role": "assistant", "content": f"gold {i}", "related_timespan": [s0, r1],
+                        "reply_timespan": [s0, s1]} for i, (s0, s1, r1) in enumerate(spans)]}
+
+
+# ----------------------------------------------------------------------------------------------
+# area_ratio
+
+def test_area_worked_examples_s2():
+    # spec: span [10, 20], one reply at t=14 scored 2
+    assert area_ratio([(4, 2)], 10, 2, omega=0) == pytest.approx(0.70)
+    assert area_ratio([(4, 2)], 10, 2, omega=0.5) == pytest.approx(0.85)
+    assert area_ratio([(4, 2)], 10, 2, omega=1) == pytest.approx(1.0)
+    assert area_ratio([], 10, 2) == pytest.approx(0.25)
+    assert area_ratio([(2, 1), (6, 2)], 10, 2, omega=0.5) == pytest.approx(0.825)
+    assert area_ratio([(6, 2), (2, 1)], 10, 2, omega=0.5) == pytest.approx(0.825)  # order does not matter
+
+
+def test_area_worked_examples_s4():
+    assert area_ratio([(4, 4)], 10, 4) == pytest.approx(0.825)
+    assert area_ratio([(10, 4)], 10, 4) == pytest.approx(0.5625)
+    assert area_ratio([(0, 4)], 10, 4) == pytest.approx(1.0)
+    assert area_ratio([], 10, 4) == pytest.approx(0.125)
+    assert area_ratio([(2, 0)], 10, 4) == pytest.approx(0.0125)
+    assert area_ratio([(2, 0)], 10, 4) < area_ratio([], 10, 4)  # a wrong reply is worse than silence
+
+
+def test_area_is_a_step_function_not_interpolation():
+    # with omega=0 a reply at x=5 scored 2: the first half stays at 0.5 (linear would give 1.25 avg)
+    assert area_ratio([(5, 2)], 10, 2, omega=0) == pytest.approx((5 * 0.5 + 5 * 2) / 20)
+
+
+def test_area_rejects_bad_spans_and_points():
+    with pytest.raises(ValueError, match="span_len must be > 0"):
+        area_ratio([], 0, 2)
+    with pytest.raises(ValueError, match="span_len must be > 0"):
+        area_ratio([(1, 2)], -3, 2)
+    with pytest.raises(ValueError, match="must lie in"):
+        area_ratio([(11, 2)], 10, 2)
+
+
+def test_area_monotone_in_score_and_time():
+    xs = [0, 0.5, 1, 2.5, 4, 7, 9.99, 10]
+    for omega in (0, 0.25, 0.5, 0.75, 1):
+        for x in xs:
+            # a higher score never lowers the area
+            vals = [area_ratio([(x, s)], 10, 4, omega) for s in range(5)]
+            assert vals == sorted(vals)
+            # an earlier reply never lowers the area, when it improves on the curve before it
+            for s in (1, 2, 3, 4):  # any score above the 0.5 start
+                for x_late in xs:
+                    if x_late >= x:
+                        assert area_ratio([(x, s)], 10, 4, omega) >= area_ratio([(x_late, s)], 10, 4, omega) - 1e-12
+            # the same holds for a second, better reply after a first one at x=0
+            for x_late in xs:
+                if x_late >= x:
+                    early = area_ratio([(0, 1), (x, 3)], 10, 4, omega)
+                    assert early >= area_ratio([(0, 1), (x_late, 3)], 10, 4, omega) - 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# the ProactiveVideoQA metric
+
+def test_metric_docstring_example_and_turn_weighting():
+    ex = example("v1", [(10, 20, 19), (30, 40, 39)])
+    judge = ScriptedJudge({"A reply.": 2})
+    assert pauc_metric([ex], {"v1": [(14, "A reply.")]}, judge) == pytest.approx((0.85 + 0.25) / 2)
+    # turn-weighted: an example with 1 turn at 1.0 and one with 3 silent turns -> (1 + 3*0.25) / 4
+    a, b = example("a", [(0, 10, 9)]), example("b", [(0, 10, 9), (20, 30, 29), (40, 50, 49)])
+    preds = {"a": [(0, "A reply.")], "b": []}
+    assert pauc_metric([a, b], preds, judge, omega=0) == pytest.approx((1.0 + 3 * 0.25) / 4)
+
+
+def test_metric_judges_cumulatively_on_3_points_and_skips_exact_repeats():
+    ex = example("v1", [(10, 20, 20)], question="What is added?")
+    judge = ScriptedJudge({"Fish sauce.": 1, "Fish sauce. Sugar.": 2})
+    preds = {"v1": [(16, "Sugar."), (12, "Fish sauce."), (14, "Fish sauce."), (18, SILENCE), (25, "Late.")]}
+    value = pauc_metric([ex], preds, judge, omega=0.5)
+    # judged "Fish sauce." (t=12), then the joined kept texts (t=16); t=14 repeat, NO REPLY, t=25 skipped
+    assert [c[2] for c in judge.score_calls] == ["Fish sauce.", "Fish sauce. Sugar."]
+    assert {c[3] for c in judge.score_calls} == {3}  # 3-point scale, S = 2
+    assert judge.score_calls[0][:2] == ("What is added?", "gold 0")
+    assert value == pytest.approx(0.825)  # the spec's two-reply example
+
+
+def test_metric_overlapping_spans_count_one_reply_twice():
+    ex = example("v1", [(10, 20, 20), (15, 25, 25)])
+    judge = ScriptedJudge(default_score=2)
+    value = pauc_metric([ex], {"v1": [(16, "Both.")]}, judge, omega=0)
+    assert len(judge.score_calls) == 2  # one judge call per gold turn
+    first = (6 * 0.5 + 4 * 2) / 20  # x = 6 in span 1
+    second = (1 * 0.5 + 9 * 2) / 20  # x = 1 in span 2
+    assert value == pytest.approx((first + second) / 2)
+
+
+def test_metric_span_boundaries_are_inclusive():
+    ex = example("v1", [(10, 20, 20)])
+    judge = ScriptedJudge(default_score=2)
+    assert pauc_metric([ex], {"v1": [(10, "At s0.")]}, judge, omega=0) == pytest.approx(1.0)
+    assert pauc_metric([ex], {"v1": [(20, "At s1.")]}, judge, omega=0) == pytest.approx(0.25)  # counted, zero width
+    assert len(judge.score_calls) == 2
+    assert pauc_metric([ex], {"v1": [(20.01, "After.")]}, judge, omega=0) == pytest.approx(0.25)
+    assert pauc_metric([ex], {"v1": [(9.99, "Before.")]}, judge, omega=0) == pytest.approx(0.25)
+    assert len(judge.score_calls) == 2  # neither reply outside the span was judged
+
+
+def test_prune_late_rule():
+    assert prune_late([(12, 2), (17, 1), (18, 2)], r1=15) == [(12, 2), (18, 2)]
+    assert prune_late([(12, 1), (14, 2), (16, 0)], r1=15) == [(12, 1), (14, 2)]
+    assert prune_late([(12, 2), (14, 0)], r1=15) == [(12, 2), (14, 0)]  # on time: never pruned
+    assert prune_late([(17, 0)], r1=15) == [(17, 0)]  # a single score is never pruned
+    assert prune_late([(16, 1), (17, 0)], r1=15) == [(16, 1), (17, 0)]  # `last` starts at 0
+
+
+def test_metric_applies_pruning_with_related_end():
+    ex = example("v1", [(10, 20, 15)])  # event ends at r1 = 15
+    judge = ScriptedJudge({"Right.": 2, "Right. Wrong.": 1})
+    preds = {"v1": [(12, "Right."), (17, "Wrong.")]}
+    # the late, lower score is pruned: the curve stays at 2 from x=2
+    assert pauc_metric([ex], preds, judge, omega=0) == pytest.approx((2 * 0.5 + 8 * 2) / 20)
+    # with the event still going at t=17 (r1 = 20) the drop counts
+    ex2 = example("v1", [(10, 20, 20)])
+    assert pauc_metric([ex2], preds, judge, omega=0) == pytest.approx((2 * 0.5 + 5 * 2 + 3 * 1) / 20)
+
+
+def test_metric_drops_failed_judge_calls_instead_of_scoring_zero():
+    ex = example("v1", [(10, 20, 20)])
+    judge = ScriptedJudge({"Lost.": None})
+    assert pauc_metric([ex], {"v1": [(12, "Lost.")]}, judge) == pytest.approx(0.25)  # as if silent; 0 would give 0.025
+
+
+def test_metric_rejects_missing_prediction_and_bad_span():
+    with pytest.raises(ValueError, match="no prediction for question_id 'v2'"):
+        pauc_metric([example("v2", [(0, 5, 5)])], {}, ScriptedJudge())
+    with pytest.raises(ValueError, match="s1 <= s0"):
+        pauc_metric([example("v1", [(10, 10, 10)])], {"v1": []}, ScriptedJudge())
+
+
+def test_duplicate_proportion():
+    judge = ScriptedJudge(repeats={"Red again, bigger.": True, "Unsure.": None})
+    preds = {"a": [(1, "A red circle."), (2, SILENCE), (3, "A red circle."), (4, "Red again, bigger.")],
+             "b": [(1, "A blue square."), (5, "Unsure."), (6, "A green dot.")]}
+    # a: first no, t=3 exact (no call), t=4 judged yes; b: first no, "Unsure." failed (dropped from
+    # both counts), green no -> 2 repeats among 5 counted replies
+    assert duplicate_proportion(preds, judge) == pytest.approx(2 / 5)
+    assert [new for _, new in judge.repeat_calls] == ["Red again, bigger.", "Unsure.", "A green dot."]
+    assert judge.repeat_calls[0][0] == ["A red circle."]  # earlier replies, unique
+    assert duplicate_proportion({"a": [(1, SILENCE)]}, judge) == 0.0
+
+
+def test_reply_stats_and_stream_rounds():
+    ex = example("v1", [(10, 20, 19), (30, 40, 39), (50, 55, 54)], duration=57.5)
+    stats = reward.reply_stats([ex], {"v1": [(13, "x"), (16, "y"), (35, "z"), (45, "w")]})
+    assert stats == {"replies": 4, "replies_per_example": 4.0, "mean_delay": pytest.approx(4.0),
+                     "turns_with_reply": 2}  # delays 3 and 5; span 3 got none
+    assert reward.stream_rounds(ex, fps=1) == 55  # to the last s1
+    assert reward.stream_rounds(ex, fps=0.5) == 28  # ceil(27.5)
+    ex["answer"][-1]["reply_timespan"] = [50, 60]  # past the video end: stop at the video
+    assert reward.stream_rounds(ex, fps=1) == 57
+    assert reward.stream_rounds(example("v2", [(0, 0.2, 0.2)]), fps=1) == 1  # at least one round
+
+
+# ----------------------------------------------------------------------------------------------
+# the MMDuet2 reward
+
+FISH, SUGAR = "Fish sauce is poured into the pan.", "Someone stirs sugar into the pan."
+GOLD = [{"content": "Fish sauce is added to the pan.", "question": "What is done?", "reply_timespan": [4, 10]},
+        {"content": "Sugar is stirred in.", "question": "What is done?", "reply_timespan": [12, 20]}]
+ROLLOUT = [(2, SILENCE), (4, SILENCE), (6, FISH), (8, SILENCE), (10, FISH), (12, SILENCE), (14, SILENCE),
+           (16, SUGAR), (18, SILENCE), (20, SILENCE), (22, "The pan is washed.")]
+
+
+def test_reward_worked_example():
+    judge = ScriptedJudge({FISH: 4, SUGAR: 3})  # nothing judged a repeat
+    r = mmduet2_reward(ROLLOUT, GOLD, judge)
+    assert r["pauc"] == pytest.approx((0.854167 + 0.59375) / 2, abs=1e-6)
+    assert r["rep"] == pytest.approx(-0.25)
+    assert r["in_span"] == pytest.approx(-0.5)
+    assert r["prefix"] == 0.0
+    assert r["total"] == pytest.approx(1.421875)
+    # each reply judged alone on 5 points; the t=10 exact repeat neither judged for PAUC nor for rep
+    assert [(c[2], c[3]) for c in judge.score_calls] == [(FISH, 5), (SUGAR, 5)]
+    assert [new for _, new in judge.repeat_calls] == [SUGAR, "The pan is washed."]
+    assert mmduet2_reward(ROLLOUT, GOLD, judge, weights=(1, 0, 0, 0))["total"] == pytest.approx(r["pauc"])
+
+
+def test_reward_skips_gold_turns_the_rollout_never_reached():
+    judge = ScriptedJudge({FISH: 4})
+    r = mmduet2_reward(ROLLOUT[:4], GOLD, judge)  # stops at t=8, before the sugar span starts (12)
+    assert r["pauc"] == pytest.approx(0.854167, abs=1e-6)  # the sugar turn is not averaged in as 0.125
+    r = mmduet2_reward(ROLLOUT[:6], GOLD, judge)  # reaches t=12 = s0: the sugar turn counts, silent
+    assert r["pauc"] == pytest.approx((0.854167 + 0.125) / 2, abs=1e-6)
+    empty = mmduet2_reward([], GOLD, judge)
+    assert empty == {"pauc": 0.0, "rep": 0.0, "in_span": 0.0, "prefix": 0.0, "total": 0.0}
+
+
+def test_reward_drops_failed_scores_and_counts_context_repeats():
+    judge = ScriptedJudge({FISH: None}, repeats={SUGAR: None})
+    r = mmduet2_reward([(6, FISH), (16, SUGAR)], GOLD, judge, context_replies=[FISH, SILENCE])
+    assert r["pauc"] == pytest.approx((0.125 + (2 * 0.5 + 6 * 0) / 32) / 2)  # FISH dropped, SUGAR scored 0
+    assert r["rep"] == pytest.approx(-1.0)  # FISH repeats the context; SUGAR's verdict failed: dropped
+    assert judge.repeat_calls == [([FISH], SUGAR)]  # previous replies de-duplicated
+
+
+def test_reward_in_span_counts_silent_turns_in_the_denominator():
+    gold = [{"content": "x", "question": "q", "reply_timespan": [10, 20]}]
+    turns = [(2, SILENCE), (4, SILENCE), (6, "Too early."), (12, SILENCE), (22, SILENCE)]
+    r = mmduet2_reward(turns, gold, ScriptedJudge())
+    assert r["in_span"] == pytest.approx(-1 / 4)  # outside: t=2, 4, 6, 22; one is a reply
+    inside = mmduet2_reward([(12, SILENCE), (14, "In.")], gold, ScriptedJudge())
+    assert inside["in_span"] == 0.0
+
+
+def test_reward_prefix_threshold_is_50_characters():
+    head = "x" * 50
+    gold = [{"content": "x", "question": "q", "reply_timespan": [0, 100]}]
+    judge = ScriptedJudge()
+    r = mmduet2_reward([(1, head + " one"), (2, SILENCE), (3, head + " two")], gold, judge)
+    assert r["prefix"] == pytest.approx(-1 / 3)  # over all turns, NO REPLY included
+    r = mmduet2_reward([(1, head[:49] + "a one"), (3, head[:49] + "b two")], gold, judge)
+    assert r["prefix"] == 0.0  # 49 shared characters
+    r = mmduet2_reward([(3, head + " two")], gold, judge, context_replies=[head + " old"])
+    assert r["prefix"] == -1.0  # the dialogue history counts
+
+
+def test_reward_rejects_an_empty_span():
+    bad = [{"content": "x", "question": "q", "reply_timespan": [5, 5]}]
+    with pytest.raises(ValueError, match="s1 <= s0"):
+        mmduet2_reward([(5, "Hi.")], bad, ScriptedJudge())
+
+
+# ----------------------------------------------------------------------------------------------
+# the offline judge and the parsers
+
+def test_offline_judge_scores_toy_attributes():
+    judge = OfflineJudge()
+    gold = "A red circle appeared on the left."
+    assert judge.score("q", gold, "A red circle on the left.", 5) == 4
+    assert judge.score("q", gold, "A red circle on the left.", 3) == 2
+    assert judge.score("q", gold, "A red square appeared on the left.", 5) == 3  # F1 2/3
+    assert judge.score("q", gold, "A red square appeared on the left.", 3) == 1
+    assert judge.score("q", gold, "A blue square on the right.", 5) == 0
+    hedge = judge.score("q", gold, "red blue green yellow circle square left right", 5)
+    assert hedge < 4  # listing every attribute is not full marks
+    assert judge.score("q", "Yes.", "Yes.", 5) == 4  # no content word: plain words compared
+    assert judge.calls == 7 and judge.cache_hits == 0 and judge.failures == 0
+    with pytest.raises(ValueError, match="scale must be 3 or 5"):
+        judge.score("q", gold, gold, 4)
+
+
+def test_offline_judge_repeats_one_earlier_reply():
+    judge = OfflineJudge()
+    before = ["A red square on the right.", "A blue circle on the left."]
+    assert judge.repeats(before, "The red square is on the right.")  # same attributes
+    assert judge.repeats(before, "A blue circle on the left.")  # exact
+    assert not judge.repeats(before, "A red circle on the right.")  # new combination of known words
+    assert not judge.repeats([], "A red circle.")
+    assert judge.calls == 4
+
+
+def test_parsers_are_strict():
+    assert reward.parse_score("3", 3) == 2
+    assert reward.parse_score(" 2. partially", 3) == 1
+    assert reward.parse_score("5", 5) == 4
+    for bad in ("4", "0", "35", "Score: 3", "", None, "three"):
+        assert reward.parse_score(bad, 3) is None
+    assert reward.parse_yes_no("Yes.") is True
+    assert reward.parse_yes_no(" no") is False
+    for bad in ("Nope", "I think yes", "", None):
+        assert reward.parse_yes_no(bad) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# the OpenAI judge through the real `openai` client, against a fake server on 127.0.0.1
+
+class FakeServer:
+    """An OpenAI-compatible /v1/chat/completions; `answer(user_text)` -> text, int (HTTP status) or ('sleep', s)."""
+
+    def __init__(self):
+        self.requests = []
+        self.answer = lambda text: "3"
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append((self.path, body))
+                out = fake.answer(body["messages"][-1]["content"])
+                if isinstance(out, tuple):  # a slow server: answer after the client gave up
+                    time.sleep(out[1])
+                    out = "3"
+                if isinstance(out, int):
+                    status, payload = out, {"error": {"message": "boom", "type": "server_error"}}
+                else:
+                    status, payload = 200, {
+                        "id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": out}}]}
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client timed out and closed the connection
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "JUDGE_MODEL", "HTTP_PROXY", "HTTPS_PROXY",
+                "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    fake = FakeServer()
+    yield fake
+    fake.httpd.shutdown()
+    fake.httpd.server_close()
+
+
+def make_judge(url, cache, **kw):
+    # short timeout and backoff so the failure cases take well under a second each
+    return OpenAIJudge(model="judge-m", base_url=url, api_key="test", cache_path=cache,
+                       timeout=kw.pop("timeout", 0.3), retries=kw.pop("retries", 1), backoff=0.01, **kw)
+
+
+def test_openai_judge_good_garbage_500_timeout_and_cache(server, tmp_path):
+    def answer(text):
+        if "GARBAGE" in text:
+            return "The answer is three."
+        if "ERROR500" in text:
+            return 500
+        if "SLOW" in text:
+            return ("sleep", 1.0)
+        if "New reply:" in text:
+            return "No."
+        return "3" if "GOOD" in text else "1"
+
+    server.answer = answer
+    cache = tmp_path / "judge.jsonl"
+    judge = make_judge(server.url, cache)
+    assert judge.score("What?", "gold", "GOOD answer", 3) == 2
+    assert judge.score("What?", "gold", "bad answer", 5) == 0  # "1" is a real score of 0
+    assert judge.repeats(["A."], "B.") is False
+    assert judge.score("What?", "gold", "GARBAGE", 3) is None  # answered, unparsable: dropped
+    assert judge.score("What?", "gold", "ERROR500", 3) is None  # retried once, then dropped
+    assert judge.score("What?", "gold", "SLOW", 3) is None  # timed out twice, dropped
+    assert (judge.calls, judge.cache_hits, judge.failures) == (6, 0, 3)
+    assert len(server.requests) == 8  # 4 answered + 2 for the 500 + 2 for the timeout
+    path, body = server.requests[0]
+    assert path == "/v1/chat/completions" and body["model"] == "judge-m" and body["temperature"] == 0
+    assert body["messages"][0]["role"] == "system" and "3 = mostly covered" in body["messages"][0]["content"]
+    assert "Assistant's answer: GOOD answer" in body["messages"][1]["content"]
+
+    # a re-run with a fresh judge on the same cache file: answered calls make no HTTP request
+    before = len(server.requests)
+    again = make_judge(server.url, cache)
+    assert again.score("What?", "gold", "GOOD answer", 3) == 2
+    assert again.score("What?", "gold", "bad answer", 5) == 0
+    assert again.repeats(["A."], "B.") is False
+    assert again.score("What?", "gold", "GARBAGE", 3) is None  # cached text, still unparsable
+    assert len(server.requests) == before
+    assert (again.calls, again.cache_hits, again.failures) == (0, 4, 1)
+    # failed calls were not cached: a re-run asks them again
+    assert again.score("What?", "gold", "ERROR500", 3) is None and len(server.requests) == before + 2
+
+
+def test_openai_judge_recovers_from_a_transient_500_and_survives_a_cut_cache_line(server, tmp_path):
+    seen = []
+
+    def answer(text):
+        seen.append(text)
+        return 500 if len(seen) == 1 else "2"
+
+    server.answer = answer
+    cache = tmp_path / "judge.jsonl"
+    cache.write_text('{"key": "abc", "answer": "3"}\n{"key": "cut sho')  # an interrupted earlier run
+    judge = make_judge(server.url, cache)
+    assert judge.score("q", "gold", "pred", 3) == 1  # second attempt succeeded
+    assert (judge.calls, judge.failures) == (1, 0)
+    lines = cache.read_text().splitlines()
+    assert json.loads(lines[-1])["answer"] == "2" and len(lines) == 3  # the cut line was closed first
+
+
+def test_pauc_metric_with_openai_judge_concurrently(server, tmp_path):
+    server.answer = lambda text: "3" if "right" in text else "2"
+    exs = [example(f"v{i}", [(0, 10, 10), (20, 30, 30)], question=f"Question {i}?") for i in range(6)]
+    preds = {f"v{i}": [(4, "right"), (24, "meh")] for i in range(6)}
+    judge = make_judge(server.url, tmp_path / "c.jsonl", max_workers=4)
+    value = pauc_metric(exs, preds, judge, omega=0)
+    assert value == pytest.approx(((4 * 0.5 + 6 * 2) / 20 + (4 * 0.5 + 6 * 1) / 20) / 2)
+    assert judge.calls == 12 and len(server.requests) == 12  # 12 distinct inputs: the questions differ
+    assert judge.failures == 0
+
+
+def test_unreachable_endpoint_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    judge = OpenAIJudge(model="m", base_url=f"http://127.0.0.1:{port}/v1", api_key="k",
+                        cache_path=None, retries=1, backoff=0.01, timeout=1)
+    with pytest.raises(JudgeError) as err:
+        judge.score("q", "gold", "pred", 3)
+    assert f"127.0.0.1:{port}" in str(err.value) and "unreachable" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(JudgeError):  # later calls stop at once
+        judge.repeats(["a"], "b")
+    assert judge.calls == 1
+
+
+def test_openai_judge_needs_a_model(monkeypatch):
+    monkeypatch.delenv("JUDGE_MODEL", raising=False)
+    with pytest.raises(JudgeError, match="JUDGE_MODEL"):
+        OpenAIJudge(base_url="http://127.0.0.1:1/v1", api_key="k", cache_path=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# files and the CLI
+
+def write_files(tmp_path, gold, pred_lines):
+    g, p = tmp_path / "anno.json", tmp_path / "preds.jsonl"
+    g.write_text(json.dumps(gold, indent=1))
+    p.write_text("".join(line + "\n" for line in pred_lines))
+    return str(g), str(p)
+
+
+def pred_line(qid, turns):
+    rows = [{"role": "user", "content": "<image>", "time": 0}]
+    rows += [{"role": "assistant", "content": text, "time": t} for t, text in turns]
+    return json.dumps({"question_id": qid, "model_response_list": rows})
+
+
+def test_cli_eval_offline(tmp_path, capsys):
+    gold = [example("v1", [(10, 20, 19), (30, 40, 39)]), example("v2", [(0, 10, 9)]), example("gone", [(0, 5, 5)])]
+    gold[0]["answer"][0]["content"] = "A red circle appeared on the left."
+    gold[1]["answer"][0]["content"] = "A blue square appeared."
+    g, p = write_files(tmp_path, gold, [
+        pred_line("v1", [(14, "A red circle on the left."), (16, "A red circle on the left."), (18, SILENCE)]),
+        pred_line("v2", [(2, "A blue square.")])])
+    out = tmp_path / "s.json"
+    summary = reward.main(["eval", "--gold", g, "--pred", p, "--judge", "offline", "--json", str(out)])
+    # v1 turn 1: full marks at x=4 (the t=16 repeat is skipped); turn 2 silent; v2: full marks at x=2
+    expect = {"0.0": (14 / 20 + 0.25 + 17 / 20) / 3, "0.5": (17 / 20 + 0.25 + 18.5 / 20) / 3, "1.0": (1 + 0.25 + 1) / 3}
+    for w, v in expect.items():
+        assert summary["pauc"][w] == pytest.approx(100 * v)
+    assert summary["duplicate_proportion"] == pytest.approx(1 / 3)  # the t=16 exact repeat
+    assert (summary["examples"], summary["gold_turns"], summary["replies"]) == (2, 3, 3)
+    assert summary["skipped"] == ["gone"]
+    assert summary["judge_calls"] == 2 and summary["judge_failures"] == 0  # exact repeats need no call
+    assert summary["diagnostics"]["mean_reply_delay_s"] == pytest.approx(3.0)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
+    text = capsys.readouterr().out
+    assert "no prediction: gone" in text and "w=0.5 " in text and "our reconstruction" in text
+    assert "not the paper's metric" in text
+
+
+@pytest.mark.parametrize("gold_text, pred_text, message", [
+    (None, '{"question_id": "v1", "model_response_list": []}\n{not json', "preds.jsonl line 2: not valid JSON"),
+    (None, "", "no predictions"),
+    (None, '{"question_id": "nope", "model_response_list": []}', "line 1: question_id 'nope' is not in the gold"),
+    (None, '{"question_id": "v1"}', "line 1: expected"),
+    (None, '{"question_id": "v1", "model_response_list": [{"role": "assistant", "content": "x"}]}', "numeric 'time'"),
+    ("[]", None, "non-empty JSON list"),
+    ('[\n{"question_id": 1,\n', None, "anno.json line 3: not valid JSON"),
+    (json.dumps([example("v1", [(12, 10, 12)])]), None, "example 0 (v1) answer 0: reply_timespan [12, 10] has s1 <= s0"),
+    (json.dumps([{"question_id": "v1"}]), None, "example 0: missing duration, conversation, answer"),
+])
+def test_cli_bad_input_exits_with_one_line(tmp_path, gold_text, pred_text, message):
+    g, p = write_files(tmp_path, [example("v1", [(0, 10, 10)])],
+                       ['{"question_id": "v1", "model_response_list": []}'])
+    if gold_text is not None:
+        Path(g).write_text(gold_text)
+    if pred_text is not None:
+        Path(p).write_text(pred_text)
+    with pytest.raises(SystemExit) as err:
+        reward.main(["eval", "--gold", g, "--pred", p])
+    text = str(err.value.code)
+    assert text.startswith("reward.py: ") and message in text and "\n" not in text
+
+
+def test_cli_unreachable_judge_exits_with_one_line(tmp_path, monkeypatch):
+    for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "JUDGE_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    g, p = write_files(tmp_path, [example("v1", [(0, 10, 10)])], [pred_line("v1", [(2, "A reply.")])])
+    with pytest.raises(SystemExit) as err:
+        reward.main(["eval", "--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--cache", "",
+                     "--base-url", f"http://127.0.0.1:{port}/v1", "--retries", "0", "--workers", "2"])
+    text = str(err.value.code)
+    assert text.startswith("reward.py: judge endpoint") and "unreachable" in text and "\n" not in text
+
+
+def test_load_predictions_treats_no_reply_as_silence(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text(pred_line("v1", [(3, "  NO REPLY "), (1, "Hi. "), (5, "Bye.")]) + "\n\n")
+    assert reward.load_predictions(p) == {"v1": [(1.0, "Hi."), (5.0, "Bye.")]}
