@@ -137,6 +137,22 @@ def turn_times(n_frames, interval, frames_per_turn):
     return [min(j + frames_per_turn, n_frames) * interval for j in range(0, n_frames, frames_per_turn)]
 
 
+def reply_turn(times, span):
+    """Index of the turn where SFT places a gold reply: the paper's rule, at the END of its span.
+
+    The last turn whose time lies in [s0, s1] (the event has happened by then, so the reply is not
+    a guess, Sec. 4.2); if no turn falls inside a short span, the first turn after s0; None if the
+    video ends first.
+        times [2, 4, 6, 8], span [3, 7] → 2 (t=6)      span [4.5, 5] → 2 (t=6)
+    """
+    s0, s1 = span
+    inside = [j for j, t in enumerate(times) if s0 <= t <= s1]
+    if inside:
+        return inside[-1]
+    after = [j for j, t in enumerate(times) if t >= s0]
+    return after[0] if after else None
+
+
 def frame_tokens(height, width, max_tokens=FRAME_TOKENS):
     """LLM tokens one (height × width) frame costs after Qwen's resize to at most max_tokens·28·28 pixels.
 
@@ -548,8 +564,8 @@ class Stream:
 
     def fork(self):
         """An independent copy (its own cache) sharing everything encoded so far: one per rollout."""
-        other = copy.copy(self)
-        other.cache, other.seq = copy.deepcopy(self.cache), copy.deepcopy(self.seq)
+        other = copy.copy(self)  # `seq` is shared safely: Chunks are never changed in place, only replaced
+        other.cache = copy.deepcopy(self.cache)
         return other
 
     @torch.no_grad()
@@ -645,14 +661,17 @@ class Stream:
         return Reply(text, ids, logps, forced)
 
 
-def forward_logprobs(model, seq, temperature=1.0):
+def forward_logprobs(model, seq, temperature=1.0, wrapped=None):
     """One full forward over a Chunk: log p of every masked token (training; the golden reference).
 
     Logits are computed only at the positions that predict a masked token (the lm_head over a long
     video dialogue would otherwise be the largest tensor of the step). Returns a (n_masked,) tensor.
+    `wrapped`: the accelerate/DDP-wrapped model to call, so that gradients synchronise across ranks
+    (positions are still computed on the plain `model`).
     """
     mask = torch.tensor(seq.mask)
     targets = mask[1:].nonzero()[:, 0] + 1  # indices of supervised tokens; position i-1 predicts i
-    out = model(**model_inputs(model, seq), logits_to_keep=(targets - 1).to(model.device))
+    out = (wrapped or model)(**model_inputs(model, seq), logits_to_keep=(targets - 1).to(model.device),
+                             use_cache=False)
     ids = torch.tensor(seq.ids, device=model.device)[targets.to(model.device)]
     return token_logprobs(out.logits[0], ids, temperature)
