@@ -1,0 +1,751 @@
+"""Data: scene captions → proactive dialogues (SFT) + gold reply spans (ProactiveVideoQA anno.json).
+
+Role in the pipeline: the first step.
+
+    scene captions ──data.py──▶ sft.jsonl + anno.json ──sft.py──▶ SFT ──grpo.py──▶ RL ──infer.py──▶ reward.py eval
+
+What it does (paper Sec. 3, "Dataset construction"; SFT placement from Sec. 4.2):
+
+1. Input: one JSONL line per video, `{"video", "duration", "scenes": [{"start", "end", "caption"}]}`
+   (step (1) of Sec. 3, scene segmentation and captioning, is done before this file).
+2. QA generation: an LLM reads all captions and writes 2-4 questions (by video length), each
+   with one answer per scene or exactly "NO REPLY" (Sec. 3 step (2)). Its JSON is parsed strictly;
+   a malformed answer is re-asked, then the video is reported and skipped.
+3. Dialogue construction (Sec. 3 step (3)), half the videos each:
+   - 1QnA: one question at t = 0; the answer of scene i is due inside scene i's reply span.
+   - nQnA: all questions, the first at t = 0 and the others at random turns. When a question is
+     asked, the answers of the scenes that already ended are summarised by the LLM into one
+     "immediate answer", replied at once; later scenes are answered in their spans until the
+     next question is asked.
+4. SFT placement (Sec. 4.2): an answer sits at the END of its reply span (the last user turn
+   inside it), so the event has happened when the model speaks; every other assistant turn is
+   "NO REPLY". `--placement random` / a fraction is the alternative measured in spec/toy.md.
+5. Gold spans: related_timespan = the scene, reply_timespan = the scene + 1 s (ProactiveVideoQA:
+   s1 ≈ r1 + 1 s); an immediate answer: related [0, t_q], reply [t_q, t_q + one turn].
+
+Also here: the offline mix (LLaVA-Video QA / Tarsier2 captions rendered as one-turn dialogues
+under Qwen's default system prompt, Sec. 4.2) and the toy world (spec/toy.md): synthetic mp4s of
+coloured squares whose scene list goes through the same steps 2-5 with a deterministic "LLM".
+Toy events last 5-10 s, so that at the paper's frame settings the end-of-span reply turn always
+shows the square and never precedes it (why: the comment above TOY_WORLD).
+
+Where we depart from the paper (each also noted beside its line):
+
+1. The prompts are our own; the LLM is any OpenAI-compatible endpoint (reward.LLMClient).
+2. A 1QnA dialogue uses one question per video, drawn at random among those some scene answers.
+3. nQnA: the first question is asked at t = 0. An answer is due only if its (end-of-span) turn
+   comes before the next question is asked; a scene under way when its question arrives gets its
+   reply span cut to start at the question (a reply before the question exists answers nothing).
+4. A question that no ended scene answers gets no immediate answer (its turn is NO REPLY).
+5. 1QnA vs nQnA is drawn per video with probability --nqna-frac (paper: exactly half).
+6. Our dialogues name the video and the frame interval (frames are sampled when training),
+   where the released data lists pre-extracted frame files.
+
+Files written by `build` into --out DIR (all resumable: a video already in sft.jsonl is skipped):
+    sft.jsonl     one dialogue per line (the format mmduet2.load_dialogue reads)
+    anno.jsonl    the gold examples, one per line, appended as they are built (the resume journal)
+    anno.json     the same examples as one ProactiveVideoQA list, assembled at the end
+    build.json    the settings; a re-run with other settings is refused (it would mix two datasets)
+
+Run:
+    python data.py toy --out data/toy                        # toy world: train / rl / test, ~1 min on a CPU
+    python data.py build --scenes scenes.jsonl --out data/web --llm toy   # pipeline smoke run, no LLM
+    OPENAI_BASE_URL=http://localhost:8000/v1 OPENAI_API_KEY=EMPTY JUDGE_MODEL=Qwen/Qwen2.5-32B-Instruct \\
+        python data.py build --scenes scenes.jsonl --out data/web --workers 16          # full scale
+    python data.py offline --qa llava_video_qa.jsonl --out data/offline.jsonl        # offline mix
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import av
+import numpy as np
+from tqdm import tqdm
+
+import mmduet2
+import reward
+from mmduet2 import IMAGE, SILENCE
+
+# ----------------------------------------------------------------------------------------------
+# Settings (paper values)
+
+INTERVAL = 2.0           # seconds between frames in SFT and RL (Sec. 4.2; 1 s collapses SFT to silence)
+FRAMES_PER_TURN = 2      # frames per user turn (Sec. 4.2)
+REPLY_TAIL = 1.0         # reply span = scene + this tail (ProactiveVideoQA: s1 ≈ r1 + 1 s)
+NQNA_FRAC = 0.5          # share of nQnA dialogues (Sec. 3: "each type covers half")
+# Sec. 3: "2 to 4 question-answer lists ... according to its video length" (the cut-offs are ours)
+QUESTIONS_BY_LENGTH = ((60.0, 2), (180.0, 3), (math.inf, 4))
+RETRIES = 2              # re-asks of an LLM answer that fails to parse, before the video is skipped
+OFFLINE_FRAMES = 16      # frames of an offline example (one user turn)
+OFFLINE_MIN_INTERVAL = 0.5  # a short offline clip gets fewer frames rather than near-duplicates
+CAPTION_QUESTION = "Describe this video in detail."  # offline caption lines (Tarsier2) that carry no question
+
+QA_INSTRUCTION = (
+    "You write questions for a video assistant that watches a video live and speaks up whenever "
+    "the video answers the user's question. You get the video's scenes in order, each with a "
+    "caption. Write questions that a viewer could ask at the start of the video and that several "
+    "scenes answer (for example 'Tell me whenever ...' or 'What is the woman doing?'). For every "
+    "question give one answer per scene, in scene order: one short sentence that uses only that "
+    "scene's caption, or exactly \"NO REPLY\" when that caption does not answer the question. "
+    "Never mention scenes or captions in an answer. Reply with JSON only, in this form: "
+    '{"questions": [{"question": "...", "answers": ["...", "..."]}]}')
+SUMMARY_INSTRUCTION = (
+    "A viewer asks a question partway through a video. You get the answers to it from the parts "
+    "of the video already shown, in order. Merge them into one short reply that answers the "
+    "question for everything shown so far, without repeating yourself. Reply with the answer only.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The two LLM steps (Sec. 3 steps (2) and (3)) behind one small boundary:
+#   questions(captions, n) -> [{"question": str, "answers": [str per scene]}]
+#   summarise(question, answers) -> str
+# LLMWriter asks a real LLM; ToyWriter (toy world section) and the tests plug in deterministic ones.
+
+def n_questions(duration):
+    """How many questions to ask about a video of `duration` seconds: 2, 3 or 4."""
+    return next(n for limit, n in QUESTIONS_BY_LENGTH if duration < limit)
+
+
+def _silence(answer):
+    """An answer, stripped; the LLM's variants of the silence string ("No reply.") become NO REPLY."""
+    answer = answer.strip()
+    return SILENCE if answer.rstrip(".").upper() == SILENCE else answer
+
+
+def parse_questions(text, n, n_scenes):
+    """The QA generator's answer → [{"question", "answers"}], or a one-line ValueError saying what is wrong.
+
+    Strict: JSON (a surrounding ```json fence is allowed), exactly `n` questions, each
+    with exactly `n_scenes` non-empty answers. A wrong count would silently shift answers onto
+    the wrong scenes, so it is an error, never padded or cut.
+    """
+    body = text.strip()
+    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, re.DOTALL)
+    if fence:
+        body = fence.group(1)
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg})") from None
+    items = data.get("questions") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise ValueError('expected an object {"questions": [...]}')
+    if len(items) != n:
+        raise ValueError(f"expected {n} questions, got {len(items)}")
+    out = []
+    for i, item in enumerate(items, 1):
+        question = item.get("question") if isinstance(item, dict) else None
+        answers = item.get("answers") if isinstance(item, dict) else None
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"question {i} has no 'question' text")
+        if not isinstance(answers, list) or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise ValueError(f"question {i}: 'answers' must be a list of non-empty strings")
+        if len(answers) != n_scenes:
+            raise ValueError(f"question {i} has {len(answers)} answers for {n_scenes} scenes")
+        out.append({"question": question.strip(), "answers": [_silence(a) for a in answers]})
+    return out
+
+
+class LLMWriter:
+    """The two LLM steps through an OpenAI-compatible client (`reward.LLMClient`: cache, retries).
+
+    The client caches answers by prompt (a bad one too), so a re-ask must change the prompt: it
+    appends what was wrong, which also helps the model fix it.
+    """
+
+    def __init__(self, client, retries=RETRIES):
+        self.client, self.retries = client, retries
+
+    def _ask(self, instruction, text, parse):
+        error = None
+        for _ in range(self.retries + 1):
+            prompt = text if error is None else f"{text}\n\nYour previous reply was rejected ({error}). Try again."
+            answer = self.client.ask(instruction, prompt)
+            if answer is None:  # the endpoint failed after the client's own retries: not cached, a re-run asks again
+                raise ValueError("no answer from the LLM endpoint")
+            try:
+                return parse(answer)
+            except ValueError as e:
+                error = str(e)
+        raise ValueError(f"LLM answer still malformed after {self.retries + 1} tries: {error}")
+
+    def questions(self, captions, n):
+        scenes = "\n".join(f"Scene {i}: {c}" for i, c in enumerate(captions, 1))
+        text = f"{scenes}\n\nWrite exactly {n} questions, each with exactly {len(captions)} answers (one per scene)."
+        return self._ask(QA_INSTRUCTION, text, lambda a: parse_questions(a, n, len(captions)))
+
+    def summarise(self, question, answers):
+        def parse(answer):
+            if _silence(answer) in ("", SILENCE):
+                raise ValueError("empty or silent summary")
+            return answer.strip()
+        earlier = "\n".join(f"- {a}" for a in answers)
+        return self._ask(SUMMARY_INSTRUCTION, f"Question: {question}\nAnswers so far:\n{earlier}", parse)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input: the scene list
+
+def parse_scene_line(line, root):
+    """One input line → a checked record (scenes sorted by start); ValueError says what is wrong.
+
+    `video` is resolved relative to `root` (the scenes file's folder) and must exist.
+    """
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(rec, dict):
+        raise ValueError("expected a JSON object {video, duration, scenes}")
+    video, duration, scenes = rec.get("video"), rec.get("duration"), rec.get("scenes")
+    if not isinstance(video, str) or not video:
+        raise ValueError("'video' must be a file path")
+    if not isinstance(duration, (int, float)) or duration <= 0:
+        raise ValueError(f"'duration' must be a positive number of seconds, got {duration!r}")
+    if not isinstance(scenes, list) or not scenes:
+        raise ValueError("'scenes' must be a non-empty list of {start, end, caption}")
+    for i, s in enumerate(scenes, 1):
+        if not (isinstance(s, dict) and all(isinstance(s.get(k), (int, float)) for k in ("start", "end"))
+                and isinstance(s.get("caption"), str) and s["caption"].strip()):
+            raise ValueError(f"scene {i} must be {{start, end, caption}} with numbers and a non-empty caption")
+        if s["end"] <= s["start"]:
+            raise ValueError(f"scene {i} ends at {s['end']} s, not after its start {s['start']} s")
+        if s["start"] < 0 or s["end"] > duration + 1e-6:
+            raise ValueError(f"scene {i} [{s['start']}, {s['end']}] lies outside the video [0, {duration}]")
+    path = os.path.normpath(os.path.join(root, video))
+    if not os.path.isfile(path):
+        raise ValueError(f"video not found: {path}")
+    return {"id": str(rec.get("id") or Path(video).stem), "path": path, "duration": float(duration),
+            "scenes": sorted(scenes, key=lambda s: s["start"])}
+
+
+# ----------------------------------------------------------------------------------------------
+# Dialogue construction (Sec. 3 step (3), SFT placement Sec. 4.2)
+
+def dialogue_times(duration, interval, frames_per_turn):
+    """(number of frames, user-turn times) of a video, counted exactly as mmduet2.read_frames samples it."""
+    n_frames = int(duration / interval + 1e-6)
+    if n_frames == 0:
+        raise ValueError(f"video ({duration} s) is shorter than one frame interval ({interval} s)")
+    return n_frames, mmduet2.turn_times(n_frames, interval, frames_per_turn)
+
+
+def place(times, s0, s1, random_frac, rng):
+    """The turn time at which an answer with reply span [s0, s1] is spoken in the SFT dialogue.
+
+    Paper (Sec. 4.2): the END of the span = the last turn time inside it; if no turn falls inside,
+    the first turn after s0. With probability `random_frac` a uniformly random turn inside the
+    span instead (spec/toy.md: with end placement RL never samples an early reply). None: no turn
+    at or after s0.
+        times [4, 8, 12, 16], span [5, 14] → 12 (end);  span [5, 7] → 8;  span [17, 18] → None
+    """
+    inside = [t for t in times if s0 <= t <= s1]
+    if inside and random_frac > 0 and rng.random() < random_frac:  # no draw at 0: the paper's data uses none
+        return rng.choice(inside)
+    j = mmduet2.reply_turn(times, (s0, s1))  # the end-of-span rule, shared with grpo.py's context
+    return None if j is None else times[j]
+
+
+def choose_asks(qas, times, nqna, rng):
+    """When each question is asked: [(time, qa)], first at 0.0.
+
+    1QnA: one question, drawn among those at least one scene answers. nQnA: all questions in a
+    random order, the later ones at distinct random turn times, never the first turn (it carries
+    the first question) nor the last (an immediate answer needs a turn to be replied in).
+    """
+    answerable = [qa for qa in qas if any(a != SILENCE for a in qa["answers"])]
+    if not answerable:
+        raise ValueError("no question is answered by any scene")
+    slots = times[1:-1]
+    if not nqna or len(qas) < 2 or not slots:
+        return [(0.0, rng.choice(answerable))]
+    order = rng.sample(qas, len(qas))[:len(slots) + 1]
+    later = sorted(rng.sample(slots, len(order) - 1))
+    return [(0.0, order[0])] + list(zip(later, order[1:]))
+
+
+def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames_per_turn=FRAMES_PER_TURN,
+                  random_frac=0.0):
+    """Questions asked at `asks` = [(time, {"question", "answers"})] → (messages, conversation, gold answers).
+
+    messages: one user turn per turn time (its frames as "<image>", then a question asked at it)
+    and one assistant turn after each (the answers placed there, space-joined, or NO REPLY).
+    conversation / gold answers: the ProactiveVideoQA `conversation` and `answer` lists.
+    """
+    n_frames, times = dialogue_times(duration, interval, frames_per_turn)
+    turn = interval * frames_per_turn
+    replies = {t: [] for t in times}  # turn time -> answers spoken there
+    asked = {}                        # turn time -> question text of its user turn
+    gold = []
+
+    def add(content, related, reply, question, t):
+        replies[t].append(content)
+        gold.append({"role": "assistant", "content": content, "related_timespan": [round(x, 3) for x in related],
+                     "reply_timespan": [round(x, 3) for x in reply], "question": question})
+
+    for j, (t_ask, qa) in enumerate(asks):
+        question, answers = qa["question"], qa["answers"]
+        t_next = asks[j + 1][0] if j + 1 < len(asks) else math.inf
+        t_turn = next(t for t in times if t >= t_ask)  # the user turn that carries the question
+        asked[t_turn] = question
+        # nQnA immediate answer: what the scenes that already ended say about the new question.
+        ended = [a for s, a in zip(scenes, answers) if s["end"] <= t_ask and a != SILENCE]
+        if ended:  # none: nothing to say yet, the question turn is NO REPLY (departure 4)
+            summary = writer.summarise(question, ended)
+            add(summary, (0.0, t_ask), (t_ask, min(t_ask + turn, duration)), question, t_turn)
+        # The other scenes are answered in their reply spans "until the next question is raised":
+        # an answer is due only if its paper-rule turn comes before the next question (departure 3).
+        # Decided on the end placement, so the gold answers do not depend on --placement.
+        for s, a in zip(scenes, answers):
+            if a == SILENCE or s["end"] <= t_ask:  # silent, or already in the immediate answer
+                continue
+            s0, s1 = max(s["start"], t_ask), min(s["end"] + REPLY_TAIL, duration)
+            t_end = place(times, s0, s1, 0.0, rng)
+            if t_end is None or t_end >= t_next:
+                continue  # after the next question (or after the last turn): no longer asked for
+            add(a, (s["start"], s["end"]), (s0, s1), question, place(times, s0, s1, random_frac, rng))
+
+    messages = []
+    for j, t in enumerate(times):
+        n_images = min((j + 1) * frames_per_turn, n_frames) - j * frames_per_turn
+        messages.append({"role": "user", "content": IMAGE * n_images + asked.get(t, ""), "time": t})
+        messages.append({"role": "assistant", "content": " ".join(replies[t]) or SILENCE, "time": t})
+    conversation = [{"role": "user", "content": qa["question"], "time": float(t)} for t, qa in asks]
+    gold.sort(key=lambda g: (g["reply_timespan"][0], g["related_timespan"][0]))
+    return messages, conversation, gold
+
+
+def build_example(rec, writer, rng, out_dir, interval=INTERVAL, frames_per_turn=FRAMES_PER_TURN,
+                  random_frac=0.0, nqna_frac=NQNA_FRAC):
+    """One checked input record → (SFT dialogue, ProactiveVideoQA example). ValueError: skip the video."""
+    captions = [s["caption"] for s in rec["scenes"]]
+    qas = writer.questions(captions, n_questions(rec["duration"]))
+    _, times = dialogue_times(rec["duration"], interval, frames_per_turn)
+    nqna = rng.random() < nqna_frac
+    asks = choose_asks(qas, times, nqna, rng)
+    messages, conversation, answers = make_dialogue(rec["duration"], rec["scenes"], asks, writer, rng,
+                                                    interval, frames_per_turn, random_frac)
+    dialogue = {"id": rec["id"], "video": os.path.relpath(rec["path"], out_dir), "interval": interval,
+                "frames_per_turn": frames_per_turn, "messages": messages}
+    # anno.json names videos relative to the split's videos/ folder (ProactiveVideoQA); a video kept
+    # elsewhere gets its absolute path, which os.path.join(videos_dir, name) passes through unchanged
+    videos_dir = os.path.abspath(os.path.join(out_dir, "videos"))
+    inside = os.path.abspath(rec["path"]).startswith(videos_dir + os.sep)
+    video = os.path.relpath(rec["path"], videos_dir) if inside else os.path.abspath(rec["path"])
+    example = {"video": video, "question_id": rec["id"], "duration": rec["duration"],
+               "conversation": conversation, "answer": answers}
+    return dialogue, example
+
+
+# ----------------------------------------------------------------------------------------------
+# The resumable build
+
+def _journal(path):
+    """Records of a JSONL file we append to. A last line cut short by an interruption is removed
+    first, so the next append starts on a clean line and the cut video is simply built again."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+        path.write_text(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _report(message):
+    tqdm.write(f"data.py: {message}", file=sys.stderr)  # above the progress bar, not through it
+
+
+def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAMES_PER_TURN, random_frac=0.0,
+          nqna_frac=NQNA_FRAC, seed=0, workers=1, llm="openai"):
+    """Scene list → out_dir/{sft.jsonl, anno.jsonl, anno.json, build.json}; returns counts.
+
+    Resumable: a video whose id is already in sft.jsonl is skipped; each finished video is
+    appended (gold first, dialogue last: the dialogue line marks it done). Every video draws
+    from its own generator, seeded by (seed, id), so the output does not depend on the order,
+    on --workers, or on how many interruptions it took. A bad input line, a missing video, or an
+    LLM answer that stays malformed is reported with its line number and skipped.
+    """
+    scenes_path, out_dir = Path(scenes_path), Path(out_dir)
+    if not scenes_path.is_file():
+        raise FileNotFoundError(f"scenes file not found: {scenes_path}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"interval": interval, "frames_per_turn": frames_per_turn, "random_frac": random_frac,
+                "nqna_frac": nqna_frac, "seed": seed, "llm": llm}
+    settings_path = out_dir / "build.json"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+        raise ValueError(f"{out_dir} was built with other settings ({settings_path.read_text().strip()}); "
+                         "use a new --out or delete it")
+    settings_path.write_text(json.dumps(settings) + "\n")
+    sft_path, journal = out_dir / "sft.jsonl", out_dir / "anno.jsonl"
+    done = {d["id"] for d in _journal(sft_path)}
+    _journal(journal)  # repair a cut line
+
+    todo, seen, counts = [], set(), {"built": 0, "done_before": 0, "bad_lines": 0, "failed": 0, "nqna": 0, "answers": 0}
+    with open(scenes_path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = parse_scene_line(line, scenes_path.parent)
+                if rec["id"] in seen:
+                    raise ValueError(f"id {rec['id']!r} appears twice (give each line an 'id')")
+            except ValueError as e:
+                _report(f"{scenes_path} line {lineno}: {e}; skipped")
+                counts["bad_lines"] += 1
+                continue
+            seen.add(rec["id"])
+            rec["line"] = lineno
+            if rec["id"] in done:
+                counts["done_before"] += 1
+            else:
+                todo.append(rec)
+
+    # LLM calls are the slow part at full scale: run videos concurrently, write results in input order
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        futures = [pool.submit(build_example, rec, writer, random.Random(f"{seed}:{rec['id']}"), out_dir,
+                               interval, frames_per_turn, random_frac, nqna_frac) for rec in todo]
+        with open(sft_path, "a") as f_sft, open(journal, "a") as f_gold:
+            for rec, future in zip(todo, tqdm(futures, desc=f"build {out_dir}", unit="video", disable=None)):
+                try:
+                    dialogue, example = future.result()
+                except ValueError as e:
+                    _report(f"{scenes_path} line {rec['line']} ({rec['id']}): {e}; skipped, a re-run tries it again")
+                    counts["failed"] += 1
+                    continue
+                f_gold.write(json.dumps(example) + "\n")
+                f_gold.flush()
+                f_sft.write(json.dumps(dialogue) + "\n")
+                f_sft.flush()  # one line per video on disk at once: an interruption loses at most one video
+                counts["built"] += 1
+                counts["nqna"] += len(example["conversation"]) > 1
+                counts["answers"] += len(example["answer"])
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C must not wait for thousands of queued calls
+
+    # anno.json = the journal in sft.jsonl order (a gold line whose dialogue was cut off is dropped)
+    gold = {g["question_id"]: g for g in _journal(journal)}
+    examples = [gold[d["id"]] for d in _journal(sft_path) if d["id"] in gold]
+    tmp = out_dir / "anno.json.tmp"
+    tmp.write_text(json.dumps(examples, indent=1) + "\n")
+    tmp.replace(out_dir / "anno.json")  # atomic: a reader never sees half a file
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# The offline mix (Sec. 4.2: 25k LLaVA-Video QA + 25k Tarsier2 captions, Qwen's default system prompt)
+
+def offline_dialogue(id, video, duration, question, answer, max_frames=OFFLINE_FRAMES):
+    """An offline video-QA or caption example as one dialogue in our SFT format.
+
+    One user turn with N frames spread over the whole video, then the question; one assistant
+    turn with the answer. The DEFAULT system prompt tells the model this is not a proactive task.
+    The interval is duration / (N + 0.5), so mmduet2.read_frames yields exactly N frames
+    (int(duration / interval) = N) and the last one lies in the final stretch of the video.
+        30 s, 16 frames → interval 1.8182 s, frames at 0, 1.82, ..., 27.27 s
+    """
+    n = max(1, min(max_frames, int(duration / OFFLINE_MIN_INTERVAL)))
+    interval = round(duration / (n + 0.5), 4)
+    t = round(n * interval, 3)
+    return {"id": id, "video": video, "interval": interval, "frames_per_turn": n, "messages": [
+        {"role": "system", "content": mmduet2.DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": IMAGE * n + question, "time": t},
+        {"role": "assistant", "content": answer, "time": t}]}
+
+
+def build_offline(qa_path, out_path, max_frames=OFFLINE_FRAMES):
+    """Lines {"video", "question"?, "answer", "duration"?, "id"?} → one dialogue per line in out_path.
+
+    A line without a question is a caption example (Tarsier2) and gets CAPTION_QUESTION. Paths
+    are relative to the input file's folder; a video without "duration" is opened to measure it.
+    Returns (written, skipped).
+    """
+    qa_path, out_path = Path(qa_path), Path(out_path)
+    if not qa_path.is_file():
+        raise FileNotFoundError(f"offline QA file not found: {qa_path}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    rows, skipped = [], 0
+    lines = qa_path.read_text().splitlines()
+    for lineno, line in enumerate(tqdm(lines, desc="offline", unit="example", disable=None), 1):
+        if not line.strip():
+            continue
+        try:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not valid JSON ({e.msg})") from None
+            if not (isinstance(rec, dict) and isinstance(rec.get("video"), str)
+                    and isinstance(rec.get("answer"), str) and rec["answer"].strip()):
+                raise ValueError("expected {video, question, answer} with a non-empty answer")
+            path = os.path.normpath(os.path.join(qa_path.parent, rec["video"]))
+            duration = rec.get("duration") or mmduet2.video_duration(path)  # one-line error if missing/corrupt
+        except (ValueError, FileNotFoundError) as e:
+            _report(f"{qa_path} line {lineno}: {e}; skipped")
+            skipped += 1
+            continue
+        rows.append(offline_dialogue(str(rec.get("id") or f"{qa_path.stem}-{lineno}"),
+                                     os.path.relpath(path, out_path.parent), float(duration),
+                                     rec.get("question") or CAPTION_QUESTION, rec["answer"].strip(), max_frames))
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out_path)
+    return len(rows), skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy world (spec/toy.md): coloured squares on a dark background, the same pipeline from the scene list on
+
+# Strongly distinct colours: a tiny vision tower learns colour in minutes (shape it did not learn).
+TOY_COLOURS = {"red": (230, 40, 40), "green": (40, 200, 40), "blue": (40, 80, 235), "yellow": (230, 220, 40),
+               "magenta": (220, 50, 220), "cyan": (40, 210, 220), "white": (235, 235, 235)}
+TOY_POSITIONS = ("left", "right", "top", "bottom")
+TOY_BACKGROUND = 24      # dark grey
+TOY_NOISE = 6            # ± grey levels of static per-video noise (static: it costs the encoder nothing)
+TOY_CRF = 18             # x264 quality: colours survive yuv420p round trips within a few levels
+TOY_LEAD = 1.0           # no event in the first second
+# 84 px = 3x3 patches of 28 = 9 LLM tokens per frame. Events last at least 5 s = one 4 s turn + one
+# 2 s frame - the 1 s reply tail: then, at the paper's frame settings, the end-of-span turn always
+# shows the square in its last frame (with 4 s events, ~4% of answers sat at a turn none of whose
+# frames had shown the event yet: labels no model can learn). The model cannot see whether the
+# square will still be there at the next turn, so replying at a visible turn stays uncertain:
+# the exploration room GRPO needs (spec/toy.md, "the exploration trap").
+TOY_WORLD = dict(size=84, fps=10, min_len=20, max_len=40, min_events=2, max_events=4,
+                 min_event=5.0, max_event=10.0, gap=2.0)
+TOY_QUESTIONS = ("Tell me whenever a new shape appears.", "Tell me the colour of each new shape.")
+TOY_CAPTION = re.compile(r"A (\w+) square appeared on the (\w+)\.")
+
+
+def toy_caption(colour, position):
+    return f"A {colour} square appeared on the {position}."
+
+
+def toy_boxes(size):
+    """Top-left corner (y, x) of the square at each position, and its side: even numbers, so the
+    yuv420p chroma grid (2x2) never straddles an edge and colours stay clean."""
+    side = size // 3 // 2 * 2
+    margin = size // 14 // 2 * 2
+    mid, far = (size - side) // 2 // 2 * 2, size - side - margin
+    return {"left": (mid, margin), "right": (mid, far), "top": (margin, mid), "bottom": (far, mid)}, side
+
+
+def toy_scenes(rng, size=84, fps=10, min_len=20, max_len=40, min_events=2, max_events=4,
+               min_event=5.0, max_event=10.0, gap=2.0):
+    """(duration, scenes) of one toy video: non-overlapping events at frame-exact times.
+
+    Times are whole frames (k / fps), so "visible" is exact: frame k shows the event iff
+    start <= k / fps < end. Events start after TOY_LEAD, keep `gap` seconds apart, end REPLY_TAIL
+    before the video ends (so their reply spans fit), and have distinct colours (a second red
+    square would read as a repeat to the judge). `size` comes along with the rest of the world dict.
+    """
+    duration = rng.randint(min_len, max_len)
+    total, lead, tail, gap_f = duration * fps, round(TOY_LEAD * fps), round(REPLY_TAIL * fps), round(gap * fps)
+    lo, hi = round(min_event * fps), round(max_event * fps)
+    k = rng.randint(min_events, max_events)
+    while k > 1 and lead + tail + k * lo + (k - 1) * gap_f > total:
+        k -= 1  # the video is too short for this many events
+    budget = total - lead - tail - (k - 1) * gap_f
+    lengths = []
+    for i in range(k):  # each length leaves room for the minimum length of the rest
+        lengths.append(rng.randint(lo, max(lo, min(hi, budget - (k - i - 1) * lo))))
+        budget -= lengths[-1]
+    rng.shuffle(lengths)
+    extra = sorted(rng.randint(0, budget) for _ in range(k))  # the spare frames, spread before each event
+    colours = rng.sample(sorted(TOY_COLOURS), k)
+    scenes, t, used = [], lead, 0
+    for length, shift, colour in zip(lengths, extra, colours):
+        t += shift - used
+        used = shift
+        position = rng.choice(TOY_POSITIONS)
+        scenes.append({"start": t / fps, "end": (t + length) / fps, "caption": toy_caption(colour, position),
+                       "colour": colour, "position": position})
+        t += length + gap_f
+    return float(duration), scenes
+
+
+def render_toy_video(path, duration, scenes, seed, size=84, fps=10, **_):
+    """Write the toy mp4 (libx264, yuv420p): static noisy background, one square per visible event.
+
+    Takes the whole world dict as keywords (`**_`: the knobs that only shape the scene list)."""
+    noise = np.random.default_rng(seed).integers(-TOY_NOISE, TOY_NOISE + 1, (size, size, 1))
+    background = np.repeat(np.clip(TOY_BACKGROUND + noise, 0, 255), 3, axis=2).astype(np.uint8)  # (H, W, 3)
+    boxes, side = toy_boxes(size)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(TOY_CRF)}
+        for k in range(round(duration * fps)):
+            frame = background.copy()
+            for s in scenes:
+                if round(s["start"] * fps) <= k < round(s["end"] * fps):
+                    y, x = boxes[s["position"]]
+                    frame[y:y + side, x:x + side] = TOY_COLOURS[s["colour"]]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder's delayed frames
+            container.mux(packet)
+
+
+class ToyWriter:
+    """The toy world's deterministic stand-in for the LLM: templates over the toy captions.
+
+    Questions: "whenever a new shape appears" (answer = the caption) and "the colour of each new
+    shape" (answer e.g. "Red."); every scene answers both. Summary: "So far: " + the answers.
+    """
+
+    def questions(self, captions, n):
+        parsed = [TOY_CAPTION.fullmatch(c.strip()) for c in captions]
+        if not all(parsed):
+            raise ValueError("the toy writer reads only toy captions ('A red square appeared on the left.')")
+        by_question = {TOY_QUESTIONS[0]: [c.strip() for c in captions],
+                       TOY_QUESTIONS[1]: [f"{m.group(1).capitalize()}." for m in parsed]}
+        return [{"question": q, "answers": a} for q, a in list(by_question.items())[:n]]
+
+    def summarise(self, question, answers):
+        return "So far: " + " ".join(answers)
+
+
+def make_toy(out, seed=0, n_train=200, n_rl=50, n_test=30, interval=INTERVAL, frames_per_turn=FRAMES_PER_TURN,
+             random_frac=0.0, nqna_frac=NQNA_FRAC, **world):
+    """Write out/{train,rl,test}/{videos/*.mp4, scenes.jsonl, sft.jsonl, anno.json}; deterministic by seed.
+
+    Each video draws from its own generator (seed, split, index): adding videos to a split does not
+    change the ones before. scenes.jsonl keeps each event's colour and position (the ground truth
+    drawn in the video). The toy is rebuilt from scratch on every call (a minute), never resumed.
+    """
+    world = {**TOY_WORLD, **world}
+    w = world
+    if not 0 < w["min_len"] <= w["max_len"]:
+        raise ValueError(f"toy video length: need 0 < --min-len <= --max-len, got {w['min_len']}, {w['max_len']}")
+    if not 1 <= w["min_events"] <= w["max_events"] <= len(TOY_COLOURS):
+        raise ValueError(f"toy events: need 1 <= --min-events <= --max-events <= {len(TOY_COLOURS)} (one colour each)")
+    if not 0 < w["min_event"] <= w["max_event"] or TOY_LEAD + w["min_event"] + REPLY_TAIL > w["min_len"]:
+        raise ValueError(f"toy events: need 0 < --min-event <= --max-event and a {TOY_LEAD + REPLY_TAIL:g} s "
+                         f"margin + one --min-event event to fit in --min-len ({w['min_len']} s)")
+    counts = {}
+    for split, n in (("train", n_train), ("rl", n_rl), ("test", n_test)):
+        split_dir = Path(out) / split
+        (split_dir / "videos").mkdir(parents=True, exist_ok=True)
+        for old in [*(split_dir / "videos").glob(f"{split}_*.mp4"),
+                    *(split_dir / f for f in ("sft.jsonl", "anno.jsonl", "anno.json", "build.json"))]:
+            old.unlink(missing_ok=True)
+        lines = []
+        for i in tqdm(range(n), desc=f"toy {split} videos", unit="video", disable=None):
+            rng = random.Random(f"toy:{seed}:{split}:{i}")
+            name = f"{split}_{i:04d}"
+            duration, scenes = toy_scenes(rng, **world)
+            render_toy_video(split_dir / "videos" / f"{name}.mp4", duration, scenes, rng.getrandbits(32), **world)
+            lines.append(json.dumps({"id": name, "video": f"videos/{name}.mp4", "duration": duration, "scenes": scenes}))
+        (split_dir / "scenes.jsonl").write_text("".join(line + "\n" for line in lines))
+        # from here on exactly the path of real data, with the deterministic writer
+        counts[split] = build(split_dir / "scenes.jsonl", split_dir, ToyWriter(), interval, frames_per_turn,
+                              random_frac, nqna_frac, seed, llm="toy")
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def placement_arg(text):
+    """--placement: "end" (paper) → 0.0, "random" → 1.0, or a number P → random with probability P."""
+    named = {"end": 0.0, "random": 1.0}
+    try:
+        p = named[text] if text in named else float(text)
+    except ValueError:
+        p = -1.0
+    if not 0.0 <= p <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected end, random or a probability in [0, 1], got {text!r}")
+    return p
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Scene captions → proactive dialogues + gold spans (paper Sec. 3).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def dialogue_flags(p):
+        # dialogue construction (shared by build and toy)
+        p.add_argument("--interval", type=float, default=INTERVAL, help="seconds between frames (paper: 2 s in SFT/RL)")
+        p.add_argument("--frames-per-turn", type=int, choices=(1, 2), default=FRAMES_PER_TURN,
+                       help="frames per user turn (paper: 2)")
+        p.add_argument("--placement", type=placement_arg, default="end",
+                       help="where an answer sits in its reply span: end (paper), random (a uniform turn in the "
+                            "span), or a probability P of random placement per answer")
+        p.add_argument("--nqna-frac", type=float, default=NQNA_FRAC, help="share of nQnA dialogues (paper: 0.5)")
+        p.add_argument("--seed", type=int, default=0, help="seed of every random choice (each video seeded by its id)")
+
+    b = sub.add_parser("build", help="scene list → sft.jsonl + anno.json (resumable)")
+    # input / output
+    b.add_argument("--scenes", required=True, help="JSONL, one line per video: {video, duration, scenes:[{start,end,caption}]}")
+    b.add_argument("--out", required=True, help="output folder (sft.jsonl, anno.json, ...); a re-run resumes it")
+    dialogue_flags(b)
+    # the LLM (QA generation and immediate-answer summaries)
+    b.add_argument("--llm", choices=("openai", "toy"), default="openai",
+                   help="openai: an OpenAI-compatible endpoint; toy: the deterministic toy templates")
+    b.add_argument("--model", default=None, help="LLM name (default: $JUDGE_MODEL)")
+    b.add_argument("--base-url", default=None, help="endpoint, e.g. http://localhost:8000/v1 (default: $OPENAI_BASE_URL)")
+    b.add_argument("--workers", type=int, default=8, help="videos processed at once (LLM requests in flight)")
+    b.add_argument("--retries", type=int, default=RETRIES, help="re-asks of a malformed LLM answer before skipping the video")
+
+    o = sub.add_parser("offline", help="offline video QA / captions → one-turn dialogues (default system prompt)")
+    o.add_argument("--qa", required=True, help="JSONL lines {video, question, answer} (no question: a caption example)")
+    o.add_argument("--out", required=True, help="output JSONL of dialogues")
+    o.add_argument("--max-frames", type=int, default=OFFLINE_FRAMES, help="frames per example, spread over the video")
+
+    t = sub.add_parser("toy", help="the toy world: synthetic videos → train / rl / test splits")
+    # output and sizes
+    t.add_argument("--out", required=True, help="output folder; gets train/, rl/ and test/")
+    t.add_argument("--n-train", type=int, default=200, help="videos in the SFT split")
+    t.add_argument("--n-rl", type=int, default=50, help="videos held out for GRPO")
+    t.add_argument("--n-test", type=int, default=30, help="videos in the test split (anno.json is the benchmark)")
+    dialogue_flags(t)
+    # the world
+    t.add_argument("--size", type=int, default=TOY_WORLD["size"], help="frame side in pixels (84 = 9 LLM tokens)")
+    t.add_argument("--fps", type=int, default=TOY_WORLD["fps"], help="frames per second of the mp4")
+    t.add_argument("--min-len", type=int, default=TOY_WORLD["min_len"], help="shortest video, seconds")
+    t.add_argument("--max-len", type=int, default=TOY_WORLD["max_len"], help="longest video, seconds")
+    t.add_argument("--min-events", type=int, default=TOY_WORLD["min_events"], help="fewest events per video")
+    t.add_argument("--max-events", type=int, default=TOY_WORLD["max_events"], help="most events per video")
+    t.add_argument("--min-event", type=float, default=TOY_WORLD["min_event"], help="shortest event, seconds")
+    t.add_argument("--max-event", type=float, default=TOY_WORLD["max_event"], help="longest event, seconds")
+    t.add_argument("--gap", type=float, default=TOY_WORLD["gap"], help="seconds between events at least")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "build":
+            if args.llm == "toy":
+                writer, workers = ToyWriter(), 1
+            else:
+                client = reward.LLMClient(model=args.model, base_url=args.base_url, max_workers=args.workers,
+                                          cache_path=Path(args.out) / "llm_cache.jsonl", max_tokens=4096)
+                writer, workers = LLMWriter(client, args.retries), args.workers
+            c = build(args.scenes, args.out, writer, args.interval, args.frames_per_turn, args.placement,
+                      args.nqna_frac, args.seed, workers, args.llm)
+            print(f"built {c['built']} dialogues ({c['nqna']} nQnA, {c['answers']} gold answers), "
+                  f"{c['done_before']} done before, in {args.out}")
+            if c["bad_lines"] or c["failed"]:
+                raise ValueError(f"{c['bad_lines']} bad input lines and {c['failed']} failed videos skipped "
+                                 "(see above); fix them and re-run: built videos are kept")
+        elif args.command == "offline":
+            written, skipped = build_offline(args.qa, args.out, args.max_frames)
+            print(f"wrote {written} offline dialogues to {args.out}")
+            if skipped:
+                raise ValueError(f"{skipped} lines skipped (see above)")
+        else:
+            world = {k: getattr(args, k) for k in TOY_WORLD}
+            counts = make_toy(args.out, args.seed, args.n_train, args.n_rl, args.n_test, args.interval,
+                              args.frames_per_turn, args.placement, args.nqna_frac, **world)
+            for split, c in counts.items():
+                print(f"{split}: {c['built']} videos ({c['nqna']} nQnA), {c['answers']} gold answers")
+    except (ValueError, OSError, reward.JudgeError) as e:
+        raise SystemExit(f"data.py: {e}") from None  # one line, no traceback
+
+
+if __name__ == "__main__":
+    main()
