@@ -244,7 +244,7 @@ def load_anno(path):
     if not isinstance(examples, list):
         raise ValueError(f"{path}: expected a JSON list of examples (ProactiveVideoQA anno.json)")
     for i, ex in enumerate(examples):
-        missing = {"video", "question_id", "conversation", "answer"} - set(ex)
+        missing = {"video", "question_id", "conversation", "answer"} - set(ex if isinstance(ex, dict) else ())
         if missing:
             raise ValueError(f"{path}: example {i} lacks {sorted(missing)}: not a ProactiveVideoQA anno.json")
     return examples
@@ -423,7 +423,8 @@ def load_model(name=DEFAULT_MODEL, dtype=None, device=None, attn=None, frame_tok
     if name == "tiny":
         model, processor = tiny_model()
     else:
-        if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        # a hub id is "org/name": anything else that is not a folder is a mistyped local path
+        if not os.path.isdir(os.path.expanduser(name)) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
             raise FileNotFoundError(f"model folder not found: {name}")
         try:
             kw = {"attn_implementation": attn} if attn else {}

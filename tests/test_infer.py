@@ -1,0 +1,275 @@
+"""infer.py: turn grouping, user-text placement, the single-video CLI, the benchmark protocol, bad input.
+
+Hermetic: synthetic mp4s written here with PyAV, the random tiny Qwen2.5-VL built in-process. A random
+model rarely says NO REPLY, so model runs check the structure of the output, not its content; the
+silence and placement rules are checked exactly with a scripted stand-in for `mmduet2.Stream`.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import infer  # noqa: E402
+import mmduet2  # noqa: E402
+import reward  # noqa: E402
+
+
+def write_video(path, seconds, fps=10, size=84):
+    """A small H.264 mp4 whose frame i is filled with grey level 7·i (mod 256)."""
+    import av
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(round(seconds * fps)):
+            img = np.full((size, size, 3), (i * 7) % 256, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videos")
+    paths = {"a": write_video(d / "a.mp4", 6), "b": write_video(d / "b.mp4", 5), "seven": write_video(d / "seven.mp4", 7),
+             "short": write_video(d / "short.mp4", 0.5), "junk": str(d / "junk.mp4")}
+    (d / "junk.mp4").write_bytes(b"not a video at all" * 200)
+    return d, paths
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    return mmduet2.load_model("tiny")
+
+
+@pytest.fixture
+def fast_load(monkeypatch, tiny_pair):
+    """main() loads the tiny model from this module's copy instead of building it again (5 s each)."""
+    def load(name, dtype=None, device=None, attn=None, frame_tokens=128):
+        assert name == "tiny"
+        return tiny_pair
+    monkeypatch.setattr(mmduet2, "load_model", load)
+
+
+class ScriptedStream:
+    """Stands in for mmduet2.Stream: records each turn and answers from a script (cycled)."""
+
+    def __init__(self, script):
+        self.script, self.turns = script, []
+
+    def turn(self, frames, text=None, **decode):
+        self.turns.append((len(frames), text))
+        answer = self.script[(len(self.turns) - 1) % len(self.script)]
+        return mmduet2.Reply(answer, [], [])
+
+
+def records(path):
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def check_record(rec, qid, turn_times):
+    """The benchmark's prediction format: roles, times on the turn grid, monotone, no silence, user texts only."""
+    assert set(rec) == {"question_id", "model_response_list"} and rec["question_id"] == qid
+    times = [r["time"] for r in rec["model_response_list"]]
+    assert times == sorted(times)
+    for r in rec["model_response_list"]:
+        assert set(r) == {"role", "content", "time"} and r["role"] in ("user", "assistant")
+        assert any(abs(r["time"] - t) < 1e-6 for t in turn_times)
+        assert isinstance(r["content"], str) and not mmduet2.is_silent(r["content"])
+        assert r["role"] == "assistant" or r["content"]  # image-only user turns are left out
+
+
+# ----------------------------------------------------------------------------
+# pure parts
+
+def test_clock():
+    assert infer.clock(7.0) == "00:07" and infer.clock(62.5) == "01:02.5" and infer.clock(600) == "10:00"
+
+
+def test_video_turns_groups_frames_lazily(videos):
+    _, v = videos
+    turns = [(t, len(f)) for t, f in infer.video_turns(v["seven"], 1.0, 2)]
+    assert turns == [(2.0, 2), (4.0, 2), (6.0, 2), (7.0, 1)]  # the last turn holds the odd frame
+    assert [(t, len(f)) for t, f in infer.video_turns(v["seven"], 1.0, 2, rounds=3)] == [(2.0, 2), (3.0, 1)]
+    assert [t for t, _ in infer.video_turns(v["seven"], 2.0, 1)] == [2.0, 4.0, 6.0]
+
+
+def test_stream_video_places_text_and_drops_silence(videos):
+    _, v = videos
+    stream = ScriptedStream(["NO REPLY", " A grey square. ", "NO REPLY"])
+    seen = []
+    user = [(2.5, "Subtitle: one"), (0, "What changes?"), (2.7, "Subtitle: two"), (99, "never seen")]
+    responses, latencies = infer.stream_video(stream, v["seven"], 1.0, 2, user, on_reply=lambda t, x: seen.append((t, x)))
+    # turns at 2, 4, 6, 7; the question joins t=2 (after its frames), both subtitles join t=4
+    assert stream.turns == [(2, "What changes?"), (2, "Subtitle: one\nSubtitle: two"), (2, None), (1, None)]
+    assert responses == [{"role": "user", "content": "What changes?", "time": 2.0},
+                         {"role": "user", "content": "Subtitle: one\nSubtitle: two", "time": 4.0},
+                         {"role": "assistant", "content": "A grey square.", "time": 4.0}]
+    assert seen == [(4.0, "A grey square.")] and len(latencies) == 4
+    kept, _ = infer.stream_video(ScriptedStream(["NO REPLY"]), v["seven"], 1.0, 2, keep_silent=True, rounds=2)
+    assert kept == [{"role": "assistant", "content": "NO REPLY", "time": 2.0}]
+
+
+def test_realtime_waits_for_the_frames(videos):
+    _, v = videos
+    start = time.perf_counter()
+    infer.stream_video(ScriptedStream(["NO REPLY"]), v["a"], 1.0, 1, rounds=2, realtime=True)
+    assert time.perf_counter() - start >= 1.95  # the turn at t=2 s cannot start before 2 s of wall time
+
+
+def test_parse_asks():
+    assert infer.parse_asks(["12:What now?", "0.5: Who: him?"], end=20) == [(12.0, "What now?"), (0.5, "Who: him?")]
+
+
+# ----------------------------------------------------------------------------
+# the command, in-process and as a user runs it
+
+def test_single_video_cli(videos, tmp_path, fast_load, capsys):
+    _, v = videos
+    out = tmp_path / "pred.jsonl"
+    summary = infer.main([v["a"], "--model", "tiny", "--question", "What changes?", "--ask", "3:And now?",
+                          "--frames-per-turn", "2", "--max-new-tokens", "4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "<= 128 LLM tokens per frame (this video: 84x84 -> 9 tokens)" in printed
+    assert summary["turns"] == 3 and len(summary["latencies"]) == 3 and "3 turns" in printed
+    [rec] = records(out)
+    check_record(rec, "a", turn_times=[2.0, 4.0, 6.0])  # 6 s, 1 s interval, 2 frames per turn
+    users = [(r["time"], r["content"]) for r in rec["model_response_list"] if r["role"] == "user"]
+    assert users == [(2.0, "What changes?"), (4.0, "And now?")]
+    replies = [r for r in rec["model_response_list"] if r["role"] == "assistant"]
+    assert len(replies) == summary["replies"] and printed.count("] ") >= len(replies)  # printed as "[00:02] ..."
+    assert reward.load_predictions(str(out)) == {"a": [(r["time"], r["content"].strip()) for r in replies]}
+
+
+def test_command_line_subprocess(videos, tmp_path):
+    _, v = videos
+    out = tmp_path / "pred.jsonl"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), v["b"], "--model", "tiny",
+                          "--question", "What changes?", "--max-new-tokens", "3", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "5 turns" in run.stdout and "real-time factor" in run.stdout
+    [rec] = records(out)
+    check_record(rec, "b", turn_times=[1.0, 2.0, 3.0, 4.0, 5.0])
+
+
+# ----------------------------------------------------------------------------
+# the benchmark protocol
+
+def anno(tmp_path, examples):
+    path = tmp_path / "anno.json"
+    path.write_text(json.dumps(examples))
+    return str(path)
+
+
+def example(qid, video, duration, spans, subtitles=()):
+    return {"video": video, "question_id": qid, "duration": duration,
+            "conversation": [{"role": "user", "content": f"Question {qid}?", "time": 0}]
+            + [{"role": "user", "content": f"Subtitle: {s}", "time": t} for t, s in subtitles],
+            "answer": [{"role": "assistant", "content": "x", "related_timespan": sp, "reply_timespan": sp} for sp in spans]}
+
+
+def test_benchmark_runs_skips_and_resumes(videos, tmp_path, fast_load, capsys, monkeypatch):
+    d, _ = videos
+    gold = anno(tmp_path, [example("q-a", "a.mp4", 6.0, [[0, 2.0], [1.5, 3.2]], subtitles=[(2.5, "Hi."), (5.5, "Late.")]),
+                           example("q-missing", "missing.mp4", 9.0, [[0, 4.0]]),
+                           example("q-b", "b.mp4", 5.0, [[1.0, 30.0]])])
+    out = tmp_path / "preds.jsonl"
+    argv = ["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--max-new-tokens", "3", "--out", str(out)]
+    summary = infer.main(argv)
+    printed = capsys.readouterr().out
+    assert summary["done"] == 2 and summary["skipped"] == ["q-missing"]
+    assert "skipped q-missing: video not found" in printed and "done 2 examples, skipped 1" in printed
+    first_run = out.read_text()
+    rec_a, rec_b = records(out)
+    # q-a: last gold span ends at 3.2 s -> ceil(3.2) = 4 frames; the subtitle at 5.5 s is never reached
+    check_record(rec_a, "q-a", turn_times=[1.0, 2.0, 3.0, 4.0])
+    assert [(r["time"], r["content"]) for r in rec_a["model_response_list"] if r["role"] == "user"] == \
+        [(1.0, "Question q-a?"), (3.0, "Subtitle: Hi.")]
+    # q-b: the span runs past the video, so the whole 5 s video is streamed
+    check_record(rec_b, "q-b", turn_times=[1.0, 2.0, 3.0, 4.0, 5.0])
+    assert max(r["time"] for r in rec_b["model_response_list"]) <= 5.0
+    assert reward.load_predictions(str(out)).keys() == {"q-a", "q-b"}
+
+    # a second run does no new model work and keeps the first run's lines
+    monkeypatch.setattr(mmduet2.Stream, "turn", lambda *a, **k: pytest.fail("resumed run streamed again"))
+    summary = infer.main(argv)
+    assert summary["done"] == 0 and out.read_text() == first_run
+    assert "2 already in" in capsys.readouterr().out
+
+
+def test_benchmark_resumes_after_a_partial_run(videos, tmp_path, fast_load):
+    d, _ = videos
+    gold = anno(tmp_path, [example("q-a", "a.mp4", 6.0, [[0, 2.0]]), example("q-b", "b.mp4", 5.0, [[0, 2.0]])])
+    out = tmp_path / "preds.jsonl"
+    out.write_text(json.dumps({"question_id": "q-a", "model_response_list": []}) + "\n")
+    summary = infer.main(["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--max-new-tokens", "2",
+                          "--frames-per-turn", "2", "--out", str(out)])
+    assert summary["done"] == 1
+    first, second = records(out)
+    assert first == {"question_id": "q-a", "model_response_list": []}
+    check_record(second, "q-b", turn_times=[2.0])  # 2 frames (span ends at 2 s) = one 2-frame turn
+
+
+# ----------------------------------------------------------------------------
+# bad input: one line, "infer.py: ...", before any model loads
+
+def bad_anno_cases(tmp_path, d):
+    (tmp_path / "notjson.json").write_text("[{oops")
+    (tmp_path / "dict.json").write_text(json.dumps({"video": "a.mp4"}))
+    (tmp_path / "ints.json").write_text("[1, 2]")
+    (tmp_path / "noanswer.json").write_text(json.dumps([{"video": "a.mp4", "question_id": "q", "conversation": []}]))
+    (tmp_path / "badspan.json").write_text(json.dumps([{**example("q", "a.mp4", 6.0, [[0, 2]]),
+                                                        "answer": [{"content": "x", "reply_timespan": "soon"}]}]))
+    return {name: ["--benchmark", str(tmp_path / f"{name}.json"), "--videos", str(d), "--out", str(tmp_path / "p.jsonl")]
+            for name in ("notjson", "dict", "ints", "noanswer", "badspan")}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "video not found"),
+    ("junk", "cannot decode video"),
+    ("short", "shorter than one frame interval"),
+    ("ask-no-colon", "is not SECONDS:TEXT"),
+    ("ask-not-a-number", "is not SECONDS:TEXT"),
+    ("ask-no-text", "is not SECONDS:TEXT"),
+    ("ask-negative", "is not SECONDS:TEXT"),
+    ("ask-late", "past the end of the video"),
+    ("model-folder", "model folder not found"),
+    ("no-input", "give either a VIDEO or --benchmark"),
+    ("benchmark-no-videos", "needs --videos"),
+    ("notjson", "not valid JSON"),
+    ("dict", "expected a non-empty JSON list"),
+    ("ints", "example 0: missing question_id"),
+    ("noanswer", "missing duration, answer"),
+    ("badspan", "reply_timespan"),
+    ("corrupt-preds", "is not a prediction record"),
+])
+def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, message):
+    d, v = videos
+    monkeypatch.setattr(mmduet2, "load_model", lambda *a, **k: pytest.fail("loaded a model for bad input"))
+    (tmp_path / "preds.jsonl").write_text('{"question_id": "q", "model_response_list": []}\n{"question_id": "q2", "mod')
+    ok_anno = anno(tmp_path, [example("q", "a.mp4", 6.0, [[0, 2]])])
+    argv = {
+        "missing": [str(d / "nope.mp4")], "junk": [v["junk"]], "short": [v["short"]],
+        "ask-no-colon": [v["a"], "--ask", "What now?"], "ask-not-a-number": [v["a"], "--ask", "soon:What now?"],
+        "ask-no-text": [v["a"], "--ask", "3:"], "ask-negative": [v["a"], "--ask", "-1:What now?"],
+        "ask-late": [v["a"], "--ask", "6.5:What now?"], "no-input": ["--model", "tiny"],
+        "benchmark-no-videos": ["--benchmark", ok_anno, "--out", str(tmp_path / "p.jsonl")],
+        "corrupt-preds": ["--benchmark", ok_anno, "--videos", str(d), "--out", str(tmp_path / "preds.jsonl")],
+        **bad_anno_cases(tmp_path, d),
+    }.get(case)
+    if case == "model-folder":  # the real loader: a folder that does not exist fails before anything loads
+        monkeypatch.undo()
+        argv = [v["a"], "--model", str(tmp_path / "no_such_checkpoint")]
+    with pytest.raises(SystemExit) as e:
+        infer.main(argv)
+    text = str(e.value.code)
+    assert text.startswith("infer.py: ") and message in text and "\n" not in text
