@@ -1,0 +1,208 @@
+"""sft.py end to end on the tiny model: it learns, 2 CPU ranks stay in sync and match 1 rank, resume is exact.
+
+Every run is a real subprocess of `sft.py` (the script is flat, as a reader runs it); the runs are
+module-scoped fixtures shared by the tests. The data: 3 dialogues in our format (tiny mp4s written
+with PyAV) + 1 in the released MMDuet2 format (JPG frames), in two JSONL files.
+"""
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import mmduet2
+from conftest import write_video
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTION = "Tell me whenever a new shape appears."
+ANSWERS = ["A red square appeared on the left.", "A blue square appeared on the top.",
+           "A green square appeared on the right.", "A yellow square appeared on the bottom."]
+STEPS, SAVE_EVERY = 20, 5
+
+
+def dialogue(k, answer):
+    """Two turns of two frames (an 8 s video at 2 s per frame): silent first, then the answer."""
+    return [{"role": "user", "content": mmduet2.IMAGE * 2 + QUESTION, "time": 4.0},
+            {"role": "assistant", "content": mmduet2.SILENCE, "time": 4.0},
+            {"role": "user", "content": mmduet2.IMAGE * 2, "time": 8.0},
+            {"role": "assistant", "content": answer, "time": 8.0}]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """ours.jsonl (3 dialogues over mp4s) + released.jsonl (1 dialogue over JPG frames)."""
+    from PIL import Image
+    d = tmp_path_factory.mktemp("sft_data")
+    os.makedirs(d / "videos")
+    with open(d / "ours.jsonl", "w") as f:
+        for k in range(3):
+            write_video(d / "videos" / f"v{k}.mp4", seconds=8, seed=k)
+            f.write(json.dumps({"id": f"ours{k}", "video": f"videos/v{k}.mp4", "interval": 2.0,
+                                "frames_per_turn": 2, "messages": dialogue(k, ANSWERS[k])}) + "\n")
+    rng = np.random.default_rng(3)
+    os.makedirs(d / "frames")
+    for j in range(4):
+        Image.fromarray(rng.integers(0, 255, (84, 84, 3), dtype=np.uint8)).save(d / "frames" / f"{j}.jpg")
+    with open(d / "released.jsonl", "w") as f:
+        f.write(json.dumps({"messages": dialogue(3, ANSWERS[3]),
+                            "images": [{"path": f"frames/{j}.jpg"} for j in range(4)],
+                            "metadata": {"question_id": "q3", "video_id": "v3"}, "id": "released3"}) + "\n")
+    return d
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_sft(data, out, *extra, nproc=1, grad_accum=2, check=True):
+    """Run sft.py on the test data (1 process, or `accelerate launch` with nproc gloo ranks)."""
+    flags = ["--model", "tiny", "--data", str(data / "ours.jsonl"), str(data / "released.jsonl"),
+             "--out", str(out), "--lr", "2e-3", "--max-steps", str(STEPS), "--grad-accum", str(grad_accum),
+             "--save-every", str(SAVE_EVERY), "--keep", "0", "--workers", "0", "--mixed-precision", "no",
+             "--no-grad-checkpointing", *extra]
+    if nproc == 1:
+        cmd = [sys.executable, "sft.py", *flags]
+    else:  # explicit flags: no accelerate config file is needed or read
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "sft.py", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def params(path):
+    return torch.load(path)["params"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(data, tmp_path_factory):
+    """1 process, accumulation 2: 2 dialogues per optimizer step."""
+    out = tmp_path_factory.mktemp("sft_one")
+    p = run_sft(data, out, "--dump-rank-params")
+    return out, p
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data, tmp_path_factory):
+    """2 gloo ranks, accumulation 1: the same 2 dialogues per optimizer step, one per rank."""
+    out = tmp_path_factory.mktemp("sft_two")
+    p = run_sft(data, out, "--dump-rank-params", nproc=2, grad_accum=1)
+    return out, p
+
+
+def test_loss_falls_and_schedule(one_rank):
+    out, p = one_rank
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
+    assert first > 4.0 and last < 0.5 * first, (first, last)  # random init ≈ ln(vocab); overfits 4 dialogues
+    # 5% warm-up of 20 steps = 1 step at lr 0, then cosine from the peak down towards 0
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(2e-3) and rows[-1]["lr"] < 1e-4
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert "tokens per frame: 9 " in p.stdout  # 84×84 frames = 3×3 merged patches, printed at start-up
+
+
+def test_first_loss_is_the_masked_token_mean(one_rank, data):
+    """Step 1's logged loss = −Σ log p / N over its two dialogues, recomputed with mmduet2 directly.
+
+    The independent reference: the same seeded shuffle, the released and our loaders, the encoder's
+    mask (assistant text + <|im_end|>, NO REPLY included) and mmduet2.forward_logprobs.
+    """
+    out, _ = one_rank
+    records = [(data / "ours.jsonl", r) for _, r in mmduet2.read_jsonl(data / "ours.jsonl")]
+    records += [(data / "released.jsonl", r) for _, r in mmduet2.read_jsonl(data / "released.jsonl")]
+    order = list(range(len(records)))
+    random.Random(0).shuffle(order)  # seed 0, epoch 0
+    model, processor = mmduet2.load_model("tiny")
+    logps = []
+    for i in order[:2]:
+        messages, frames = mmduet2.load_dialogue(records[i][1], root=str(data))
+        seq = mmduet2.encode_dialogue(processor, messages, frames, max_tokens=10_000)
+        with torch.no_grad():
+            logps.append(mmduet2.forward_logprobs(model, seq))
+    logp = torch.cat(logps)
+    row = metrics(out)[0]
+    assert row["tokens"] == len(logp)
+    assert row["loss"] == pytest.approx(-logp.sum().item() / len(logp), rel=1e-5)
+
+
+def test_two_ranks_stay_in_sync_and_match_one_rank(one_rank, two_ranks):
+    out1, _ = one_rank
+    out2, p = two_ranks
+    assert json.load(open(os.path.join(out2, "final", "trainer.json")))["world"] == 2, p.stdout
+    r0, r1 = (torch.load(os.path.join(out2, f"params-rank{r}.pt")) for r in (0, 1))
+    assert r0["examples"][0] != r1["examples"][0]  # the ranks trained on different dialogues...
+    for name, value in r0["params"].items():  # ... and still hold the very same weights (DDP all-reduce)
+        assert torch.equal(value, r1["params"][name]), name
+    # 2 ranks × accumulation 1 = 1 rank × accumulation 2 over the same pairs: same losses, same weights
+    for a, b in zip(metrics(out1), metrics(out2)):
+        assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    one = params(os.path.join(out1, "params-rank0.pt"))
+    for name, value in one.items():
+        torch.testing.assert_close(r0["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resume_equals_an_uninterrupted_run(one_rank, data, tmp_path):
+    """Interrupt after step 10 (delete everything later), resume: the final weights are the same."""
+    out1, _ = one_rank
+    out = tmp_path / "resumed"
+    shutil.copytree(out1, out)
+    for path in ["final", "params-rank0.pt", *[f"step-{s:06d}" for s in range(15, STEPS + 1, SAVE_EVERY)]]:
+        shutil.rmtree(out / path) if (out / path).is_dir() else os.remove(out / path)
+    os.makedirs(out / ".tmp-step-000015")  # a checkpoint cut short mid-write must be ignored
+    p = run_sft(data, out, "--resume", "--dump-rank-params")
+    assert "resumed from" in p.stdout and "step-000010" in p.stdout
+    steps = [r["step"] for r in metrics(out)]
+    assert steps == list(range(1, STEPS + 1)) + list(range(11, STEPS + 1))  # the lost steps are re-logged
+    resumed, straight = params(out / "params-rank0.pt"), params(os.path.join(out1, "params-rank0.pt"))
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    # a run without --resume refuses a folder that holds another run's checkpoints
+    p = run_sft(data, out, check=False)
+    assert p.returncode != 0 and "pass --resume to continue it" in p.stderr, p.stderr[-2000:]
+
+
+def test_checkpoints_load_with_mmduet2(one_rank):
+    out, _ = one_rank
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "step-*"))) == \
+        [f"step-{s:06d}" for s in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)]
+    model, processor = mmduet2.load_model(os.path.join(out, "final"))
+    trained = params(os.path.join(out, "params-rank0.pt"))
+    for name, value in model.named_parameters():
+        assert torch.equal(value, trained[name]), name
+    # the vision encoder stayed frozen, its merger was trained
+    tiny, _ = mmduet2.load_model("tiny")
+    init = dict(tiny.named_parameters())
+    frozen, merger = "model.visual.blocks.0.mlp.up_proj.weight", "model.visual.merger.mlp.0.weight"
+    assert torch.equal(trained[frozen], init[frozen]) and not torch.equal(trained[merger], init[merger])
+
+
+def test_malformed_lines_name_file_and_line(data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = open(data / "ours.jsonl").readline()
+    bad.write_text(good + '{"messages": [oops\n')
+    p = run_sft(data, tmp_path / "out", "--data", str(bad), check=False)
+    assert p.returncode != 0 and f"{bad}:2: malformed JSON" in p.stderr, p.stderr[-2000:]
+    # a well-formed line whose video is missing fails when it is read, with the same FILE:LINE
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(good.replace("videos/v0.mp4", "videos/nope.mp4") * 2)
+    p = run_sft(data, tmp_path / "out2", "--data", str(missing), check=False)
+    found = re.search(rf"{re.escape(str(missing))}:[12]: FileNotFoundError: video not found", p.stderr)
+    assert p.returncode != 0 and found, p.stderr[-2000:]
