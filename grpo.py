@@ -217,9 +217,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="episode order and sampling seed")
     args = p.parse_args(argv)
     if args.toy:  # TOY: the tiny model on the toy world, a few minutes on a laptop CPU
+        # the paper's frame settings (2 s, 2 frames per turn, 20 s segments) on the toy data, but a
+        # tiny random-init model needs a far larger step than 1e-6, and toy replies are short
         defaults = dict(init="runs/sft-toy/final", anno="data/toy/rl/anno.json", out="runs/grpo-toy", judge="offline",
-                        interval=1.0, frames_per_turn=1, segment=12.0, lr=5e-4, max_new_tokens=16,
-                        grad_checkpointing=False, episodes=2, save_every=10)
+                        lr=5e-4, max_new_tokens=16, grad_checkpointing=False, episodes=2, save_every=10)
         for k, v in defaults.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
