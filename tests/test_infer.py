@@ -18,22 +18,7 @@ sys.path.insert(0, ROOT)
 import infer  # noqa: E402
 import mmduet2  # noqa: E402
 import reward  # noqa: E402
-
-
-def write_video(path, seconds, fps=10, size=84):
-    """A small H.264 mp4 whose frame i is filled with grey level 7·i (mod 256)."""
-    import av
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(round(seconds * fps)):
-            img = np.full((size, size, 3), (i * 7) % 256, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return str(path)
+from conftest import write_video  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +30,12 @@ def videos(tmp_path_factory):
     return d, paths
 
 
-@pytest.fixture(scope="module")
-def tiny_pair():
-    return mmduet2.load_model("tiny")
-
-
 @pytest.fixture
-def fast_load(monkeypatch, tiny_pair):
+def fast_load(monkeypatch, tiny):
     """main() loads the tiny model from this module's copy instead of building it again (5 s each)."""
     def load(name, dtype=None, device=None, attn=None, frame_tokens=128):
         assert name == "tiny"
-        return tiny_pair
+        return tiny
     monkeypatch.setattr(mmduet2, "load_model", load)
 
 
