@@ -467,21 +467,24 @@ def duplicate_proportion(predictions, judge):
 
 
 def reply_stats(examples, predictions):
-    """Extra diagnostics, NOT part of the paper's metric: reply count and mean reply delay.
+    """Extra diagnostics, NOT part of the paper's metric: reply count, replies outside every gold span
+    (what r_in_span punishes; paper Table 6) and mean reply delay.
 
     delay of a gold turn = time of its first in-span reply - s0; averaged over the gold turns that
-    got one (None when none did). Example: span [10, 20], replies at 13 and 16 -> delay 3.0.
+    got one (None when none did). Example: span [10, 20], replies at 13, 16 and 25 -> delay 3.0,
+    1 reply outside.
     """
-    n_replies, delays = 0, []
+    n_replies, outside, delays = 0, 0, []
     for ex in examples:
         replies = _replies(predictions[ex["question_id"]])
+        spans = [_span(g, "reply_timespan", f"example {ex['question_id']}") for g in ex["answer"]]
         n_replies += len(replies)
-        for g in ex["answer"]:
-            s0, s1 = _span(g, "reply_timespan", f"example {ex['question_id']}")
+        outside += sum(not any(s0 <= t <= s1 for s0, s1 in spans) for t, _ in replies)
+        for s0, s1 in spans:
             first = next((t for t, _ in replies if s0 <= t <= s1), None)
             if first is not None:
                 delays.append(first - s0)
-    return {"replies": n_replies,
+    return {"replies": n_replies, "replies_outside_spans": outside,
             "replies_per_example": n_replies / len(examples) if examples else 0.0,
             "mean_delay": sum(delays) / len(delays) if delays else None,
             "turns_with_reply": len(delays)}
@@ -666,6 +669,7 @@ def evaluate(gold_path, pred_path, judge, omegas=(0.0, 0.5, 1.0)):
             "replies": stats["replies"], "judge_calls": judge.calls, "judge_cache_hits": judge.cache_hits,
             "judge_failures": judge.failures,
             "diagnostics": {"replies_per_example": stats["replies_per_example"],
+                            "replies_outside_spans": stats["replies_outside_spans"],
                             "mean_reply_delay_s": stats["mean_delay"],
                             "gold_turns_with_reply": stats["turns_with_reply"]}}
 
@@ -679,7 +683,8 @@ def format_summary(s):
         "PAUC x100: " + "  ".join(f"w={w} {v:.2f}" for w, v in s["pauc"].items()),
         f"reply duplicate proportion (our reconstruction): {100 * s['duplicate_proportion']:.1f}%",
         f"judge: {s['judge_calls']} calls, {s['judge_cache_hits']} cache hits, {s['judge_failures']} failed",
-        f"extra diagnostics (not the paper's metric): {d['replies_per_example']:.2f} replies/example, "
+        f"extra diagnostics (not the paper's metric): {d['replies_per_example']:.2f} replies/example "
+        f"({d['replies_outside_spans']} of {s['replies']} outside every gold span), "
         f"mean reply delay {delay} after s0 ({d['gold_turns_with_reply']} of {s['gold_turns']} gold turns replied in span)",
     ])
 

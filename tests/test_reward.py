@@ -196,8 +196,8 @@ def test_duplicate_proportion():
 def test_reply_stats_and_stream_rounds():
     ex = example("v1", [(10, 20, 19), (30, 40, 39), (50, 55, 54)], duration=57.5)
     stats = reward.reply_stats([ex], {"v1": [(13, "x"), (16, "y"), (35, "z"), (45, "w")]})
-    assert stats == {"replies": 4, "replies_per_example": 4.0, "mean_delay": pytest.approx(4.0),
-                     "turns_with_reply": 2}  # delays 3 and 5; span 3 got none
+    assert stats == {"replies": 4, "replies_outside_spans": 1, "replies_per_example": 4.0,
+                     "mean_delay": pytest.approx(4.0), "turns_with_reply": 2}  # delays 3 and 5; span 3 got none; 45 outside
     assert reward.stream_rounds(ex, fps=1) == 55  # to the last s1
     assert reward.stream_rounds(ex, fps=0.5) == 28  # ceil(27.5)
     ex["answer"][-1]["reply_timespan"] = [50, 60]  # past the video end: stop at the video
