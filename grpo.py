@@ -213,14 +213,16 @@ def parse_args(argv=None):
                    help="recompute activations in the training pass (rollouts are unaffected)")
     # running it
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--keep", type=int, default=2, help="keep the last K step checkpoints (0: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="episode order and sampling seed")
     args = p.parse_args(argv)
     if args.toy:  # TOY: the tiny model on the toy world, a few minutes on a laptop CPU
         # the paper's frame settings (2 s, 2 frames per turn, 20 s segments) on the toy data, but a
-        # tiny random-init model needs a far larger step than 1e-6, and toy replies are short
+        # tiny model needs a larger step than 1e-6 (5e-4 and 1e-4 broke its replies: README results),
+        # 8 passes over the RL videos (400 steps), and toy replies are short
         defaults = dict(init="runs/sft-toy/final", anno="data/toy/rl/anno.json", out="runs/grpo-toy", judge="offline",
-                        lr=5e-4, max_new_tokens=16, grad_checkpointing=False, episodes=2, save_every=10)
+                        lr=3e-5, epochs=8, max_new_tokens=16, grad_checkpointing=False, episodes=2, save_every=50)
         for k, v in defaults.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
@@ -228,8 +230,9 @@ def parse_args(argv=None):
     return args
 
 
-def save(model, processor, optimizer, step, out):
-    """model + processor + optimizer state into out/step-N, written to a temp folder then renamed."""
+def save(model, processor, optimizer, step, out, keep=2):
+    """model + processor + optimizer state into out/step-N, written to a temp folder then renamed;
+    then all but the last `keep` step folders are deleted (0: keep all)."""
     final, tmp = os.path.join(out, f"step-{step}"), os.path.join(out, f".tmp-step-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -238,6 +241,9 @@ def save(model, processor, optimizer, step, out):
     torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(tmp, "trainer.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    steps = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step-"))
+    for old in steps[:-keep] if keep else []:
+        shutil.rmtree(os.path.join(out, f"step-{old}"))
 
 
 def last_checkpoint(out):
@@ -367,7 +373,7 @@ def main(argv=None):
         if step % args.save_every == 0 or step == steps_total:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                save(acc.unwrap_model(wrapped), processor, optimizer, step, args.out)
+                save(acc.unwrap_model(wrapped), processor, optimizer, step, args.out, args.keep)
     bar.close()
     if acc.is_main_process:
         final = os.path.join(args.out, "final")

@@ -17,8 +17,8 @@ decision the model must learn (most turns are silent, which is why SFT alone rep
 
 Run it:
 
-    # the toy world on 1 CPU (tiny random model; ~3 min for 1,000 steps): data first, then SFT
-    python data.py toy --out data/toy && OMP_NUM_THREADS=1 python sft.py --toy
+    # the toy world on 1 CPU (tiny random model; ~8 min for 4,000 steps): data first, then SFT
+    python data.py toy --out data/toy --n-train 400 --n-rl 100 --nqna-frac 0 && OMP_NUM_THREADS=1 python sft.py --toy
     # 2 CPU ranks (gloo DDP; tests/test_sft.py checks that they stay in sync)
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
         --dynamo_backend no sft.py --toy
@@ -54,7 +54,7 @@ Where we depart from the paper and its released script:
 8. A malformed data line is fatal, reported as FILE:LINE: checked for every file at start-up (so
    nothing is lost), and videos/frames when first read.
 9. --toy (values in TOY below): the random 0.6M-parameter "tiny" model on data/toy/train/sft.jsonl,
-   lr 2e-3 (a random init needs a large step), 10 epochs (1,000 steps on 200 toy videos), fp32, no
+   lr 2e-3 (a random init needs a large step), 20 epochs (4,000 steps on 400 toy videos), fp32, no
    gradient checkpointing, no DataLoader workers, a checkpoint every 250 steps, runs/sft-toy.
 """
 import argparse
@@ -126,7 +126,7 @@ parser.add_argument("--dump-rank-params", action="store_true",
                     help="(tests) each rank saves its weights to OUT/params-rankR.pt, to check DDP kept them equal")
 parser.add_argument("--toy", action="store_true",
                     help="the toy-world preset (TOY below); explicit flags still override it")
-TOY = dict(model="tiny", data=["data/toy/train/sft.jsonl"], out="runs/sft-toy", lr=2e-3, epochs=10,
+TOY = dict(model="tiny", data=["data/toy/train/sft.jsonl"], out="runs/sft-toy", lr=2e-3, epochs=20,
            grad_checkpointing=False, mixed_precision="no", workers=0, save_every=250)
 if parser.parse_known_args()[0].toy:
     parser.set_defaults(**TOY)  # preset first, then the command line on top of it

@@ -115,9 +115,9 @@ def chatty_ckpt(chatty, tmp_path_factory):
 
 def test_one_step_changes_parameters_and_resumes(rl_data, chatty_ckpt, tmp_path):
     out = tmp_path / "run"
-    base = ["--init", chatty_ckpt, "--anno", str(rl_data / "anno.json"), "--out", str(out)] + SMALL
+    base = ["--init", chatty_ckpt, "--anno", str(rl_data / "anno.json"), "--out", str(out)] + SMALL + ["--episodes", "2"]
     result = grpo.main(base + ["--max-steps", "1"])
-    assert result["rewards"].std(-1).max() > 0  # some group had a signal
+    assert result["rewards"].std(-1).max() > 0  # some group had a signal (with these seeds, the second)
     before = mmduet2.load_model(chatty_ckpt)[0]
     after = result["model"]
     changed = [n for (n, p), q in zip(after.named_parameters(), before.parameters()) if not torch.equal(p.cpu(), q)]
@@ -129,6 +129,8 @@ def test_one_step_changes_parameters_and_resumes(rl_data, chatty_ckpt, tmp_path)
     # resume: a second step continues from step-1's weights and optimizer
     grpo.main(base + ["--max-steps", "2", "--resume"])
     assert os.path.isdir(out / "step-2") and len(open(out / "metrics.jsonl").readlines()) == 2
+    grpo.main(base + ["--max-steps", "3", "--resume", "--keep", "1"])  # older step folders are deleted
+    assert sorted(d.name for d in out.iterdir() if d.name.startswith("step-")) == ["step-3"]
 
 
 def test_two_cpu_ranks_synchronise_and_share_rewards(rl_data, chatty_ckpt, tmp_path):

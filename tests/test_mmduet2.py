@@ -175,8 +175,10 @@ def test_golden_streaming_equals_full_forward(chatty):
                             temperature=1.0, fast_silence=False, generator=torch.Generator().manual_seed(k))
         logprobs += reply.logprobs
         # the cache holds every id but the closing <|im_end|> and "\n", fed at the head of the next turn
+        # (and, when max_new_tokens cut the reply, its last sampled id, which was never fed either)
+        unfed = [reply.ids[-2]] * reply.forced_end + [stream.im_end] + processor.tokenizer.encode("\n")
         assert stream.cache.get_seq_length() == stream.cached
-        assert stream.seq.ids[stream.cached:] == [stream.im_end] + processor.tokenizer.encode("\n")
+        assert stream.seq.ids[stream.cached:] == unfed
     with torch.no_grad():
         full = mmduet2.forward_logprobs(model, stream.seq)
     generated = [i for i, m in zip(stream.seq.ids, stream.seq.mask) if m]
