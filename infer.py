@@ -16,6 +16,7 @@ turn, 128 LLM tokens per frame. Where we depart from the paper / released code:
    time (the question at t=0 goes into the first turn, after that turn's frames).
 
 Run:
+    python infer.py --demo                   # offline: a new toy video through the shipped toy model (toy-model/)
     python infer.py video.mp4 --question "What is the person cooking?"           # released model
     python infer.py video.mp4 --model tiny --ask 5:"What now?" --out pred.jsonl   # CPU smoke run
     python infer.py --benchmark WEB/anno.json --videos WEB/videos --out preds.jsonl
@@ -27,6 +28,9 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -153,6 +157,8 @@ def parse_args(argv):
                    help="text put into the first user turn whose time >= SECONDS; repeatable")
     p.add_argument("--benchmark", metavar="ANNO_JSON", help="ProactiveVideoQA anno.json: run the benchmark protocol")
     p.add_argument("--videos", metavar="DIR", help="folder of the benchmark's videos (with --benchmark)")
+    p.add_argument("--demo", type=int, nargs="?", const=0, metavar="SEED",
+                   help="write a toy video (data.py toy, seed SEED) and stream it through the shipped toy model")
     p.add_argument("--out", help="prediction JSONL; single video: overwritten; benchmark: appended, resumable")
     # model
     p.add_argument("--model", default=mmduet2.DEFAULT_MODEL,
@@ -175,8 +181,31 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TOY_MODEL = os.path.join(ROOT, "toy-model")  # the GRPO toy checkpoint shipped in the repository (README, results)
+
+
+def demo(seed, out_dir):
+    """--demo: a fresh toy video from `data.py toy` (a subprocess: scripts never import each other), then
+    its question, video and gold events as the arguments of a normal run with the toy settings."""
+    cmd = [sys.executable, os.path.join(ROOT, "data.py"), "toy", "--out", out_dir, "--seed", str(seed),
+           "--n-train", "0", "--n-rl", "0", "--n-test", "1", "--nqna-frac", "0"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    ex = json.load(open(os.path.join(out_dir, "test", "anno.json")))[0]
+    print(f"a {ex['duration']:g} s toy video (data.py toy --seed {seed}), question: {ex['conversation'][0]['content']!r}")
+    for a in ex["answer"]:
+        s0, s1 = a["related_timespan"]
+        print(f"  gold [{clock(s0)}-{clock(s1)}] {a['content']}")
+    # the toy world's frame settings (2 s, 2 frames per turn: SFT and GRPO were trained on them)
+    return ["--model", TOY_MODEL, "--question", ex["conversation"][0]["content"], "--interval", "2",
+            "--frames-per-turn", "2", "--max-new-tokens", "16", os.path.join(out_dir, "test", "videos", ex["video"])]
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.demo is not None:
+        with tempfile.TemporaryDirectory(prefix="mmduet2-demo-") as tmp:
+            return main(demo(args.demo, tmp))
     if (args.video is None) == (args.benchmark is None):
         raise SystemExit("infer.py: give either a VIDEO or --benchmark ANNO_JSON")
     if args.benchmark and not (args.videos and args.out):
