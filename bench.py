@@ -315,7 +315,7 @@ def bench_sft(args):
     model.model.visual.requires_grad_(False)
     model.model.visual.merger.requires_grad_(True)
     if args.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     n_turns = args.seq_len // (tpf * fpt) + 1  # more than enough; cut to --seq-len (never inside a frame)
     seq = mmduet2.encode_dialogue(processor, *silent_dialogue(n_turns, frame_pool(args), fpt), max_tokens=args.seq_len)

@@ -264,7 +264,7 @@ def main(argv=None):
     model, processor = mmduet2.load_model(ckpt or args.init, device=acc.device, frame_tokens=args.frame_tokens)
     ref = mmduet2.load_model(args.init, device=acc.device)[0].requires_grad_(False) if args.kl else None
     if args.grad_checkpointing:
-        model.gradient_checkpointing_enable()  # active only in train mode: the update, not the rollouts
+        model.activation_checkpointing_enable()  # active only in train mode: the update, not the rollouts
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     wrapped, optimizer = acc.prepare(model, optimizer)
     step = 0

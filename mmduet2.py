@@ -279,7 +279,7 @@ class Chunk:
 
 def _tokenize(processor, text, images=()):
     """Text with one image marker per frame → a Chunk (image pads expanded to the frame's tokens)."""
-    if not images:  # text only: the tokenizer alone is ~15x faster than the processor (bench.py stream)
+    if not images:  # text only: the tokenizer alone (the processor's overhead doubled a turn's encode time)
         ids = processor.tokenizer(text)["input_ids"]
         return Chunk(ids, [0] * len(ids), [0] * len(ids))
     out = processor(text=[text], images=list(images), return_tensors="pt")
@@ -556,11 +556,6 @@ class Stream:
 
     def __init__(self, model, processor, system=SYSTEM_PROMPT):
         from transformers import DynamicCache
-        if model.device.type == "cpu":
-            # A cached chunk attends with a mask; for that case transformers copies the grouped KV heads
-            # out (repeat_kv) on every layer of every turn, O(context) work. CPU sdpa takes them grouped
-            # as they are (bench.py stream: turn 200 / turn 10 went from 2.6x to 1.5x; CUDA is left alone).
-            os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
         self.model, self.processor, self.system = model, processor, system
         tok = processor.tokenizer
         self.im_end = tok.convert_tokens_to_ids(IM_END)

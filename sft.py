@@ -207,7 +207,7 @@ model.model.visual.merger.requires_grad_(True)
 n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
 n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
 if args.grad_checkpointing:  # non-reentrant: works with frozen inputs and with DDP
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 model.config.use_cache = False
 model.train()  # load_model returns eval mode
 
