@@ -219,7 +219,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.toy:  # TOY: the tiny model on the toy world, a few minutes on a laptop CPU
         # the paper's frame settings (2 s, 2 frames per turn, 20 s segments) on the toy data, but a
-        # tiny model needs a larger step than 1e-6 (5e-4 and 1e-4 broke its replies: README results),
+        # tiny model needs a larger step than 1e-6 (3e-4 broke its wording: README results),
         # 8 passes over the RL videos (400 steps), and toy replies are short
         defaults = dict(init="runs/sft-toy/final", anno="data/toy/rl/anno.json", out="runs/grpo-toy", judge="offline",
                         lr=3e-5, epochs=8, max_new_tokens=16, grad_checkpointing=False, episodes=2, save_every=50)
