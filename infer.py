@@ -156,7 +156,7 @@ def parse_args(argv):
     p.add_argument("--ask", action="append", default=[], metavar="SECONDS:TEXT",
                    help="text put into the first user turn whose time >= SECONDS; repeatable")
     p.add_argument("--benchmark", metavar="ANNO_JSON", help="ProactiveVideoQA anno.json: run the benchmark protocol")
-    p.add_argument("--videos", metavar="DIR", help="folder of the benchmark's videos (with --benchmark)")
+    p.add_argument("--videos", metavar="DIR", help="folder of the benchmark's videos (default: videos/ beside ANNO_JSON)")
     p.add_argument("--demo", type=int, nargs="?", const=0, metavar="SEED",
                    help="write a toy video (data.py toy, seed SEED) and stream it through the shipped toy model")
     p.add_argument("--out", help="prediction JSONL; single video: overwritten; benchmark: appended, resumable")
@@ -208,8 +208,12 @@ def main(argv=None):
             return main(demo(args.demo, tmp))
     if (args.video is None) == (args.benchmark is None):
         raise SystemExit("infer.py: give either a VIDEO or --benchmark ANNO_JSON")
-    if args.benchmark and not (args.videos and args.out):
-        raise SystemExit("infer.py: --benchmark needs --videos DIR and --out FILE.jsonl")
+    if args.benchmark:
+        args.videos = args.videos or os.path.join(os.path.dirname(args.benchmark), "videos")
+        if not args.out:
+            raise SystemExit("infer.py: --benchmark needs --out FILE.jsonl")
+        if not os.path.isdir(args.videos):
+            raise SystemExit(f"infer.py: videos folder not found: {args.videos} (give --videos DIR)")
     if args.benchmark and (args.question or args.ask):
         raise SystemExit("infer.py: --question/--ask are for a single VIDEO; a benchmark brings its own questions")
     if args.interval <= 0 or args.frame_tokens < 4 or args.max_new_tokens < 1:

@@ -224,7 +224,8 @@ def bad_anno_cases(tmp_path, d):
     ("ask-late", "past the end of the video"),
     ("model-folder", "model folder not found"),
     ("no-input", "give either a VIDEO or --benchmark"),
-    ("benchmark-no-videos", "needs --videos"),
+    ("benchmark-no-videos", "videos folder not found"),
+    ("benchmark-no-out", "needs --out"),
     ("notjson", "not valid JSON"),
     ("dict", "expected a non-empty JSON list"),
     ("ints", "example 0: missing question_id"),
@@ -242,7 +243,8 @@ def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, messag
         "ask-no-colon": [v["a"], "--ask", "What now?"], "ask-not-a-number": [v["a"], "--ask", "soon:What now?"],
         "ask-no-text": [v["a"], "--ask", "3:"], "ask-negative": [v["a"], "--ask", "-1:What now?"],
         "ask-late": [v["a"], "--ask", "6.5:What now?"], "no-input": ["--model", "tiny"],
-        "benchmark-no-videos": ["--benchmark", ok_anno, "--out", str(tmp_path / "p.jsonl")],
+        "benchmark-no-videos": ["--benchmark", ok_anno, "--out", str(tmp_path / "p.jsonl")],  # no videos/ beside it
+        "benchmark-no-out": ["--benchmark", ok_anno, "--videos", str(d)],
         "corrupt-preds": ["--benchmark", ok_anno, "--videos", str(d), "--out", str(tmp_path / "preds.jsonl")],
         **bad_anno_cases(tmp_path, d),
     }.get(case)
