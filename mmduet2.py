@@ -26,6 +26,7 @@ Try it:
     python infer.py video.mp4 --model tiny          # the engine on a real file
 """
 import copy
+import hashlib
 import json
 import math
 import os
@@ -562,6 +563,7 @@ class Stream:
         self.draft = _tokenize(processor, SILENCE + IM_END).ids  # "NO REPLY<|im_end|>"
         self.seq = encode_system(processor, system)
         self.cache, self.cached, self.pos = DynamicCache(config=model.config), 0, 0
+        self.vision = {}  # frames' vision-encoder outputs by pixel content, shared with every fork
 
     def fork(self):
         """An independent copy (its own cache) sharing everything encoded so far: one per rollout."""
@@ -572,11 +574,25 @@ class Stream:
     @torch.no_grad()
     def _forward(self, chunk, keep):
         """Feed a chunk through the model into the cache; return the last `keep` positions' logits."""
-        out = self.model(**model_inputs(self.model, chunk, self.pos), past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=keep)
+        kw = model_inputs(self.model, chunk, self.pos)
+        if chunk.pixels:  # vision features instead of pixels: GRPO's G forks stream the same frames
+            kw["mm_encoder_outputs"] = {"image": self._vision(chunk, kw.pop("pixel_values"), kw["image_grid_thw"])}
+        out = self.model(**kw, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
         self.pos = int(rope_positions(self.model, chunk, self.pos).max()) + 1
         self.cached += len(chunk.ids)
         return out.logits[0]  # (keep, V)
+
+    def _vision(self, chunk, pixels, grids):
+        """The vision encoder's output for a chunk's frames, computed once per pixel content and kept in a
+        dict that every fork shares (the last 64: a GRPO segment's turns; a live stream never repeats)."""
+        key = hashlib.blake2b(b"".join(p.numpy().tobytes() for p in chunk.pixels) + str(chunk.grids).encode()).digest()
+        if key not in self.vision:
+            if len(self.vision) >= 64:
+                self.vision.pop(next(iter(self.vision)))  # the oldest
+            out = self.model.model.get_image_features(pixels, grids, return_dict=True)
+            out.last_hidden_state = None  # only the merged tokens (pooler_output) go into the LLM
+            self.vision[key] = out
+        return self.vision[key]
 
     def _pending(self):
         """Everything in `seq` that the cache does not hold yet, with the pixels of its images."""

@@ -192,7 +192,7 @@ def test_golden_streaming_equals_full_forward(chatty):
     assert torch.allclose(torch.stack(rows), logits[[t - 1 for t in targets]], atol=1e-4)
 
 
-def test_stream_with_fed_context_and_forks(chatty):
+def test_stream_with_fed_context_and_forks(chatty, monkeypatch):
     """A GRPO-style episode: gold context fed, prefilled once, forked; each fork == a full forward."""
     model, processor, frames, replies = chatty
     base = Stream(model, processor)
@@ -202,6 +202,8 @@ def test_stream_with_fed_context_and_forks(chatty):
     base.feed(replies[1], role="assistant")
     base.prefill()
     assert base.cached == len(base.seq.ids)
+    forward, calls = model.model.visual.forward, []
+    monkeypatch.setattr(model.model.visual, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     for g in range(2):
         s = base.fork()
         lps = []
@@ -211,6 +213,7 @@ def test_stream_with_fed_context_and_forks(chatty):
         with torch.no_grad():
             full = mmduet2.forward_logprobs(model, s.seq, temperature=1.2)
         assert torch.allclose(full, torch.tensor(lps), atol=1e-4)
+    assert len(calls) == 3 + 2  # one per turn's frame (the second fork reused them) + the 2 full forwards
     assert base.cache.get_seq_length() == base.cached  # forks did not touch the shared context
 
 
