@@ -178,7 +178,11 @@ def teach_silence(model, processor, frames_of, args):
     tried (128 and 2048); 1e-2 oscillated at 2048. Timing does not depend on what the weights are.
     """
     lm = model.model.language_model
-    opt = torch.optim.AdamW(list(lm.layers[-1].parameters()) + list(lm.norm.parameters()), lr=1e-3)
+    params = list(lm.layers[-1].parameters()) + list(lm.norm.parameters())
+    model.requires_grad_(False)  # no gradients for the rest: at full 3B depth they would not fit in 24 GiB
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-3)
     seq = mmduet2.encode_dialogue(processor, *silent_dialogue(8, frames_of, args.frames_per_turn))
     model.train()
     for _ in range(args.silence_steps):

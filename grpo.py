@@ -6,8 +6,9 @@ One step, on every rank:
   1. Episodes (Sec. 4.3.3): a short segment of a held-out video (20 s in the released configs). The
      dialogue before it is given as context with the *gold* replies (placed at the end of their
      spans, as in SFT); the policy must answer every user turn of the segment.
-  2. Rollouts: the context is encoded once into a KV cache, forked G = 4 times, and each fork
-     streams the segment with temperature 1.2, top-k 10, at most 100 new tokens per turn. Each
+  2. Rollouts: the context is encoded once into a KV cache, copied into a batch of G = 4 rows, and
+     the rows stream the segment together (one forward per turn and per decoding step for all of
+     them) with temperature 1.2, top-k 10, at most 100 new tokens per turn. Each
      rollout keeps the exact ids it sampled and a mask over everything it generated (NO REPLY too).
   3. Reward: reward.mmduet2_reward = 3·PAUC + 2·rep + 0.5·in_span + 2·prefix per rollout (judge
      calls run concurrently). No reply time is ever given: PAUC pays for being right *and* early.
@@ -23,8 +24,8 @@ Run it:
         --anno rl/anno.json --videos rl/videos --judge openai --out runs/grpo        # full scale, 8 GPUs
 
 Departures from the paper / released code (verl + SGLang):
-  1. Rollouts run on our own KV-cached streaming engine (mmduet2.Stream) in plain PyTorch, one rollout
-     at a time, not on SGLang; the group shares one encoded context (forked cache).
+  1. Rollouts run on our own KV-cached streaming engine in plain PyTorch, not on SGLang: the group's
+     G rollouts share one encoded context and are decoded as one batch (mmduet2.Group).
   2. Each group lives on one rank (so it can share that cache); rewards are still all-gathered
      before normalising, so the statistics and logged metrics are global.
   3. Loss aggregation: a token-level mean over all generated tokens of the step (every rank), not a
@@ -136,28 +137,25 @@ def turn_frames(ep, j, fpt):
 
 @torch.no_grad()
 def rollouts(model, processor, ep, args, generator):
-    """G streams of one episode: the context encoded once, then forked per rollout.
+    """G streams of one episode: the context encoded once, then the G rollouts decoded as one batch.
 
-    Returns a list of (Stream, [(time, text)] of the rollout turns); each Stream's `seq` holds the
-    exact ids, with mask = 1 on what this rollout generated, and Reply log-probs per turn.
+    Returns a list of (Stream, [(time, text)] of the rollout turns, log-probs); each Stream's `seq`
+    holds the exact ids, with mask = 1 on what this rollout generated.
     """
     base = mmduet2.Stream(model, processor)
     fpt = args.frames_per_turn
     for j in range(ep["start"]):
         base.feed(ep["texts"][j], turn_frames(ep, j, fpt))
         base.feed(" ".join(ep["placed"][j]) if j in ep["placed"] else mmduet2.SILENCE, role="assistant")
-    base.prefill()  # the shared context, once for the whole group
-    out = []
-    for _ in range(args.group):
-        s = base.fork()
-        turns, logps = [], []
-        for j in range(ep["start"], ep["end"]):
-            r = s.turn(turn_frames(ep, j, fpt), ep["texts"][j], max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_k=args.top_k, generator=generator)
-            turns.append((ep["times"][j], r.text))
-            logps += r.logprobs
-        out.append((s, turns, torch.tensor(logps)))
-    return out
+    group = mmduet2.Group(base, args.group)  # the shared context is encoded here, once
+    turns, logps = [[] for _ in range(args.group)], [[] for _ in range(args.group)]
+    for j in range(ep["start"], ep["end"]):
+        replies = group.turn(turn_frames(ep, j, fpt), ep["texts"][j], max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, generator=generator)
+        for b, r in enumerate(replies):
+            turns[b].append((ep["times"][j], r.text))
+            logps[b] += r.logprobs
+    return [(row, t, torch.tensor(lp)) for row, t, lp in zip(group.rows, turns, logps)]
 
 
 def reply_delays(turns, answers):

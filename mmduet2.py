@@ -18,7 +18,8 @@ What lives here, top to bottom (paper Sec. 4.1 and Appendix A):
    tokenizer trained in-process, for tests, the toy world and smoke runs.
 6. `Stream`: the KV-cached proactive engine. Feed a user turn, get the assistant turn back
    (a reply or NO REPLY) with its exact token ids; "fast silence" checks the NO REPLY draft in
-   the same forward pass as the user turn.
+   the same forward pass as the user turn. `Group`: G copies of a Stream decoded as one batch
+   (GRPO's rollouts).
 
 Try it:
 
@@ -566,7 +567,7 @@ class Stream:
         self.vision = {}  # frames' vision-encoder outputs by pixel content, shared with every fork
 
     def fork(self):
-        """An independent copy (its own cache) sharing everything encoded so far: one per rollout."""
+        """An independent copy (its own cache) sharing everything encoded so far, e.g. to try a turn two ways."""
         other = copy.copy(self)  # `seq` is shared safely: Chunks are never changed in place, only replaced
         other.cache = copy.deepcopy(self.cache)
         return other
@@ -575,21 +576,24 @@ class Stream:
     def _forward(self, chunk, keep):
         """Feed a chunk through the model into the cache; return the last `keep` positions' logits."""
         kw = model_inputs(self.model, chunk, self.pos)
-        if chunk.pixels:  # vision features instead of pixels: GRPO's G forks stream the same frames
-            kw["mm_encoder_outputs"] = {"image": self._vision(chunk, kw.pop("pixel_values"), kw["image_grid_thw"])}
+        if chunk.pixels:  # vision features instead of pixels: GRPO's G rollouts stream the same frames
+            del kw["pixel_values"]
+            kw["mm_encoder_outputs"] = {"image": self._vision(chunk)}
         out = self.model(**kw, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
         self.pos = int(rope_positions(self.model, chunk, self.pos).max()) + 1
         self.cached += len(chunk.ids)
         return out.logits[0]  # (keep, V)
 
-    def _vision(self, chunk, pixels, grids):
+    def _vision(self, chunk):
         """The vision encoder's output for a chunk's frames, computed once per pixel content and kept in a
-        dict that every fork shares (the last 64: a GRPO segment's turns; a live stream never repeats)."""
+        dict that forks and a Group's rows share (the last 64: a GRPO segment's turns; a live stream never repeats)."""
         key = hashlib.blake2b(b"".join(p.numpy().tobytes() for p in chunk.pixels) + str(chunk.grids).encode()).digest()
         if key not in self.vision:
             if len(self.vision) >= 64:
                 self.vision.pop(next(iter(self.vision)))  # the oldest
-            out = self.model.model.get_image_features(pixels, grids, return_dict=True)
+            dev = self.model.device
+            out = self.model.model.get_image_features(torch.cat(chunk.pixels).to(dev, self.model.dtype),
+                                                      torch.tensor(chunk.grids, device=dev), return_dict=True)
             out.last_hidden_state = None  # only the merged tokens (pooler_output) go into the LLM
             self.vision[key] = out
         return self.vision[key]
@@ -629,14 +633,49 @@ class Stream:
             self._forward(self._pending(), 1)
 
     def _pick(self, logits, temperature, top_k, generator, draft=None):
-        """Next token from one row of logits; with a draft token, whether it was accepted."""
+        """Next token from one row of logits: (token, whether it was the draft and accepted, its log-prob).
+
+        The log-prob is under the sampling temperature, before top-k (greedy reports plain log-probs).
+        """
         if temperature == 0:  # greedy: the draft is accepted iff it is the argmax
             tok = int(logits.argmax())
-            return tok, tok == draft
-        probs = _filter(logits, temperature, top_k)
-        if draft is not None:
-            return accept_draft(probs, draft, generator)
-        return torch.multinomial(probs, 1, generator=generator).item(), False
+            accepted = tok == draft
+        elif draft is not None:
+            tok, accepted = accept_draft(_filter(logits, temperature, top_k), draft, generator)
+        else:
+            tok, accepted = torch.multinomial(_filter(logits, temperature, top_k), 1, generator=generator).item(), False
+        return tok, accepted, token_logprobs(logits[None], torch.tensor([tok]), temperature or 1.0).item()
+
+    def _open(self, user, max_new_tokens, fast_silence):
+        """Append an encoded user turn to `seq`; return what to feed (all that is uncached + the NO REPLY
+        draft) and the draft."""
+        self.seq = self.seq + user
+        draft = self.draft if fast_silence and max_new_tokens >= len(self.draft) else []
+        return self._pending() + Chunk(draft, [0] * len(draft), [0] * len(draft)), draft
+
+    def _check_draft(self, logits, draft, temperature, top_k, generator):
+        """Walk the draft's logits (row i predicts the token after draft[:i]) as far as the model agrees.
+
+        Returns the tokens emitted so far, their log-probs and how many draft tokens the cache must drop.
+        """
+        out, logps = [], []
+        for i, row in enumerate(logits):
+            d = draft[i] if i < len(draft) else None
+            tok, accepted, lp = self._pick(row, temperature, top_k, generator, d)
+            out.append(tok), logps.append(lp)
+            if not accepted:  # keep the accepted draft[:i] in the cache, drop the rest
+                return out, logps, len(draft) - i
+            if tok == self.im_end:  # the whole draft was accepted: the turn is over
+                return out, logps, 0
+
+    def _close(self, out, logps):
+        """Append the assistant turn to `seq` and return it as a Reply."""
+        forced = out[-1] != self.im_end
+        ids = out + [self.im_end] * forced  # a cut reply still closes its turn (not trained: mask 0)
+        newline = _tokenize(self.processor, "\n")
+        self.seq = self.seq + Chunk(ids, [0] * len(ids), [1] * len(out) + [0] * forced) + newline
+        text = self.processor.tokenizer.decode(out, skip_special_tokens=True)
+        return Reply(text, ids, logps, forced)
 
     def turn(self, frames=(), text=None, max_new_tokens=100, temperature=0.0, top_k=None,
              fast_silence=True, generator=None):
@@ -649,33 +688,91 @@ class Stream:
         makes a silent turn cost one forward; a rejected one is cropped from the cache and decoding
         goes on from the token the model chose instead. The output is the same as plain decoding.
         """
-        self.seq = self.seq + encode_user(self.processor, text, frames, self.system)
-        draft = self.draft if fast_silence and max_new_tokens >= len(self.draft) else []
-        chunk = self._pending() + Chunk(draft, [0] * len(draft), [0] * len(draft))
-        logits = self._forward(chunk, len(draft) + 1)  # row i predicts the token after draft[:i]
-        lp_temp = temperature or 1.0  # greedy replies report plain log-probs
-        out, logps = [], []
-        for i, row in enumerate(logits):
-            d = draft[i] if i < len(draft) else None
-            tok, accepted = self._pick(row, temperature, top_k, generator, d)
-            out.append(tok)
-            logps.append(token_logprobs(row[None], torch.tensor([tok]), lp_temp).item())
-            if d is None or not accepted:
-                self._crop(len(draft) - i)  # keep the accepted draft[:i] in the cache, drop the rest
-                break
-            if tok == self.im_end:  # the whole draft was accepted: the turn is over
-                break
+        chunk, draft = self._open(encode_user(self.processor, text, frames, self.system), max_new_tokens, fast_silence)
+        logits = self._forward(chunk, len(draft) + 1)  # (len(draft) + 1, V)
+        out, logps, rejected = self._check_draft(logits, draft, temperature, top_k, generator)
+        self._crop(rejected)
         while out[-1] != self.im_end and len(out) < max_new_tokens:
             row = self._forward(Chunk([out[-1]], [0], [0]), 1)[0]
-            tok, _ = self._pick(row, temperature, top_k, generator)
-            out.append(tok)
-            logps.append(token_logprobs(row[None], torch.tensor([tok]), lp_temp).item())
-        forced = out[-1] != self.im_end
-        ids = out + [self.im_end] * forced  # a cut reply still closes its turn (not trained: mask 0)
-        newline = _tokenize(self.processor, "\n")
-        self.seq = self.seq + Chunk(ids, [0] * len(ids), [1] * len(out) + [0] * forced) + newline
-        text = self.processor.tokenizer.decode(out, skip_special_tokens=True)
-        return Reply(text, ids, logps, forced)
+            tok, _, lp = self._pick(row, temperature, top_k, generator)
+            out.append(tok), logps.append(lp)
+        return self._close(out, logps)
+
+
+class Group:
+    """G copies of a Stream decoded as one batch: the G rollouts of a GRPO episode (grpo.rollouts).
+
+    The rows share the context the base stream has encoded. From there every user turn goes through
+    the model once for all rows, and so does every decoding step until the last row has finished.
+    Each row is a Stream without a cache of its own (its `seq`, `cached`, `pos` are its own); the
+    group holds one KV cache of batch G and an attention mask (G, cache length) that is 0 where a
+    row has no token:
+      - left padding: a block's rows differ in length (the pending "<|im_end|>\\n" after a reply, "\\n"
+        after an accepted NO REPLY draft; none at all once a row has finished its reply), so rows are
+        aligned on their last token and the padding is never attended;
+      - rejected draft tokens: a Stream crops them, but one row of a batched cache cannot be cropped.
+    Positions are per row and count only the row's own tokens, so each row computes what its own
+    Stream would; tests/test_mmduet2.py holds every row to a full forward. Rows draw their samples in
+    turn from one generator, so a seed gives other samples than G Streams one after another would.
+    """
+
+    def __init__(self, base, n):
+        base.prefill()
+        self.model, self.im_end = base.model, base.im_end
+        self.rows = [copy.copy(base) for _ in range(n)]  # share the encoded context and the vision features
+        self.cache = copy.deepcopy(base.cache)
+        self.cache.batch_repeat_interleave(n)  # (1, heads, C, d) → (G, heads, C, d) per layer
+        self.mask = torch.ones(n, base.cached, dtype=torch.long, device=base.model.device)  # (G, C)
+        for row in self.rows:
+            row.cache = None  # the group's cache is the only one
+
+    @torch.no_grad()
+    def _forward(self, chunks, keep):
+        """Feed one chunk per row, left-padded into one block; return each row's last `keep` logits."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        n = max(len(c.ids) for c in chunks)
+        ids, pos, mask, features = [], [], [], []
+        for row, c in zip(self.rows, chunks):
+            pad = n - len(c.ids)
+            ids.append([self.im_end] * pad + c.ids)  # any id: padding is masked out
+            p = rope_positions(self.model, c, row.pos) if c.ids else torch.zeros(3, 1, 0, dtype=torch.long)
+            pos.append(torch.nn.functional.pad(p, (pad, 0)))  # (3, 1, n)
+            mask.append([0] * pad + [1] * len(c.ids))
+            if c.pixels:  # image tokens are filled in batch order: row 0's frames first
+                features += self.rows[0]._vision(c).pooler_output
+            if c.ids:
+                row.pos, row.cached = int(p.max()) + 1, row.cached + len(c.ids)
+        dev = self.model.device
+        self.mask = torch.cat([self.mask, torch.tensor(mask, device=dev)], 1)  # (G, C + n)
+        kw = dict(input_ids=torch.tensor(ids, device=dev), position_ids=torch.cat(pos, 1).to(dev),  # (3, G, n)
+                  attention_mask=self.mask)
+        if features:
+            kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        return self.model(**kw, past_key_values=self.cache, use_cache=True, logits_to_keep=keep).logits  # (G, keep, V)
+
+    def turn(self, frames=(), text=None, max_new_tokens=100, temperature=0.0, top_k=None,
+             fast_silence=True, generator=None):
+        """Stream.turn for every row at once; returns the G Replies."""
+        user = encode_user(self.rows[0].processor, text, frames, self.rows[0].system)  # once for all rows
+        chunks, drafts = zip(*(row._open(user, max_new_tokens, fast_silence) for row in self.rows))
+        logits = self._forward(chunks, len(drafts[0]) + 1)  # (G, len(draft) + 1, V)
+        outs = []
+        for b, row in enumerate(self.rows):
+            out, logps, rejected = row._check_draft(logits[b], drafts[b], temperature, top_k, generator)
+            if rejected:  # a hole in the row instead of a crop; its positions step back as in Stream._crop
+                self.mask[b, -rejected:] = 0
+                row.cached, row.pos = row.cached - rejected, row.pos - rejected
+            outs.append((out, logps))
+        live = [out[-1] != self.im_end and len(out) < max_new_tokens for out, _ in outs]
+        while any(live):  # decoding: one token for each row still replying, nothing for the others
+            logits = self._forward([Chunk([out[-1]], [0], [0]) if on else Chunk([], [], [])
+                                    for (out, _), on in zip(outs, live)], 1)  # (G, 1, V)
+            for b, (out, logps) in enumerate(outs):
+                if live[b]:
+                    tok, _, lp = self.rows[b]._pick(logits[b, 0], temperature, top_k, generator)
+                    out.append(tok), logps.append(lp)
+                    live[b] = tok != self.im_end and len(out) < max_new_tokens
+        return [row._close(out, logps) for row, (out, logps) in zip(self.rows, outs)]
 
 
 def forward_logprobs(model, seq, temperature=1.0, wrapped=None):

@@ -150,12 +150,14 @@ def test_two_cpu_ranks_synchronise_and_share_rewards(rl_data, chatty_ckpt, tmp_p
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(script),
-           "--init", chatty_ckpt, "--anno", str(rl_data / "anno.json"), "--out", str(out), "--max-steps", "1"] + SMALL
+           "--init", chatty_ckpt, "--anno", str(rl_data / "anno.json"), "--out", str(out), "--max-steps", "1"] + SMALL + [
+           "--group", "4"]  # with 4 rollouts a group whose rewards all tie (no signal) is unlikely
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert torch.equal(r0["params"], r1["params"])  # DDP really synchronised the update
+    assert r0["rewards"].std(-1).max() > 0  # a signal to learn from (with these seeds)
     assert not torch.equal(r0["params"], torch.cat([p.flatten() for p in mmduet2.load_model(chatty_ckpt)[0].parameters()]))
-    assert r0["rewards"].shape == (2, 2) and torch.equal(r0["rewards"], r1["rewards"])  # both ranks see all rewards
+    assert r0["rewards"].shape == (2, 4) and torch.equal(r0["rewards"], r1["rewards"])  # both ranks see all rewards
     adv = grpo.group_advantages(r0["rewards"])
     assert torch.allclose(r0["adv"], adv[0]) and torch.allclose(r1["adv"], adv[1])

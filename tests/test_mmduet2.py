@@ -217,6 +217,32 @@ def test_stream_with_fed_context_and_forks(chatty, monkeypatch):
     assert base.cache.get_seq_length() == base.cached  # forks did not touch the shared context
 
 
+def test_group_rows_equal_full_forwards(chatty, monkeypatch):
+    """GRPO's batched rollouts: each row of a Group (left padding, holes where a draft was rejected,
+    rows that finished early) samples from exactly what a full forward over its own ids gives."""
+    model, processor, frames, replies = chatty
+    base = Stream(model, processor)
+    base.feed(QUESTION, frames[0:1])
+    base.feed(replies[0], role="assistant")
+    group = mmduet2.Group(base, 4)
+    forward, calls = model.model.visual.forward, []
+    monkeypatch.setattr(model.model.visual, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    g, lps, mixed = torch.Generator().manual_seed(0), [[] for _ in range(4)], 0
+    for k in range(1, 7):
+        out = group.turn(frames[k:k + 1], temperature=1.2, top_k=10, max_new_tokens=10, generator=g)
+        mixed += len({r.silent for r in out}) == 2  # some rows silent, others replying, in one batch
+        for b, r in enumerate(out):
+            lps[b] += r.logprobs
+    assert len(calls) == 6  # the encoder ran once per frame, for all rows
+    assert mixed >= 2 and (group.mask == 0).any()
+    for b, row in enumerate(group.rows):
+        assert int(group.mask[b].sum()) == row.cached  # attended columns = the row's own cached ids
+        with torch.no_grad():
+            full = mmduet2.forward_logprobs(model, row.seq, temperature=1.2)
+        assert torch.allclose(full, torch.tensor(lps[b]), atol=1e-4)
+    assert len({len(row.seq.ids) for row in group.rows}) > 1
+
+
 def test_fast_silence_greedy_identical(chatty):
     """Greedy with and without fast silence: the same replies, ids and log-probs, silent or not."""
     model, processor, frames, replies = chatty
