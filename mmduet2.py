@@ -564,7 +564,7 @@ class Stream:
         self.draft = _tokenize(processor, SILENCE + IM_END).ids  # "NO REPLY<|im_end|>"
         self.seq = encode_system(processor, system)
         self.cache, self.cached, self.pos = DynamicCache(config=model.config), 0, 0
-        self.vision = {}  # frames' vision-encoder outputs by pixel content, shared with every fork
+        self.vision = {}  # frames' vision-encoder outputs by pixel content, shared with forks and a Group's rows
 
     def fork(self):
         """An independent copy (its own cache) sharing everything encoded so far, e.g. to try a turn two ways."""
@@ -576,7 +576,7 @@ class Stream:
     def _forward(self, chunk, keep):
         """Feed a chunk through the model into the cache; return the last `keep` positions' logits."""
         kw = model_inputs(self.model, chunk, self.pos)
-        if chunk.pixels:  # vision features instead of pixels: GRPO's G rollouts stream the same frames
+        if chunk.pixels:  # vision features instead of pixels, so that copies of this stream encode a frame once
             del kw["pixel_values"]
             kw["mm_encoder_outputs"] = {"image": self._vision(chunk)}
         out = self.model(**kw, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
@@ -739,7 +739,7 @@ class Group:
             pos.append(torch.nn.functional.pad(p, (pad, 0)))  # (3, 1, n)
             mask.append([0] * pad + [1] * len(c.ids))
             if c.pixels:  # image tokens are filled in batch order: row 0's frames first
-                features += self.rows[0]._vision(c).pooler_output
+                features += row._vision(c).pooler_output  # the rows share one dict: computed for row 0 only
             if c.ids:
                 row.pos, row.cached = int(p.max()) + 1, row.cached + len(c.ids)
         dev = self.model.device
