@@ -260,7 +260,8 @@ def bench_stream(args):
                 s.feed(None, frames)
                 s.prefill()
             else:
-                reply = s.turn(frames, fast_silence=mode == "fast", max_new_tokens=args.max_new_tokens)
+                reply = s.turn(frames, fast_silence=mode == "fast",
+                                   config=mmduet2.decoding(processor, max_new_tokens=args.max_new_tokens))
             if i:
                 times[mode].append(clock(dev) - t0)
                 if mode != "bare":

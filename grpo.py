@@ -136,7 +136,7 @@ def turn_frames(ep, j, fpt):
 
 
 @torch.no_grad()
-def rollouts(model, processor, ep, args, generator):
+def rollouts(model, processor, ep, args):
     """G streams of one episode: the context encoded once, then the G rollouts decoded as one batch.
 
     Returns a list of (Stream, [(time, text)] of the rollout turns, log-probs); each Stream's `seq`
@@ -149,9 +149,9 @@ def rollouts(model, processor, ep, args, generator):
         base.feed(" ".join(ep["placed"][j]) if j in ep["placed"] else mmduet2.SILENCE, role="assistant")
     group = mmduet2.Group(base, args.group)  # the shared context is encoded here, once
     turns, logps = [[] for _ in range(args.group)], [[] for _ in range(args.group)]
+    config = mmduet2.decoding(processor, args.temperature, args.top_k, args.max_new_tokens)
     for j in range(ep["start"], ep["end"]):
-        replies = group.turn(turn_frames(ep, j, fpt), ep["texts"][j], max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, generator=generator)
+        replies = group.turn(turn_frames(ep, j, fpt), ep["texts"][j], config)
         for b, r in enumerate(replies):
             turns[b].append((ep["times"][j], r.text))
             logps[b] += r.logprobs
@@ -297,7 +297,7 @@ def main(argv=None):
         order = list(range(len(examples)))
         random.Random(args.seed + epoch).shuffle(order)
         rng = random.Random(args.seed * 1_000_003 + step * world + rank)
-        gen = torch.Generator().manual_seed(rng.randrange(2**62))
+        torch.manual_seed(rng.randrange(2**62))  # sampling draws from torch's default generators (mmduet2)
         mine = [examples[order[(k + rank * args.episodes + e) % len(examples)]] for e in range(args.episodes)]
 
         # 1-2. rollouts (no collective call in here: ranks proceed at their own pace)
@@ -306,7 +306,7 @@ def main(argv=None):
         for ex in mine:
             ep = make_episode(ex, args.videos, args, rng)
             episodes.append(ep)
-            groups.append(rollouts(model, processor, ep, args, gen))
+            groups.append(rollouts(model, processor, ep, args))
         t_roll = time.time()
 
         # 3. rewards, all rollouts of this rank at once (the judge runs them concurrently)

@@ -234,7 +234,8 @@ def main(argv=None):
            f"{mmduet2.frame_tokens(*first.shape[:2], args.frame_tokens)} tokens)" if args.video else ""
     print(f"model {args.model} on {model.device}: a frame every {args.interval:g} s, {args.frames_per_turn} per turn, "
           f"<= {args.frame_tokens} LLM tokens per frame{size}; greedy, <= {args.max_new_tokens} new tokens per turn")
-    decode = dict(max_new_tokens=args.max_new_tokens, fast_silence=not args.no_fast_silence)
+    decode = dict(config=mmduet2.decoding(processor, max_new_tokens=args.max_new_tokens),  # greedy, as the paper
+                  fast_silence=not args.no_fast_silence)
 
     if args.video:  # ---- one video: print replies as they come
         def show(t, text):

@@ -29,9 +29,7 @@ Try it:
 import copy
 import hashlib
 import json
-import math
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -274,6 +272,11 @@ class Chunk:
     pixels: list = field(default_factory=list)  # per image: (patches, 1176) float tensor
     grids: list = field(default_factory=list)   # per image: (t, h, w) patch grid
 
+    def head(self, n):
+        """The first n tokens (n < 0: all but the last -n); only text may be cut off, so no pixels are dropped."""
+        assert not any(self.mm_types[n:]), "Chunk.head cannot cut an image"
+        return Chunk(self.ids[:n], self.mm_types[:n], self.mask[:n], self.pixels, self.grids)
+
     def __add__(self, other):
         return Chunk(self.ids + other.ids, self.mm_types + other.mm_types, self.mask + other.mask,
                      self.pixels + other.pixels, self.grids + other.grids)
@@ -411,6 +414,22 @@ def token_logprobs(logits, ids, temperature=1.0):
     return torch.log_softmax(logits.float() / temperature, -1).gather(-1, ids[:, None])[:, 0]
 
 
+def forward_logprobs(model, seq, temperature=1.0, wrapped=None):
+    """One full forward over a Chunk: log p of every masked token (training; the golden reference).
+
+    Logits are computed only at the positions that predict a masked token (the lm_head over a long
+    video dialogue would otherwise be the largest tensor of the step). Returns a (n_masked,) tensor.
+    `wrapped`: the accelerate/DDP-wrapped model to call, so that gradients synchronise across ranks
+    (positions are still computed on the plain `model`).
+    """
+    mask = torch.tensor(seq.mask)
+    targets = mask[1:].nonzero()[:, 0] + 1  # indices of supervised tokens; position i-1 predicts i
+    out = (wrapped or model)(**model_inputs(model, seq), logits_to_keep=(targets - 1).to(model.device),
+                             use_cache=False)
+    ids = torch.tensor(seq.ids, device=model.device)[targets.to(model.device)]
+    return token_logprobs(out.logits[0], ids, temperature)
+
+
 # ----------------------------------------------------------------------------
 # 5. Models
 
@@ -504,85 +523,180 @@ def tiny_model(seed=0, hidden=128, layers=2, vision_hidden=64, vision_depth=2):
 
 # ----------------------------------------------------------------------------
 # 6. The streaming engine
+#
+# Read `Stream.turn` first: its plain path is the whole idea (prefill the new user turn into the KV
+# cache with explicit positions, then `generate` the reply). Fast silence and `Group` (the G rollouts
+# of a GRPO episode as one batch) are optimisations after it; tests hold both to the plain path.
+#
+# Randomness: sampling uses torch's default generator of the model's device (`generate` takes no
+# generator, and our draft check draws from the same one), so `torch.manual_seed(s)` before a turn
+# makes it reproducible on a CPU and on a GPU alike. GRPO seeds it per step from (seed, step, rank).
 
 @dataclass
 class Reply:
     """One assistant turn: its text and the exact ids the model produced (ending in <|im_end|>)."""
     text: str
     ids: list
-    logprobs: list  # log p of each id under the sampling temperature (before top-k), for GRPO
-    forced_end: bool = False  # True when max_new_tokens cut the reply and <|im_end|> was appended
+    logprobs: list  # log p of each produced id under softmax(logits / T), before top-k (GRPO logs the
+    # gap to its training forward; the golden tests compare them to a full forward)
+    forced_end: bool = False  # max_new_tokens cut the reply: <|im_end|> was appended, not produced
 
     @property
     def silent(self):
         return is_silent(self.text)
 
 
-def _filter(logits, temperature, top_k):
-    """Sampling distribution: logits / T, then keep the top-k (the rollout settings T=1.2, k=10)."""
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+def decoding(processor, temperature=0.0, top_k=None, max_new_tokens=100):
+    """The GenerationConfig of an assistant turn: greedy at temperature 0 (the paper's inference),
+    sampled otherwise (GRPO rollouts: T 1.2, top-k 10, <= 100 new tokens).
+
+    Every knob `generate` would otherwise fill in from the checkpoint's generation_config.json is set
+    here (Qwen2.5-VL ships top_p 0.001, repetition_penalty 1.05, ...): a turn decodes the same way
+    whatever checkpoint it runs. It stops at <|im_end|>, the end of an assistant turn.
+    """
+    from transformers import GenerationConfig
+    tok = processor.tokenizer
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=1.0) if temperature else \
+        dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0)  # greedy: transformers' neutral values
+    return GenerationConfig(
+        **sampling, repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=im_end,
+        pad_token_id=tok.convert_tokens_to_ids(ENDOFTEXT),  # what a batch row gets once it has ended
+        return_dict_in_generate=True, output_logits=True)  # raw logits: the log-probs of what was sampled
+
+
+def _budget(config, max_new_tokens):
+    """A copy of `config` that stops after `max_new_tokens` (what is left of a turn's budget)."""
+    config = copy.copy(config)
+    config.max_new_tokens = max_new_tokens
+    return config
+
+
+def _sampling_probs(logits, config):
+    """The distribution `generate` samples from: softmax(logits / T) over the top-k (TopKLogitsWarper's rule)."""
+    logits = logits.float() / config.temperature
+    if config.top_k:
+        kth = torch.topk(logits, min(config.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.softmax(logits, -1)
 
 
-def accept_draft(probs, token, generator=None):
+def accept_draft(probs, token):
     """Speculative acceptance of a fixed draft token: returns (token actually emitted, accepted).
 
-    The draft is deterministic (q = one-hot on `token`), so the rule "accept with min(1, p/q)"
-    is "accept with probability p(token)"; on rejection we sample from the residual
-    max(0, p − q) ∝ p with `token` removed. The emitted token is then distributed exactly as p.
+    The draft is deterministic (q = one-hot on `token`), so "accept with min(1, p/q)" is "accept with
+    probability p(token)"; on rejection we sample from the residual max(0, p − q) ∝ p with `token`
+    removed. The emitted token is then distributed exactly as p.
     """
-    p = probs[token].item()
-    if torch.rand((), generator=generator).item() < p:
+    if torch.rand((), device=probs.device) < probs[token]:
         return token, True
     residual = probs.clone()
     residual[token] = 0.0
-    return torch.multinomial(residual / residual.sum(), 1, generator=generator).item(), False
+    return int(torch.multinomial(residual / residual.sum(), 1)), False
+
+
+class _OnlyEnd:
+    """A logits processor for `generate`: rows in `done` may only emit <|im_end|> (a batch row whose
+    turn already ended, e.g. on an accepted NO REPLY draft, ends at once instead of rambling on)."""
+
+    def __init__(self, done, im_end):
+        self.done, self.im_end = done, im_end  # (G,) bool on the model's device
+
+    def __call__(self, input_ids, scores):
+        end = torch.full_like(scores, float("-inf"))
+        end[:, self.im_end] = 0.0
+        return torch.where(self.done[:, None], end, scores)
 
 
 class Stream:
     """A proactive conversation kept in a KV cache, one user turn at a time.
 
-    Invariants: `self.seq` holds every token so far (ids, mask, pixels, grids); the KV cache holds
-    `seq.ids[:self.cached]`; `self.pos` is the next rope position. After a turn the last `<|im_end|>`
-    and the template's "\\n" are in `seq` but not yet in the cache (generation stops on <|im_end|>
-    before feeding it); they are fed at the head of the next chunk, so the cache always equals the ids.
-
-    Decoding is a short explicit loop, not `generate()`: generate derives cached positions from
-    `rope_deltas` state that a cached multi-image stream invalidates (spec/streaming.md, pitfalls
-    1 and 4), and fast silence needs the logits of a draft, which generate does not verify for us.
-    The golden test in tests/test_mmduet2.py holds the loop to a full forward.
+    Invariants: `seq` holds every token so far (ids, mask, pixels, grids); the KV cache holds
+    `seq.ids[:cached]`; `pos` is the next rope position. `generate` stops on <|im_end|> before feeding
+    it, so after a reply its <|im_end|> and the template's "\\n" are in `seq` but not yet in the cache;
+    they are fed at the head of the next chunk. So the cache always equals the ids, and the golden
+    test (tests/test_mmduet2.py) holds every logit to one full forward over them.
     """
 
     def __init__(self, model, processor, system=SYSTEM_PROMPT):
         from transformers import DynamicCache
         self.model, self.processor, self.system = model, processor, system
-        tok = processor.tokenizer
-        self.im_end = tok.convert_tokens_to_ids(IM_END)
-        self.draft = _tokenize(processor, SILENCE + IM_END).ids  # "NO REPLY<|im_end|>"
+        self.im_end = processor.tokenizer.convert_tokens_to_ids(IM_END)
+        self.draft = _tokenize(processor, SILENCE + IM_END).ids  # "NO REPLY<|im_end|>", for fast silence
         self.seq = encode_system(processor, system)
         self.cache, self.cached, self.pos = DynamicCache(config=model.config), 0, 0
-        self.vision = {}  # frames' vision-encoder outputs by pixel content, shared with forks and a Group's rows
+        self.vision = {}  # frames' vision-encoder outputs by pixel content (shared by forks and a Group's rows)
 
-    def fork(self):
-        """An independent copy (its own cache) sharing everything encoded so far, e.g. to try a turn two ways."""
-        other = copy.copy(self)  # `seq` is shared safely: Chunks are never changed in place, only replaced
-        other.cache = copy.deepcopy(self.cache)
-        return other
+    # -- the plain path ------------------------------------------------------------------------
+
+    def turn(self, frames=(), text=None, config=None, fast_silence=True):
+        """Feed one user turn (1–2 frames, optional text) and return the assistant's Reply.
+
+        config: a `decoding(...)` GenerationConfig (default: greedy, <= 100 new tokens).
+        fast_silence: try the NO REPLY draft first (`_fast_turn`); same output, cheaper silent turns.
+        """
+        config = config or decoding(self.processor)
+        self.seq = self.seq + encode_user(self.processor, text, frames, self.system)
+        if fast_silence and config.max_new_tokens >= len(self.draft):
+            return self._fast_turn(config)
+        pending = self._pending()  # the reply's prompt: "<|im_end|>\n" left from the last turn + this turn
+        self._forward(pending.head(-1))  # all but its last token ("\n" after "assistant") into the cache,
+        out, logps = self._generate(pending.ids[-1], config)  # then `generate` from that token
+        return self._close(out, logps)
+
+    def _generate(self, token, config, out=(), logps=()):
+        """`generate` a reply from `token` (the last id not yet in the cache), after `out` already produced.
+
+        The cache is `generate`'s to extend. Its positions are given: `pos` onwards, text-only, so all three
+        rope axes step together (generate adds 1 per token). Left to itself it would derive them from
+        `rope_deltas` state that a cached multi-image stream makes stale (docs/streaming.md, pitfall 1).
+        """
+        out, logps = list(out), list(logps)
+        left = config.max_new_tokens - len(out)
+        if left <= 0 or (out and out[-1] == self.im_end):
+            return out, logps
+        dev = self.model.device
+        gen = self.model.generate(
+            input_ids=torch.tensor([[token]], device=dev), past_key_values=self.cache,
+            attention_mask=torch.ones(1, self.cached + 1, dtype=torch.long, device=dev),  # cache + this token
+            position_ids=torch.full((3, 1, 1), self.pos, device=dev),  # (t, h, w) × batch 1 × 1 token
+            generation_config=_budget(config, left))
+        new = gen.sequences[0, 1:].tolist()  # (n,): the produced ids, after the input token
+        self.cached += len(new)  # fed: `token` + new[:-1]; the last id (<|im_end|>) is never fed
+        self.pos += len(new)
+        return out + new, logps + _sampled_logprobs(gen.logits, gen.sequences[:, 1:], config)[0]
+
+    def _close(self, out, logps):
+        """Append the assistant turn to `seq` (mask 1 on what the model produced) and return it as a Reply."""
+        forced = out[-1] != self.im_end
+        ids = out + [self.im_end] * forced  # a cut reply still closes its turn (not trained: mask 0)
+        self.seq = self.seq + Chunk(ids, [0] * len(ids), [1] * len(out) + [0] * forced) + _tokenize(self.processor, "\n")
+        text = self.processor.tokenizer.decode(out, skip_special_tokens=True)
+        return Reply(text, ids, logps, forced)
 
     @torch.no_grad()
-    def _forward(self, chunk, keep):
-        """Feed a chunk through the model into the cache; return the last `keep` positions' logits."""
+    def _forward(self, chunk, keep=1):
+        """The hand-written prefill: feed a chunk (its images too) into the cache with explicit positions;
+        return the last `keep` positions' logits (keep, V)."""
         kw = model_inputs(self.model, chunk, self.pos)
         if chunk.pixels:  # vision features instead of pixels, so that copies of this stream encode a frame once
             del kw["pixel_values"]
             kw["mm_encoder_outputs"] = {"image": self._vision(chunk)}
         out = self.model(**kw, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
-        self.pos = int(rope_positions(self.model, chunk, self.pos).max()) + 1
+        self.pos = int(kw["position_ids"].max()) + 1  # images advance the position by their grid, not their length
         self.cached += len(chunk.ids)
-        return out.logits[0]  # (keep, V)
+        return out.logits[0]
+
+    def _pending(self):
+        """Everything in `seq` that the cache does not hold yet, with the pixels of its images."""
+        s, c = self.seq, self.cached
+        n_cached = sum(s.mm_types[:c])  # image tokens already in the cache
+        pixels, grids, seen = [], [], 0
+        for p, g in zip(s.pixels, s.grids):
+            if seen >= n_cached:
+                pixels.append(p), grids.append(g)
+            seen += g[0] * g[1] * g[2] // 4  # LLM tokens of this image (2×2 merge)
+        return Chunk(s.ids[c:], s.mm_types[c:], s.mask[c:], pixels, grids)
 
     def _vision(self, chunk):
         """The vision encoder's output for a chunk's frames, computed once per pixel content and kept in a
@@ -598,22 +712,7 @@ class Stream:
             self.vision[key] = out
         return self.vision[key]
 
-    def _pending(self):
-        """Everything in `seq` that the cache does not hold yet, with the pixels of its images."""
-        s, c = self.seq, self.cached
-        n_cached = sum(s.mm_types[:c])  # image tokens already in the cache
-        pixels, grids, seen = [], [], 0
-        for p, g in zip(s.pixels, s.grids):
-            if seen >= n_cached:
-                pixels.append(p), grids.append(g)
-            seen += g[0] * g[1] * g[2] // 4  # LLM tokens of this image (2×2 merge)
-        return Chunk(s.ids[c:], s.mm_types[c:], s.mask[c:], pixels, grids)
-
-    def _crop(self, n):
-        """Drop the last n cached tokens (a rejected draft); they are text, so positions step back by n."""
-        self.cache.crop(-n)
-        self.cached -= n
-        self.pos -= n
+    # -- turns the model does not produce ------------------------------------------------------
 
     def feed(self, text=None, frames=(), role="user"):
         """Append a turn the model does not produce (e.g. the gold context of a GRPO episode).
@@ -630,90 +729,73 @@ class Stream:
     def prefill(self):
         """Encode everything not yet cached: e.g. a GRPO episode's shared context, once for the group."""
         if self.cached < len(self.seq.ids):
-            self._forward(self._pending(), 1)
+            self._forward(self._pending())
 
-    def _pick(self, logits, temperature, top_k, generator, draft=None):
-        """Next token from one row of logits: (token, whether it was the draft and accepted, its log-prob).
+    def fork(self):
+        """An independent copy (its own cache) sharing everything encoded so far, e.g. to try a turn two ways."""
+        other = copy.copy(self)  # `seq` is shared safely: Chunks are never changed in place, only replaced
+        other.cache = copy.deepcopy(self.cache)
+        return other
 
-        The log-prob is under the sampling temperature, before top-k (greedy reports plain log-probs).
+    # -- optimisation 1: fast silence ----------------------------------------------------------
+
+    def _fast_turn(self, config):
+        """`turn` with the NO REPLY draft riding along with the user turn in the same forward pass.
+
+        Most turns are silent, and silence is a known string. The draft's logits say, token by token,
+        whether the model would have produced it (`_check_draft`): an accepted draft makes a silent turn
+        one forward; a rejected one is cropped from the cache and `generate` goes on from the token the
+        model chose instead. The output is distributed as the plain path's (greedy: identical).
+        `generate` cannot do this for us: it verifies drafts only from an assistant model or prompt lookup.
         """
-        if temperature == 0:  # greedy: the draft is accepted iff it is the argmax
-            tok = int(logits.argmax())
-            accepted = tok == draft
-        elif draft is not None:
-            tok, accepted = accept_draft(_filter(logits, temperature, top_k), draft, generator)
-        else:
-            tok, accepted = torch.multinomial(_filter(logits, temperature, top_k), 1, generator=generator).item(), False
-        return tok, accepted, token_logprobs(logits[None], torch.tensor([tok]), temperature or 1.0).item()
+        draft = Chunk(self.draft, [0] * len(self.draft), [0] * len(self.draft))
+        logits = self._forward(self._pending() + draft, len(self.draft) + 1)  # (len(draft) + 1, V)
+        out, logps, rejected = self._check_draft(logits, config)
+        self.cache.crop(-rejected) if rejected else None  # the draft tokens after the first rejected one
+        self.cached, self.pos = self.cached - rejected, self.pos - rejected  # draft tokens are text: 1 position each
+        out, logps = self._generate(out[-1], config, out, logps)
+        return self._close(out, logps)
 
-    def _open(self, user, max_new_tokens, fast_silence):
-        """Append an encoded user turn to `seq`; return what to feed (all that is uncached + the NO REPLY
-        draft) and the draft."""
-        self.seq = self.seq + user
-        draft = self.draft if fast_silence and max_new_tokens >= len(self.draft) else []
-        return self._pending() + Chunk(draft, [0] * len(draft), [0] * len(draft)), draft
-
-    def _check_draft(self, logits, draft, temperature, top_k, generator):
+    def _check_draft(self, logits, config):
         """Walk the draft's logits (row i predicts the token after draft[:i]) as far as the model agrees.
 
-        Returns the tokens emitted so far, their log-probs and how many draft tokens the cache must drop.
+        Returns the tokens emitted (the accepted draft, then the model's own choice where it disagreed),
+        their log-probs, and how many draft tokens the cache must drop.
         """
         out, logps = [], []
         for i, row in enumerate(logits):
-            d = draft[i] if i < len(draft) else None
-            tok, accepted, lp = self._pick(row, temperature, top_k, generator, d)
-            out.append(tok), logps.append(lp)
-            if not accepted:  # keep the accepted draft[:i] in the cache, drop the rest
-                return out, logps, len(draft) - i
-            if tok == self.im_end:  # the whole draft was accepted: the turn is over
-                return out, logps, 0
+            if config.do_sample:
+                tok, accepted = accept_draft(_sampling_probs(row, config), self.draft[i])
+            else:  # greedy accepts exactly when the draft token is the argmax
+                tok = int(row.argmax())
+                accepted = tok == self.draft[i]
+            out.append(tok)
+            logps.append(float(token_logprobs(row[None], torch.tensor([tok], device=row.device), config.temperature)))
+            if not accepted:
+                return out, logps, len(self.draft) - i  # keep draft[:i] in the cache, drop the rest
+            if tok == self.im_end:
+                return out, logps, 0  # the whole draft, <|im_end|> included, is the turn
 
-    def _close(self, out, logps):
-        """Append the assistant turn to `seq` and return it as a Reply."""
-        forced = out[-1] != self.im_end
-        ids = out + [self.im_end] * forced  # a cut reply still closes its turn (not trained: mask 0)
-        newline = _tokenize(self.processor, "\n")
-        self.seq = self.seq + Chunk(ids, [0] * len(ids), [1] * len(out) + [0] * forced) + newline
-        text = self.processor.tokenizer.decode(out, skip_special_tokens=True)
-        return Reply(text, ids, logps, forced)
 
-    def turn(self, frames=(), text=None, max_new_tokens=100, temperature=0.0, top_k=None,
-             fast_silence=True, generator=None):
-        """Feed one user turn (1–2 frames, optional text) and return the assistant's Reply.
-
-        temperature 0 = greedy (the paper's inference); > 0 samples (rollouts: T 1.2, top_k 10).
-        Fast silence: the NO REPLY draft rides along with the user turn in the same forward pass.
-        Its logits say, token by token, whether the model would have produced the draft itself
-        (greedy: argmax; sampling: speculative acceptance, see `accept_draft`). An accepted draft
-        makes a silent turn cost one forward; a rejected one is cropped from the cache and decoding
-        goes on from the token the model chose instead. The output is the same as plain decoding.
-        """
-        chunk, draft = self._open(encode_user(self.processor, text, frames, self.system), max_new_tokens, fast_silence)
-        logits = self._forward(chunk, len(draft) + 1)  # (len(draft) + 1, V)
-        out, logps, rejected = self._check_draft(logits, draft, temperature, top_k, generator)
-        self._crop(rejected)
-        while out[-1] != self.im_end and len(out) < max_new_tokens:
-            row = self._forward(Chunk([out[-1]], [0], [0]), 1)[0]
-            tok, _, lp = self._pick(row, temperature, top_k, generator)
-            out.append(tok), logps.append(lp)
-        return self._close(out, logps)
+def _sampled_logprobs(logits, ids, config):
+    """generate's raw logits (one (B, V) per step) → log p of the produced ids under softmax(logits / T)."""
+    steps = [token_logprobs(step, ids[:, k], config.temperature) for k, step in enumerate(logits)]  # (B,) each
+    return torch.stack(steps, 1).tolist() if steps else [[] for _ in range(len(ids))]
 
 
 class Group:
-    """G copies of a Stream decoded as one batch: the G rollouts of a GRPO episode (grpo.rollouts).
+    """Optimisation 2: the G rollouts of a GRPO episode decoded as one batch (grpo.py's rollouts).
 
-    The rows share the context the base stream has encoded. From there every user turn goes through
-    the model once for all rows, and so does every decoding step until the last row has finished.
-    Each row is a Stream without a cache of its own (its `seq`, `cached`, `pos` are its own); the
-    group holds one KV cache of batch G and an attention mask (G, cache length) that is 0 where a
-    row has no token:
-      - left padding: a block's rows differ in length (the pending "<|im_end|>\\n" after a reply, "\\n"
-        after an accepted NO REPLY draft; none at all once a row has finished its reply), so rows are
-        aligned on their last token and the padding is never attended;
-      - rejected draft tokens: a Stream crops them, but one row of a batched cache cannot be cropped.
-    Positions are per row and count only the row's own tokens, so each row computes what its own
-    Stream would; tests/test_mmduet2.py holds every row to a full forward. Rows draw their samples in
-    turn from one generator, so a seed gives other samples than G Streams one after another would.
+    The rows share the context the base stream has encoded. From there every user turn is one forward for
+    all rows and every reply one `generate` call. Each row is a Stream without a cache of its own (its
+    `seq`, `cached`, `pos` are its own); the group holds one KV cache of batch G and an attention mask
+    (G, cache length) that is 0 where a column is not the row's own token:
+      - left padding: the rows' pending tokens differ ("<|im_end|>\\n" after a reply, "\\n" after an
+        accepted draft), so a turn's block is aligned on its last token;
+      - a rejected draft: a Stream crops it, but one row of a batched cache cannot be cropped;
+      - `generate` feeds every row every step: a row that ended earlier gets columns it never produced.
+    Positions are per row and count only the row's own tokens, so each row computes exactly what its
+    own Stream would; tests/test_mmduet2.py holds every row to a full forward over its own ids.
     """
 
     def __init__(self, base, n):
@@ -726,6 +808,25 @@ class Group:
         for row in self.rows:
             row.cache = None  # the group's cache is the only one
 
+    def turn(self, frames=(), text=None, config=None):
+        """Stream.turn for every row at once (always with fast silence); returns the G Replies."""
+        row0 = self.rows[0]
+        config = config or decoding(row0.processor)
+        user = encode_user(row0.processor, text, frames, row0.system)  # tokenized once for all rows
+        draft = Chunk(row0.draft, [0] * len(row0.draft), [0] * len(row0.draft))
+        for row in self.rows:
+            row.seq = row.seq + user
+        logits = self._forward([row._pending() + draft for row in self.rows], len(draft.ids) + 1)  # (G, len(draft)+1, V)
+        outs, logps = [], []
+        for b, row in enumerate(self.rows):
+            out, lp, rejected = row._check_draft(logits[b], config)
+            if rejected:  # a hole in the row instead of a crop; its positions step back as in Stream._fast_turn
+                self.mask[b, -rejected:] = 0
+                row.cached, row.pos = row.cached - rejected, row.pos - rejected
+            outs.append(out), logps.append(lp)
+        outs, logps = self._generate(outs, logps, config)
+        return [row._close(out, lp) for row, out, lp in zip(self.rows, outs, logps)]
+
     @torch.no_grad()
     def _forward(self, chunks, keep):
         """Feed one chunk per row, left-padded into one block; return each row's last `keep` logits."""
@@ -734,58 +835,44 @@ class Group:
         ids, pos, mask, features = [], [], [], []
         for row, c in zip(self.rows, chunks):
             pad = n - len(c.ids)
+            p = rope_positions(self.model, c, row.pos)  # (3, 1, len)
             ids.append([self.im_end] * pad + c.ids)  # any id: padding is masked out
-            p = rope_positions(self.model, c, row.pos) if c.ids else torch.zeros(3, 1, 0, dtype=torch.long)
             pos.append(torch.nn.functional.pad(p, (pad, 0)))  # (3, 1, n)
             mask.append([0] * pad + [1] * len(c.ids))
             if c.pixels:  # image tokens are filled in batch order: row 0's frames first
                 features += row._vision(c).pooler_output  # the rows share one dict: computed for row 0 only
-            if c.ids:
-                row.pos, row.cached = int(p.max()) + 1, row.cached + len(c.ids)
+            row.pos, row.cached = int(p.max()) + 1, row.cached + len(c.ids)
         dev = self.model.device
         self.mask = torch.cat([self.mask, torch.tensor(mask, device=dev)], 1)  # (G, C + n)
         kw = dict(input_ids=torch.tensor(ids, device=dev), position_ids=torch.cat(pos, 1).to(dev),  # (3, G, n)
                   attention_mask=self.mask)
         if features:
             kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
-        return self.model(**kw, past_key_values=self.cache, use_cache=True, logits_to_keep=keep).logits  # (G, keep, V)
+        return self.model(**kw, past_key_values=self.cache, use_cache=True, logits_to_keep=keep).logits
 
-    def turn(self, frames=(), text=None, max_new_tokens=100, temperature=0.0, top_k=None,
-             fast_silence=True, generator=None):
-        """Stream.turn for every row at once; returns the G Replies."""
-        user = encode_user(self.rows[0].processor, text, frames, self.rows[0].system)  # once for all rows
-        chunks, drafts = zip(*(row._open(user, max_new_tokens, fast_silence) for row in self.rows))
-        logits = self._forward(chunks, len(drafts[0]) + 1)  # (G, len(draft) + 1, V)
-        outs = []
+    def _generate(self, outs, logps, config):
+        """One `generate` call continues every row whose reply is still open; the others may only end."""
+        budget = [config.max_new_tokens - len(out) for out in outs]
+        live = [out[-1] != self.im_end and left > 0 for out, left in zip(outs, budget)]
+        if not any(live):
+            return outs, logps
+        dev, G = self.model.device, len(self.rows)
+        gen = self.model.generate(
+            input_ids=torch.tensor([[out[-1]] for out in outs], device=dev),  # (G, 1): each row's unfed token
+            past_key_values=self.cache, attention_mask=torch.cat([self.mask, self.mask.new_ones(G, 1)], 1),
+            position_ids=torch.tensor([row.pos for row in self.rows], device=dev).view(1, G, 1).expand(3, G, 1),
+            logits_processor=[_OnlyEnd(~torch.tensor(live, device=dev), self.im_end)],
+            generation_config=_budget(config, max(b for b, on in zip(budget, live) if on)))
+        new = gen.sequences[:, 1:]  # (G, steps): each row's ids, then padding once it ended
+        new_lp = _sampled_logprobs(gen.logits, new, config)
+        columns = torch.zeros(G, new.shape[1], dtype=torch.long, device=dev)  # the cache grew by `steps` columns
         for b, row in enumerate(self.rows):
-            out, logps, rejected = row._check_draft(logits[b], drafts[b], temperature, top_k, generator)
-            if rejected:  # a hole in the row instead of a crop; its positions step back as in Stream._crop
-                self.mask[b, -rejected:] = 0
-                row.cached, row.pos = row.cached - rejected, row.pos - rejected
-            outs.append((out, logps))
-        live = [out[-1] != self.im_end and len(out) < max_new_tokens for out, _ in outs]
-        while any(live):  # decoding: one token for each row still replying, nothing for the others
-            logits = self._forward([Chunk([out[-1]], [0], [0]) if on else Chunk([], [], [])
-                                    for (out, _), on in zip(outs, live)], 1)  # (G, 1, V)
-            for b, (out, logps) in enumerate(outs):
-                if live[b]:
-                    tok, _, lp = self.rows[b]._pick(logits[b, 0], temperature, top_k, generator)
-                    out.append(tok), logps.append(lp)
-                    live[b] = tok != self.im_end and len(out) < max_new_tokens
-        return [row._close(out, logps) for row, (out, logps) in zip(self.rows, outs)]
-
-
-def forward_logprobs(model, seq, temperature=1.0, wrapped=None):
-    """One full forward over a Chunk: log p of every masked token (training; the golden reference).
-
-    Logits are computed only at the positions that predict a masked token (the lm_head over a long
-    video dialogue would otherwise be the largest tensor of the step). Returns a (n_masked,) tensor.
-    `wrapped`: the accelerate/DDP-wrapped model to call, so that gradients synchronise across ranks
-    (positions are still computed on the plain `model`).
-    """
-    mask = torch.tensor(seq.mask)
-    targets = mask[1:].nonzero()[:, 0] + 1  # indices of supervised tokens; position i-1 predicts i
-    out = (wrapped or model)(**model_inputs(model, seq), logits_to_keep=(targets - 1).to(model.device),
-                             use_cache=False)
-    ids = torch.tensor(seq.ids, device=model.device)[targets.to(model.device)]
-    return token_logprobs(out.logits[0], ids, temperature)
+            if not live[b]:
+                continue  # its columns stay masked out
+            ids = new[b, :budget[b]].tolist()
+            n = ids.index(self.im_end) + 1 if self.im_end in ids else len(ids)  # its reply ends here (or is cut)
+            outs[b], logps[b] = outs[b] + ids[:n], logps[b] + new_lp[b][:n]
+            columns[b, :n] = 1  # its fed tokens: the input + ids[:n-1]; the last id counts as not fed
+            row.cached, row.pos = row.cached + n, row.pos + n
+        self.mask = torch.cat([self.mask, columns], 1)  # (G, C + steps)
+        return outs, logps

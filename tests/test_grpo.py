@@ -90,7 +90,8 @@ def test_rollout_mask_and_logprobs(rl_data, tiny):
     ep = grpo.make_episode(mmduet2.load_anno(str(rl_data / "anno.json"))[1], str(rl_data / "videos"), args,
                            random.Random(3))
     assert ep["start"] > 0  # a context to share
-    group = grpo.rollouts(model, processor, ep, args, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    group = grpo.rollouts(model, processor, ep, args)
     assert len(group) == 2
     for stream, turns, logps in group:
         assert [t for t, _ in turns] == ep["times"][ep["start"]:ep["end"]]

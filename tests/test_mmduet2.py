@@ -167,12 +167,19 @@ def test_golden_streaming_equals_full_forward(chatty):
     """Logits at every assistant position of a cached stream == one full forward over the ids."""
     model, processor, frames, _ = chatty
     stream = Stream(model, processor)
-    rows, forward = [], stream._forward
-    stream._forward = lambda chunk, keep: rows.append(forward(chunk, keep)[-1]) or rows[-1][None]  # record logits
+    rows = []
+    generate = model.generate
+
+    def recorded(*args, **kwargs):  # every decoding step's logits (the plain path decodes every token with generate)
+        out = generate(*args, **kwargs)
+        rows.extend(step[0] for step in out.logits)
+        return out
+    model.generate = recorded
     logprobs = []
+    sampled = mmduet2.decoding(processor, temperature=1.0, max_new_tokens=12)
     for k in range(4):
-        reply = stream.turn(frames[2 * k:2 * k + 2], QUESTION if k == 0 else None, max_new_tokens=12,
-                            temperature=1.0, fast_silence=False, generator=torch.Generator().manual_seed(k))
+        torch.manual_seed(k)
+        reply = stream.turn(frames[2 * k:2 * k + 2], QUESTION if k == 0 else None, sampled, fast_silence=False)
         logprobs += reply.logprobs
         # the cache holds every id but the closing <|im_end|> and "\n", fed at the head of the next turn
         # (and, when max_new_tokens cut the reply, its last sampled id, which was never fed either)
@@ -204,12 +211,13 @@ def test_stream_with_fed_context_and_forks(chatty, monkeypatch):
     assert base.cached == len(base.seq.ids)
     forward, calls = model.model.visual.forward, []
     monkeypatch.setattr(model.model.visual, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    rollout = mmduet2.decoding(processor, temperature=1.2, top_k=10, max_new_tokens=10)
     for g in range(2):
         s = base.fork()
         lps = []
+        torch.manual_seed(g)
         for k in range(2, 5):
-            lps += s.turn(frames[k:k + 1], temperature=1.2, top_k=10, max_new_tokens=10,
-                          generator=torch.Generator().manual_seed(g)).logprobs
+            lps += s.turn(frames[k:k + 1], config=rollout).logprobs
         with torch.no_grad():
             full = mmduet2.forward_logprobs(model, s.seq, temperature=1.2)
         assert torch.allclose(full, torch.tensor(lps), atol=1e-4)
@@ -234,9 +242,11 @@ def test_group_rows_equal_full_forwards(chatty, monkeypatch):
         rejected.append(out[2])
         return out
     monkeypatch.setattr(Stream, "_check_draft", recorded)
-    g, lps, mixed = torch.Generator().manual_seed(0), [[] for _ in range(4)], 0
+    lps, mixed = [[] for _ in range(4)], 0
+    rollout = mmduet2.decoding(processor, temperature=1.2, top_k=10, max_new_tokens=10)
+    torch.manual_seed(0)
     for k in range(1, 7):
-        out = group.turn(frames[k:k + 1], temperature=1.2, top_k=10, max_new_tokens=10, generator=g)
+        out = group.turn(frames[k:k + 1], config=rollout)
         mixed += len({r.silent for r in out}) == 2  # some rows silent, others replying, in one batch
         for b, r in enumerate(out):
             lps[b] += r.logprobs
@@ -256,7 +266,7 @@ def test_fast_silence_greedy_identical(chatty):
     outs = []
     for fast in (True, False):
         s = Stream(model, processor)
-        outs.append([s.turn(frames[k:k + 1], QUESTION if k == 0 else None, max_new_tokens=16,
+        outs.append([s.turn(frames[k:k + 1], QUESTION if k == 0 else None, mmduet2.decoding(processor, max_new_tokens=16),
                             fast_silence=fast) for k in range(8)])
         outs[-1].append(s.seq.ids)
     fast_out, slow_out = outs
@@ -271,11 +281,11 @@ def test_fast_silence_greedy_identical(chatty):
 def test_accept_draft_preserves_distribution():
     """Speculative acceptance of a fixed draft emits tokens distributed exactly as p."""
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     for draft in (0, 3):
         counts = torch.zeros(4)
         for _ in range(20000):
-            counts[mmduet2.accept_draft(p, draft, g)[0]] += 1
+            counts[mmduet2.accept_draft(p, draft)[0]] += 1
         assert torch.allclose(counts / counts.sum(), p, atol=0.012)
 
 
@@ -283,7 +293,7 @@ def test_fast_silence_sampling_distribution(chatty):
     """Sampling with fast silence: P(silent turn) matches the model's exact probability of NO REPLY."""
     model, processor, frames, _ = chatty
     base = Stream(model, processor)
-    base.turn(frames[0:1], QUESTION, max_new_tokens=16)
+    base.turn(frames[0:1], QUESTION, mmduet2.decoding(processor, max_new_tokens=16))
     # exact P(NO REPLY<|im_end|>) at the next turn, from one full forward of the draft
     probe = base.fork()
     probe.seq = probe.seq + mmduet2.encode_user(processor, None, frames[2:3])
@@ -291,10 +301,10 @@ def test_fast_silence_sampling_distribution(chatty):
     probe.seq = probe.seq + Chunk(draft, [0] * len(draft), [1] * len(draft))
     with torch.no_grad():
         p_silent = mmduet2.forward_logprobs(model, probe.seq, temperature=1.5)[-len(draft):].sum().exp().item()
-    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     n = 300
+    hot = mmduet2.decoding(processor, temperature=1.5, max_new_tokens=8)
     for fast in (True, False):
-        silent = sum(base.fork().turn(frames[2:3], temperature=1.5, max_new_tokens=8, fast_silence=fast,
-                                      generator=g).silent for _ in range(n))
+        silent = sum(base.fork().turn(frames[2:3], config=hot, fast_silence=fast).silent for _ in range(n))
         sd = (p_silent * (1 - p_silent) / n) ** 0.5
         assert abs(silent / n - p_silent) < 4 * sd + 1e-3, (fast, silent / n, p_silent)
