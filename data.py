@@ -286,8 +286,10 @@ def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames
 
     def add(content, related, reply, question, t):
         replies[t].append(content)
+        # sft_time: the turn the dialogue speaks it at, so that GRPO's context puts it there too (an immediate
+        # answer sits at its question's turn, not at the end of its reply span)
         gold.append({"role": "assistant", "content": content, "related_timespan": [round(x, 3) for x in related],
-                     "reply_timespan": [round(x, 3) for x in reply], "question": question})
+                     "reply_timespan": [round(x, 3) for x in reply], "question": question, "sft_time": t})
 
     for j, (t_ask, qa) in enumerate(asks):
         question, answers = qa["question"], qa["answers"]

@@ -2,47 +2,51 @@
 
 Pipeline:  data.py ──▶ sft.py ──▶ **grpo.py** ──▶ infer.py ──▶ reward.py eval          (paper Sec. 4.3)
 
-One step, on every rank:
-  1. Episodes (Sec. 4.3.3): a short segment of a held-out video (20 s in the released configs). The
-     dialogue before it is given as context with the *gold* replies (placed at the end of their
-     spans, as in SFT); the policy must answer every user turn of the segment.
-  2. Rollouts: the context is encoded once into a KV cache, copied into a batch of G = 4 rows, and
-     the rows stream the segment together (one forward per turn and per decoding step for all of
-     them) with temperature 1.2, top-k 10, at most 100 new tokens per turn. Each
-     rollout keeps the exact ids it sampled and a mask over everything it generated (NO REPLY too).
-  3. Reward: reward.mmduet2_reward = 3·PAUC + 2·rep + 0.5·in_span + 2·prefix per rollout (judge
-     calls run concurrently). No reply time is ever given: PAUC pays for being right *and* early.
-  4. Advantage: rewards are gathered from all ranks, then normalised within each group:
-     A = (r − mean_group) / (std_group + ε), one number per rollout, broadcast to its tokens.
-  5. Update: the clipped-ratio policy loss on every generated token, averaged over all generated
-     tokens of the step on all ranks; one optimizer step per rollout batch (no KL, as released).
+SFT puts every reply at the end of its event, so the model learns *what* to say but replies late. Nobody
+knows the exact frame at which a fact becomes visible, so there is no label for "the right time". GRPO
+sidesteps it: sample several continuations of the same stream and prefer those that were right *and* early,
+as the PAUC-based reward measures. One step, on every rank, top to bottom in `main`:
+
+  1. Episodes (Sec. 4.3.3): a 20 s segment of a held-out video; the dialogue before it is context with the
+     *gold* replies where the SFT data spoke them; the policy must answer every user turn of the segment.
+  2. Rollouts: the context is encoded once, copied into a batch of G = 4 rows, and the rows answer the
+     segment together at T = 1.2, top-k 10, <= 100 new tokens per turn (mmduet2.Group). Each rollout keeps
+     the exact ids it sampled, with mask 1 on everything it generated (NO REPLY too).
+  3. Reward: reward.mmduet2_reward = 3·PAUC + 2·rep + 0.5·in_span + 2·prefix per rollout (Eq. 2).
+  4. Advantage: rewards are gathered from all ranks, then normalised within each group (`group_advantages`).
+  5. Update: the clipped-ratio loss on every generated token, averaged over the generated tokens of the step
+     on all ranks (`policy_loss`); one optimizer step per rollout batch, no KL (as released).
 
 Run it:
-    accelerate launch grpo.py --toy --init runs/sft-toy/final                       # CPU, the toy world
-    accelerate launch --multi_gpu --num_processes 2 grpo.py --toy --init ...         # 2 CPU ranks (gloo)
-    accelerate launch --num_processes 8 grpo.py --init runs/sft/final \\
-        --anno rl/anno.json --videos rl/videos --judge openai --out runs/grpo        # full scale, 8 GPUs
+    accelerate launch grpo.py --toy --init runs/sft-toy/final                       # CPU, the toy world (~5 min)
+    accelerate launch --multi_gpu --num_processes 2 grpo.py --toy --init ...         # 2 CPU ranks (gloo DDP)
+    export OPENAI_BASE_URL=http://judge:8000/v1 OPENAI_API_KEY=EMPTY JUDGE_MODEL=Qwen/Qwen2.5-32B-Instruct
+    accelerate launch --multi_gpu --num_processes 8 grpo.py --init runs/sft/final \\
+        --anno data/web/rl/anno.json --out runs/grpo                                  # full scale, 8 GPUs
+    # interrupted? the same command + --resume
 
 Departures from the paper / released code (verl + SGLang):
-  1. Rollouts run on our own KV-cached streaming engine in plain PyTorch, not on SGLang: the group's
-     G rollouts share one encoded context and are decoded as one batch (mmduet2.Group).
-  2. Each group lives on one rank (so it can share that cache); rewards are still all-gathered
-     before normalising, so the statistics and logged metrics are global.
-  3. Loss aggregation: a token-level mean over all generated tokens of the step (every rank), not a
-     mean of per-sequence means (`--loss-agg seq` gives the latter); see `policy_loss`.
-  4. Episodes are drawn so that the segment contains the start of a randomly chosen gold reply span,
-     and never reach past `--max-frames` (the released cap: 90 frames).
-  5. Episodes come from a ProactiveVideoQA-format anno.json (what data.py writes), not from the
-     released RL parquet files.
+  1. Rollouts run on our KV-cached engine under transformers' `generate`, not SGLang: a group's G rollouts
+     share one encoded context and are decoded as one batch (mmduet2.Group).
+  2. A group lives on one rank (to share that cache); rewards are all-gathered before normalising, so the
+     statistics and logs are global.
+  3. Loss: a token-level mean over the generated tokens of the step on all ranks (`--loss-agg seq`: a mean of
+     per-rollout means instead).
+  4. An episode's segment contains the start of a randomly chosen gold reply span, within `--max-frames`
+     (the released cap: 90 frames).
+  5. Episodes come from a ProactiveVideoQA anno.json (what data.py writes), not the released RL parquet files.
+  6. Precision: fp32 master weights with bf16 autocast (rollouts and update), as in sft.py; the vision
+     encoder is frozen and its merger trained, as in SFT (the released RL config is not known to us).
+  7. Tied groups get an advantage of exactly 0 (a float32 mean over equal rewards is not always exact).
 """
 import argparse
 import json
 import os
 import random
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -55,16 +59,18 @@ import reward
 
 
 def group_advantages(rewards, eps=1e-4):
-    """A = (r − group mean) / (group std + eps), per row of a (groups, G) tensor.
+    """A = (r − group mean) / (group std + eps), per row of a (groups, G) tensor; exactly 0 for a tied group.
 
-    std is the unbiased one (torch default, as in TRL). A group whose rewards are all equal
-    gets A = 0 everywhere: it carries no signal about which rollout was better.
+    std is the unbiased one (torch default, as in TRL). A group whose rewards all tie carries no signal about
+    which rollout was better: its A is set to 0 outright, because in float32 the mean of G equal rewards is not
+    always exactly that reward (G = 3, rewards 15.3: a residue of 1e-6 over std + eps = 1e-4 is a 1e-2 push).
         [[1, 2, 3, 4]] → mean 2.5, std 1.291 → [[-1.162, -0.387, 0.387, 1.162]]
         [[2, 2, 2, 2]] → [[0, 0, 0, 0]]
     """
-    mean = rewards.mean(-1, keepdim=True)
-    std = rewards.std(-1, keepdim=True)
-    return (rewards - mean) / (std + eps)
+    r = rewards.double()  # (groups, G); float64: the residues of mean/std stay far below eps
+    adv = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)
+    tied = (rewards == rewards[:, :1]).all(-1, keepdim=True)  # (groups, 1)
+    return adv.masked_fill(tied, 0.0).to(rewards.dtype)
 
 
 def policy_loss(logp, old_logp, adv, clip=0.2, ref_logp=None, kl_coef=0.0):
@@ -73,8 +79,8 @@ def policy_loss(logp, old_logp, adv, clip=0.2, ref_logp=None, kl_coef=0.0):
     logp, old_logp, ref_logp: (T,) log-probs of the generated tokens; adv: scalar or (T,).
         ratio = exp(logp − old_logp)
         loss_t = −min(ratio·A, clip(ratio, 1 − ε, 1 + ε)·A) + β·(exp(ref − logp) − (ref − logp) − 1)
-    On-policy (one update per batch) old_logp = logp.detach(): ratio = 1, so the loss *value* is −A
-    per token while its gradient is −A·∇log p: the REINFORCE gradient with a group baseline.
+    On-policy (one update per batch) old_logp = logp.detach(): ratio = 1, so the loss *value* is −A per token
+    while its gradient is −A·∇log p: the REINFORCE gradient with a group baseline.
     Worked example: A = 1, logp − old = log 1.5 (ratio 1.5): unclipped 1.5, clipped 1.2 → loss −1.2.
     Returns (per-token loss (T,), clipped (T,) bool).
     """
@@ -92,294 +98,301 @@ def policy_loss(logp, old_logp, adv, clip=0.2, ref_logp=None, kl_coef=0.0):
 # Episodes and rollouts
 
 
-def make_episode(example, video_dir, args, rng):
-    """A segment of one annotated video: its context turns (with gold replies) and its rollout turns.
+@dataclass
+class Episode:
+    """A segment of one annotated video (Sec. 4.3.3): context turns with gold replies, then the turns to answer."""
+    question_id: str
+    frames: list            # (H, W, 3) uint8, at most --max-frames of them
+    times: list             # the time of each user turn (frames so far × interval)
+    texts: list             # each user turn's text (the question, a subtitle) or None
+    context: dict           # turn index → the gold reply spoken there, for the turns before `start`
+    start: int              # the first turn the policy answers
+    end: int                # one past the last
+    answers: list           # the gold answers the rollouts are scored on (those not already in the context)
+    context_replies: list   # the replies already in the dialogue (r_rep and r_pfx compare against them)
 
-    Returns a dict with the frames per turn, the user text per turn, the turn times, the index of
-    the first rollout turn, the gold answers the segment is scored on and the replies in context.
-    """
+
+@dataclass
+class Rollout:
+    """One of the G answers to an episode."""
+    stream: mmduet2.Stream  # its `seq` holds the exact ids, with mask 1 on what this rollout generated
+    turns: list             # [(time, text)] of the segment's assistant turns, NO REPLY included
+    logprobs: list          # log p of each generated id as sampled (softmax(logits / T)), for the log
+    reward: dict = field(default_factory=dict)  # reward.mmduet2_reward: its parts and "total"
+
+
+def turn_at(times, t):
+    """The first turn whose time is at or after t (None if the video ends first)."""
+    return next((j for j, tj in enumerate(times) if tj >= t - 1e-9), None)  # epsilon: float times (3 × 0.1 s)
+
+
+def make_episode(example, args, rng):
+    """One segment of an annotated video, drawn with `rng`: context up to `start`, the policy's turns after."""
     frames = []
-    for _, frame in mmduet2.read_frames(os.path.join(video_dir, example["video"]), args.interval):
+    for _, frame in mmduet2.read_frames(os.path.join(args.videos, example["video"]), args.interval):
         if len(frames) == args.max_frames:
             break
         frames.append(frame)
     times = mmduet2.turn_times(len(frames), args.interval, args.frames_per_turn)
-    texts = [None] * len(times)
-    for turn in example["conversation"]:  # the question at t=0, later questions/subtitles at their time
-        if turn["role"] == "user":
-            j = next((j for j, t in enumerate(times) if t >= turn["time"]), None)
-            if j is not None:
-                texts[j] = turn["content"] if texts[j] is None else texts[j] + " " + turn["content"]
+    arrived = [[] for _ in times]  # user texts: each joins the first turn at or after its time, as at inference
+    for c in example["conversation"]:
+        j = turn_at(times, c.get("time") or 0.0)
+        if c["role"] == "user" and j is not None:
+            arrived[j].append(c["content"])
     question = example["conversation"][0]["content"]
     answers = [dict(a, question=a.get("question", question)) for a in example["answer"]]
-    # Pick a gold span and a segment that contains its start: every episode has something to say.
-    n_seg = max(1, round(args.segment / (args.interval * args.frames_per_turn)))  # rollout turns
+
+    # The segment: n_seg turns containing the start of a randomly chosen reachable gold span, so that every
+    # episode has something to say.
+    n_seg = max(1, round(args.segment / (args.interval * args.frames_per_turn)))
     reachable = [a for a in answers if a["reply_timespan"][0] <= times[-1]]
-    target = rng.choice(reachable) if reachable else None
-    j_target = next(j for j, t in enumerate(times) if t >= target["reply_timespan"][0]) if target else 0
+    j_target = turn_at(times, rng.choice(reachable)["reply_timespan"][0]) if reachable else 0
     start = rng.randint(max(0, j_target - n_seg + 1), max(0, min(j_target, len(times) - n_seg)))
     end = min(start + n_seg, len(times))
-    # Context replies: the gold answers SFT would have placed before the segment (end of their span).
-    placed = {}
-    for a in answers:
-        j = mmduet2.reply_turn(times, a["reply_timespan"])
+
+    # The context: each gold answer before the segment, at the turn the SFT dialogue spoke it. data.py records
+    # that turn's time as "sft_time" (an nQnA immediate answer is spoken at its question's turn, not at the end
+    # of its span); gold files without it get the paper's rule, the end of the reply span.
+    spoken, context = set(), {}
+    for i, a in enumerate(answers):
+        j = turn_at(times, a["sft_time"]) if "sft_time" in a else mmduet2.reply_turn(times, a["reply_timespan"])
         if j is not None and j < start:
-            placed[j] = placed.get(j, []) + [a["content"]]
-    context_replies = [" ".join(placed[j]) for j in sorted(placed)]
-    scored = [a for a in answers if a["content"] not in sum(placed.values(), [])]
-    return dict(frames=frames, times=times, texts=texts, start=start, end=end, placed=placed,
-                answers=scored, context_replies=context_replies, question_id=example["question_id"])
-
-
-def turn_frames(ep, j, fpt):
-    return ep["frames"][j * fpt:(j + 1) * fpt]
+            context[j] = f"{context[j]} {a['content']}" if j in context else a["content"]  # as data.py joins them
+            spoken.add(i)
+    return Episode(example["question_id"], frames, times, [mmduet2.turn_text(t) for t in arrived], context,
+                   start, end, [a for i, a in enumerate(answers) if i not in spoken],
+                   [context[j] for j in sorted(context)])
 
 
 @torch.no_grad()
 def rollouts(model, processor, ep, args):
-    """G streams of one episode: the context encoded once, then the G rollouts decoded as one batch.
-
-    Returns a list of (Stream, [(time, text)] of the rollout turns, log-probs); each Stream's `seq`
-    holds the exact ids, with mask = 1 on what this rollout generated.
-    """
-    base = mmduet2.Stream(model, processor)
+    """The G rollouts of one episode: the context encoded once, then the G rows decoded as one batch."""
     fpt = args.frames_per_turn
-    for j in range(ep["start"]):
-        base.feed(ep["texts"][j], turn_frames(ep, j, fpt))
-        base.feed(" ".join(ep["placed"][j]) if j in ep["placed"] else mmduet2.SILENCE, role="assistant")
-    group = mmduet2.Group(base, args.group)  # the shared context is encoded here, once
-    turns, logps = [[] for _ in range(args.group)], [[] for _ in range(args.group)]
+    base = mmduet2.Stream(model, processor)
+    for j in range(ep.start):  # the context, gold replies included (mask 0: the policy did not write them)
+        base.feed(ep.texts[j], ep.frames[j * fpt:(j + 1) * fpt])
+        base.feed(ep.context.get(j, mmduet2.SILENCE), role="assistant")
+    group = mmduet2.Group(base, args.group)  # the context is encoded here, once for the G rows
     config = mmduet2.decoding(processor, args.temperature, args.top_k, args.max_new_tokens)
-    for j in range(ep["start"], ep["end"]):
-        replies = group.turn(turn_frames(ep, j, fpt), ep["texts"][j], config)
-        for b, r in enumerate(replies):
-            turns[b].append((ep["times"][j], r.text))
-            logps[b] += r.logprobs
-    return [(row, t, torch.tensor(lp)) for row, t, lp in zip(group.rows, turns, logps)]
-
-
-def reply_delays(turns, answers):
-    """Seconds from each gold span start to the first reply inside the span (a diagnostic)."""
-    delays = []
-    for a in answers:
-        s0, s1 = a["reply_timespan"]
-        hits = [t for t, text in turns if s0 <= t <= s1 and not mmduet2.is_silent(text)]
-        if hits:
-            delays.append(hits[0] - s0)
-    return delays
+    out = [Rollout(row, [], []) for row in group.rows]
+    for j in range(ep.start, ep.end):
+        for r, reply in zip(out, group.turn(ep.frames[j * fpt:(j + 1) * fpt], ep.texts[j], config)):
+            r.turns.append((ep.times[j], reply.text))
+            r.logprobs += reply.logprobs
+    return out
 
 
 # ----------------------------------------------------------------------------
+# Arguments (defaults = the released recipe; --toy = a CPU-sized run)
+
+TOY = dict(init="runs/sft-toy/final", anno="data/toy/rl/anno.json", out="runs/grpo-toy", judge="offline",
+           # a tiny random-init model needs a larger step than 1e-6 (3e-4 broke its wording: docs/toy.md),
+           # 8 passes over the 100 RL videos of 2 episodes per step (400 steps), toy replies are short
+           lr=3e-5, epochs=8, episodes=2, max_new_tokens=16, grad_checkpointing=False, mixed_precision="no")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # model and data
-    p.add_argument("--init", default="runs/sft/final", help="SFT checkpoint folder (or 'tiny' for a smoke run)")
-    p.add_argument("--anno", default="rl/anno.json", help="held-out RL videos' gold answers (ProactiveVideoQA format)")
-    p.add_argument("--videos", default=None, help="folder of the videos named in --anno (default: ANNO's folder/videos)")
+    p.add_argument("--init", default="runs/sft/final", help="the SFT checkpoint folder to start from")
+    p.add_argument("--anno", default="data/web/rl/anno.json", help="held-out RL videos' gold answers (anno.json)")
+    p.add_argument("--videos", default=None, help="folder of the videos named in --anno (default: videos/ beside it)")
     p.add_argument("--out", default="runs/grpo", help="checkpoints and metrics.jsonl go here")
-    p.add_argument("--toy", action="store_true", help="CPU preset for the toy world (see TOY below)")
+    p.add_argument("--toy", action="store_true", help=mmduet2.preset_help(TOY))
     # episodes (Sec. 4.3.3)
-    p.add_argument("--segment", type=float, default=20.0, help="seconds of video the policy answers per episode")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
-    p.add_argument("--frames-per-turn", type=int, default=2, help="frames per user turn")
-    p.add_argument("--frame-tokens", type=int, default=mmduet2.FRAME_TOKENS, help="LLM tokens per frame")
-    p.add_argument("--max-frames", type=int, default=90, help="frames read per video (context + segment)")
+    p.add_argument("--segment", type=float, default=20.0, help="seconds of video the policy answers per episode (paper: 20)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between frames (paper: 2)")
+    p.add_argument("--frames-per-turn", type=int, default=2, choices=(1, 2), help="frames per user turn (paper: 2)")
+    p.add_argument("--frame-tokens", type=int, default=mmduet2.FRAME_TOKENS, help="max LLM tokens per frame (paper: 128)")
+    p.add_argument("--max-frames", type=int, default=90, help="frames read per video, context + segment (paper: 90)")
     # rollouts
-    p.add_argument("--group", type=int, default=4, help="rollouts per episode (G)")
+    p.add_argument("--group", type=int, default=4, help="rollouts per episode, G >= 2 (paper: 4)")
     p.add_argument("--episodes", type=int, default=1, help="episodes per rank per step")
-    p.add_argument("--temperature", type=float, default=1.2, help="rollout sampling temperature")
-    p.add_argument("--top-k", type=int, default=10, help="rollout top-k")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="max new tokens per assistant turn")
+    p.add_argument("--temperature", type=float, default=1.2, help="rollout sampling temperature (paper: 1.2)")
+    p.add_argument("--top-k", type=int, default=10, help="rollout top-k (paper: 10)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="max new tokens per assistant turn (paper: 100)")
     # reward
-    p.add_argument("--judge", choices=["offline", "openai"], default="openai", help="reward judge")
+    p.add_argument("--judge", choices=["offline", "openai"], default="openai",
+                   help="openai: an LLM behind an OpenAI-compatible endpoint ($OPENAI_BASE_URL); offline: word overlap")
     p.add_argument("--judge-model", default=None, help="judge model (default: $JUDGE_MODEL)")
     p.add_argument("--judge-workers", type=int, default=16, help="judge requests in flight")
     p.add_argument("--weights", type=float, nargs=4, default=[3, 2, 0.5, 2], metavar=("PAUC", "REP", "IN_SPAN", "PFX"),
-                   help="reward weights (Eq. 2); Table 6 ablations set one to 0")
+                   help="reward weights (Eq. 2: 3 2 0.5 2); the Table 6 ablations set one to 0")
     # optimisation
-    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (constant)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the RL videos")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = the epochs)")
+    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate, constant (paper: 1e-6)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the RL videos (paper: 1)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: the epochs)")
     p.add_argument("--clip", type=float, default=0.2, help="PPO clip range ε")
-    p.add_argument("--inner-epochs", type=int, default=1, help="updates per rollout batch (1 = on-policy)")
-    p.add_argument("--kl", type=float, default=0.0, help="k3 KL coefficient to the frozen initial model (0 = released)")
-    p.add_argument("--loss-agg", choices=["token", "seq"], default="token", help="mean over all tokens, or of per-rollout means")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--inner-epochs", type=int, default=1, help="updates per rollout batch (paper: 1, on-policy)")
+    p.add_argument("--kl", type=float, default=0.0, help="k3 KL coefficient to the frozen initial model (paper: 0)")
+    p.add_argument("--loss-agg", choices=["token", "seq"], default="token",
+                   help="token: mean over all generated tokens of the step; seq: mean of per-rollout means")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    p.add_argument("--mixed-precision", choices=("bf16", "no"), default=None,
+                   help="bf16 autocast over fp32 master weights (default: bf16 on GPU, no on CPU)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute activations in the training pass (rollouts are unaffected)")
+                   help="recompute activations in the update (needed at 3B; rollouts are unaffected)")
     # running it
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--save-every", type=int, default=50, help="save OUT/step-N every N steps")
     p.add_argument("--keep", type=int, default=2, help="keep the last K step checkpoints (0: keep all)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="episode order and sampling seed")
-    args = p.parse_args(argv)
-    if args.toy:  # TOY: the tiny model on the toy world, a few minutes on a laptop CPU
-        # the paper's frame settings (2 s, 2 frames per turn, 20 s segments) on the toy data, but a
-        # tiny model needs a larger step than 1e-6 (3e-4 broke its wording: README results),
-        # 8 passes over the RL videos (400 steps), and toy replies are short
-        defaults = dict(init="runs/sft-toy/final", anno="data/toy/rl/anno.json", out="runs/grpo-toy", judge="offline",
-                        lr=3e-5, epochs=8, max_new_tokens=16, grad_checkpointing=False, episodes=2, save_every=50)
-        for k, v in defaults.items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
+    args = mmduet2.parse_with_preset(p, TOY, argv)
+    if args.group < 2:
+        p.error("--group must be >= 2: a group's advantages compare its rollouts with each other")
     args.videos = args.videos or os.path.join(os.path.dirname(args.anno), "videos")
     return args
 
 
-def save(model, processor, optimizer, step, out, keep=2):
-    """model + processor + optimizer state into out/step-N, written to a temp folder then renamed;
-    then all but the last `keep` step folders are deleted (0: keep all)."""
-    final, tmp = os.path.join(out, f"step-{step}"), os.path.join(out, f".tmp-step-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    # no RNG state: every step's randomness is seeded from (seed, step, rank), so a resume replays it
-    torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(tmp, "trainer.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    steps = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step-"))
-    for old in steps[:-keep] if keep else []:
-        shutil.rmtree(os.path.join(out, f"step-{old}"))
-
-
-def last_checkpoint(out):
-    steps = [int(d[5:]) for d in os.listdir(out) if d.startswith("step-")] if os.path.isdir(out) else []
-    return os.path.join(out, f"step-{max(steps)}") if steps else None
+# ----------------------------------------------------------------------------
+# The loop
 
 
 def main(argv=None):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     args = parse_args(argv)
-    # cpu=True on a machine without GPU: otherwise `--multi_gpu` ranks run unsynchronised (streaming.md)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    print0 = acc.print
-    rank, world = acc.process_index, acc.num_processes
+    cuda = torch.cuda.is_available()
+    args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
+    # cpu=True on a machine without GPU: otherwise `--multi_gpu` ranks run unsynchronised (docs/streaming.md).
+    # gradient_as_bucket_view: DDP's all-reduce buckets hold the gradients themselves, not a second copy
+    # (11.6 GiB at 3B: docs/full-scale.md).
+    acc = Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision,
+                      kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
+    rank, world, print0 = acc.process_index, acc.num_processes, acc.print
+    # what a resumed run must share with the checkpoint: the step alone says where it was (the episodes of step s
+    # are a function of these); --max-steps / --epochs may grow (the lr is constant)
+    settings = {k: getattr(args, k) for k in ("init", "anno", "seed", "group", "episodes", "interval",
+                                               "frames_per_turn", "segment")} | {"world": world}
+    ckpt, step = mmduet2.start_run(args.out, args.resume, settings, acc.is_main_process)
 
-    # -- model: the policy (and, only with --kl, a frozen reference) -----------------------------
-    ckpt = last_checkpoint(args.out) if args.resume else None
-    model, processor = mmduet2.load_model(ckpt or args.init, device=acc.device, frame_tokens=args.frame_tokens)
-    ref = mmduet2.load_model(args.init, device=acc.device)[0].requires_grad_(False) if args.kl else None
-    if args.grad_checkpointing:
-        model.activation_checkpointing_enable()  # active only in train mode: the update, not the rollouts
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    wrapped, optimizer = acc.prepare(model, optimizer)
-    step = 0
-    if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        print0(f"resumed from {ckpt} at step {step}")
-
-    # -- data: every rank shuffles the same list and takes its own episodes ----------------------
-    examples = mmduet2.load_anno(args.anno)
+    # -- data: checked before the model loads (a rank failing mid-run would leave the others in a collective)
+    try:
+        examples = reward.load_gold(args.anno)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"grpo.py: {e}") from None
+    missing = [ex["video"] for ex in examples if not os.path.isfile(os.path.join(args.videos, ex["video"]))]
+    if missing:
+        raise SystemExit(f"grpo.py: {len(missing)} videos missing in {args.videos}, e.g. {missing[0]}")
     per_step = args.episodes * world
-    steps_total = args.max_steps or args.epochs * len(examples) // per_step
-    if steps_total == 0:
+    total_steps = args.max_steps or args.epochs * len(examples) // per_step
+    if total_steps == 0:
         raise SystemExit(f"grpo.py: {len(examples)} examples cannot fill one step of {per_step} episodes")
     judge = reward.OfflineJudge() if args.judge == "offline" else reward.OpenAIJudge(
         model=args.judge_model, max_workers=args.judge_workers)
-    missing = [ex["video"] for ex in examples if not os.path.isfile(os.path.join(args.videos, ex["video"]))]
-    if missing:  # checked up front: a rank failing mid-run would leave the others waiting in a collective
-        raise SystemExit(f"grpo.py: {len(missing)} videos missing in {args.videos}, e.g. {missing[0]}")
-    h, w = next(mmduet2.read_frames(os.path.join(args.videos, examples[0]["video"]), args.interval))[1].shape[:2]
-    print0(f"{len(examples)} videos, {steps_total} steps of {per_step} episodes x {args.group} rollouts, "
-           f"{mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens per frame, {world} rank(s)")
-    os.makedirs(args.out, exist_ok=True)
-    log = open(os.path.join(args.out, "metrics.jsonl"), "a") if acc.is_main_process else None
 
-    bar = tqdm(total=steps_total, initial=step, disable=not acc.is_main_process, desc="grpo")
-    while step < steps_total:
+    # -- model: the policy in fp32 (the optimizer's master copy; bf16 compute comes from autocast), and,
+    # only with --kl, a frozen reference
+    model, processor = mmduet2.load_model(args.init, dtype=torch.float32, device=acc.device,
+                                          frame_tokens=args.frame_tokens)
+    model.model.visual.requires_grad_(False)  # the vision encoder stays frozen (as in SFT), its merger learns
+    model.model.visual.merger.requires_grad_(True)
+    ref = mmduet2.load_model(args.init, device=acc.device)[0].requires_grad_(False) if args.kl else None
+    if args.grad_checkpointing:  # active in train mode only: the update, not the rollouts
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # fused AdamW on a GPU: one kernel, none of foreach's temporary copies of the parameters
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=0.0, fused=cuda)
+    wrapped, optimizer = acc.prepare(model, optimizer)
+    if ckpt:
+        acc.load_state(os.path.join(ckpt, "state"))  # weights and optimizer (every step's randomness is re-seeded)
+        print0(f"resumed from {ckpt} at step {step}")
+    h, w = next(mmduet2.read_frames(os.path.join(args.videos, examples[0]["video"]), args.interval))[1].shape[:2]
+    print0(f"{len(examples)} videos, {total_steps} steps of {per_step} episodes × {args.group} rollouts on {world} "
+           f"rank(s), {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens per frame, {args.mixed_precision} precision")
+
+    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if acc.is_main_process else None
+    everything = adv = None
+    groups = []  # the last step's rewards, advantages and rollouts are returned (for the tests)
+    bar = tqdm(total=total_steps, initial=step, disable=not acc.is_main_process, desc="grpo", dynamic_ncols=True)
+    while step < total_steps:
         t0 = time.time()
-        # episodes of this step: a fixed permutation per epoch, so a resumed run sees the same ones
+
+        # 1. Episodes: this rank's share of the step, from one fixed permutation per epoch; every step's
+        # randomness is seeded by (seed, step, rank), so a resumed run replays the same episodes and samples.
         epoch, k = divmod(step * per_step, len(examples))
         order = list(range(len(examples)))
         random.Random(args.seed + epoch).shuffle(order)
-        rng = random.Random(args.seed * 1_000_003 + step * world + rank)
-        torch.manual_seed(rng.randrange(2**62))  # sampling draws from torch's default generators (mmduet2)
+        rng = random.Random(f"{args.seed}:{step}:{rank}")
+        torch.manual_seed(rng.randrange(2**62))  # sampling uses torch's default generators (mmduet2.Stream)
         mine = [examples[order[(k + rank * args.episodes + e) % len(examples)]] for e in range(args.episodes)]
+        episodes = [make_episode(ex, args, rng) for ex in mine]
 
-        # 1-2. rollouts (no collective call in here: ranks proceed at their own pace)
+        # 2. Rollouts: G per episode, from the current policy (no collective in here: ranks go at their own pace)
         model.eval()
-        episodes, groups = [], []
-        for ex in mine:
-            ep = make_episode(ex, args.videos, args, rng)
-            episodes.append(ep)
-            groups.append(rollouts(model, processor, ep, args))
-        t_roll = time.time()
+        with acc.autocast():
+            groups = [rollouts(model, processor, ep, args) for ep in episodes]  # [episodes][G]
+        t_rollout = time.time()
 
-        # 3. rewards, all rollouts of this rank at once (the judge runs them concurrently)
-        jobs = [(turns, ep["answers"], ep["context_replies"]) for ep, g in zip(episodes, groups) for _, turns, _ in g]
-        calls0, fail0 = judge.calls, judge.failures
-        with ThreadPoolExecutor(max(1, getattr(judge, "max_workers", 1))) as pool:
-            parts = list(pool.map(lambda j: reward.mmduet2_reward(*j[:2], judge, j[2], weights=tuple(args.weights)), jobs))
+        # 3. Rewards: every rollout of this rank at once (the LLM judge answers requests concurrently)
+        def score(job):
+            ep, r = job
+            return reward.mmduet2_reward(r.turns, ep.answers, judge, ep.context_replies, tuple(args.weights))
+        jobs = [(ep, r) for ep, group in zip(episodes, groups) for r in group]
+        calls, failures = judge.calls, judge.failures
+        with ThreadPoolExecutor(getattr(judge, "max_workers", 1)) as pool:
+            for (_, r), parts in zip(jobs, pool.map(score, jobs)):
+                r.reward = parts
         t_judge = time.time()
 
-        # 4. advantages: gather every rank's rewards first, normalise per group, keep our rows
-        local = torch.tensor([p["total"] for p in parts], dtype=torch.float32).view(args.episodes, args.group)
-        everything = acc.gather(local.to(acc.device)).cpu()  # (world·episodes, G), rank-major
-        adv = group_advantages(everything)[rank * args.episodes:(rank + 1) * args.episodes].flatten()
+        # 4. Advantages: normalised within each group, over the rewards gathered from every rank
+        rewards = torch.tensor([[r.reward["total"] for r in g] for g in groups])  # (episodes, G)
+        everything = acc.gather(rewards.to(acc.device)).cpu()  # (world · episodes, G), rank-major
+        adv = group_advantages(everything)[rank * args.episodes:(rank + 1) * args.episodes]  # (episodes, G): ours
 
-        # 5. update: token-level mean over all generated tokens of the step, on all ranks
-        streams = [(s, lp) for g in groups for s, _, lp in g]
-        n_local = sum(len(lp) for _, lp in streams)
-        n_global = acc.reduce(torch.tensor(n_local, device=acc.device), "sum").item()
+        # 5. Update: the loss of every generated token, averaged over those of the whole step on all ranks
+        batch = [(r, a) for g, row in zip(groups, adv) for r, a in zip(g, row)]  # (rollout, its advantage)
+        n_local = sum(len(r.logprobs) for r, _ in batch)
+        n_global = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum"))
         model.train()
-        old = [None] * len(streams)
-        clipped = total_loss = 0.0
-        for _ in range(args.inner_epochs):
-            for i, ((s, _), a) in enumerate(zip(streams, adv)):
-                last = i == len(streams) - 1
-                with acc.no_sync(wrapped) if not last else nullcontext():  # one gradient all-reduce per step
-                    logp = mmduet2.forward_logprobs(model, s.seq, args.temperature, wrapped=wrapped)
-                    if old[i] is None:  # on-policy: the detached current log-probs (ratio = 1)
+        old, clipped, loss_sum, gap = {}, 0, 0.0, 0.0
+        for inner in range(args.inner_epochs):
+            for i, (r, a) in enumerate(batch):
+                # one gradient all-reduce per update: DDP's no_sync on every backward but the last
+                with nullcontext() if i == len(batch) - 1 else acc.no_sync(wrapped):
+                    logp = mmduet2.forward_logprobs(model, r.stream.seq, args.temperature, wrapped=wrapped)  # (T,)
+                    if inner == 0:  # on-policy: the old log-probs are these, detached (ratio 1 in the first pass)
                         old[i] = logp.detach()
-                    ref_logp = mmduet2.forward_logprobs(ref, s.seq, args.temperature).detach() if ref else None
+                        gap += (old[i].cpu() - torch.tensor(r.logprobs)).abs().sum().item()
+                    ref_logp = mmduet2.forward_logprobs(ref, r.stream.seq, args.temperature).detach() if ref else None
                     loss_t, clip_t = policy_loss(logp, old[i], a.to(logp.device), args.clip, ref_logp, args.kl)
-                    # token mean over the global count; DDP averages gradients over ranks, hence × world
-                    denom = n_global / world if args.loss_agg == "token" else len(streams) * len(logp)
+                    # DDP averages gradients over ranks, hence × world for a mean over the global tokens
+                    denom = n_global / world if args.loss_agg == "token" else len(batch) * len(logp)
                     loss = loss_t.sum() / denom
                     acc.backward(loss)
-                clipped += clip_t.sum().item()
-                total_loss += loss.item()
+                clipped += int(clip_t.sum())
+                loss_sum += loss.item()
             grad_norm = acc.clip_grad_norm_(wrapped.parameters(), args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
         t_end = time.time()
 
-        # -- metrics: global where it matters (reward statistics), this rank's otherwise -----------
-        comps = {key: torch.tensor([p[key] for p in parts]) for key in ("pauc", "rep", "in_span", "prefix")}
-        turns_all = [turns for g in groups for _, turns, _ in g]
-        delays = [d for ep, g in zip(episodes, groups) for _, turns, _ in g for d in reply_delays(turns, ep["answers"])]
-        m = dict(step=step, reward=everything.mean().item(), reward_std=everything.std(-1).mean().item(),
-                 frac_reward_zero_std=(everything.std(-1) < 1e-6).float().mean().item(),
-                 **{f"{k}": v.mean().item() for k, v in comps.items()},
-                 **{f"{k}_std": v.std().item() for k, v in comps.items()},
-                 replies_per_rollout=sum(not mmduet2.is_silent(t) for ts in turns_all for _, t in ts) / len(turns_all),
-                 reply_delay=sum(delays) / len(delays) if delays else None,
-                 judge_calls=judge.calls - calls0, judge_failures=judge.failures - fail0,
-                 clip_ratio=clipped / max(1, n_local * args.inner_epochs), loss=total_loss, grad_norm=float(grad_norm),
-                 tokens=n_global, tokens_per_s=n_global / (t_end - t0), time_rollout=t_roll - t0,
-                 time_judge=t_judge - t_roll, time_update=t_end - t_judge)
-        if log:
-            log.write(json.dumps(m) + "\n")
-            log.flush()
+        # 6. Log: reward statistics over all ranks; the rest over this rank's rollouts
+        rollouts_ = [r for g in groups for r in g]
+        parts = {key: torch.tensor([r.reward[key] for r in rollouts_]) for key in ("pauc", "rep", "in_span", "prefix")}
+        delays = [d for ep, g in zip(episodes, groups) for r in g for d in reward.reply_delays(r.turns, ep.answers)]
+        std = everything.std(-1)  # (world · episodes,)
+        row = dict(step=step, reward=everything.mean().item(), reward_std=std.mean().item(),
+                   frac_reward_zero_std=(std == 0).float().mean().item(),
+                   **{k: v.mean().item() for k, v in parts.items()}, **{f"{k}_std": v.std().item() for k, v in parts.items()},
+                   replies_per_rollout=sum(not mmduet2.is_silent(t) for r in rollouts_ for _, t in r.turns) / len(rollouts_),
+                   reply_delay=sum(delays) / len(delays) if delays else None,
+                   judge_calls=judge.calls - calls, judge_failures=judge.failures - failures,
+                   clip_ratio=clipped / max(1, n_local * args.inner_epochs), loss=loss_sum, grad_norm=float(grad_norm),
+                   logprob_gap=gap / max(1, n_local),  # |rollout − training| log p per token: 0 in fp32, small in bf16
+                   tokens=n_global, tokens_per_s=n_global / (t_end - t0), time_rollout=t_rollout - t0,
+                   time_judge=t_judge - t_rollout, time_update=t_end - t_judge)
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
         bar.update(1)
-        bar.set_postfix(reward=f"{m['reward']:.3f}", replies=f"{m['replies_per_rollout']:.2f}")
-        if step % args.save_every == 0 or step == steps_total:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save(acc.unwrap_model(wrapped), processor, optimizer, step, args.out, args.keep)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", replies=f"{row['replies_per_rollout']:.2f}")
+        if step % args.save_every == 0 or step == total_steps:
+            mmduet2.save_checkpoint(acc, wrapped, processor, args.out, f"step-{step:06d}", step, settings, args.keep)
     bar.close()
-    if acc.is_main_process:
-        final = os.path.join(args.out, "final")
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(last_checkpoint(args.out), final, ignore=shutil.ignore_patterns("trainer.pt"))
-        print0(f"saved {final}")
-    acc.wait_for_everyone()
-    return dict(model=model, rewards=everything, advantages=adv)  # the last step, for tests
+    mmduet2.save_checkpoint(acc, wrapped, processor, args.out, "final", step, settings)
+    print0(f"saved {os.path.join(args.out, 'final')} after {step} steps")
+    return dict(model=model, rewards=everything, advantages=adv, rollouts=[r for g in groups for r in g])  # the last step
 
 
 if __name__ == "__main__":

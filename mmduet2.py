@@ -30,6 +30,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -135,6 +136,11 @@ def turn_times(n_frames, interval, frames_per_turn):
     if frames_per_turn not in (1, 2):
         raise ValueError(f"frames per turn must be 1 or 2, got {frames_per_turn}")
     return [min(j + frames_per_turn, n_frames) * interval for j in range(0, n_frames, frames_per_turn)]
+
+
+def turn_text(texts):
+    """A user turn's text from the texts that arrived for it (a question, subtitles), in order: one per line."""
+    return "\n".join(texts) or None
 
 
 def reply_turn(times, span):
@@ -876,3 +882,89 @@ class Group:
             row.cached, row.pos = row.cached + n, row.pos + n
         self.mask = torch.cat([self.mask, columns], 1)  # (G, C + steps)
         return outs, logps
+
+
+# ----------------------------------------------------------------------------
+# 7. Runs: the toy preset, and one checkpoint format with one resume path for sft.py and grpo.py
+#
+#   OUT/metrics.jsonl   one line per optimizer step (rank 0)
+#   OUT/step-000050/    model + processor (save_pretrained: `load_model(folder)` opens it), trainer.json (the
+#                       step and the settings a resume must match), state/ (accelerator.save_state: weights,
+#                       optimizer, scheduler, every rank's RNG). Written to OUT/.tmp-step-000050, then renamed.
+#   OUT/final/          the same without state/: what `grpo.py --init` and `infer.py --model` take
+# Several nodes: OUT must be one shared folder (every rank reads the checkpoint; each writes its own RNG state).
+
+def parse_with_preset(parser, preset, argv=None):
+    """parser.parse_args(argv), where --toy first makes `preset` the defaults: a flag the user types still wins."""
+    if parser.parse_known_args(argv)[0].toy:
+        parser.set_defaults(**preset)
+    return parser.parse_args(argv)
+
+
+def preset_help(preset):
+    """The --toy flag's help: the values it sets, as flags."""
+    flags = [f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in preset.items()]
+    return "the CPU toy-world preset: " + ", ".join(flags) + " (any flag you type overrides it)"
+
+
+def checkpoints(out):
+    """The complete step checkpoints in OUT, oldest first (a half-written one is still .tmp-*)."""
+    steps = [d for d in os.listdir(out) if d.startswith("step-")] if os.path.isdir(out) else []
+    return [os.path.join(out, d) for d in sorted(steps)]
+
+
+def start_run(out, resume, settings, is_main=True):
+    """Where a run starts: (checkpoint folder or None, its step).
+
+    A fresh run refuses an OUT that holds another run: the two would mix (metrics, --keep deleting the
+    new checkpoints, `final` replaced). --resume continues from the newest complete checkpoint, refuses
+    one written with other `settings`, and cuts metrics.jsonl back to its step: the steps after it are
+    run again and logged once.
+    """
+    metrics = os.path.join(out, "metrics.jsonl")
+    found = checkpoints(out)
+    if not resume:
+        used = found or [p for p in (metrics, os.path.join(out, "final")) if os.path.exists(p)]
+        if used:
+            raise SystemExit(f"{out} holds an earlier run ({os.path.basename(used[-1])}): pass --resume to continue "
+                             "it, or use another --out (or delete the folder)")
+        os.makedirs(out, exist_ok=True)
+        return None, 0
+    ckpt, step = (found[-1], json.load(open(os.path.join(found[-1], "trainer.json")))) if found else (None, None)
+    if ckpt:
+        mine = {k: step["settings"].get(k) for k in settings}
+        if mine != settings:
+            diff = ", ".join(f"{k}: {mine[k]!r} there, {settings[k]!r} now" for k in settings if mine[k] != settings[k])
+            raise SystemExit(f"{ckpt} was written by a run with other settings ({diff}): cannot resume it")
+        step = step["step"]
+    if is_main and os.path.exists(metrics):  # keep the lines up to the checkpoint's step (0: none)
+        lines = [line for line in open(metrics) if line.strip() and json.loads(line)["step"] <= (step or 0)]
+        open(metrics, "w").writelines(lines)
+    return ckpt, step or 0
+
+
+def save_checkpoint(accelerator, model, processor, out, name, step, settings, keep=2):
+    """Write OUT/name (step-NNNNNN with its state/, or final without) atomically; keep the last `keep` steps."""
+    tmp, dst = os.path.join(out, f".tmp-{name}"), os.path.join(out, name)
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if main:  # save_pretrained + processor: a folder that load_model / infer.py opens
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=accelerator.get_state_dict(model))
+        processor.save_pretrained(tmp)
+        json.dump({"step": step, "settings": settings}, open(os.path.join(tmp, "trainer.json"), "w"), indent=1)
+    if name != "final":  # every rank writes its own RNG state into the shared folder
+        accelerator.save_state(os.path.join(tmp, "state"), safe_serialization=False)  # safetensors refuses the
+        # tied embedding / lm_head pair that the optimizer state refers to twice
+    accelerator.wait_for_everyone()
+    if main:
+        old = os.path.join(out, f".old-{name}")
+        if os.path.exists(dst):  # the same step saved again (after a resume): swap, never leave a gap
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+        for path in checkpoints(out)[:-keep] if keep and name != "final" else []:
+            shutil.rmtree(path)
+    accelerator.wait_for_everyone()

@@ -466,6 +466,22 @@ def duplicate_proportion(predictions, judge):
     return sum(counted) / len(counted) if counted else 0.0
 
 
+def reply_delays(turns, answers):
+    """Seconds from each gold reply span's start to the first reply inside it, for the spans that got one.
+
+    turns: (time, text) assistant turns, NO REPLY ones included or not; answers: gold turns with reply_timespan.
+    Example: span [10, 20], replies at 13 and 16 -> [3.0]; span [30, 40] with no reply in it -> nothing.
+    """
+    replies = _replies(turns)
+    delays = []
+    for j, g in enumerate(answers):
+        s0, s1 = _span(g, "reply_timespan", f"gold turn {j}")
+        first = next((t for t, _ in replies if s0 <= t <= s1), None)
+        if first is not None:
+            delays.append(first - s0)
+    return delays
+
+
 def reply_stats(examples, predictions):
     """Extra diagnostics, NOT part of the paper's metric: reply count, replies outside every gold span
     (what r_in_span punishes; paper Table 6) and mean reply delay.
@@ -480,10 +496,7 @@ def reply_stats(examples, predictions):
         spans = [_span(g, "reply_timespan", f"example {ex['question_id']}") for g in ex["answer"]]
         n_replies += len(replies)
         outside += sum(not any(s0 <= t <= s1 for s0, s1 in spans) for t, _ in replies)
-        for s0, s1 in spans:
-            first = next((t for t, _ in replies if s0 <= t <= s1), None)
-            if first is not None:
-                delays.append(first - s0)
+        delays += reply_delays(replies, ex["answer"])
     return {"replies": n_replies, "replies_outside_spans": outside,
             "replies_per_example": n_replies / len(examples) if examples else 0.0,
             "mean_delay": sum(delays) / len(delays) if delays else None,

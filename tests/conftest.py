@@ -12,17 +12,33 @@ import mmduet2  # noqa: E402
 torch.set_num_threads(2)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA, skipped without it (MMDUET2_TEST_DEVICE=cpu: a dry run on the CPU)")
+
+
 def write_video(path, seconds, fps=10, size=84, seed=0):
-    """A small mp4 (libx264) whose frame i is filled with a colour that encodes i, plus noise."""
-    import av
+    """A small mp4 whose frame i is filled with a colour that encodes i, plus noise: libx264 through PyAV, or
+    MPEG-4 through OpenCV where PyAV is missing (the GPU machines' image has OpenCV, not PyAV)."""
     rng = np.random.default_rng(seed)
+    frames = []
+    for i in range(round(seconds * fps)):
+        img = np.full((size, size, 3), (i * 7) % 256, np.uint8)
+        img[:, :, 1] = rng.integers(0, 255)
+        frames.append(img)
+    try:
+        import av
+    except ImportError:
+        import cv2
+        out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
+        for img in frames:
+            out.write(img[:, :, ::-1])  # OpenCV wants BGR
+        out.release()
+        return str(path)
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
-        for i in range(round(seconds * fps)):
-            img = np.full((size, size, 3), (i * 7) % 256, np.uint8)
-            img[:, :, 1] = rng.integers(0, 255)
+        for img in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():

@@ -104,8 +104,10 @@ def test_random_placement_stays_inside_the_span_and_is_seeded():
             for seed in (7, 7, 8)]
     assert runs[0] == runs[1]  # same seed, same dialogue
     _, _, gold = runs[0]
-    assert gold == data.make_dialogue(DURATION, SCENES, [(0.0, Q1)], FakeWriter(), random.Random(0))[2]  # gold unchanged
-    for messages, _, _ in runs:
+    spans = lambda g: [{k: v for k, v in a.items() if k != "sft_time"} for a in g]  # noqa: E731
+    assert spans(gold) == spans(data.make_dialogue(DURATION, SCENES, [(0.0, Q1)], FakeWriter(), random.Random(0))[2])
+    for messages, _, gold in runs:  # each answer's sft_time is the turn the dialogue speaks it at (GRPO's context)
+        assert all(a["content"] in replies(messages)[a["sft_time"]].split(" ") for a in gold)
         for t, text in replies(messages).items():
             for answer in text.split(" "):
                 s0, s1 = next(g["reply_timespan"] for g in gold if g["content"] == answer)

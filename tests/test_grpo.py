@@ -1,16 +1,18 @@
-"""grpo.py: the advantage and loss by hand, the rollout mask and log-probs, one real step, and 2 CPU ranks."""
+"""grpo.py: the advantage and loss by hand, episodes (nQnA context included), the rollout mask and log-probs,
+real steps (precision, checkpointing, resume, refusals) and 2 CPU ranks."""
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
-from argparse import Namespace
 
 import pytest
 import torch
 from conftest import write_video
 
+import data
 import grpo
 import mmduet2
 import reward
@@ -18,12 +20,31 @@ import reward
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# ----------------------------------------------------------------------------
+# the math
+
 def test_group_advantages_by_hand():
     adv = grpo.group_advantages(torch.tensor([[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 3.0]]))
     std = (5 / 3) ** 0.5  # unbiased std of 1..4
     assert torch.allclose(adv[0], torch.tensor([-1.5, -0.5, 0.5, 1.5]) / (std + 1e-4), atol=1e-6)
     assert torch.equal(adv[1], torch.zeros(4))  # all equal: no signal, no gradient
     assert torch.allclose(adv[2], torch.tensor([-0.5, -0.5, -0.5, 1.5]), atol=1e-3)  # mean 0.75, std 1.5
+
+
+@pytest.mark.parametrize("G", range(2, 9))
+def test_tied_groups_get_exactly_zero_advantage(G):
+    """float32 means of equal rewards are not always exact (G = 3: 15.3 → a 1e-2 push); ties must give 0."""
+    for value in (15.3, 0.1, 1 / 3, -2.7, 14.999):
+        rewards = torch.full((2, G), value, dtype=torch.float32)
+        rewards[1, 0] += 1.0  # a second group that does differ keeps its signal
+        adv = grpo.group_advantages(rewards)
+        assert torch.equal(adv[0], torch.zeros(G)), (G, value, adv[0])
+        assert adv[1, 0] > 0 and torch.isfinite(adv).all()
+
+
+def test_group_below_two_is_refused():
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--group", "1"])  # one rollout has no group to compare with (its std is NaN)
 
 
 def test_policy_loss_by_hand():
@@ -45,6 +66,16 @@ def test_policy_loss_by_hand():
     assert loss_kl[0].item() == 0.0 and loss_kl[1].item() == pytest.approx(0.1 * (torch.exp(torch.tensor(0.5)) - 1.5).item())
 
 
+def test_toy_preset_never_overrides_a_typed_flag():
+    toy = grpo.parse_args(["--toy"])
+    assert (toy.lr, toy.judge, toy.max_new_tokens) == (3e-5, "offline", 16)
+    typed = grpo.parse_args(["--toy", "--lr", "1e-6", "--judge", "openai", "--max-new-tokens", "100"])
+    assert (typed.lr, typed.judge, typed.max_new_tokens) == (1e-6, "openai", 100)  # the defaults' values, typed
+
+
+# ----------------------------------------------------------------------------
+# episodes and rollouts
+
 @pytest.fixture(scope="module")
 def rl_data(tmp_path_factory):
     """Two 16 s videos with two gold events each, in the ProactiveVideoQA anno.json format."""
@@ -54,7 +85,8 @@ def rl_data(tmp_path_factory):
     for i in range(2):
         write_video(d / "videos" / f"v{i}.mp4", 16, seed=i)
         anno.append({"video": f"v{i}.mp4", "question_id": f"q{i}", "duration": 16.0,
-                     "conversation": [{"role": "user", "content": "Tell me whenever a new shape appears.", "time": 0.0}],
+                     "conversation": [{"role": "user", "content": "Tell me whenever a new shape appears.", "time": 0.0},
+                                      {"role": "user", "content": "Subtitle: one", "time": 0.5}],
                      "answer": [{"role": "assistant", "content": "A red square appeared on the left.",
                                  "related_timespan": [3.0, 7.0], "reply_timespan": [3.0, 8.0]},
                                 {"role": "assistant", "content": "A blue square appeared on the top.",
@@ -69,39 +101,73 @@ SMALL = ["--interval", "1", "--frames-per-turn", "1", "--segment", "5", "--group
 
 def test_episode_context_and_segment(rl_data):
     args = grpo.parse_args(["--anno", str(rl_data / "anno.json")] + SMALL)
-    ex = mmduet2.load_anno(str(rl_data / "anno.json"))[0]
+    ex = reward.load_gold(str(rl_data / "anno.json"))[0]
     for seed in range(20):
-        ep = grpo.make_episode(ex, str(rl_data / "videos"), args, random.Random(seed))
-        seg = ep["times"][ep["start"]:ep["end"]]
-        assert len(seg) == 5 and ep["times"] == [float(t) for t in range(1, 17)]
-        assert ep["texts"][0] == "Tell me whenever a new shape appears." and ep["texts"][1:] == [None] * 15
+        ep = grpo.make_episode(ex, args, random.Random(seed))
+        seg = ep.times[ep.start:ep.end]
+        assert len(seg) == 5 and ep.times == [float(t) for t in range(1, 17)]
+        # texts that meet in one turn are joined as at inference (mmduet2.turn_text): one per line
+        assert ep.texts[0] == "Tell me whenever a new shape appears.\nSubtitle: one" and ep.texts[1:] == [None] * 15
         # the segment contains the start of some gold span; gold replies before it are context
         assert any(seg[0] - 1 < a["reply_timespan"][0] <= seg[-1] for a in ex["answer"])
-        for j, texts in ep["placed"].items():
-            assert j < ep["start"] and ep["times"][j] == 8.0 and texts == ["A red square appeared on the left."]
-        assert len(ep["answers"]) + len(ep["context_replies"]) == 2
+        for j, text in ep.context.items():  # no sft_time in this file: the end of the reply span
+            assert j < ep.start and ep.times[j] == 8.0 and text == "A red square appeared on the left."
+        assert len(ep.answers) + len(ep.context_replies) == 2
+
+
+def test_nqna_context_replies_sit_where_the_sft_dialogue_spoke_them(tmp_path):
+    """Independent reference: data.py's own SFT dialogue. For every segment start, the episode's context is
+    exactly the dialogue's replies before it, turn for turn (an nQnA immediate answer at its question's turn)."""
+    counts = data.make_toy(tmp_path, n_train=0, n_rl=4, n_test=0, nqna_frac=1.0, min_len=30, max_len=40)
+    assert counts["rl"]["nqna"] == 4
+    args = grpo.parse_args(["--anno", str(tmp_path / "rl" / "anno.json"), "--max-frames", "40"])
+    dialogues = {d["id"]: d["messages"] for _, d in mmduet2.read_jsonl(tmp_path / "rl" / "sft.jsonl")}
+    immediate = 0
+    for ex in reward.load_gold(str(tmp_path / "rl" / "anno.json")):
+        spoken = {j: m["content"] for j, m in enumerate(dialogues[ex["question_id"]][1::2]) if m["content"] != mmduet2.SILENCE}
+        immediate += sum(a["content"].startswith("So far:") for a in ex["answer"])
+        for seed in range(30):
+            ep = grpo.make_episode(ex, args, random.Random(seed))
+            assert ep.context == {j: text for j, text in spoken.items() if j < ep.start}, (ex["question_id"], ep.start)
+            assert ep.context_replies == [spoken[j] for j in sorted(spoken) if j < ep.start]
+    assert immediate >= 2  # immediate answers were there to be placed
 
 
 def test_rollout_mask_and_logprobs(rl_data, tiny):
-    """Each rollout's mask covers exactly what it generated, and the training forward's log-probs
-    equal the log-probs the rollout sampled from."""
+    """Each rollout's mask covers exactly what it generated (its replies, NO REPLY turns included, and their
+    <|im_end|>), and the training forward's log-probs equal those the rollout sampled from."""
     model, processor = tiny
     args = grpo.parse_args(["--anno", str(rl_data / "anno.json")] + SMALL)
-    ep = grpo.make_episode(mmduet2.load_anno(str(rl_data / "anno.json"))[1], str(rl_data / "videos"), args,
-                           random.Random(3))
-    assert ep["start"] > 0  # a context to share
+    ep = grpo.make_episode(reward.load_gold(str(rl_data / "anno.json"))[1], args, random.Random(3))
+    assert ep.start > 0  # a context to share
     torch.manual_seed(0)
     group = grpo.rollouts(model, processor, ep, args)
     assert len(group) == 2
-    for stream, turns, logps in group:
-        assert [t for t, _ in turns] == ep["times"][ep["start"]:ep["end"]]
-        generated = [i for i, m in zip(stream.seq.ids, stream.seq.mask) if m]
-        n_ctx = len(mmduet2.Stream(model, processor).seq.ids)
-        assert all(m == 0 for m in stream.seq.mask[:n_ctx])
-        assert len(generated) == len(logps) > 0
+    for r in group:
+        assert [t for t, _ in r.turns] == ep.times[ep.start:ep.end]
+        ids, mask = r.stream.seq.ids, r.stream.seq.mask
+        runs = [i for i in range(len(mask)) if mask[i] and not mask[i - 1]]  # where each trained run starts
+        header = processor.tokenizer.encode("<|im_start|>assistant\n")
+        assert len(runs) == len(r.turns) and all(ids[i - len(header):i] == header for i in runs)
+        for i, (_, text) in zip(runs, r.turns):  # each run is exactly the turn the rollout said
+            n = next(k for k in range(i, len(mask) + 1) if k == len(mask) or not mask[k]) - i
+            assert processor.tokenizer.decode(ids[i:i + n], skip_special_tokens=True) == text
+        generated = [i for i, m in zip(ids, mask) if m]
+        assert len(generated) == len(r.logprobs) > 0
         with torch.no_grad():
-            full = mmduet2.forward_logprobs(model, stream.seq, args.temperature)
-        assert torch.allclose(full, logps, atol=1e-4)
+            full = mmduet2.forward_logprobs(model, r.stream.seq, args.temperature)
+        assert torch.allclose(full, torch.tensor(r.logprobs), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# real steps
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator():
+    """grpo.main builds an Accelerator, whose state is one per process: let each test choose its precision."""
+    from accelerate.state import AcceleratorState
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
@@ -114,24 +180,79 @@ def chatty_ckpt(chatty, tmp_path_factory):
     return str(d)
 
 
+def trained(model):
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if not n.startswith("model.visual.")
+            or n.startswith("model.visual.merger.")}
+
+
 def test_one_step_changes_parameters_and_resumes(rl_data, chatty_ckpt, tmp_path):
     out = tmp_path / "run"
     base = ["--init", chatty_ckpt, "--anno", str(rl_data / "anno.json"), "--out", str(out)] + SMALL + ["--episodes", "2"]
     result = grpo.main(base + ["--max-steps", "1"])
-    assert result["rewards"].std(-1).max() > 0  # some group had a signal (with these seeds, the second)
+    assert result["rewards"].std(-1).max() > 0  # some group had a signal (with these seeds)
     before = mmduet2.load_model(chatty_ckpt)[0]
-    after = result["model"]
-    changed = [n for (n, p), q in zip(after.named_parameters(), before.parameters()) if not torch.equal(p.cpu(), q)]
-    assert len(changed) > 10
+    after = dict(result["model"].named_parameters())
+    changed = [n for n, p in before.named_parameters() if not torch.equal(after[n].detach().cpu(), p)]
+    assert len(changed) > 10 and not any(n.startswith("model.visual.blocks") for n in changed)  # the ViT is frozen
     m = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert len(m) == 1 and {"reward", "reward_std", "frac_reward_zero_std", "pauc", "rep", "in_span", "prefix",
-                            "replies_per_rollout", "clip_ratio", "tokens_per_s", "judge_calls"} <= set(m[0])
-    assert os.path.isdir(out / "step-1") and os.path.isdir(out / "final")
-    # resume: a second step continues from step-1's weights and optimizer
-    grpo.main(base + ["--max-steps", "2", "--resume"])
-    assert os.path.isdir(out / "step-2") and len(open(out / "metrics.jsonl").readlines()) == 2
-    grpo.main(base + ["--max-steps", "3", "--resume", "--keep", "1"])  # older step folders are deleted
-    assert sorted(d.name for d in out.iterdir() if d.name.startswith("step-")) == ["step-3"]
+                            "replies_per_rollout", "clip_ratio", "tokens_per_s", "judge_calls", "logprob_gap"} <= set(m[0])
+    assert m[0]["logprob_gap"] < 1e-4  # fp32: the rollouts sampled from exactly what the update trains
+    assert os.path.isdir(out / "step-000001") and os.path.isdir(out / "final")
+    # a second run into the same folder without --resume would mix two runs: refused
+    with pytest.raises(SystemExit, match="pass --resume"):
+        grpo.main(base + ["--max-steps", "2"])
+    # resume: steps 2 and 3 continue from step-000001's weights and optimizer; --keep 1 deletes older folders
+    grpo.main(base + ["--max-steps", "3", "--resume", "--keep", "1"])
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
+    assert sorted(d.name for d in out.iterdir() if d.name.startswith("step-")) == ["step-000003"]
+    # a resume with other settings (another seed: other episodes) is refused
+    with pytest.raises(SystemExit, match="other settings"):
+        grpo.main(base + ["--max-steps", "3", "--resume", "--seed", "1"])
+
+
+def test_resume_equals_an_uninterrupted_run(rl_data, chatty_ckpt, tmp_path):
+    """Killed after step 2 of 3 (the later checkpoint lost), resumed: the same weights and the same log."""
+    base = ["--init", chatty_ckpt, "--anno", str(rl_data / "anno.json")] + SMALL + ["--max-steps", "3", "--keep", "0"]
+    straight = trained(grpo.main(base + ["--out", str(tmp_path / "a")])["model"])
+    cut = tmp_path / "b"
+    grpo.main(base + ["--out", str(cut)])
+    shutil.rmtree(cut / "step-000003")
+    shutil.rmtree(cut / "final")
+    resumed = trained(grpo.main(base + ["--out", str(cut), "--resume"])["model"])
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    log = lambda d: [json.loads(line)["reward"] for line in open(d / "metrics.jsonl")]  # noqa: E731
+    assert log(cut) == log(tmp_path / "a")
+
+
+def test_full_scale_precision_moves_every_trained_weight(rl_data, chatty_ckpt, tmp_path):
+    """The full-scale path (fp32 master weights, bf16 autocast, gradient checkpointing) at the paper's lr 1e-6:
+    one AdamW step moves essentially every trained weight. (Weights stored in bf16 would move 2%, norms never:
+    1e-6 is far below half a bf16 ulp of a typical weight.) Autocast runs on the CPU too."""
+    before = trained(mmduet2.load_model(chatty_ckpt)[0])
+    argv = ["--init", chatty_ckpt, "--anno", str(rl_data / "anno.json"), "--out", str(tmp_path / "run")] + SMALL
+    argv += ["--lr", "1e-6", "--mixed-precision", "bf16", "--grad-checkpointing", "--max-steps", "1", "--group", "4"]
+    result = grpo.main(argv)
+    assert result["rewards"].std(-1).max() > 0  # a signal: nonzero advantages, nonzero gradients
+    after = trained(result["model"])
+    moved = sum(int((after[n] != p).sum()) for n, p in before.items()) / sum(p.numel() for p in before.values())
+    assert moved > 0.99, moved
+    assert all(p.dtype == torch.float32 for p in result["model"].parameters())  # the master copy stays fp32
+    step = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert 0 <= step["logprob_gap"] < 0.1  # bf16 rollouts vs the bf16 update: close (logged to watch it at scale)
+
+
+def test_gradient_checkpointing_gives_the_same_step(rl_data, chatty_ckpt, tmp_path):
+    """The default (checkpointing on, non-reentrant) trains exactly what a plain backward trains. A reentrant
+    checkpoint would leave the layers without gradients here (their inputs do not require grad)."""
+    argv = ["--init", chatty_ckpt, "--anno", str(rl_data / "anno.json")] + SMALL + ["--max-steps", "1"]
+    plain = trained(grpo.main(argv + ["--out", str(tmp_path / "plain")])["model"])
+    ckpt = trained(grpo.main(argv + ["--out", str(tmp_path / "ckpt"), "--grad-checkpointing"])["model"])
+    before = trained(mmduet2.load_model(chatty_ckpt)[0])
+    assert any(not torch.equal(plain[n], before[n]) for n in plain if ".layers." in n)  # the layers did learn
+    for name, value in plain.items():
+        torch.testing.assert_close(ckpt[name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_two_cpu_ranks_synchronise_and_share_rewards(rl_data, chatty_ckpt, tmp_path):
@@ -161,4 +282,4 @@ def test_two_cpu_ranks_synchronise_and_share_rewards(rl_data, chatty_ckpt, tmp_p
     assert not torch.equal(r0["params"], torch.cat([p.flatten() for p in mmduet2.load_model(chatty_ckpt)[0].parameters()]))
     assert r0["rewards"].shape == (2, 4) and torch.equal(r0["rewards"], r1["rewards"])  # both ranks see all rewards
     adv = grpo.group_advantages(r0["rewards"])
-    assert torch.allclose(r0["adv"], adv[0]) and torch.allclose(r1["adv"], adv[1])
+    assert torch.allclose(r0["adv"], adv[0:1]) and torch.allclose(r1["adv"], adv[1:2])
