@@ -132,14 +132,30 @@ def parse_yes_no(answer):
     return None if m is None else m.group(1).lower() == "yes"
 
 
+def completion_text(body):
+    """The answer in the JSON body of a chat completion, or None when the body is not one.
+
+    '{"choices": [{"message": {"content": "3"}}]}' -> "3"; a null content -> "" (an empty answer is an
+    answer: bad, not lost); an HTML page, '{}', '{"choices": []}', a null message -> None.
+    """
+    try:
+        content = json.loads(body)["choices"][0]["message"]["content"]
+    except (ValueError, LookupError, TypeError):  # not JSON / no such key or index / a null on the way
+        return None
+    if content is None or isinstance(content, str):
+        return content or ""
+    return None
+
+
 class LLMClient:
     """One chat model behind an OpenAI-compatible endpoint: `ask(instruction, text) -> str | None`.
 
     - Cache: an append-only JSONL file keyed by sha256(model, instruction, text), so a re-run asks
       nothing twice and an interrupted run loses nothing. Answers are cached as returned (even
       ones a parser will reject: at temperature 0 asking again gives the same text).
-    - Retries: timeouts, 408/409/429 and 5xx are retried with exponential backoff, then the call
-      is a failure (None, counted). Other 4xx (e.g. a too-long input) fail at once.
+    - Retries: timeouts, 408/409/429, 5xx and an HTTP 200 whose body is no chat completion are
+      retried with exponential backoff, then the call is a failure (None, counted). Other 4xx
+      (e.g. a too-long input) fail at once.
     - Fatal: an unreachable endpoint (after the retries), a bad key or an unknown model raise one
       JudgeError; every later ask raises it at once, so a thread pool stops without a storm.
     - Counters: `calls` (questions sent to the endpoint, retries not counted), `cache_hits`,
@@ -205,9 +221,15 @@ class LLMClient:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))  # 1x, 2x, 4x ... the base backoff
             try:
-                out = self.client.chat.completions.create(
+                # the raw body, parsed by us: the client would accept an HTML page or a body without
+                # `choices` and fail later, in a worker thread, with an AttributeError
+                raw = self.client.chat.completions.with_raw_response.create(
                     model=self.model, messages=messages, temperature=0.0, max_tokens=self.max_tokens)
-                return out.choices[0].message.content or ""  # an empty answer is an answer (bad, not lost)
+                answer = completion_text(raw.http_response.text)
+                if answer is not None:
+                    return answer
+                # HTTP 200 but garbage (a proxy's error page, a cut body): retried like a 5xx
+                error, fatal = f"HTTP 200 but not a chat completion: {raw.http_response.text[:200]!r}", False
             except openai.APITimeoutError:  # before APIConnectionError: it is a subclass of it
                 error, fatal = "timed out", False
             except openai.APIConnectionError as e:
@@ -218,9 +240,6 @@ class LLMClient:
                     self._stop(error)
                 if e.status_code not in (408, 409, 429) and e.status_code < 500:
                     break  # other 4xx (e.g. input too long) will not get better by asking again
-            except openai.OpenAIError as e:  # e.g. a response that is not a chat completion
-                error, fatal = f"bad response ({str(e)[:200]})", False
-                break
         if fatal:  # still unreachable after every retry: no later call will do better
             self._stop(error)
         self.count_failure(error)
@@ -236,7 +255,7 @@ class LLMClient:
         """Count one call that produced no usable answer (also used by parsers on top of ask)."""
         with self._lock:
             self.failures += 1
-            self.last_error = error
+            self.last_error = f"{self.base_url}: {error}"  # which endpoint, when several are in use
 
 
 # our own wording of the rubrics in spec/reward.md; the scale-3 one is the metric's, scale-5 the reward's

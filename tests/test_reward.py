@@ -319,7 +319,9 @@ def test_parsers_are_strict():
 # the OpenAI judge through the real `openai` client, against a fake server on 127.0.0.1
 
 class FakeServer:
-    """An OpenAI-compatible /v1/chat/completions; `answer(user_text)` -> text, int (HTTP status) or ('sleep', s)."""
+    """An OpenAI-compatible /v1/chat/completions. `answer(user_text)` returns the answer text, an int
+    (an HTTP error status), ('sleep', s) (answer after s seconds) or ('raw', content_type, body)
+    (an HTTP 200 with exactly that body, e.g. a proxy's HTML page)."""
 
     def __init__(self):
         self.requests = []
@@ -334,20 +336,23 @@ class FakeServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append((self.path, body))
                 out = fake.answer(body["messages"][-1]["content"])
-                if isinstance(out, tuple):  # a slow server: answer after the client gave up
+                if isinstance(out, tuple) and out[0] == "sleep":  # a slow server: answer after the client gave up
                     time.sleep(out[1])
                     out = "3"
-                if isinstance(out, int):
-                    status, payload = out, {"error": {"message": "boom", "type": "server_error"}}
+                status, content_type = 200, "application/json"
+                if isinstance(out, tuple) and out[0] == "raw":
+                    _, content_type, data = out
+                elif isinstance(out, int):
+                    data = json.dumps({"error": {"message": "boom", "type": "server_error"}}).encode()
+                    status = out
                 else:
-                    status, payload = 200, {
+                    data = json.dumps({
                         "id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
                         "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": out}}]}
-                data = json.dumps(payload).encode()
+                                     "message": {"role": "assistant", "content": out}}]}).encode()
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -415,6 +420,31 @@ def test_openai_judge_good_garbage_500_timeout_and_cache(server, tmp_path):
     assert (again.calls, again.cache_hits, again.failures) == (0, 4, 1)
     # failed calls were not cached: a re-run asks them again
     assert again.score("What?", "gold", "ERROR500", 3) is None and len(server.requests) == before + 2
+
+
+GARBAGE_200 = {  # what a proxy or a half-broken server may send with status 200
+    "not JSON": ("application/json", b'{"id": "c1", "choi'),
+    "HTML": ("text/html", b"<html><body>502 Bad Gateway</body></html>"),
+    "no choices": ("application/json", b'{"id": "c1", "object": "chat.completion"}'),
+    "empty choices": ("application/json", b'{"id": "c1", "choices": []}'),
+    "null message": ("application/json", b'{"id": "c1", "choices": [{"index": 0, "message": null}]}'),
+}
+
+
+@pytest.mark.parametrize("body", GARBAGE_200.values(), ids=list(GARBAGE_200))
+def test_openai_judge_treats_a_garbage_200_as_a_failed_call(server, tmp_path, body):
+    server.answer = lambda text: ("raw", *body)
+    cache = tmp_path / "judge.jsonl"
+    judge = make_judge(server.url, cache)
+    assert judge.score("q", "gold", "pred", 3) is None  # dropped, not a crash of the run
+    assert len(server.requests) == 2  # retried once, like a 5xx
+    assert (judge.calls, judge.failures) == (1, 1)
+    assert judge.last_error.startswith(server.url) and "not a chat completion" in judge.last_error
+    assert not cache.exists()  # nothing cached: a rerun asks again
+    # in a concurrent run (the path `reward.py eval` takes) the failure is counted, not raised
+    exs = [example(f"v{i}", [(0, 10, 10)]) for i in range(3)]
+    assert pauc_metric(exs, {f"v{i}": [(2, "A reply.")] for i in range(3)}, judge) == pytest.approx(0.25)
+    assert judge.failures == 4
 
 
 def test_openai_judge_recovers_from_a_transient_500_and_survives_a_cut_cache_line(server, tmp_path):
