@@ -55,6 +55,8 @@ METRIC_SCALE = 3  # ProactiveVideoQA judge: 1 incorrect / 2 partial / 3 mostly c
 REWARD_SCALE = 5  # MMDuet2 reward judge: 5 points stored 0..4 -> S = 4 (paper Sec. 4.3.2)
 PREFIX_CHARS = 50  # r_pfx: a shared prefix this long marks a "verbose prefix" turn
 DEFAULT_CACHE = "~/.cache/mmduet2/judge.jsonl"
+# a secret as an endpoint may echo it back: "Bearer <token>" (the Authorization header) or an "sk-..." key
+SECRET = re.compile(r"(?i)(bearer\s+)[\w.~+/-]+=*|\bsk-[\w-]{8,}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +162,8 @@ class LLMClient:
       JudgeError; every later ask raises it at once, so a thread pool stops without a storm.
     - Counters: `calls` (questions sent to the endpoint, retries not counted), `cache_hits`,
       `failures` (calls with no usable answer, parse failures included), `last_error`.
+    - No secret leaves it: some proxies echo the Authorization header in their error bodies, so
+      every answer, error message and JudgeError is redacted (the key, bearer tokens, "sk-..." keys).
     Thread-safe: the cache, the file and the counters are guarded by one lock; requests run
     outside it, up to `max_workers` at a time when a caller uses `run_all`.
     """
@@ -207,6 +211,7 @@ class LLMClient:
         with self._lock:
             if answer is None:
                 return None  # _request has counted the failure
+            answer = self._redact(answer)  # before it is cached, parsed or printed
             self._cache[key] = answer
             if self.cache_path:
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,13 +234,14 @@ class LLMClient:
                 if answer is not None:
                     return answer
                 # HTTP 200 but garbage (a proxy's error page, a cut body): retried like a 5xx
-                error, fatal = f"HTTP 200 but not a chat completion: {raw.http_response.text[:200]!r}", False
+                error, fatal = f"HTTP 200 but not a chat completion: {self._redact(raw.http_response.text)[:200]!r}", False
             except openai.APITimeoutError:  # before APIConnectionError: it is a subclass of it
                 error, fatal = "timed out", False
             except openai.APIConnectionError as e:
-                error, fatal = f"unreachable ({e})", True
+                error, fatal = f"unreachable ({self._redact(str(e))})", True
             except openai.APIStatusError as e:
-                error, fatal = f"HTTP {e.status_code}: {str(e)[:200]}", False
+                # redact, then cut: a cut first could leave half a key that no longer matches
+                error, fatal = f"HTTP {e.status_code}: {self._redact(str(e))[:200]}", False
                 if e.status_code in (401, 403, 404):  # bad key, forbidden, unknown model: a setup error
                     self._stop(error)
                 if e.status_code not in (408, 409, 429) and e.status_code < 500:
@@ -247,15 +253,23 @@ class LLMClient:
 
     def _stop(self, error):
         with self._lock:
-            self._fatal = (f"judge endpoint {self.base_url} (model {self.model}): {error}; "
-                           "check the server, --base-url / OPENAI_BASE_URL, the key and --model / JUDGE_MODEL")
+            self._fatal = self._redact(
+                f"judge endpoint {self.base_url} (model {self.model}): {error}; "
+                "check the server, --base-url / OPENAI_BASE_URL, the key and --model / JUDGE_MODEL")
         raise JudgeError(self._fatal)
 
     def count_failure(self, error):
         """Count one call that produced no usable answer (also used by parsers on top of ask)."""
         with self._lock:
             self.failures += 1
-            self.last_error = f"{self.base_url}: {error}"  # which endpoint, when several are in use
+            self.last_error = self._redact(f"{self.base_url}: {error}")  # which endpoint, when several are in use
+
+    def _redact(self, text):
+        """`text` with the API key and anything shaped like a secret replaced by "[redacted]"."""
+        key = self.client.api_key
+        if len(key) >= 8:  # a placeholder such as "EMPTY" is no secret, and replacing it would garble words
+            text = text.replace(key, "[redacted]")
+        return SECRET.sub(lambda m: (m.group(1) or "") + "[redacted]", text)  # keeps the word "Bearer"
 
 
 # our own wording of the rubrics in spec/reward.md; the scale-3 one is the metric's, scale-5 the reward's

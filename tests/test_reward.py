@@ -6,7 +6,9 @@ OpenAI-compatible server that the test starts on 127.0.0.1. No network, a few se
 Run: python -m pytest tests/test_reward.py -q
 """
 import json
+import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -321,11 +323,13 @@ def test_parsers_are_strict():
 class FakeServer:
     """An OpenAI-compatible /v1/chat/completions. `answer(user_text)` returns the answer text, an int
     (an HTTP error status), ('sleep', s) (answer after s seconds) or ('raw', content_type, body)
-    (an HTTP 200 with exactly that body, e.g. a proxy's HTML page)."""
+    (an HTTP 200 with exactly that body, e.g. a proxy's HTML page). With `echo_auth` the answers and
+    error messages repeat the request's Authorization header, as some proxies do."""
 
     def __init__(self):
         self.requests = []
         self.answer = lambda text: "3"
+        self.echo_auth = False
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -339,17 +343,18 @@ class FakeServer:
                 if isinstance(out, tuple) and out[0] == "sleep":  # a slow server: answer after the client gave up
                     time.sleep(out[1])
                     out = "3"
+                echo = f" (Authorization: {self.headers['Authorization']})" if fake.echo_auth else ""
                 status, content_type = 200, "application/json"
                 if isinstance(out, tuple) and out[0] == "raw":
                     _, content_type, data = out
                 elif isinstance(out, int):
-                    data = json.dumps({"error": {"message": "boom", "type": "server_error"}}).encode()
+                    data = json.dumps({"error": {"message": "boom" + echo, "type": "server_error"}}).encode()
                     status = out
                 else:
                     data = json.dumps({
                         "id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
                         "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": out}}]}).encode()
+                                     "message": {"role": "assistant", "content": out + echo}}]}).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", content_type)
@@ -578,3 +583,31 @@ def test_load_predictions_treats_no_reply_as_silence(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text(pred_line("v1", [(3, "  NO REPLY "), (1, "Hi. "), (5, "Bye.")]) + "\n\n")
     assert reward.load_predictions(p) == {"v1": [(1.0, "Hi."), (5.0, "Bye.")]}
+
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "sk-proj-Zq8TESTonly4tests0123456789"  # what a real key looks like; never sent anywhere but 127.0.0.1
+
+
+def run_eval(args, **popen):
+    """`python reward.py eval ARGS` in a subprocess with OPENAI_API_KEY set: the real stdout, stderr and exit code."""
+    env = dict(os.environ, OPENAI_API_KEY=API_KEY, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(REPO / "reward.py"), "eval", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+@pytest.mark.parametrize("status", [401, 500])
+def test_cli_never_prints_or_writes_the_api_key(server, tmp_path, status):
+    server.echo_auth = True  # every answer and error body repeats "Authorization: Bearer <key>"
+    server.answer = lambda text: "3" if text.endswith("answer: first") else status  # the repeat check fails too
+    g, p = write_files(tmp_path, [example("v1", [(0, 10, 10), (20, 30, 30)])],
+                       [pred_line("v1", [(2, "first"), (22, "second")])])
+    cache, out = tmp_path / "judge.jsonl", tmp_path / "s.json"
+    proc = run_eval(["--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--base-url", server.url,
+                     "--cache", str(cache), "--json", str(out), "--retries", "0", "--workers", "1"])
+    stdout, stderr = proc.communicate(timeout=60)
+    written = [f.read_text() for f in (cache, out) if f.exists()]
+    assert f"HTTP {status}" in (stdout + stderr) and "Bearer [redacted]" in (stdout + stderr)  # echoed, then redacted
+    assert "Bearer [redacted]" in cache.read_text()  # the 200 answer to "first" was cached, redacted
+    for text in [stdout, stderr, *written]:
+        assert API_KEY not in text and API_KEY[:12] not in text
