@@ -382,15 +382,28 @@ def run_all(judge, fn, jobs):
 # ----------------------------------------------------------------------------------------------
 # 1. The ProactiveVideoQA metric (evaluation)
 
+def _is_seconds(v):
+    """A finite number that is not a bool (json reads NaN and Infinity; True is an int to Python)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_id(v):
+    """A usable question_id: a string or an int (hashable; a bool would collide with 0 and 1)."""
+    return isinstance(v, (str, int)) and not isinstance(v, bool)
+
+
 def _span(turn, key, where):
-    """[start, end] of a gold turn as floats; a reply span must have end > start."""
+    """[start, end] of a gold turn as floats: reply_timespan 0 <= s0 < s1, related_timespan r0 <= r1."""
     span = turn.get(key) if isinstance(turn, dict) else None
-    if not (isinstance(span, (list, tuple)) and len(span) == 2
-            and all(isinstance(v, (int, float)) for v in span)):
-        raise ValueError(f"{where}: '{key}' must be [start, end] in seconds, got {span!r}")
+    if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(map(_is_seconds, span))):
+        raise ValueError(f"{where}: '{key}' must be [start, end] in seconds (finite numbers), got {span!r}")
     a, b = float(span[0]), float(span[1])
+    if key == "reply_timespan" and a < 0:
+        raise ValueError(f"{where}: reply_timespan {list(span)} starts before the video (s0 < 0)")
     if key == "reply_timespan" and b <= a:
         raise ValueError(f"{where}: reply_timespan {list(span)} has s1 <= s0 (a span needs positive length)")
+    if b < a:
+        raise ValueError(f"{where}: {key} {list(span)} ends before it starts")
     return a, b
 
 
@@ -619,9 +632,25 @@ def mmduet2_reward(turns, answers, judge, context_replies=(), weights=(3, 2, 0.5
 # Files: anno.json (gold) and predictions JSONL, with errors that say where
 
 def load_gold(path):
-    """anno.json: a JSON list of examples with question_id, duration, conversation, answer."""
+    """THE loader of a ProactiveVideoQA anno.json for the whole project (eval, infer.py, grpo.py).
+
+    It checks every field the pipeline reads, so a bad file stops before any model loads, with
+    one line naming the file, the example (index and question_id) and the field:
+        video          a non-empty string (the file name in the videos folder)
+        question_id    a string or an int, unique
+        duration       seconds, a finite number > 0
+        conversation   a non-empty list of {role: str, content: str, time: seconds >= 0}; the first
+                       turn is the question and may leave out its time (it is asked at 0); later
+                       turns (TV subtitles, nQnA questions) need theirs, or they would land at 0
+        answer         a list of {content: str, reply_timespan [s0, s1] with 0 <= s0 < s1,
+                       related_timespan [r0, r1] with r0 <= r1, optional question: str}
+    Other keys (EGO's `type`, VAD's `num_captions`, TV's `frame` and `audio`) pass through.
+    Returns the examples as read.
+    """
     try:
         examples = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(examples, list) or not examples:
@@ -629,24 +658,37 @@ def load_gold(path):
     seen = set()
     for i, ex in enumerate(examples):
         where = f"{path} example {i}"
-        missing = [k for k in ("question_id", "duration", "conversation", "answer")
+        missing = [k for k in ("question_id", "duration", "conversation", "answer", "video")
                    if not isinstance(ex, dict) or k not in ex]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
+        if not _is_id(ex["question_id"]):
+            raise ValueError(f"{where}: 'question_id' must be a string or an integer, got {ex['question_id']!r}")
         where += f" ({ex['question_id']})"
         if ex["question_id"] in seen:
             raise ValueError(f"{where}: question_id appears twice")
         seen.add(ex["question_id"])
+        if not (isinstance(ex["video"], str) and ex["video"]):
+            raise ValueError(f"{where}: 'video' must be a file name, got {ex['video']!r}")
+        if not (_is_seconds(ex["duration"]) and ex["duration"] > 0):
+            raise ValueError(f"{where}: 'duration' must be a number of seconds > 0, got {ex['duration']!r}")
         conv = ex["conversation"]
-        if not (isinstance(conv, list) and conv and isinstance(conv[0], dict) and isinstance(conv[0].get("content"), str)):
-            raise ValueError(f"{where}: 'conversation' must start with the question turn {{role, content, time}}")
+        if not (isinstance(conv, list) and conv):
+            raise ValueError(f"{where}: 'conversation' must be a non-empty list of turns, the question first")
+        for j, turn in enumerate(conv):
+            if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+                raise ValueError(f"{where} conversation {j}: a turn needs a text 'role' and 'content', got {turn!r:.120}")
+            if (j or "time" in turn) and not (_is_seconds(turn.get("time")) and turn["time"] >= 0):
+                raise ValueError(f"{where} conversation {j}: 'time' must be seconds >= 0, got {turn.get('time')!r}")
         if not isinstance(ex["answer"], list):
             raise ValueError(f"{where}: 'answer' must be a list of gold turns")
         for j, g in enumerate(ex["answer"]):
+            if not (isinstance(g, dict) and isinstance(g.get("content"), str)):
+                raise ValueError(f"{where} answer {j}: needs the gold text 'content', got {g!r:.120}")
             _span(g, "reply_timespan", f"{where} answer {j}")
             _span(g, "related_timespan", f"{where} answer {j}")
-            if not isinstance(g.get("content"), str):
-                raise ValueError(f"{where} answer {j}: missing the gold text 'content'")
+            if not isinstance(g.get("question", ""), str):
+                raise ValueError(f"{where} answer {j}: 'question' must be text, got {g['question']!r}")
     return examples
 
 
@@ -664,17 +706,22 @@ def load_predictions(path, known_ids=None):
         if not (isinstance(row, dict) and "question_id" in row and isinstance(row.get("model_response_list"), list)):
             raise ValueError(f"{where}: expected {{\"question_id\": ..., \"model_response_list\": [...]}}")
         qid = row["question_id"]
+        if not _is_id(qid):
+            raise ValueError(f"{where}: 'question_id' must be a string or an integer, got {qid!r}")
         if known_ids is not None and qid not in known_ids:
             raise ValueError(f"{where}: question_id {qid!r} is not in the gold file")
         if qid in preds:
             raise ValueError(f"{where}: question_id {qid!r} appears twice")
         replies = []
-        for turn in row["model_response_list"]:
-            if not isinstance(turn, dict) or turn.get("role") != "assistant":
+        for k, turn in enumerate(row["model_response_list"]):
+            if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)):  # else a reply could vanish unseen
+                raise ValueError(f"{where}: turn {k} needs a 'role' (a {{role, content, time}} object), got {turn!r:.120}")
+            if turn["role"] != "assistant":
                 continue  # user turns (text or image) are context, not predictions
             t, text = turn.get("time"), turn.get("content")
-            if not isinstance(t, (int, float)) or not isinstance(text, str):
-                raise ValueError(f"{where}: an assistant turn needs a numeric 'time' and a text 'content', got {turn!r}")
+            if not (_is_seconds(t) and t >= 0 and isinstance(text, str)):
+                raise ValueError(f"{where}: an assistant turn needs a numeric 'time' (finite, >= 0 s) "
+                                 f"and a text 'content', got {turn!r:.120}")
             if text.strip() != SILENCE:  # should already be left out; silence anyway
                 replies.append((float(t), text.strip()))
         preds[qid] = replies

@@ -551,6 +551,18 @@ def test_cli_eval_offline(tmp_path, capsys):
     ('[\n{"question_id": 1,\n', None, "anno.json line 3: not valid JSON"),
     (json.dumps([example("v1", [(12, 10, 12)])]), None, "example 0 (v1) answer 0: reply_timespan [12, 10] has s1 <= s0"),
     (json.dumps([{"question_id": "v1"}]), None, "example 0: missing duration, conversation, answer"),
+    # an unhashable question_id, or numbers that are not a time (Python's json reads NaN and Infinity)
+    (None, '{"question_id": ["v1"], "model_response_list": []}', "preds.jsonl line 1: 'question_id' must be a string or an integer"),
+    (None, '{"question_id": {"v": 1}, "model_response_list": []}', "preds.jsonl line 1: 'question_id' must be"),
+    (json.dumps([dict(example("v1", [(0, 10, 10)]), question_id=["v1"])]), None, "anno.json example 0: 'question_id' must be"),
+    (None, pred_line("v1", [(float("nan"), "x")]), "preds.jsonl line 1: an assistant turn needs a numeric 'time'"),
+    (None, pred_line("v1", [(float("inf"), "x")]), "line 1: an assistant turn needs a numeric 'time'"),
+    (None, pred_line("v1", [(-5, "x")]), "line 1: an assistant turn needs a numeric 'time'"),
+    (None, pred_line("v1", [(True, "x")]), "line 1: an assistant turn needs a numeric 'time'"),
+    (None, '{"question_id": "v1", "model_response_list": [{"content": "x", "time": 2}]}', "line 1: turn 0 needs a 'role'"),
+    (None, '{"question_id": "v1", "model_response_list": ["A reply."]}', "line 1: turn 0 needs a 'role'"),
+    (json.dumps([example("v1", [(0, float("inf"), 10)])]), None, "example 0 (v1) answer 0: 'reply_timespan'"),
+    (json.dumps([example("v1", [(0, 10, float("nan"))])]), None, "example 0 (v1) answer 0: 'related_timespan'"),
 ])
 def test_cli_bad_input_exits_with_one_line(tmp_path, gold_text, pred_text, message):
     g, p = write_files(tmp_path, [example("v1", [(0, 10, 10)])],
@@ -577,6 +589,91 @@ def test_cli_unreachable_judge_exits_with_one_line(tmp_path, monkeypatch):
                      "--base-url", f"http://127.0.0.1:{port}/v1", "--retries", "0", "--workers", "2"])
     text = str(err.value.code)
     assert text.startswith("reward.py: judge endpoint") and "unreachable" in text and "\n" not in text
+
+
+def gold_with(tmp_path, change):
+    """anno.json holding example v1 after `change(example)`, for one bad field at a time."""
+    ex = example("v1", [(0, 10, 10)])
+    change(ex)
+    path = tmp_path / "anno.json"
+    path.write_text(json.dumps([ex]))
+    return path
+
+
+def set_(*keys_value):
+    """A change that sets ex[k1][k2]... = value."""
+    *keys, last, value = keys_value
+
+    def change(ex):
+        for k in keys:
+            ex = ex[k]
+        ex[last] = value
+    return change
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_GOLD = [  # (change, the field named in the message)
+    (set_("video", ""), "'video'"), (lambda ex: ex.pop("video"), "missing video"), (set_("video", 3), "'video'"),
+    (set_("question_id", ["v1"]), "'question_id'"), (set_("question_id", {"v": 1}), "'question_id'"),
+    (set_("question_id", True), "'question_id'"), (set_("question_id", None), "'question_id'"),
+    (set_("duration", "abc"), "'duration'"), (set_("duration", None), "'duration'"), (set_("duration", True), "'duration'"),
+    (set_("duration", NAN), "'duration'"), (set_("duration", INF), "'duration'"), (set_("duration", 0), "'duration'"),
+    (set_("conversation", []), "'conversation'"), (set_("conversation", "What?"), "'conversation'"),
+    (set_("conversation", 0, "role", None), "conversation 0: a turn needs"),
+    (set_("conversation", ["What happens?"]), "conversation 0: a turn needs"),
+    (set_("conversation", 0, "content", None), "conversation 0: a turn needs"),
+    (set_("conversation", 0, "time", -1), "conversation 0: 'time'"), (set_("conversation", 0, "time", NAN), "conversation 0: 'time'"),
+    (set_("conversation", 0, "time", "0"), "conversation 0: 'time'"),
+    (lambda ex: ex["conversation"].append({"role": "user", "content": "Subtitle: Hi."}), "conversation 1: 'time'"),
+    (set_("answer", {"content": "x"}), "'answer'"), (set_("answer", ["gold"]), "answer 0: needs"),
+    (set_("answer", 0, "content", None), "answer 0: needs"),
+    (set_("answer", 0, "reply_timespan", [NAN, 5]), "answer 0: 'reply_timespan'"),
+    (set_("answer", 0, "reply_timespan", [0, INF]), "answer 0: 'reply_timespan'"),
+    (set_("answer", 0, "reply_timespan", [True, 5]), "answer 0: 'reply_timespan'"),
+    (set_("answer", 0, "reply_timespan", [0]), "answer 0: 'reply_timespan'"),
+    (set_("answer", 0, "reply_timespan", [-1, 5]), "answer 0: reply_timespan [-1, 5] starts before the video"),
+    (set_("answer", 0, "reply_timespan", [5, 5]), "answer 0: reply_timespan [5, 5] has s1 <= s0"),
+    (set_("answer", 0, "related_timespan", [0, NAN]), "answer 0: 'related_timespan'"),
+    (set_("answer", 0, "related_timespan", [6, 3]), "answer 0: related_timespan [6, 3] ends before it starts"),
+    (set_("answer", 0, "question", 3), "answer 0: 'question'"),
+]
+
+
+@pytest.mark.parametrize("change, field", BAD_GOLD, ids=[f"{i}-{f}" for i, (_, f) in enumerate(BAD_GOLD)])
+def test_load_gold_names_file_example_and_field(tmp_path, change, field):
+    path = gold_with(tmp_path, change)
+    with pytest.raises(ValueError) as err:
+        reward.load_gold(path)
+    text = str(err.value)
+    assert text.startswith(f"{path} example 0") and field in text and "\n" not in text
+
+
+def test_load_gold_rejects_a_repeated_question_id_and_a_missing_file(tmp_path):
+    path = tmp_path / "anno.json"
+    path.write_text(json.dumps([example(7, [(0, 10, 10)]), example(7, [(0, 10, 10)])]))
+    with pytest.raises(ValueError, match=r"anno.json example 1 \(7\): question_id appears twice"):
+        reward.load_gold(path)
+    with pytest.raises(ValueError, match="nope.json: cannot read"):
+        reward.load_gold(tmp_path / "nope.json")
+
+
+def test_load_gold_accepts_every_shape_of_the_real_files(tmp_path):
+    # shapes of the four ProactiveVideoQA parts and of what data.py writes, as found in their anno.json
+    web = example("LGg.52.mp4", [(0.0, 4.07, 3.07), (3.1, 6.0, 5.0)], duration=12.866666666666667)
+    ego = example("cc57-720-1080.mp4", [(20.29, 76.69, 75.69)], duration=360.17)
+    ego["answer"][0]["type"] = "step"
+    vad = example("Explosion016_x264.mp4", [(6.0, 16.0, 15.0)])
+    vad["answer"][0]["num_captions"] = 1
+    tv = dict(example("house.mp4%Q1", [(0.0, 7.49, 6.49)]), frame="house_frames/x", audio="house/x.mp3")
+    tv["conversation"] += [{"role": "user", "content": "Subtitle: (Amber:)So, this is the story.", "time": 0.352},
+                           {"role": "user", "content": "Subtitle: No.", "time": 22.307}]
+    toy = example(3, [(1.0, 7.5, 6.5), (16.0, 20.0, 16.0)])  # an int id; nQnA: a second question at t=16
+    toy["conversation"].append({"role": "user", "content": "Tell me the colour of each new shape.", "time": 16.0})
+    toy["answer"][1].update(question="Tell me the colour of each new shape.", related_timespan=[0.0, 16.0])
+    del toy["conversation"][0]["time"]  # the first turn is the question: its time may be left out
+    path = tmp_path / "anno.json"
+    path.write_text(json.dumps([web, ego, vad, tv, toy]))
+    assert reward.load_gold(path) == [web, ego, vad, tv, toy]  # returned as read, extra keys kept
 
 
 def test_load_predictions_treats_no_reply_as_silence(tmp_path):
