@@ -730,8 +730,14 @@ def load_predictions(path, known_ids=None):
     return preds
 
 
-def evaluate(gold_path, pred_path, judge, omegas=(0.0, 0.5, 1.0)):
-    """Everything `reward.py eval` prints, as a dict (judged once, areas computed per omega)."""
+def evaluate(gold_path, pred_path, judge, omegas=(0.0, 0.5, 1.0), max_failures=0.01):
+    """Everything `reward.py eval` prints, as a dict (judged once, areas computed per omega).
+
+    `valid` is False when more than `max_failures` of this file's judge calls failed: a failed
+    judgment is dropped and its reply counts as silence, so with many failures the PAUC measures
+    the judge, not the model.
+    """
+    calls0, hits0, failures0 = judge.calls, judge.cache_hits, judge.failures  # the judge may serve several files
     gold = load_gold(gold_path)
     preds = load_predictions(pred_path, known_ids={ex["question_id"] for ex in gold})
     examples = [ex for ex in gold if ex["question_id"] in preds]
@@ -744,10 +750,14 @@ def evaluate(gold_path, pred_path, judge, omegas=(0.0, 0.5, 1.0)):
     pauc = {w: 100 * sum(area_ratio(p, L, METRIC_SCALE - 1, w) for p, L in turns) / len(turns) for w in omegas}
     dup = duplicate_proportion({ex["question_id"]: preds[ex["question_id"]] for ex in examples}, judge)
     stats = reply_stats(examples, preds)
+    calls, hits, failures = judge.calls - calls0, judge.cache_hits - hits0, judge.failures - failures0
+    share = failures / (calls + hits) if calls + hits else 0.0  # a cached answer can fail to parse, too
     return {"pauc": {str(w): v for w, v in pauc.items()}, "duplicate_proportion": dup,
             "examples": len(examples), "skipped": skipped, "gold_turns": len(turns),
-            "replies": stats["replies"], "judge_calls": judge.calls, "judge_cache_hits": judge.cache_hits,
-            "judge_failures": judge.failures,
+            "replies": stats["replies"], "judge_calls": calls, "judge_cache_hits": hits,
+            "judge_failures": failures, "judge_failure_share": share,
+            "judge_last_failure": getattr(judge, "last_error", None) if failures else None,
+            "valid": share <= max_failures,
             "diagnostics": {"replies_per_example": stats["replies_per_example"],
                             "replies_outside_spans": stats["replies_outside_spans"],
                             "mean_reply_delay_s": stats["mean_delay"],
@@ -758,15 +768,16 @@ def format_summary(s):
     skipped = f" ({len(s['skipped'])} skipped, no prediction: {', '.join(map(str, s['skipped']))})" if s["skipped"] else ""
     d = s["diagnostics"]
     delay = "n/a" if d["mean_reply_delay_s"] is None else f"{d['mean_reply_delay_s']:.2f} s"
+    invalid = "" if s["valid"] else "  (NOT A RESULT: too many judge calls failed)"
     return "\n".join([
         f"examples {s['examples']}{skipped}, gold turns {s['gold_turns']}, replies {s['replies']}",
-        "PAUC x100: " + "  ".join(f"w={w} {v:.2f}" for w, v in s["pauc"].items()),
+        "PAUC x100: " + "  ".join(f"w={w} {v:.2f}" for w, v in s["pauc"].items()) + invalid,
         f"reply duplicate proportion (our reconstruction): {100 * s['duplicate_proportion']:.1f}%",
         f"judge: {s['judge_calls']} calls, {s['judge_cache_hits']} cache hits, {s['judge_failures']} failed",
         f"extra diagnostics (not the paper's metric): {d['replies_per_example']:.2f} replies/example "
         f"({d['replies_outside_spans']} of {s['replies']} outside every gold span), "
         f"mean reply delay {delay} after s0 ({d['gold_turns_with_reply']} of {s['gold_turns']} gold turns replied in span)",
-    ])
+    ] + ([f"last judge failure: {s['judge_last_failure']}"] if s["judge_last_failure"] else []))
 
 
 def main(argv=None):
@@ -787,7 +798,13 @@ def main(argv=None):
     ev.add_argument("--workers", type=int, default=8, help="judge requests in flight at once")
     ev.add_argument("--timeout", type=float, default=60.0, help="seconds per judge request")
     ev.add_argument("--retries", type=int, default=3, help="retries of a timed-out / 429 / 5xx request")
+    ev.add_argument("--max-failures", type=float, default=0.01,
+                    help="largest share of judge calls that may fail: a failed judgment is dropped (its reply "
+                         "counts as silence), so past this share eval prints what happened and exits 1; "
+                         "default 0.01 lets a rare timeout pass and stops a broken judge")
     args = parser.parse_args(argv)
+    if not 0 <= args.max_failures <= 1:
+        raise SystemExit(f"reward.py: --max-failures is a share of the judge calls, in [0, 1]; got {args.max_failures}")
 
     try:
         if args.judge == "offline":
@@ -796,14 +813,19 @@ def main(argv=None):
             judge = OpenAIJudge(model=args.model, base_url=args.base_url, api_key=args.api_key,
                                 cache_path=args.cache or None, max_workers=args.workers,
                                 timeout=args.timeout, retries=args.retries)
-        summary = evaluate(args.gold, args.pred, judge)
+        summary = evaluate(args.gold, args.pred, judge, max_failures=args.max_failures)
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     except (ValueError, OSError, JudgeError) as e:
         raise SystemExit(f"reward.py: {e}") from None  # one line, no traceback
     print(format_summary(summary))
-    if summary["judge_failures"] and getattr(judge, "last_error", None):
-        print(f"last judge failure: {judge.last_error}")
+    if not summary["valid"]:
+        asked = summary["judge_calls"] + summary["judge_cache_hits"]
+        kept = f"the answers already in {args.cache} are kept, " if args.judge == "openai" and args.cache else ""
+        raise SystemExit(f"reward.py: {summary['judge_failures']} of {asked} judge calls failed "
+                         f"({100 * summary['judge_failure_share']:.1f}% > --max-failures {100 * args.max_failures:g}%): "
+                         f"the scores above are not a result; fix the judge (see its last failure) and rerun: "
+                         f"{kept}only the failed calls are asked again")
     return summary
 
 

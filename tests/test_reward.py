@@ -535,6 +535,7 @@ def test_cli_eval_offline(tmp_path, capsys):
     assert summary["skipped"] == ["gone"]
     assert summary["judge_calls"] == 2 and summary["judge_failures"] == 0  # exact repeats need no call
     assert summary["diagnostics"]["mean_reply_delay_s"] == pytest.approx(3.0)
+    assert summary["valid"] is True and summary["judge_failure_share"] == 0.0
     assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
     text = capsys.readouterr().out
     assert "no prediction: gone" in text and "w=0.5 " in text and "our reconstruction" in text
@@ -674,6 +675,29 @@ def test_load_gold_accepts_every_shape_of_the_real_files(tmp_path):
     path = tmp_path / "anno.json"
     path.write_text(json.dumps([web, ego, vad, tv, toy]))
     assert reward.load_gold(path) == [web, ego, vad, tv, toy]  # returned as read, extra keys kept
+
+
+def test_cli_refuses_a_result_when_too_many_judge_calls_failed(server, tmp_path, capsys):
+    server.answer = lambda text: 500  # a broken judge: every call fails
+    g, p = write_files(tmp_path, [example(f"v{i}", [(0, 10, 10)]) for i in range(5)],
+                       [pred_line(f"v{i}", [(2, f"Reply {i}.")]) for i in range(5)])
+    out = tmp_path / "s.json"
+    args = ["eval", "--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--base-url", server.url,
+            "--cache", str(tmp_path / "c.jsonl"), "--retries", "0", "--json", str(out)]
+    with pytest.raises(SystemExit) as err:
+        reward.main(args)
+    message = str(err.value.code)  # a string: Python prints it on stderr and exits with status 1
+    assert message.startswith("reward.py: 5 of 5 judge calls failed") and "--max-failures" in message
+    assert "\n" not in message
+    printed = capsys.readouterr().out
+    assert "NOT A RESULT" in printed and f"last judge failure: {server.url}: HTTP 500" in printed
+    summary = json.loads(out.read_text())  # still written, flagged
+    assert summary["valid"] is False and summary["judge_failures"] == 5 and summary["judge_failure_share"] == 1.0
+    assert summary["judge_last_failure"].startswith(server.url)
+    # the same run with every failure tolerated is a result (the dropped judgments count as silence)
+    summary = reward.main(args + ["--max-failures", "1"])
+    assert summary["valid"] is True and summary["pauc"]["0.5"] == pytest.approx(25.0)
+    assert "NOT A RESULT" not in capsys.readouterr().out
 
 
 def test_load_predictions_treats_no_reply_as_silence(tmp_path):
