@@ -40,10 +40,11 @@ import hashlib
 import json
 import math
 import os
+import queue
 import re
+import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -264,6 +265,11 @@ class LLMClient:
             self.failures += 1
             self.last_error = self._redact(f"{self.base_url}: {error}")  # which endpoint, when several are in use
 
+    @property
+    def cached(self):
+        """How many answers the cache holds (this run's and earlier runs')."""
+        return len(self._cache)
+
     def _redact(self, text):
         """`text` with the API key and anything shaped like a secret replaced by "[redacted]"."""
         key = self.client.api_key
@@ -369,14 +375,43 @@ class OfflineJudge:
 
 
 def run_all(judge, fn, jobs):
-    """[fn(*job) for job in jobs], concurrently up to judge.max_workers, in job order, with a progress bar."""
-    workers = getattr(judge, "max_workers", 1)
-    if workers <= 1 or len(jobs) <= 1:
+    """[fn(*job) for job in jobs], concurrently up to judge.max_workers, in job order, with a progress bar.
+
+    The workers are daemon threads, not a ThreadPoolExecutor: Python joins an executor's threads
+    at exit, so after Ctrl-C it would wait for every request in flight (up to the timeout). Here
+    the caller can leave at once: on Ctrl-C or a JudgeError no worker starts another job, and a
+    request in flight is abandoned (its answer, if it comes first, still reaches the cache).
+    """
+    workers = min(getattr(judge, "max_workers", 1), len(jobs))
+    if workers <= 1:
         return [fn(*job) for job in jobs]
-    with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda job: fn(*job), jobs)
-        # disable=None: the bar shows only on a terminal; a JudgeError re-raises here
-        return list(tqdm(results, total=len(jobs), desc="judge", disable=None, leave=False))
+    todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    for i in range(len(jobs)):
+        todo.put(i)
+    results = [None] * len(jobs)
+
+    def work():
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[i] = fn(*jobs[i])
+                done.put(None)
+            except Exception as e:  # a JudgeError: the caller re-raises it
+                done.put(e)
+
+    for _ in range(workers):
+        threading.Thread(target=work, daemon=True).start()
+    try:
+        for _ in tqdm(range(len(jobs)), desc="judge", disable=None, leave=False):  # a bar on a terminal only
+            error = done.get()  # Ctrl-C interrupts this wait
+            if error is not None:
+                raise error
+    finally:
+        stop.set()
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -806,6 +841,7 @@ def main(argv=None):
     if not 0 <= args.max_failures <= 1:
         raise SystemExit(f"reward.py: --max-failures is a share of the judge calls, in [0, 1]; got {args.max_failures}")
 
+    judge = None
     try:
         if args.judge == "offline":
             judge = OfflineJudge()
@@ -818,6 +854,13 @@ def main(argv=None):
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     except (ValueError, OSError, JudgeError) as e:
         raise SystemExit(f"reward.py: {e}") from None  # one line, no traceback
+    except KeyboardInterrupt:  # run_all's workers are daemons: nothing waits for the requests in flight
+        if isinstance(judge, LLMClient) and judge.cache_path:
+            kept = f"the {judge.cached} judge answers are in {judge.cache_path}: a rerun asks only the rest"
+        else:
+            kept = "no judge answer is kept (offline judge or --cache ''): a rerun starts over"
+        print(f"reward.py: interrupted; {kept}", file=sys.stderr)
+        raise SystemExit(130) from None  # 128 + SIGINT, the shell's convention
     print(format_summary(summary))
     if not summary["valid"]:
         asked = summary["judge_calls"] + summary["judge_cache_hits"]

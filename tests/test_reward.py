@@ -7,6 +7,7 @@ Run: python -m pytest tests/test_reward.py -q
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -330,6 +331,7 @@ class FakeServer:
         self.requests = []
         self.answer = lambda text: "3"
         self.echo_auth = False
+        self.release = threading.Event()  # set at teardown: a slow answer stops waiting
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -341,7 +343,7 @@ class FakeServer:
                 fake.requests.append((self.path, body))
                 out = fake.answer(body["messages"][-1]["content"])
                 if isinstance(out, tuple) and out[0] == "sleep":  # a slow server: answer after the client gave up
-                    time.sleep(out[1])
+                    fake.release.wait(out[1])
                     out = "3"
                 echo = f" (Authorization: {self.headers['Authorization']})" if fake.echo_auth else ""
                 status, content_type = 200, "application/json"
@@ -376,6 +378,7 @@ def server(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     fake = FakeServer()
     yield fake
+    fake.release.set()
     fake.httpd.shutdown()
     fake.httpd.server_close()
 
@@ -732,3 +735,27 @@ def test_cli_never_prints_or_writes_the_api_key(server, tmp_path, status):
     assert "Bearer [redacted]" in cache.read_text()  # the 200 answer to "first" was cached, redacted
     for text in [stdout, stderr, *written]:
         assert API_KEY not in text and API_KEY[:12] not in text
+
+
+def test_ctrl_c_while_judging_exits_at_once_and_keeps_the_answers(server, tmp_path):
+    server.answer = lambda text: "3" if "fast" in text else ("sleep", 60)  # the slow ones outlast the test
+    g, p = write_files(tmp_path, [example(f"v{i}", [(0, 10, 10)]) for i in range(6)],
+                       [pred_line(f"v{i}", [(2, f"{'fast' if i < 2 else 'slow'} reply {i}.")]) for i in range(6)])
+    cache = tmp_path / "judge.jsonl"
+    proc = run_eval(["--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--base-url", server.url,
+                     "--cache", str(cache), "--workers", "2", "--timeout", "60", "--retries", "0"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(server.requests) < 4 and time.monotonic() < deadline:  # 2 answered, 2 slow ones in flight
+            time.sleep(0.02)
+        assert len(server.requests) == 4
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=30)  # before the fix: every queued request, 60 s each
+        elapsed = time.monotonic() - start
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and elapsed < 5, (proc.returncode, elapsed, stderr[-500:])
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert stderr.startswith("reward.py: interrupted") and f"2 judge answers are in {cache}" in stderr
+    assert len(cache.read_text().splitlines()) == 2 and len(server.requests) == 4  # nothing queued was started
