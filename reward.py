@@ -25,18 +25,36 @@ Where we depart from the paper or the released code (each also noted beside its 
 
 Judges: `OpenAIJudge` talks to any OpenAI-compatible endpoint (vLLM, SGLang, a hosted API) with
 retries, bounded concurrency and an on-disk cache; `OfflineJudge` is a deterministic word-overlap
-judge for tests and the toy world. `LLMClient` (cache + retries + counters) is reused by data.py.
+judge for tests and the toy world. `LLMClient` (cache + retries + counters + secret redaction) is
+reused by data.py. `load_gold` is the project's one loader of a ProactiveVideoQA anno.json (eval,
+infer.py and grpo.py): it checks every field the pipeline reads before any model loads.
 
 Run:
     python reward.py eval --gold anno.json --pred preds.jsonl --judge offline
     OPENAI_BASE_URL=http://localhost:8000/v1 OPENAI_API_KEY=EMPTY JUDGE_MODEL=Qwen/Qwen2.5-32B-Instruct \
         python reward.py eval --gold anno.json --pred preds.jsonl --judge openai --json scores.json
+    python reward.py eval --gold anno.json --pred runs/preds-sft.jsonl runs/preds-grpo.jsonl \
+        --label SFT GRPO --html timeline.html    # two runs, one summary each, one page to compare them
     python -m pytest tests/test_reward.py -q     # the worked examples of spec/reward.md, offline
+
+What `eval` prints, per predictions file (after a "== LABEL: FILE" line when there are several):
+examples, gold turns and replies; PAUC x100 at w = 0 / 0.5 / 1; the reply duplicate proportion;
+the judge's calls, cache hits and failures; extra diagnostics that are not the paper's metric
+(replies per example, replies outside every gold span, mean reply delay); the last judge failure.
+- --json FILE: that summary; with several --pred, {"gold": GOLD, "runs": {LABEL: summary + "pred"}}.
+- --html FILE: one self-contained page (inline SVG, opens offline): the PAUC table of every run,
+  then per video the gold reply spans with their answers and each run's replies at their time,
+  coloured by the score the metric gave them; no mark is silence.
+- Exit status 1, after printing, when more than --max-failures (default 1%) of a file's judge
+  calls failed: failed judgments are dropped (their replies count as silence), so the PAUC line
+  says NOT A RESULT and --json has "valid": false. Status 130 on Ctrl-C: the judge answers already
+  in the cache file are kept, and a rerun asks only the rest.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import html
 import json
 import math
 import os
@@ -235,7 +253,8 @@ class LLMClient:
                 if answer is not None:
                     return answer
                 # HTTP 200 but garbage (a proxy's error page, a cut body): retried like a 5xx
-                error, fatal = f"HTTP 200 but not a chat completion: {self._redact(raw.http_response.text)[:200]!r}", False
+                body = self._redact(raw.http_response.text)[:200]
+                error, fatal = f"HTTP 200 but not a chat completion: {body!r}", False
             except openai.APITimeoutError:  # before APIConnectionError: it is a subclass of it
                 error, fatal = "timed out", False
             except openai.APIConnectionError as e:
@@ -473,14 +492,17 @@ def prune_late(points, r1):
 
 
 def metric_turns(examples, predictions, judge):
-    """Judge every gold turn once for the metric: [(points, span_len)], points = [(x, score)], S = 2.
+    """Judge every gold turn once for the metric: [(points, span_len, judged)], one per gold turn in
+    example order, points = [(x, score)] (what area_ratio takes, S = 2).
 
     Per gold turn: in-span replies in time order; a text equal to one already kept is skipped;
     the space-joined kept texts so far are judged against the gold (cumulative judging, 3-point
     scale stored 0..2); failed calls are dropped; then late-reply pruning. All judge inputs are
     known before any is judged, so they run concurrently through run_all.
+    judged = {(time, text): (score, on_curve)} for each reply judged in this span (exact repeats
+    are absent; score None: the call failed; on_curve False: pruned), for the timeline page.
     """
-    jobs, turns = [], []  # judge requests; per gold turn (s0, s1, r1, [(time, job index)])
+    jobs, turns = [], []  # judge requests; per gold turn (s0, s1, r1, [(time, text, job index)])
     for i, ex in enumerate(examples):
         qid = ex["question_id"]
         if qid not in predictions:
@@ -495,14 +517,48 @@ def metric_turns(examples, predictions, judge):
                 if not s0 <= t <= s1 or text in kept:  # inclusive span; exact repeats are not re-judged
                     continue
                 kept.append(text)
-                requests.append((t, len(jobs)))
+                requests.append((t, text, len(jobs)))
                 jobs.append((_question(ex, g), g["content"], " ".join(kept), METRIC_SCALE))  # cumulative
             turns.append((s0, s1, r1, requests))
     scores = run_all(judge, judge.score, jobs)
     out = []
     for s0, s1, r1, requests in turns:
-        points = [(t, scores[k]) for t, k in requests if scores[k] is not None]  # failures dropped, not 0
-        out.append(([(t - s0, s) for t, s in prune_late(points, r1)], s1 - s0))
+        points = [(t, scores[k]) for t, _, k in requests if scores[k] is not None]  # failures dropped, not 0
+        on_curve = prune_late(points, r1)
+        judged = {(t, text): (scores[k], (t, scores[k]) in on_curve) for t, text, k in requests}
+        out.append(([(t - s0, s) for t, s in on_curve], s1 - s0, judged))
+    return out
+
+
+def reply_notes(examples, predictions, turns):
+    """What the metric made of each reply: {question_id: [(time, text, best, note)]}, for the timeline.
+
+    turns: metric_turns' output for these examples. best: the highest score (0..2) the reply holds
+    on some gold turn's curve, else None. note: for each gold turn whose span holds the reply, its
+    score, or that it was pruned, failed or an exact repeat; "outside every gold span" for none.
+    """
+    out, records = {}, iter(turns)
+    for ex in examples:
+        spans = [(j, *g["reply_timespan"], next(records)[2]) for j, g in enumerate(ex["answer"])]
+        marks = []
+        for t, text in _replies(predictions[ex["question_id"]]):
+            notes, best = [], None
+            for j, s0, s1, judged in spans:
+                if not s0 <= t <= s1:
+                    continue
+                score, on_curve = judged.get((t, text), (None, None))
+                if (t, text) not in judged:
+                    note = "an exact repeat, not judged again"
+                elif score is None:
+                    note = "the judge call failed: dropped, as if silent"
+                elif not on_curve:
+                    note = f"score {score} of {METRIC_SCALE - 1}, pruned (late, below the on-time score)"
+                else:
+                    note = f"score {score} of {METRIC_SCALE - 1}"
+                    best = score if best is None else max(best, score)
+                notes.append(f"gold {j + 1}: {note}")
+            marks.append((t, text, best, "; ".join(notes) or "outside every gold span"))
+        out[ex["question_id"]] = marks
     return out
 
 
@@ -518,7 +574,7 @@ def pauc_metric(examples, predictions, judge, omega=0.5):
     turns = metric_turns(examples, predictions, judge)
     if not turns:
         raise ValueError("pauc_metric: the gold examples have no answer turns")
-    return sum(area_ratio(p, span_len, METRIC_SCALE - 1, omega) for p, span_len in turns) / len(turns)
+    return sum(area_ratio(p, span_len, METRIC_SCALE - 1, omega) for p, span_len, _ in turns) / len(turns)
 
 
 def duplicate_proportion(predictions, judge):
@@ -711,15 +767,15 @@ def load_gold(path):
         if not (isinstance(conv, list) and conv):
             raise ValueError(f"{where}: 'conversation' must be a non-empty list of turns, the question first")
         for j, turn in enumerate(conv):
-            if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
-                raise ValueError(f"{where} conversation {j}: a turn needs a text 'role' and 'content', got {turn!r:.120}")
+            if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in ("role", "content"))):
+                raise ValueError(f"{where} conversation {j}: a turn needs a text 'role' and 'content', got {turn!r:.99}")
             if (j or "time" in turn) and not (_is_seconds(turn.get("time")) and turn["time"] >= 0):
                 raise ValueError(f"{where} conversation {j}: 'time' must be seconds >= 0, got {turn.get('time')!r}")
         if not isinstance(ex["answer"], list):
             raise ValueError(f"{where}: 'answer' must be a list of gold turns")
         for j, g in enumerate(ex["answer"]):
             if not (isinstance(g, dict) and isinstance(g.get("content"), str)):
-                raise ValueError(f"{where} answer {j}: needs the gold text 'content', got {g!r:.120}")
+                raise ValueError(f"{where} answer {j}: needs the gold text 'content', got {g!r:.99}")
             _span(g, "reply_timespan", f"{where} answer {j}")
             _span(g, "related_timespan", f"{where} answer {j}")
             if not isinstance(g.get("question", ""), str):
@@ -750,13 +806,13 @@ def load_predictions(path, known_ids=None):
         replies = []
         for k, turn in enumerate(row["model_response_list"]):
             if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)):  # else a reply could vanish unseen
-                raise ValueError(f"{where}: turn {k} needs a 'role' (a {{role, content, time}} object), got {turn!r:.120}")
+                raise ValueError(f"{where}: turn {k} needs a 'role' (a {{role, content, time}} object), got {turn!r:.99}")
             if turn["role"] != "assistant":
                 continue  # user turns (text or image) are context, not predictions
             t, text = turn.get("time"), turn.get("content")
             if not (_is_seconds(t) and t >= 0 and isinstance(text, str)):
                 raise ValueError(f"{where}: an assistant turn needs a numeric 'time' (finite, >= 0 s) "
-                                 f"and a text 'content', got {turn!r:.120}")
+                                 f"and a text 'content', got {turn!r:.99}")
             if text.strip() != SILENCE:  # should already be left out; silence anyway
                 replies.append((float(t), text.strip()))
         preds[qid] = replies
@@ -765,38 +821,39 @@ def load_predictions(path, known_ids=None):
     return preds
 
 
-def evaluate(gold_path, pred_path, judge, omegas=(0.0, 0.5, 1.0), max_failures=0.01):
-    """Everything `reward.py eval` prints, as a dict (judged once, areas computed per omega).
+def evaluate(gold, pred_path, judge, omegas=(0.0, 0.5, 1.0), max_failures=0.01):
+    """Score one predictions file against `gold` (load_gold's examples): (summary, marks).
 
+    summary: everything `reward.py eval` prints, as a dict (judged once, areas computed per omega).
     `valid` is False when more than `max_failures` of this file's judge calls failed: a failed
     judgment is dropped and its reply counts as silence, so with many failures the PAUC measures
-    the judge, not the model.
+    the judge, not the model. marks: reply_notes, for the timeline page.
     """
     calls0, hits0, failures0 = judge.calls, judge.cache_hits, judge.failures  # the judge may serve several files
-    gold = load_gold(gold_path)
     preds = load_predictions(pred_path, known_ids={ex["question_id"] for ex in gold})
     examples = [ex for ex in gold if ex["question_id"] in preds]
     skipped = [ex["question_id"] for ex in gold if ex["question_id"] not in preds]
     if not examples:
-        raise ValueError(f"{pred_path}: no prediction matches an example of {gold_path}")
+        raise ValueError(f"{pred_path}: no prediction matches a gold example")
     turns = metric_turns(examples, preds, judge)
     if not turns:
-        raise ValueError(f"{gold_path}: the examples have no answer turns")
-    pauc = {w: 100 * sum(area_ratio(p, L, METRIC_SCALE - 1, w) for p, L in turns) / len(turns) for w in omegas}
+        raise ValueError(f"{pred_path}: the gold examples it predicts have no answer turns")
+    pauc = {w: 100 * sum(area_ratio(p, L, METRIC_SCALE - 1, w) for p, L, _ in turns) / len(turns) for w in omegas}
     dup = duplicate_proportion({ex["question_id"]: preds[ex["question_id"]] for ex in examples}, judge)
     stats = reply_stats(examples, preds)
     calls, hits, failures = judge.calls - calls0, judge.cache_hits - hits0, judge.failures - failures0
     share = failures / (calls + hits) if calls + hits else 0.0  # a cached answer can fail to parse, too
-    return {"pauc": {str(w): v for w, v in pauc.items()}, "duplicate_proportion": dup,
-            "examples": len(examples), "skipped": skipped, "gold_turns": len(turns),
-            "replies": stats["replies"], "judge_calls": calls, "judge_cache_hits": hits,
-            "judge_failures": failures, "judge_failure_share": share,
-            "judge_last_failure": getattr(judge, "last_error", None) if failures else None,
-            "valid": share <= max_failures,
-            "diagnostics": {"replies_per_example": stats["replies_per_example"],
-                            "replies_outside_spans": stats["replies_outside_spans"],
-                            "mean_reply_delay_s": stats["mean_delay"],
-                            "gold_turns_with_reply": stats["turns_with_reply"]}}
+    summary = {"pauc": {str(w): v for w, v in pauc.items()}, "duplicate_proportion": dup,
+               "examples": len(examples), "skipped": skipped, "gold_turns": len(turns),
+               "replies": stats["replies"], "judge_calls": calls, "judge_cache_hits": hits,
+               "judge_failures": failures, "judge_failure_share": share,
+               "judge_last_failure": getattr(judge, "last_error", None) if failures else None,
+               "valid": share <= max_failures,
+               "diagnostics": {"replies_per_example": stats["replies_per_example"],
+                               "replies_outside_spans": stats["replies_outside_spans"],
+                               "mean_reply_delay_s": stats["mean_delay"],
+                               "gold_turns_with_reply": stats["turns_with_reply"]}}
+    return summary, reply_notes(examples, preds, turns)
 
 
 def format_summary(s):
@@ -815,14 +872,121 @@ def format_summary(s):
     ] + ([f"last judge failure: {s['judge_last_failure']}"] if s["judge_last_failure"] else []))
 
 
+# ----------------------------------------------------------------------------------------------
+# The timeline page (`eval --html`): WHEN each model spoke, against the gold reply spans
+#
+# One self-contained HTML file (inline SVG and CSS, no script, nothing fetched), one section per
+# video. Time runs left to right on the same axis for every predictions file, so two runs of the
+# same video can be compared at a glance. Every text a user or a model wrote goes through
+# html.escape: a reply "<script>" shows as text.
+
+PLOT_X0, PLOT_W = 180, 900  # px: a column of lane names, then the time axis from 0 to the video's end
+AXIS_H, LANE_H = 22, 18  # px: tick labels on top, then one lane per gold turn and one per predictions file
+SCORE_COLOURS = {2: "#1a9850", 1: "#f0a500", 0: "#d73027"}  # a reply's best metric score (S = 2)
+NO_SCORE = "#999999"  # outside every span, an exact repeat, pruned, or a failed judge call
+PAGE_CSS = """body { font: 14px sans-serif; margin: 1.5em; } table { border-collapse: collapse; }
+td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: right; } svg text { font-size: 11px; }
+.span { fill: #cfe2f3; stroke: #6fa8dc; } .tick { stroke: #eee; } .base { stroke: #bbb; }
+.name { text-anchor: end; } section { margin-top: 1.5em; }"""
+
+
+def timeline_x(t, end):
+    """The x pixel of video time t (seconds) on a video's axis, which runs from 0 to `end` seconds."""
+    return PLOT_X0 + PLOT_W * t / end
+
+
+def video_svg(example, lanes, end):
+    """One video's timeline: a lane per gold turn (its reply span as a bar, its answer written at
+    s0) and a lane per predictions file (a dot per reply at its time; no dot is silence). A shape's
+    <title> shows its full text on hover. lanes: [(label, reply_notes' marks or None)]."""
+    e, n_gold = html.escape, len(example["answer"])
+    height = AXIS_H + (n_gold + len(lanes)) * LANE_H + 4
+    out = [f'<svg width="{PLOT_X0 + PLOT_W + 20}" height="{height}">']
+    step = next((s for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600) if end / s <= 10), math.ceil(end / 10))
+    for tick in range(0, int(end) + 1, step):
+        x = timeline_x(tick, end)
+        out.append(f'<line class="tick" x1="{x:.2f}" y1="{AXIS_H - 6}" x2="{x:.2f}" y2="{height}"/>'
+                   f'<text x="{x:.2f}" y="{AXIS_H - 9}" text-anchor="middle">{tick} s</text>')
+    for j, g in enumerate(example["answer"]):
+        (s0, s1), y = g["reply_timespan"], AXIS_H + j * LANE_H
+        x0, x1 = timeline_x(s0, end), timeline_x(s1, end)
+        about = f"gold {j + 1}, reply span {s0:g}-{s1:g} s, question: {_question(example, g)}; answer: {g['content']}"
+        out.append(f'<text class="name" x="{PLOT_X0 - 6}" y="{y + 13}">gold {j + 1}</text>'
+                   f'<rect class="span" x="{x0:.2f}" y="{y + 2}" width="{x1 - x0:.2f}" height="{LANE_H - 4}">'
+                   f'<title>{e(about)}</title></rect><text x="{x0 + 3:.2f}" y="{y + 13}">{e(g["content"])}</text>')
+    for k, (label, marks) in enumerate(lanes):
+        y = AXIS_H + (n_gold + k) * LANE_H + LANE_H // 2
+        out.append(f'<text class="name" x="{PLOT_X0 - 6}" y="{y + 4}">{e(label)}</text>')
+        if marks is None:  # this file has no line for the video
+            out.append(f'<text x="{PLOT_X0 + 4}" y="{y + 4}">(no prediction)</text>')
+            continue
+        out.append(f'<line class="base" x1="{PLOT_X0}" y1="{y}" x2="{PLOT_X0 + PLOT_W}" y2="{y}"/>')
+        for t, text, best, note in marks:
+            out.append(f'<circle class="reply" cx="{timeline_x(t, end):.2f}" cy="{y}" r="5" '
+                       f'fill="{SCORE_COLOURS.get(best, NO_SCORE)}"><title>{e(f"{label} at {t:g} s: {text} ({note})")}'
+                       f'</title></circle>')
+    return "\n".join(out + ["</svg>"])
+
+
+def write_html(path, gold_path, gold, runs):
+    """The timeline page: the PAUC table of every run on top, then one timeline per gold example.
+
+    runs: [(label, pred_path, summary, marks)], marks as reply_notes returns them.
+    """
+    e = html.escape
+    head = ["<tr><th>run</th><th>predictions</th>"
+            + "".join(f"<th>PAUC w={w}</th>" for w in runs[0][2]["pauc"])
+            + "<th>duplicates</th><th>replies</th><th>judge failures</th><th>result</th></tr>"]
+    for label, pred, s, _ in runs:
+        head.append(f"<tr><td>{e(label)}</td><td>{e(str(pred))}</td>"
+                    + "".join(f"<td>{v:.2f}</td>" for v in s["pauc"].values())
+                    + f"<td>{100 * s['duplicate_proportion']:.1f}%</td><td>{s['replies']}</td>"
+                    f"<td>{s['judge_failures']}</td><td>{'valid' if s['valid'] else 'NOT A RESULT'}</td></tr>")
+    body = []
+    for ex in gold:
+        lanes = [(label, marks.get(ex["question_id"])) for label, _, _, marks in runs]
+        # the axis ends at the video's end, or later if a span or a reply does (spans may overrun)
+        end = max([ex["duration"]] + [g["reply_timespan"][1] for g in ex["answer"]]
+                  + [t for _, marks in lanes for t, *_ in marks or ()])
+        lists = "".join(f"<details><summary>{e(label)}: {len(marks)} replies</summary><ol>"
+                        + "".join(f"<li>{t:g} s: {e(text)} <i>({e(note)})</i></li>" for t, text, _, note in marks)
+                        + "</ol></details>" for label, marks in lanes if marks)
+        body.append(f"<section><h2>{e(str(ex['question_id']))}</h2><p>{e(ex['video'])}, {ex['duration']:g} s; "
+                    f"question: {e(ex['conversation'][0]['content'])}</p>\n"
+                    f"{video_svg(ex, lanes, end)}\n{lists}</section>")
+    Path(path).write_text("\n".join([
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>PAUC timeline</title>',
+        f"<style>{PAGE_CSS}</style></head><body>",
+        f"<h1>When each model spoke: {e(str(gold_path))}</h1>",
+        "<table>", *head, "</table>",
+        "<p>Blue bars: gold reply spans (when a reply is welcome), each with its answer. Dots: replies at "
+        "their time, coloured by the metric's score in the gold span they fell in: green 2, amber 1, red 0 "
+        "of 2 (a reply is judged together with the distinct replies before it in that span: cumulative "
+        "judging); grey: outside every span, an exact repeat, pruned or a failed judge call. No dot: "
+        "silence. Hover a bar or a dot for its text.</p>",
+        *body, "</body></html>\n"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Score streaming predictions with the ProactiveVideoQA PAUC.")
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("eval", help="PAUC x100 at w = 0 / 0.5 / 1, duplicate proportion, counts")
     # data
     ev.add_argument("--gold", required=True, help="benchmark anno.json (a JSON list of examples)")
-    ev.add_argument("--pred", required=True, help="predictions JSONL from infer.py, one example per line")
-    ev.add_argument("--json", default=None, help="also write the summary to this JSON file")
+    ev.add_argument("--pred", required=True, nargs="+",
+                    help="predictions JSONL from infer.py, one example per line; several files (e.g. an SFT "
+                         "and a GRPO run) are each scored, with one summary each")
+    ev.add_argument("--label", nargs="+", default=None,
+                    help="a name per --pred file, in the same order (default: the file names without .jsonl)")
+    ev.add_argument("--json", default=None,
+                    help="also write the summary to this JSON file; with several --pred: "
+                         '{"gold": GOLD, "runs": {LABEL: summary with its "pred" path}}')
+    ev.add_argument("--html", default=None,
+                    help="also write a self-contained timeline page: per video, the gold reply spans and "
+                         "every file's replies at their time, with their scores")
     # judge
     ev.add_argument("--judge", choices=["offline", "openai"], default="offline",
                     help="offline: deterministic word overlap; openai: an LLM behind an OpenAI-compatible endpoint")
@@ -840,8 +1004,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.max_failures <= 1:
         raise SystemExit(f"reward.py: --max-failures is a share of the judge calls, in [0, 1]; got {args.max_failures}")
+    labels = args.label or [Path(p).stem for p in args.pred]
+    if len(labels) != len(args.pred) or len(set(labels)) != len(labels):
+        raise SystemExit(f"reward.py: {len(args.pred)} --pred files need as many distinct names, got {labels}; "
+                         "give them with --label")
+    cached = args.judge == "openai" and args.cache  # only then do judge answers outlive the run
 
-    judge = None
+    judge, runs = None, []
     try:
         if args.judge == "offline":
             judge = OfflineJudge()
@@ -849,27 +1018,38 @@ def main(argv=None):
             judge = OpenAIJudge(model=args.model, base_url=args.base_url, api_key=args.api_key,
                                 cache_path=args.cache or None, max_workers=args.workers,
                                 timeout=args.timeout, retries=args.retries)
-        summary = evaluate(args.gold, args.pred, judge, max_failures=args.max_failures)
+        gold = load_gold(args.gold)
+        for label, pred in zip(labels, args.pred):  # one judge: its cache makes the calls the files share free
+            summary, marks = evaluate(gold, pred, judge, max_failures=args.max_failures)
+            if len(args.pred) > 1:
+                print(f"== {label}: {pred}")
+            print(format_summary(summary))
+            runs.append((label, pred, summary, marks))
+        result = runs[0][2] if len(runs) == 1 else {  # one file: the summary itself, as it always was
+            "gold": args.gold, "runs": {label: dict(s, pred=pred) for label, pred, s, _ in runs}}
         if args.json:
-            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        if args.html:
+            write_html(args.html, args.gold, gold, runs)
     except (ValueError, OSError, JudgeError) as e:
         raise SystemExit(f"reward.py: {e}") from None  # one line, no traceback
     except KeyboardInterrupt:  # run_all's workers are daemons: nothing waits for the requests in flight
-        if isinstance(judge, LLMClient) and judge.cache_path:
+        if cached and judge is not None:
             kept = f"the {judge.cached} judge answers are in {judge.cache_path}: a rerun asks only the rest"
         else:
             kept = "no judge answer is kept (offline judge or --cache ''): a rerun starts over"
         print(f"reward.py: interrupted; {kept}", file=sys.stderr)
         raise SystemExit(130) from None  # 128 + SIGINT, the shell's convention
-    print(format_summary(summary))
-    if not summary["valid"]:
-        asked = summary["judge_calls"] + summary["judge_cache_hits"]
-        kept = f"the answers already in {args.cache} are kept, " if args.judge == "openai" and args.cache else ""
-        raise SystemExit(f"reward.py: {summary['judge_failures']} of {asked} judge calls failed "
-                         f"({100 * summary['judge_failure_share']:.1f}% > --max-failures {100 * args.max_failures:g}%): "
-                         f"the scores above are not a result; fix the judge (see its last failure) and rerun: "
+    failed = [(label, s) for label, _, s, _ in runs if not s["valid"]]
+    if failed:
+        what = "; ".join(f"{label + ': ' if len(runs) > 1 else ''}{s['judge_failures']} of "
+                         f"{s['judge_calls'] + s['judge_cache_hits']} judge calls failed "
+                         f"({100 * s['judge_failure_share']:.1f}%)" for label, s in failed)
+        kept = f"the answers already in {args.cache} are kept, " if cached else ""
+        raise SystemExit(f"reward.py: {what}, more than --max-failures {100 * args.max_failures:g}%: the scores "
+                         f"above are not a result; fix the judge (see its last failure) and rerun: "
                          f"{kept}only the failed calls are asked again")
-    return summary
+    return result
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -759,3 +760,119 @@ def test_ctrl_c_while_judging_exits_at_once_and_keeps_the_answers(server, tmp_pa
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
     assert stderr.startswith("reward.py: interrupted") and f"2 judge answers are in {cache}" in stderr
     assert len(cache.read_text().splitlines()) == 2 and len(server.requests) == 4  # nothing queued was started
+
+
+# ----------------------------------------------------------------------------------------------
+# several prediction files and the timeline page
+
+class Elements(HTMLParser):
+    """Every element of a page as {"tag", its attributes, "text": all the text inside it}."""
+
+    def __init__(self, page):
+        super().__init__()  # convert_charrefs: "&lt;" comes back as "<", as a browser shows it
+        self.found, self.open = [], []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        element = {"tag": tag, **dict(attrs), "text": ""}
+        self.found.append(element)
+        self.open.append(element)
+
+    def handle_startendtag(self, tag, attrs):
+        self.found.append({"tag": tag, **dict(attrs), "text": ""})
+
+    def handle_endtag(self, tag):
+        while self.open and self.open.pop()["tag"] != tag:
+            pass  # void elements such as <meta> have no end tag
+
+    def handle_data(self, data):
+        for element in self.open:
+            element["text"] += data
+
+    def of(self, tag, cls=None):
+        return [el for el in self.found if el["tag"] == tag and (cls is None or el.get("class") == cls)]
+
+
+EVIL = "<script>alert('x')</script> & \"quoted\""
+
+
+def two_runs(tmp_path):
+    """A gold file (v1: spans [10, 20] and [30, 40] in a 60 s video; v2: [0, 10] in 12 s) and two runs."""
+    gold = [example("v1", [(10, 20, 19), (30, 40, 39)], duration=60), example("v2", [(0, 10, 9)], duration=12)]
+    gold[0]["answer"][0]["content"] = "A red circle appeared on the left."
+    gold[0]["answer"][1]["content"] = "A blue <b>square</b> & co."
+    gold[1]["answer"][0]["content"] = "A green dot."
+    sft = [pred_line("v1", [(14, "A red circle on the left."), (16, "A red circle on the left."), (25, SILENCE),
+                            (50, EVIL)]), pred_line("v2", [(3, "A green dot.")])]
+    g, p1 = write_files(tmp_path, gold, sft)
+    p2 = tmp_path / "grpo.jsonl"  # GRPO: the same first reply (a free cache hit for a caching judge), one more
+    p2.write_text(pred_line("v1", [(14, "A red circle on the left."), (33, "A blue square.")]) + "\n")
+    return g, p1, str(p2)
+
+
+def test_html_timeline_puts_spans_and_replies_on_the_time_axis_and_escapes_text(tmp_path):
+    g, p1, p2 = two_runs(tmp_path)
+    page = tmp_path / "t.html"
+    reward.main(["eval", "--gold", g, "--pred", p1, p2, "--label", "SFT", "GRPO", "--html", str(page)])
+    els = Elements(page.read_text())
+
+    def at(t, end):  # the page's time axis: 0 s at PLOT_X0, the axis end PLOT_W pixels to the right
+        return reward.PLOT_X0 + reward.PLOT_W * t / end
+
+    svgs = els.of("svg")
+    assert len(svgs) == 2  # one timeline per video
+    # gold spans at s0, as wide as the span; v1's axis ends at its duration (60 s), v2's at 12 s
+    spans = {el["text"].split(",")[0] + " " + el["text"].split("answer: ")[1]: el for el in els.of("rect", "span")}
+    for name, s0, s1, end in [("gold 1 A red circle appeared on the left.", 10, 20, 60),
+                              ("gold 2 A blue <b>square</b> & co.", 30, 40, 60), ("gold 1 A green dot.", 0, 10, 12)]:
+        x = float(spans[name]["x"])
+        assert x == pytest.approx(at(s0, end), abs=0.01)
+        assert float(spans[name]["width"]) == pytest.approx(at(s1, end) - x, abs=0.01)
+    # every reply of both runs is a dot at its time, with its text, run and note; NO REPLY is no dot
+    dots = {el["text"].split(" (")[0]: el for el in els.of("circle", "reply")}
+    expect = {"SFT at 14 s: A red circle on the left.": (14, 60, "gold 1: score 2 of 2"),
+              "SFT at 16 s: A red circle on the left.": (16, 60, "gold 1: an exact repeat"),
+              f"SFT at 50 s: {EVIL}": (50, 60, "outside every gold span"),
+              "SFT at 3 s: A green dot.": (3, 12, "gold 1: score 2 of 2"),
+              "GRPO at 14 s: A red circle on the left.": (14, 60, "gold 1: score 2 of 2"),
+              "GRPO at 33 s: A blue square.": (33, 60, "gold 2: score")}
+    assert set(dots) == set(expect)
+    for text, (t, end, note) in expect.items():
+        assert float(dots[text]["cx"]) == pytest.approx(at(t, end), abs=0.01)
+        assert note in dots[text]["text"]
+    # a run without a line for a video says so instead of drawing silence
+    assert any(el["text"] == "(no prediction)" for el in els.of("text"))
+    # escaped: no markup from the data became an element; nothing is fetched or run
+    assert not els.of("script") and not els.of("b") and not els.of("link") and not els.of("img")
+    assert not [el for el in els.found if "src" in el or "href" in el]
+    # the PAUC table on top: one row per run
+    rows = [el["text"] for el in els.of("tr")]
+    assert rows[1].startswith("SFT") and rows[2].startswith("GRPO") and "valid" in rows[1]
+
+
+def test_cli_several_pred_files_one_summary_each_and_shared_judge_calls_are_free(server, tmp_path, capsys):
+    server.answer = lambda text: "No." if "New reply:" in text else "3"
+    g, p1, p2 = two_runs(tmp_path)
+    out = tmp_path / "s.json"
+    judge = ["--judge", "openai", "--model", "m", "--base-url", server.url, "--cache", str(tmp_path / "c.jsonl")]
+    result = reward.main(["eval", "--gold", g, "--pred", p1, p2, "--json", str(out), *judge])
+    printed = capsys.readouterr().out
+    assert f"== preds: {p1}" in printed and f"== grpo: {p2}" in printed and printed.count("PAUC x100") == 2
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["gold"] == g and list(result["runs"]) == ["preds", "grpo"] and result["runs"]["grpo"]["pred"] == p2
+    sft, grpo = result["runs"]["preds"], result["runs"]["grpo"]
+    assert (grpo["judge_calls"], grpo["judge_cache_hits"]) == (2, 1)  # the reply both runs share was asked once
+    alone = reward.main(["eval", "--gold", g, "--pred", p1, *judge])  # one file: the summary as it always was
+    assert alone["pauc"] == sft["pauc"] and "runs" not in alone
+    assert "==" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--label", "A"], "2 --pred files need as many distinct names"),
+    (["--label", "A", "A"], "2 --pred files need as many distinct names"),
+])
+def test_cli_labels_must_name_each_pred_file_once(tmp_path, extra, message):
+    g, p1, p2 = two_runs(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        reward.main(["eval", "--gold", g, "--pred", p1, p2, *extra])
+    assert str(err.value.code).startswith("reward.py: ") and message in str(err.value.code)
