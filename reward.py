@@ -424,10 +424,13 @@ def run_all(judge, fn, jobs):
     for _ in range(workers):
         threading.Thread(target=work, daemon=True).start()
     try:
-        for _ in tqdm(range(len(jobs)), desc="judge", disable=None, leave=False):  # a bar on a terminal only
-            error = done.get()  # Ctrl-C interrupts this wait
-            if error is not None:
-                raise error
+        # `with`: an interrupted bar is erased before the caller prints; disable=None: a terminal only
+        with tqdm(total=len(jobs), desc="judge", disable=None, leave=False) as bar:
+            for _ in jobs:
+                error = done.get()  # Ctrl-C interrupts this wait
+                if error is not None:
+                    raise error
+                bar.update()
     finally:
         stop.set()
     return results

@@ -1,7 +1,9 @@
 """Tests for reward.py: every worked example of spec/reward.md, checked by hand, plus the rules
 around it (monotonicity, inclusive spans, pruning, truncated rollouts), the file loaders and the
-CLI, and the OpenAI judge driven through the real `openai` client against a tiny
-OpenAI-compatible server that the test starts on 127.0.0.1. No network, a few seconds in all.
+CLI (bad input, judge failures, Ctrl-C, several prediction files, the timeline page), and the
+OpenAI judge driven through the real `openai` client against a tiny OpenAI-compatible server
+that the test starts on 127.0.0.1 (garbage bodies, echoed secrets, slow answers). No network,
+about ten seconds in all.
 
 Run: python -m pytest tests/test_reward.py -q
 """
@@ -714,11 +716,11 @@ REPO = Path(__file__).resolve().parents[1]
 API_KEY = "sk-proj-Zq8TESTonly4tests0123456789"  # what a real key looks like; never sent anywhere but 127.0.0.1
 
 
-def run_eval(args, **popen):
+def run_eval(args):
     """`python reward.py eval ARGS` in a subprocess with OPENAI_API_KEY set: the real stdout, stderr and exit code."""
     env = dict(os.environ, OPENAI_API_KEY=API_KEY, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, str(REPO / "reward.py"), "eval", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 @pytest.mark.parametrize("status", [401, 500])
