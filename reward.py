@@ -172,8 +172,8 @@ class LLMClient:
     """One chat model behind an OpenAI-compatible endpoint: `ask(instruction, text) -> str | None`.
 
     - Cache: an append-only JSONL file keyed by sha256(model, instruction, text), so a re-run asks
-      nothing twice and an interrupted run loses nothing. Answers are cached as returned (even
-      ones a parser will reject: at temperature 0 asking again gives the same text).
+      nothing twice and an interrupted run loses nothing. Answers are cached as returned, secrets
+      redacted (even ones a parser will reject: at temperature 0 asking again gives the same text).
     - Retries: timeouts, 408/409/429, 5xx and an HTTP 200 whose body is no chat completion are
       retried with exponential backoff, then the call is a failure (None, counted). Other 4xx
       (e.g. a too-long input) fail at once.
