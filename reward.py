@@ -25,25 +25,44 @@ Where we depart from the paper or the released code (each also noted beside its 
 
 Judges: `OpenAIJudge` talks to any OpenAI-compatible endpoint (vLLM, SGLang, a hosted API) with
 retries, bounded concurrency and an on-disk cache; `OfflineJudge` is a deterministic word-overlap
-judge for tests and the toy world. `LLMClient` (cache + retries + counters) is reused by data.py.
+judge for tests and the toy world. `LLMClient` (cache + retries + counters + secret redaction) is
+reused by data.py. `load_gold` is the project's one loader of a ProactiveVideoQA anno.json (eval,
+infer.py and grpo.py): it checks every field the pipeline reads before any model loads.
 
 Run:
     python reward.py eval --gold anno.json --pred preds.jsonl --judge offline
     OPENAI_BASE_URL=http://localhost:8000/v1 OPENAI_API_KEY=EMPTY JUDGE_MODEL=Qwen/Qwen2.5-32B-Instruct \
         python reward.py eval --gold anno.json --pred preds.jsonl --judge openai --json scores.json
+    python reward.py eval --gold anno.json --pred runs/preds-sft.jsonl runs/preds-grpo.jsonl \
+        --label SFT GRPO --html timeline.html    # two runs, one summary each, one page to compare them
     python -m pytest tests/test_reward.py -q     # the worked examples of spec/reward.md, offline
+
+What `eval` prints, per predictions file (after a "== LABEL: FILE" line when there are several):
+examples, gold turns and replies; PAUC x100 at w = 0 / 0.5 / 1; the reply duplicate proportion;
+the judge's calls, cache hits and failures; extra diagnostics that are not the paper's metric
+(replies per example, replies outside every gold span, mean reply delay); the last judge failure.
+- --json FILE: that summary; with several --pred, {"gold": GOLD, "runs": {LABEL: summary + "pred"}}.
+- --html FILE: one self-contained page (inline SVG, opens offline): the PAUC table of every run,
+  then per video the gold reply spans with their answers and each run's replies at their time,
+  coloured by the score the metric gave them; no mark is silence.
+- Exit status 1, after printing, when more than --max-failures (default 1%) of a file's judge
+  calls failed: failed judgments are dropped (their replies count as silence), so the PAUC line
+  says NOT A RESULT and --json has "valid": false. Status 130 on Ctrl-C: the judge answers already
+  in the cache file are kept, and a rerun asks only the rest.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import html
 import json
 import math
 import os
+import queue
 import re
+import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -55,6 +74,8 @@ METRIC_SCALE = 3  # ProactiveVideoQA judge: 1 incorrect / 2 partial / 3 mostly c
 REWARD_SCALE = 5  # MMDuet2 reward judge: 5 points stored 0..4 -> S = 4 (paper Sec. 4.3.2)
 PREFIX_CHARS = 50  # r_pfx: a shared prefix this long marks a "verbose prefix" turn
 DEFAULT_CACHE = "~/.cache/mmduet2/judge.jsonl"
+# a secret as an endpoint may echo it back: "Bearer <token>" (the Authorization header) or an "sk-..." key
+SECRET = re.compile(r"(?i)(bearer\s+)[\w.~+/-]+=*|\bsk-[\w-]{8,}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,18 +153,36 @@ def parse_yes_no(answer):
     return None if m is None else m.group(1).lower() == "yes"
 
 
+def completion_text(body):
+    """The answer in the JSON body of a chat completion, or None when the body is not one.
+
+    '{"choices": [{"message": {"content": "3"}}]}' -> "3"; a null content -> "" (an empty answer is an
+    answer: bad, not lost); an HTML page, '{}', '{"choices": []}', a null message -> None.
+    """
+    try:
+        content = json.loads(body)["choices"][0]["message"]["content"]
+    except (ValueError, LookupError, TypeError):  # not JSON / no such key or index / a null on the way
+        return None
+    if content is None or isinstance(content, str):
+        return content or ""
+    return None
+
+
 class LLMClient:
     """One chat model behind an OpenAI-compatible endpoint: `ask(instruction, text) -> str | None`.
 
     - Cache: an append-only JSONL file keyed by sha256(model, instruction, text), so a re-run asks
-      nothing twice and an interrupted run loses nothing. Answers are cached as returned (even
-      ones a parser will reject: at temperature 0 asking again gives the same text).
-    - Retries: timeouts, 408/409/429 and 5xx are retried with exponential backoff, then the call
-      is a failure (None, counted). Other 4xx (e.g. a too-long input) fail at once.
+      nothing twice and an interrupted run loses nothing. Answers are cached as returned, secrets
+      redacted (even ones a parser will reject: at temperature 0 asking again gives the same text).
+    - Retries: timeouts, 408/409/429, 5xx and an HTTP 200 whose body is no chat completion are
+      retried with exponential backoff, then the call is a failure (None, counted). Other 4xx
+      (e.g. a too-long input) fail at once.
     - Fatal: an unreachable endpoint (after the retries), a bad key or an unknown model raise one
       JudgeError; every later ask raises it at once, so a thread pool stops without a storm.
     - Counters: `calls` (questions sent to the endpoint, retries not counted), `cache_hits`,
       `failures` (calls with no usable answer, parse failures included), `last_error`.
+    - No secret leaves it: some proxies echo the Authorization header in their error bodies, so
+      every answer, error message and JudgeError is redacted (the key, bearer tokens, "sk-..." keys).
     Thread-safe: the cache, the file and the counters are guarded by one lock; requests run
     outside it, up to `max_workers` at a time when a caller uses `run_all`.
     """
@@ -191,6 +230,7 @@ class LLMClient:
         with self._lock:
             if answer is None:
                 return None  # _request has counted the failure
+            answer = self._redact(answer)  # before it is cached, parsed or printed
             self._cache[key] = answer
             if self.cache_path:
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,22 +245,27 @@ class LLMClient:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))  # 1x, 2x, 4x ... the base backoff
             try:
-                out = self.client.chat.completions.create(
+                # the raw body, parsed by us: the client would accept an HTML page or a body without
+                # `choices` and fail later, in a worker thread, with an AttributeError
+                raw = self.client.chat.completions.with_raw_response.create(
                     model=self.model, messages=messages, temperature=0.0, max_tokens=self.max_tokens)
-                return out.choices[0].message.content or ""  # an empty answer is an answer (bad, not lost)
+                answer = completion_text(raw.http_response.text)
+                if answer is not None:
+                    return answer
+                # HTTP 200 but garbage (a proxy's error page, a cut body): retried like a 5xx
+                body = self._redact(raw.http_response.text)[:200]
+                error, fatal = f"HTTP 200 but not a chat completion: {body!r}", False
             except openai.APITimeoutError:  # before APIConnectionError: it is a subclass of it
                 error, fatal = "timed out", False
             except openai.APIConnectionError as e:
-                error, fatal = f"unreachable ({e})", True
+                error, fatal = f"unreachable ({self._redact(str(e))})", True
             except openai.APIStatusError as e:
-                error, fatal = f"HTTP {e.status_code}: {str(e)[:200]}", False
+                # redact, then cut: a cut first could leave half a key that no longer matches
+                error, fatal = f"HTTP {e.status_code}: {self._redact(str(e))[:200]}", False
                 if e.status_code in (401, 403, 404):  # bad key, forbidden, unknown model: a setup error
                     self._stop(error)
                 if e.status_code not in (408, 409, 429) and e.status_code < 500:
                     break  # other 4xx (e.g. input too long) will not get better by asking again
-            except openai.OpenAIError as e:  # e.g. a response that is not a chat completion
-                error, fatal = f"bad response ({str(e)[:200]})", False
-                break
         if fatal:  # still unreachable after every retry: no later call will do better
             self._stop(error)
         self.count_failure(error)
@@ -228,15 +273,28 @@ class LLMClient:
 
     def _stop(self, error):
         with self._lock:
-            self._fatal = (f"judge endpoint {self.base_url} (model {self.model}): {error}; "
-                           "check the server, --base-url / OPENAI_BASE_URL, the key and --model / JUDGE_MODEL")
+            self._fatal = self._redact(
+                f"judge endpoint {self.base_url} (model {self.model}): {error}; "
+                "check the server, --base-url / OPENAI_BASE_URL, the key and --model / JUDGE_MODEL")
         raise JudgeError(self._fatal)
 
     def count_failure(self, error):
         """Count one call that produced no usable answer (also used by parsers on top of ask)."""
         with self._lock:
             self.failures += 1
-            self.last_error = error
+            self.last_error = self._redact(f"{self.base_url}: {error}")  # which endpoint, when several are in use
+
+    @property
+    def cached(self):
+        """How many answers the cache holds (this run's and earlier runs')."""
+        return len(self._cache)
+
+    def _redact(self, text):
+        """`text` with the API key and anything shaped like a secret replaced by "[redacted]"."""
+        key = self.client.api_key
+        if len(key) >= 8:  # a placeholder such as "EMPTY" is no secret, and replacing it would garble words
+            text = text.replace(key, "[redacted]")
+        return SECRET.sub(lambda m: (m.group(1) or "") + "[redacted]", text)  # keeps the word "Bearer"
 
 
 # our own wording of the rubrics in spec/reward.md; the scale-3 one is the metric's, scale-5 the reward's
@@ -336,28 +394,73 @@ class OfflineJudge:
 
 
 def run_all(judge, fn, jobs):
-    """[fn(*job) for job in jobs], concurrently up to judge.max_workers, in job order, with a progress bar."""
-    workers = getattr(judge, "max_workers", 1)
-    if workers <= 1 or len(jobs) <= 1:
+    """[fn(*job) for job in jobs], concurrently up to judge.max_workers, in job order, with a progress bar.
+
+    The workers are daemon threads, not a ThreadPoolExecutor: Python joins an executor's threads
+    at exit, so after Ctrl-C it would wait for every request in flight (up to the timeout). Here
+    the caller can leave at once: on Ctrl-C or a JudgeError no worker starts another job, and a
+    request in flight is abandoned (its answer, if it comes first, still reaches the cache).
+    """
+    workers = min(getattr(judge, "max_workers", 1), len(jobs))
+    if workers <= 1:
         return [fn(*job) for job in jobs]
-    with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda job: fn(*job), jobs)
-        # disable=None: the bar shows only on a terminal; a JudgeError re-raises here
-        return list(tqdm(results, total=len(jobs), desc="judge", disable=None, leave=False))
+    todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    for i in range(len(jobs)):
+        todo.put(i)
+    results = [None] * len(jobs)
+
+    def work():
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[i] = fn(*jobs[i])
+                done.put(None)
+            except Exception as e:  # a JudgeError: the caller re-raises it
+                done.put(e)
+
+    for _ in range(workers):
+        threading.Thread(target=work, daemon=True).start()
+    try:
+        # `with`: an interrupted bar is erased before the caller prints; disable=None: a terminal only
+        with tqdm(total=len(jobs), desc="judge", disable=None, leave=False) as bar:
+            for _ in jobs:
+                error = done.get()  # Ctrl-C interrupts this wait
+                if error is not None:
+                    raise error
+                bar.update()
+    finally:
+        stop.set()
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
 # 1. The ProactiveVideoQA metric (evaluation)
 
+def _is_seconds(v):
+    """A finite number that is not a bool (json reads NaN and Infinity; True is an int to Python)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_id(v):
+    """A usable question_id: a string or an int (hashable; a bool would collide with 0 and 1)."""
+    return isinstance(v, (str, int)) and not isinstance(v, bool)
+
+
 def _span(turn, key, where):
-    """[start, end] of a gold turn as floats; a reply span must have end > start."""
+    """[start, end] of a gold turn as floats: reply_timespan 0 <= s0 < s1, related_timespan r0 <= r1."""
     span = turn.get(key) if isinstance(turn, dict) else None
-    if not (isinstance(span, (list, tuple)) and len(span) == 2
-            and all(isinstance(v, (int, float)) for v in span)):
-        raise ValueError(f"{where}: '{key}' must be [start, end] in seconds, got {span!r}")
+    if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(map(_is_seconds, span))):
+        raise ValueError(f"{where}: '{key}' must be [start, end] in seconds (finite numbers), got {span!r}")
     a, b = float(span[0]), float(span[1])
+    if key == "reply_timespan" and a < 0:
+        raise ValueError(f"{where}: reply_timespan {list(span)} starts before the video (s0 < 0)")
     if key == "reply_timespan" and b <= a:
         raise ValueError(f"{where}: reply_timespan {list(span)} has s1 <= s0 (a span needs positive length)")
+    if b < a:
+        raise ValueError(f"{where}: {key} {list(span)} ends before it starts")
     return a, b
 
 
@@ -392,14 +495,17 @@ def prune_late(points, r1):
 
 
 def metric_turns(examples, predictions, judge):
-    """Judge every gold turn once for the metric: [(points, span_len)], points = [(x, score)], S = 2.
+    """Judge every gold turn once for the metric: [(points, span_len, judged)], one per gold turn in
+    example order, points = [(x, score)] (what area_ratio takes, S = 2).
 
     Per gold turn: in-span replies in time order; a text equal to one already kept is skipped;
     the space-joined kept texts so far are judged against the gold (cumulative judging, 3-point
     scale stored 0..2); failed calls are dropped; then late-reply pruning. All judge inputs are
     known before any is judged, so they run concurrently through run_all.
+    judged = {(time, text): (score, on_curve)} for each reply judged in this span (exact repeats
+    are absent; score None: the call failed; on_curve False: pruned), for the timeline page.
     """
-    jobs, turns = [], []  # judge requests; per gold turn (s0, s1, r1, [(time, job index)])
+    jobs, turns = [], []  # judge requests; per gold turn (s0, s1, r1, [(time, text, job index)])
     for i, ex in enumerate(examples):
         qid = ex["question_id"]
         if qid not in predictions:
@@ -414,14 +520,48 @@ def metric_turns(examples, predictions, judge):
                 if not s0 <= t <= s1 or text in kept:  # inclusive span; exact repeats are not re-judged
                     continue
                 kept.append(text)
-                requests.append((t, len(jobs)))
+                requests.append((t, text, len(jobs)))
                 jobs.append((_question(ex, g), g["content"], " ".join(kept), METRIC_SCALE))  # cumulative
             turns.append((s0, s1, r1, requests))
     scores = run_all(judge, judge.score, jobs)
     out = []
     for s0, s1, r1, requests in turns:
-        points = [(t, scores[k]) for t, k in requests if scores[k] is not None]  # failures dropped, not 0
-        out.append(([(t - s0, s) for t, s in prune_late(points, r1)], s1 - s0))
+        points = [(t, scores[k]) for t, _, k in requests if scores[k] is not None]  # failures dropped, not 0
+        on_curve = prune_late(points, r1)
+        judged = {(t, text): (scores[k], (t, scores[k]) in on_curve) for t, text, k in requests}
+        out.append(([(t - s0, s) for t, s in on_curve], s1 - s0, judged))
+    return out
+
+
+def reply_notes(examples, predictions, turns):
+    """What the metric made of each reply: {question_id: [(time, text, best, note)]}, for the timeline.
+
+    turns: metric_turns' output for these examples. best: the highest score (0..2) the reply holds
+    on some gold turn's curve, else None. note: for each gold turn whose span holds the reply, its
+    score, or that it was pruned, failed or an exact repeat; "outside every gold span" for none.
+    """
+    out, records = {}, iter(turns)
+    for ex in examples:
+        spans = [(j, *g["reply_timespan"], next(records)[2]) for j, g in enumerate(ex["answer"])]
+        marks = []
+        for t, text in _replies(predictions[ex["question_id"]]):
+            notes, best = [], None
+            for j, s0, s1, judged in spans:
+                if not s0 <= t <= s1:
+                    continue
+                score, on_curve = judged.get((t, text), (None, None))
+                if (t, text) not in judged:
+                    note = "an exact repeat, not judged again"
+                elif score is None:
+                    note = "the judge call failed: dropped, as if silent"
+                elif not on_curve:
+                    note = f"score {score} of {METRIC_SCALE - 1}, pruned (late, below the on-time score)"
+                else:
+                    note = f"score {score} of {METRIC_SCALE - 1}"
+                    best = score if best is None else max(best, score)
+                notes.append(f"gold {j + 1}: {note}")
+            marks.append((t, text, best, "; ".join(notes) or "outside every gold span"))
+        out[ex["question_id"]] = marks
     return out
 
 
@@ -437,7 +577,7 @@ def pauc_metric(examples, predictions, judge, omega=0.5):
     turns = metric_turns(examples, predictions, judge)
     if not turns:
         raise ValueError("pauc_metric: the gold examples have no answer turns")
-    return sum(area_ratio(p, span_len, METRIC_SCALE - 1, omega) for p, span_len in turns) / len(turns)
+    return sum(area_ratio(p, span_len, METRIC_SCALE - 1, omega) for p, span_len, _ in turns) / len(turns)
 
 
 def duplicate_proportion(predictions, judge):
@@ -599,9 +739,25 @@ def mmduet2_reward(turns, answers, judge, context_replies=(), weights=(3, 2, 0.5
 # Files: anno.json (gold) and predictions JSONL, with errors that say where
 
 def load_gold(path):
-    """anno.json: a JSON list of examples with question_id, duration, conversation, answer."""
+    """THE loader of a ProactiveVideoQA anno.json for the whole project (eval, infer.py, grpo.py).
+
+    It checks every field the pipeline reads, so a bad file stops before any model loads, with
+    one line naming the file, the example (index and question_id) and the field:
+        video          a non-empty string (the file name in the videos folder)
+        question_id    a string or an int, unique
+        duration       seconds, a finite number > 0
+        conversation   a non-empty list of {role: str, content: str, time: seconds >= 0}; the first
+                       turn is the question and may leave out its time (it is asked at 0); later
+                       turns (TV subtitles, nQnA questions) need theirs, or they would land at 0
+        answer         a list of {content: str, reply_timespan [s0, s1] with 0 <= s0 < s1,
+                       related_timespan [r0, r1] with r0 <= r1, optional question: str}
+    Other keys (EGO's `type`, VAD's `num_captions`, TV's `frame` and `audio`) pass through.
+    Returns the examples as read.
+    """
     try:
         examples = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(examples, list) or not examples:
@@ -609,24 +765,37 @@ def load_gold(path):
     seen = set()
     for i, ex in enumerate(examples):
         where = f"{path} example {i}"
-        missing = [k for k in ("question_id", "duration", "conversation", "answer")
+        missing = [k for k in ("question_id", "duration", "conversation", "answer", "video")
                    if not isinstance(ex, dict) or k not in ex]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
+        if not _is_id(ex["question_id"]):
+            raise ValueError(f"{where}: 'question_id' must be a string or an integer, got {ex['question_id']!r}")
         where += f" ({ex['question_id']})"
         if ex["question_id"] in seen:
             raise ValueError(f"{where}: question_id appears twice")
         seen.add(ex["question_id"])
+        if not (isinstance(ex["video"], str) and ex["video"]):
+            raise ValueError(f"{where}: 'video' must be a file name, got {ex['video']!r}")
+        if not (_is_seconds(ex["duration"]) and ex["duration"] > 0):
+            raise ValueError(f"{where}: 'duration' must be a number of seconds > 0, got {ex['duration']!r}")
         conv = ex["conversation"]
-        if not (isinstance(conv, list) and conv and isinstance(conv[0], dict) and isinstance(conv[0].get("content"), str)):
-            raise ValueError(f"{where}: 'conversation' must start with the question turn {{role, content, time}}")
+        if not (isinstance(conv, list) and conv):
+            raise ValueError(f"{where}: 'conversation' must be a non-empty list of turns, the question first")
+        for j, turn in enumerate(conv):
+            if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in ("role", "content"))):
+                raise ValueError(f"{where} conversation {j}: a turn needs a text 'role' and 'content', got {turn!r:.99}")
+            if (j or "time" in turn) and not (_is_seconds(turn.get("time")) and turn["time"] >= 0):
+                raise ValueError(f"{where} conversation {j}: 'time' must be seconds >= 0, got {turn.get('time')!r}")
         if not isinstance(ex["answer"], list):
             raise ValueError(f"{where}: 'answer' must be a list of gold turns")
         for j, g in enumerate(ex["answer"]):
+            if not (isinstance(g, dict) and isinstance(g.get("content"), str)):
+                raise ValueError(f"{where} answer {j}: needs the gold text 'content', got {g!r:.99}")
             _span(g, "reply_timespan", f"{where} answer {j}")
             _span(g, "related_timespan", f"{where} answer {j}")
-            if not isinstance(g.get("content"), str):
-                raise ValueError(f"{where} answer {j}: missing the gold text 'content'")
+            if not isinstance(g.get("question", ""), str):
+                raise ValueError(f"{where} answer {j}: 'question' must be text, got {g['question']!r}")
     return examples
 
 
@@ -644,17 +813,22 @@ def load_predictions(path, known_ids=None):
         if not (isinstance(row, dict) and "question_id" in row and isinstance(row.get("model_response_list"), list)):
             raise ValueError(f"{where}: expected {{\"question_id\": ..., \"model_response_list\": [...]}}")
         qid = row["question_id"]
+        if not _is_id(qid):
+            raise ValueError(f"{where}: 'question_id' must be a string or an integer, got {qid!r}")
         if known_ids is not None and qid not in known_ids:
             raise ValueError(f"{where}: question_id {qid!r} is not in the gold file")
         if qid in preds:
             raise ValueError(f"{where}: question_id {qid!r} appears twice")
         replies = []
-        for turn in row["model_response_list"]:
-            if not isinstance(turn, dict) or turn.get("role") != "assistant":
+        for k, turn in enumerate(row["model_response_list"]):
+            if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)):  # else a reply could vanish unseen
+                raise ValueError(f"{where}: turn {k} needs a 'role' (a {{role, content, time}} object), got {turn!r:.99}")
+            if turn["role"] != "assistant":
                 continue  # user turns (text or image) are context, not predictions
             t, text = turn.get("time"), turn.get("content")
-            if not isinstance(t, (int, float)) or not isinstance(text, str):
-                raise ValueError(f"{where}: an assistant turn needs a numeric 'time' and a text 'content', got {turn!r}")
+            if not (_is_seconds(t) and t >= 0 and isinstance(text, str)):
+                raise ValueError(f"{where}: an assistant turn needs a numeric 'time' (finite, >= 0 s) "
+                                 f"and a text 'content', got {turn!r:.99}")
             if text.strip() != SILENCE:  # should already be left out; silence anyway
                 replies.append((float(t), text.strip()))
         preds[qid] = replies
@@ -663,44 +837,154 @@ def load_predictions(path, known_ids=None):
     return preds
 
 
-def evaluate(gold_path, pred_path, judge, omegas=(0.0, 0.5, 1.0)):
-    """Everything `reward.py eval` prints, as a dict (judged once, areas computed per omega)."""
-    gold = load_gold(gold_path)
+def evaluate(gold, pred_path, judge, omegas=(0.0, 0.5, 1.0), max_failures=0.01):
+    """Score one predictions file against `gold` (load_gold's examples): (summary, marks).
+
+    summary: everything `reward.py eval` prints, as a dict (judged once, areas computed per omega).
+    `valid` is False when more than `max_failures` of this file's judge calls failed: a failed
+    judgment is dropped and its reply counts as silence, so with many failures the PAUC measures
+    the judge, not the model. marks: reply_notes, for the timeline page.
+    """
+    calls0, hits0, failures0 = judge.calls, judge.cache_hits, judge.failures  # the judge may serve several files
     preds = load_predictions(pred_path, known_ids={ex["question_id"] for ex in gold})
     examples = [ex for ex in gold if ex["question_id"] in preds]
     skipped = [ex["question_id"] for ex in gold if ex["question_id"] not in preds]
     if not examples:
-        raise ValueError(f"{pred_path}: no prediction matches an example of {gold_path}")
+        raise ValueError(f"{pred_path}: no prediction matches a gold example")
     turns = metric_turns(examples, preds, judge)
     if not turns:
-        raise ValueError(f"{gold_path}: the examples have no answer turns")
-    pauc = {w: 100 * sum(area_ratio(p, L, METRIC_SCALE - 1, w) for p, L in turns) / len(turns) for w in omegas}
+        raise ValueError(f"{pred_path}: the gold examples it predicts have no answer turns")
+    pauc = {w: 100 * sum(area_ratio(p, L, METRIC_SCALE - 1, w) for p, L, _ in turns) / len(turns) for w in omegas}
     dup = duplicate_proportion({ex["question_id"]: preds[ex["question_id"]] for ex in examples}, judge)
     stats = reply_stats(examples, preds)
-    return {"pauc": {str(w): v for w, v in pauc.items()}, "duplicate_proportion": dup,
-            "examples": len(examples), "skipped": skipped, "gold_turns": len(turns),
-            "replies": stats["replies"], "judge_calls": judge.calls, "judge_cache_hits": judge.cache_hits,
-            "judge_failures": judge.failures,
-            "diagnostics": {"replies_per_example": stats["replies_per_example"],
-                            "replies_outside_spans": stats["replies_outside_spans"],
-                            "mean_reply_delay_s": stats["mean_delay"],
-                            "gold_turns_with_reply": stats["turns_with_reply"]}}
+    calls, hits, failures = judge.calls - calls0, judge.cache_hits - hits0, judge.failures - failures0
+    share = failures / (calls + hits) if calls + hits else 0.0  # a cached answer can fail to parse, too
+    summary = {"pauc": {str(w): v for w, v in pauc.items()}, "duplicate_proportion": dup,
+               "examples": len(examples), "skipped": skipped, "gold_turns": len(turns),
+               "replies": stats["replies"], "judge_calls": calls, "judge_cache_hits": hits,
+               "judge_failures": failures, "judge_failure_share": share,
+               "judge_last_failure": getattr(judge, "last_error", None) if failures else None,
+               "valid": share <= max_failures,
+               "diagnostics": {"replies_per_example": stats["replies_per_example"],
+                               "replies_outside_spans": stats["replies_outside_spans"],
+                               "mean_reply_delay_s": stats["mean_delay"],
+                               "gold_turns_with_reply": stats["turns_with_reply"]}}
+    return summary, reply_notes(examples, preds, turns)
 
 
 def format_summary(s):
     skipped = f" ({len(s['skipped'])} skipped, no prediction: {', '.join(map(str, s['skipped']))})" if s["skipped"] else ""
     d = s["diagnostics"]
     delay = "n/a" if d["mean_reply_delay_s"] is None else f"{d['mean_reply_delay_s']:.2f} s"
+    invalid = "" if s["valid"] else "  (NOT A RESULT: too many judge calls failed)"
     return "\n".join([
         f"examples {s['examples']}{skipped}, gold turns {s['gold_turns']}, replies {s['replies']}",
-        "PAUC x100: " + "  ".join(f"w={w} {v:.2f}" for w, v in s["pauc"].items()),
+        "PAUC x100: " + "  ".join(f"w={w} {v:.2f}" for w, v in s["pauc"].items()) + invalid,
         f"reply duplicate proportion (our reconstruction): {100 * s['duplicate_proportion']:.1f}%",
         f"judge: {s['judge_calls']} calls, {s['judge_cache_hits']} cache hits, {s['judge_failures']} failed",
         f"extra diagnostics (not the paper's metric): {d['replies_per_example']:.2f} replies/example "
         f"({d['replies_outside_spans']} of {s['replies']} outside every gold span), "
         f"mean reply delay {delay} after s0 ({d['gold_turns_with_reply']} of {s['gold_turns']} gold turns replied in span)",
-    ])
+    ] + ([f"last judge failure: {s['judge_last_failure']}"] if s["judge_last_failure"] else []))
 
+
+# ----------------------------------------------------------------------------------------------
+# The timeline page (`eval --html`): WHEN each model spoke, against the gold reply spans
+#
+# One self-contained HTML file (inline SVG and CSS, no script, nothing fetched), one section per
+# video. Time runs left to right on the same axis for every predictions file, so two runs of the
+# same video can be compared at a glance. Every text a user or a model wrote goes through
+# html.escape: a reply "<script>" shows as text.
+
+PLOT_X0, PLOT_W = 180, 900  # px: a column of lane names, then the time axis from 0 to the video's end
+AXIS_H, LANE_H = 22, 18  # px: tick labels on top, then one lane per gold turn and one per predictions file
+SCORE_COLOURS = {2: "#1a9850", 1: "#f0a500", 0: "#d73027"}  # a reply's best metric score (S = 2)
+NO_SCORE = "#999999"  # outside every span, an exact repeat, pruned, or a failed judge call
+PAGE_CSS = """body { font: 14px sans-serif; margin: 1.5em; } table { border-collapse: collapse; }
+td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: right; } svg text { font-size: 11px; }
+.span { fill: #cfe2f3; stroke: #6fa8dc; } .tick { stroke: #eee; } .base { stroke: #bbb; }
+.name { text-anchor: end; } section { margin-top: 1.5em; }"""
+
+
+def timeline_x(t, end):
+    """The x pixel of video time t (seconds) on a video's axis, which runs from 0 to `end` seconds."""
+    return PLOT_X0 + PLOT_W * t / end
+
+
+def video_svg(example, lanes, end):
+    """One video's timeline: a lane per gold turn (its reply span as a bar, its answer written at
+    s0) and a lane per predictions file (a dot per reply at its time; no dot is silence). A shape's
+    <title> shows its full text on hover. lanes: [(label, reply_notes' marks or None)]."""
+    e, n_gold = html.escape, len(example["answer"])
+    height = AXIS_H + (n_gold + len(lanes)) * LANE_H + 4
+    out = [f'<svg width="{PLOT_X0 + PLOT_W + 20}" height="{height}">']
+    step = next((s for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600) if end / s <= 10), math.ceil(end / 10))
+    for tick in range(0, int(end) + 1, step):
+        x = timeline_x(tick, end)
+        out.append(f'<line class="tick" x1="{x:.2f}" y1="{AXIS_H - 6}" x2="{x:.2f}" y2="{height}"/>'
+                   f'<text x="{x:.2f}" y="{AXIS_H - 9}" text-anchor="middle">{tick} s</text>')
+    for j, g in enumerate(example["answer"]):
+        (s0, s1), y = g["reply_timespan"], AXIS_H + j * LANE_H
+        x0, x1 = timeline_x(s0, end), timeline_x(s1, end)
+        about = f"gold {j + 1}, reply span {s0:g}-{s1:g} s, question: {_question(example, g)}; answer: {g['content']}"
+        out.append(f'<text class="name" x="{PLOT_X0 - 6}" y="{y + 13}">gold {j + 1}</text>'
+                   f'<rect class="span" x="{x0:.2f}" y="{y + 2}" width="{x1 - x0:.2f}" height="{LANE_H - 4}">'
+                   f'<title>{e(about)}</title></rect><text x="{x0 + 3:.2f}" y="{y + 13}">{e(g["content"])}</text>')
+    for k, (label, marks) in enumerate(lanes):
+        y = AXIS_H + (n_gold + k) * LANE_H + LANE_H // 2
+        out.append(f'<text class="name" x="{PLOT_X0 - 6}" y="{y + 4}">{e(label)}</text>')
+        if marks is None:  # this file has no line for the video
+            out.append(f'<text x="{PLOT_X0 + 4}" y="{y + 4}">(no prediction)</text>')
+            continue
+        out.append(f'<line class="base" x1="{PLOT_X0}" y1="{y}" x2="{PLOT_X0 + PLOT_W}" y2="{y}"/>')
+        for t, text, best, note in marks:
+            out.append(f'<circle class="reply" cx="{timeline_x(t, end):.2f}" cy="{y}" r="5" '
+                       f'fill="{SCORE_COLOURS.get(best, NO_SCORE)}"><title>{e(f"{label} at {t:g} s: {text} ({note})")}'
+                       f'</title></circle>')
+    return "\n".join(out + ["</svg>"])
+
+
+def write_html(path, gold_path, gold, runs):
+    """The timeline page: the PAUC table of every run on top, then one timeline per gold example.
+
+    runs: [(label, pred_path, summary, marks)], marks as reply_notes returns them.
+    """
+    e = html.escape
+    head = ["<tr><th>run</th><th>predictions</th>"
+            + "".join(f"<th>PAUC w={w}</th>" for w in runs[0][2]["pauc"])
+            + "<th>duplicates</th><th>replies</th><th>judge failures</th><th>result</th></tr>"]
+    for label, pred, s, _ in runs:
+        head.append(f"<tr><td>{e(label)}</td><td>{e(str(pred))}</td>"
+                    + "".join(f"<td>{v:.2f}</td>" for v in s["pauc"].values())
+                    + f"<td>{100 * s['duplicate_proportion']:.1f}%</td><td>{s['replies']}</td>"
+                    f"<td>{s['judge_failures']}</td><td>{'valid' if s['valid'] else 'NOT A RESULT'}</td></tr>")
+    body = []
+    for ex in gold:
+        lanes = [(label, marks.get(ex["question_id"])) for label, _, _, marks in runs]
+        # the axis ends at the video's end, or later if a span or a reply does (spans may overrun)
+        end = max([ex["duration"]] + [g["reply_timespan"][1] for g in ex["answer"]]
+                  + [t for _, marks in lanes for t, *_ in marks or ()])
+        lists = "".join(f"<details><summary>{e(label)}: {len(marks)} replies</summary><ol>"
+                        + "".join(f"<li>{t:g} s: {e(text)} <i>({e(note)})</i></li>" for t, text, _, note in marks)
+                        + "</ol></details>" for label, marks in lanes if marks)
+        body.append(f"<section><h2>{e(str(ex['question_id']))}</h2><p>{e(ex['video'])}, {ex['duration']:g} s; "
+                    f"question: {e(ex['conversation'][0]['content'])}</p>\n"
+                    f"{video_svg(ex, lanes, end)}\n{lists}</section>")
+    Path(path).write_text("\n".join([
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>PAUC timeline</title>',
+        f"<style>{PAGE_CSS}</style></head><body>",
+        f"<h1>When each model spoke: {e(str(gold_path))}</h1>",
+        "<table>", *head, "</table>",
+        "<p>Blue bars: gold reply spans (when a reply is welcome), each with its answer. Dots: replies at "
+        "their time, coloured by the metric's score in the gold span they fell in: green 2, amber 1, red 0 "
+        "of 2 (a reply is judged together with the distinct replies before it in that span: cumulative "
+        "judging); grey: outside every span, an exact repeat, pruned or a failed judge call. No dot: "
+        "silence. Hover a bar or a dot for its text.</p>",
+        *body, "</body></html>\n"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Score streaming predictions with the ProactiveVideoQA PAUC.")
@@ -708,8 +992,17 @@ def main(argv=None):
     ev = sub.add_parser("eval", help="PAUC x100 at w = 0 / 0.5 / 1, duplicate proportion, counts")
     # data
     ev.add_argument("--gold", required=True, help="benchmark anno.json (a JSON list of examples)")
-    ev.add_argument("--pred", required=True, help="predictions JSONL from infer.py, one example per line")
-    ev.add_argument("--json", default=None, help="also write the summary to this JSON file")
+    ev.add_argument("--pred", required=True, nargs="+",
+                    help="predictions JSONL from infer.py, one example per line; several files (e.g. an SFT "
+                         "and a GRPO run) are each scored, with one summary each")
+    ev.add_argument("--label", nargs="+", default=None,
+                    help="a name per --pred file, in the same order (default: the file names without .jsonl)")
+    ev.add_argument("--json", default=None,
+                    help="also write the summary to this JSON file; with several --pred: "
+                         '{"gold": GOLD, "runs": {LABEL: summary with its "pred" path}}')
+    ev.add_argument("--html", default=None,
+                    help="also write a self-contained timeline page: per video, the gold reply spans and "
+                         "every file's replies at their time, with their scores")
     # judge
     ev.add_argument("--judge", choices=["offline", "openai"], default="offline",
                     help="offline: deterministic word overlap; openai: an LLM behind an OpenAI-compatible endpoint")
@@ -720,8 +1013,20 @@ def main(argv=None):
     ev.add_argument("--workers", type=int, default=8, help="judge requests in flight at once")
     ev.add_argument("--timeout", type=float, default=60.0, help="seconds per judge request")
     ev.add_argument("--retries", type=int, default=3, help="retries of a timed-out / 429 / 5xx request")
+    ev.add_argument("--max-failures", type=float, default=0.01,
+                    help="largest share of judge calls that may fail: a failed judgment is dropped (its reply "
+                         "counts as silence), so past this share eval prints what happened and exits 1; "
+                         "default 0.01 lets a rare timeout pass and stops a broken judge")
     args = parser.parse_args(argv)
+    if not 0 <= args.max_failures <= 1:
+        raise SystemExit(f"reward.py: --max-failures is a share of the judge calls, in [0, 1]; got {args.max_failures}")
+    labels = args.label or [Path(p).stem for p in args.pred]
+    if len(labels) != len(args.pred) or len(set(labels)) != len(labels):
+        raise SystemExit(f"reward.py: {len(args.pred)} --pred files need as many distinct names, got {labels}; "
+                         "give them with --label")
+    cached = args.judge == "openai" and args.cache  # only then do judge answers outlive the run
 
+    judge, runs = None, []
     try:
         if args.judge == "offline":
             judge = OfflineJudge()
@@ -729,15 +1034,38 @@ def main(argv=None):
             judge = OpenAIJudge(model=args.model, base_url=args.base_url, api_key=args.api_key,
                                 cache_path=args.cache or None, max_workers=args.workers,
                                 timeout=args.timeout, retries=args.retries)
-        summary = evaluate(args.gold, args.pred, judge)
+        gold = load_gold(args.gold)
+        for label, pred in zip(labels, args.pred):  # one judge: its cache makes the calls the files share free
+            summary, marks = evaluate(gold, pred, judge, max_failures=args.max_failures)
+            if len(args.pred) > 1:
+                print(f"== {label}: {pred}")
+            print(format_summary(summary))
+            runs.append((label, pred, summary, marks))
+        result = runs[0][2] if len(runs) == 1 else {  # one file: the summary itself, as it always was
+            "gold": args.gold, "runs": {label: dict(s, pred=pred) for label, pred, s, _ in runs}}
         if args.json:
-            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        if args.html:
+            write_html(args.html, args.gold, gold, runs)
     except (ValueError, OSError, JudgeError) as e:
         raise SystemExit(f"reward.py: {e}") from None  # one line, no traceback
-    print(format_summary(summary))
-    if summary["judge_failures"] and getattr(judge, "last_error", None):
-        print(f"last judge failure: {judge.last_error}")
-    return summary
+    except KeyboardInterrupt:  # run_all's workers are daemons: nothing waits for the requests in flight
+        if cached and judge is not None:
+            kept = f"the {judge.cached} judge answers are in {judge.cache_path}: a rerun asks only the rest"
+        else:
+            kept = "no judge answer is kept (offline judge or --cache ''): a rerun starts over"
+        print(f"reward.py: interrupted; {kept}", file=sys.stderr)
+        raise SystemExit(130) from None  # 128 + SIGINT, the shell's convention
+    failed = [(label, s) for label, _, s, _ in runs if not s["valid"]]
+    if failed:
+        what = "; ".join(f"{label + ': ' if len(runs) > 1 else ''}{s['judge_failures']} of "
+                         f"{s['judge_calls'] + s['judge_cache_hits']} judge calls failed "
+                         f"({100 * s['judge_failure_share']:.1f}%)" for label, s in failed)
+        kept = f"the answers already in {args.cache} are kept, " if cached else ""
+        raise SystemExit(f"reward.py: {what}, more than --max-failures {100 * args.max_failures:g}%: the scores "
+                         f"above are not a result; fix the judge (see its last failure) and rerun: "
+                         f"{kept}only the failed calls are asked again")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
 """Tests for reward.py: every worked example of spec/reward.md, checked by hand, plus the rules
 around it (monotonicity, inclusive spans, pruning, truncated rollouts), the file loaders and the
-CLI, and the OpenAI judge driven through the real `openai` client against a tiny
-OpenAI-compatible server that the test starts on 127.0.0.1. No network, a few seconds in all.
+CLI (bad input, judge failures, Ctrl-C, several prediction files, the timeline page), and the
+OpenAI judge driven through the real `openai` client against a tiny OpenAI-compatible server
+that the test starts on 127.0.0.1 (garbage bodies, echoed secrets, slow answers). No network,
+about ten seconds in all.
 
 Run: python -m pytest tests/test_reward.py -q
 """
 import json
+import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
+from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -319,11 +325,16 @@ def test_parsers_are_strict():
 # the OpenAI judge through the real `openai` client, against a fake server on 127.0.0.1
 
 class FakeServer:
-    """An OpenAI-compatible /v1/chat/completions; `answer(user_text)` -> text, int (HTTP status) or ('sleep', s)."""
+    """An OpenAI-compatible /v1/chat/completions. `answer(user_text)` returns the answer text, an int
+    (an HTTP error status), ('sleep', s) (answer after s seconds) or ('raw', content_type, body)
+    (an HTTP 200 with exactly that body, e.g. a proxy's HTML page). With `echo_auth` the answers and
+    error messages repeat the request's Authorization header, as some proxies do."""
 
     def __init__(self):
         self.requests = []
         self.answer = lambda text: "3"
+        self.echo_auth = False
+        self.release = threading.Event()  # set at teardown: a slow answer stops waiting
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -334,20 +345,24 @@ class FakeServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append((self.path, body))
                 out = fake.answer(body["messages"][-1]["content"])
-                if isinstance(out, tuple):  # a slow server: answer after the client gave up
-                    time.sleep(out[1])
+                if isinstance(out, tuple) and out[0] == "sleep":  # a slow server: answer after the client gave up
+                    fake.release.wait(out[1])
                     out = "3"
-                if isinstance(out, int):
-                    status, payload = out, {"error": {"message": "boom", "type": "server_error"}}
+                echo = f" (Authorization: {self.headers['Authorization']})" if fake.echo_auth else ""
+                status, content_type = 200, "application/json"
+                if isinstance(out, tuple) and out[0] == "raw":
+                    _, content_type, data = out
+                elif isinstance(out, int):
+                    data = json.dumps({"error": {"message": "boom" + echo, "type": "server_error"}}).encode()
+                    status = out
                 else:
-                    status, payload = 200, {
+                    data = json.dumps({
                         "id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
                         "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": out}}]}
-                data = json.dumps(payload).encode()
+                                     "message": {"role": "assistant", "content": out + echo}}]}).encode()
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -366,6 +381,7 @@ def server(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     fake = FakeServer()
     yield fake
+    fake.release.set()
     fake.httpd.shutdown()
     fake.httpd.server_close()
 
@@ -415,6 +431,31 @@ def test_openai_judge_good_garbage_500_timeout_and_cache(server, tmp_path):
     assert (again.calls, again.cache_hits, again.failures) == (0, 4, 1)
     # failed calls were not cached: a re-run asks them again
     assert again.score("What?", "gold", "ERROR500", 3) is None and len(server.requests) == before + 2
+
+
+GARBAGE_200 = {  # what a proxy or a half-broken server may send with status 200
+    "not JSON": ("application/json", b'{"id": "c1", "choi'),
+    "HTML": ("text/html", b"<html><body>502 Bad Gateway</body></html>"),
+    "no choices": ("application/json", b'{"id": "c1", "object": "chat.completion"}'),
+    "empty choices": ("application/json", b'{"id": "c1", "choices": []}'),
+    "null message": ("application/json", b'{"id": "c1", "choices": [{"index": 0, "message": null}]}'),
+}
+
+
+@pytest.mark.parametrize("body", GARBAGE_200.values(), ids=list(GARBAGE_200))
+def test_openai_judge_treats_a_garbage_200_as_a_failed_call(server, tmp_path, body):
+    server.answer = lambda text: ("raw", *body)
+    cache = tmp_path / "judge.jsonl"
+    judge = make_judge(server.url, cache)
+    assert judge.score("q", "gold", "pred", 3) is None  # dropped, not a crash of the run
+    assert len(server.requests) == 2  # retried once, like a 5xx
+    assert (judge.calls, judge.failures) == (1, 1)
+    assert judge.last_error.startswith(server.url) and "not a chat completion" in judge.last_error
+    assert not cache.exists()  # nothing cached: a rerun asks again
+    # in a concurrent run (the path `reward.py eval` takes) the failure is counted, not raised
+    exs = [example(f"v{i}", [(0, 10, 10)]) for i in range(3)]
+    assert pauc_metric(exs, {f"v{i}": [(2, "A reply.")] for i in range(3)}, judge) == pytest.approx(0.25)
+    assert judge.failures == 4
 
 
 def test_openai_judge_recovers_from_a_transient_500_and_survives_a_cut_cache_line(server, tmp_path):
@@ -500,6 +541,7 @@ def test_cli_eval_offline(tmp_path, capsys):
     assert summary["skipped"] == ["gone"]
     assert summary["judge_calls"] == 2 and summary["judge_failures"] == 0  # exact repeats need no call
     assert summary["diagnostics"]["mean_reply_delay_s"] == pytest.approx(3.0)
+    assert summary["valid"] is True and summary["judge_failure_share"] == 0.0
     assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
     text = capsys.readouterr().out
     assert "no prediction: gone" in text and "w=0.5 " in text and "our reconstruction" in text
@@ -516,6 +558,18 @@ def test_cli_eval_offline(tmp_path, capsys):
     ('[\n{"question_id": 1,\n', None, "anno.json line 3: not valid JSON"),
     (json.dumps([example("v1", [(12, 10, 12)])]), None, "example 0 (v1) answer 0: reply_timespan [12, 10] has s1 <= s0"),
     (json.dumps([{"question_id": "v1"}]), None, "example 0: missing duration, conversation, answer"),
+    # an unhashable question_id, or numbers that are not a time (Python's json reads NaN and Infinity)
+    (None, '{"question_id": ["v1"], "model_response_list": []}', "preds.jsonl line 1: 'question_id' must be a string or an integer"),
+    (None, '{"question_id": {"v": 1}, "model_response_list": []}', "preds.jsonl line 1: 'question_id' must be"),
+    (json.dumps([dict(example("v1", [(0, 10, 10)]), question_id=["v1"])]), None, "anno.json example 0: 'question_id' must be"),
+    (None, pred_line("v1", [(float("nan"), "x")]), "preds.jsonl line 1: an assistant turn needs a numeric 'time'"),
+    (None, pred_line("v1", [(float("inf"), "x")]), "line 1: an assistant turn needs a numeric 'time'"),
+    (None, pred_line("v1", [(-5, "x")]), "line 1: an assistant turn needs a numeric 'time'"),
+    (None, pred_line("v1", [(True, "x")]), "line 1: an assistant turn needs a numeric 'time'"),
+    (None, '{"question_id": "v1", "model_response_list": [{"content": "x", "time": 2}]}', "line 1: turn 0 needs a 'role'"),
+    (None, '{"question_id": "v1", "model_response_list": ["A reply."]}', "line 1: turn 0 needs a 'role'"),
+    (json.dumps([example("v1", [(0, float("inf"), 10)])]), None, "example 0 (v1) answer 0: 'reply_timespan'"),
+    (json.dumps([example("v1", [(0, 10, float("nan"))])]), None, "example 0 (v1) answer 0: 'related_timespan'"),
 ])
 def test_cli_bad_input_exits_with_one_line(tmp_path, gold_text, pred_text, message):
     g, p = write_files(tmp_path, [example("v1", [(0, 10, 10)])],
@@ -544,7 +598,283 @@ def test_cli_unreachable_judge_exits_with_one_line(tmp_path, monkeypatch):
     assert text.startswith("reward.py: judge endpoint") and "unreachable" in text and "\n" not in text
 
 
+def gold_with(tmp_path, change):
+    """anno.json holding example v1 after `change(example)`, for one bad field at a time."""
+    ex = example("v1", [(0, 10, 10)])
+    change(ex)
+    path = tmp_path / "anno.json"
+    path.write_text(json.dumps([ex]))
+    return path
+
+
+def set_(*keys_value):
+    """A change that sets ex[k1][k2]... = value."""
+    *keys, last, value = keys_value
+
+    def change(ex):
+        for k in keys:
+            ex = ex[k]
+        ex[last] = value
+    return change
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_GOLD = [  # (change, the field named in the message)
+    (set_("video", ""), "'video'"), (lambda ex: ex.pop("video"), "missing video"), (set_("video", 3), "'video'"),
+    (set_("question_id", ["v1"]), "'question_id'"), (set_("question_id", {"v": 1}), "'question_id'"),
+    (set_("question_id", True), "'question_id'"), (set_("question_id", None), "'question_id'"),
+    (set_("duration", "abc"), "'duration'"), (set_("duration", None), "'duration'"), (set_("duration", True), "'duration'"),
+    (set_("duration", NAN), "'duration'"), (set_("duration", INF), "'duration'"), (set_("duration", 0), "'duration'"),
+    (set_("conversation", []), "'conversation'"), (set_("conversation", "What?"), "'conversation'"),
+    (set_("conversation", 0, "role", None), "conversation 0: a turn needs"),
+    (set_("conversation", ["What happens?"]), "conversation 0: a turn needs"),
+    (set_("conversation", 0, "content", None), "conversation 0: a turn needs"),
+    (set_("conversation", 0, "time", -1), "conversation 0: 'time'"), (set_("conversation", 0, "time", NAN), "conversation 0: 'time'"),
+    (set_("conversation", 0, "time", "0"), "conversation 0: 'time'"),
+    (lambda ex: ex["conversation"].append({"role": "user", "content": "Subtitle: Hi."}), "conversation 1: 'time'"),
+    (set_("answer", {"content": "x"}), "'answer'"), (set_("answer", ["gold"]), "answer 0: needs"),
+    (set_("answer", 0, "content", None), "answer 0: needs"),
+    (set_("answer", 0, "reply_timespan", [NAN, 5]), "answer 0: 'reply_timespan'"),
+    (set_("answer", 0, "reply_timespan", [0, INF]), "answer 0: 'reply_timespan'"),
+    (set_("answer", 0, "reply_timespan", [True, 5]), "answer 0: 'reply_timespan'"),
+    (set_("answer", 0, "reply_timespan", [0]), "answer 0: 'reply_timespan'"),
+    (set_("answer", 0, "reply_timespan", [-1, 5]), "answer 0: reply_timespan [-1, 5] starts before the video"),
+    (set_("answer", 0, "reply_timespan", [5, 5]), "answer 0: reply_timespan [5, 5] has s1 <= s0"),
+    (set_("answer", 0, "related_timespan", [0, NAN]), "answer 0: 'related_timespan'"),
+    (set_("answer", 0, "related_timespan", [6, 3]), "answer 0: related_timespan [6, 3] ends before it starts"),
+    (set_("answer", 0, "question", 3), "answer 0: 'question'"),
+]
+
+
+@pytest.mark.parametrize("change, field", BAD_GOLD, ids=[f"{i}-{f}" for i, (_, f) in enumerate(BAD_GOLD)])
+def test_load_gold_names_file_example_and_field(tmp_path, change, field):
+    path = gold_with(tmp_path, change)
+    with pytest.raises(ValueError) as err:
+        reward.load_gold(path)
+    text = str(err.value)
+    assert text.startswith(f"{path} example 0") and field in text and "\n" not in text
+
+
+def test_load_gold_rejects_a_repeated_question_id_and_a_missing_file(tmp_path):
+    path = tmp_path / "anno.json"
+    path.write_text(json.dumps([example(7, [(0, 10, 10)]), example(7, [(0, 10, 10)])]))
+    with pytest.raises(ValueError, match=r"anno.json example 1 \(7\): question_id appears twice"):
+        reward.load_gold(path)
+    with pytest.raises(ValueError, match="nope.json: cannot read"):
+        reward.load_gold(tmp_path / "nope.json")
+
+
+def test_load_gold_accepts_every_shape_of_the_real_files(tmp_path):
+    # shapes of the four ProactiveVideoQA parts and of what data.py writes, as found in their anno.json
+    web = example("LGg.52.mp4", [(0.0, 4.07, 3.07), (3.1, 6.0, 5.0)], duration=12.866666666666667)
+    ego = example("cc57-720-1080.mp4", [(20.29, 76.69, 75.69)], duration=360.17)
+    ego["answer"][0]["type"] = "step"
+    vad = example("Explosion016_x264.mp4", [(6.0, 16.0, 15.0)])
+    vad["answer"][0]["num_captions"] = 1
+    tv = dict(example("house.mp4%Q1", [(0.0, 7.49, 6.49)]), frame="house_frames/x", audio="house/x.mp3")
+    tv["conversation"] += [{"role": "user", "content": "Subtitle: (Amber:)So, this is the story.", "time": 0.352},
+                           {"role": "user", "content": "Subtitle: No.", "time": 22.307}]
+    toy = example(3, [(1.0, 7.5, 6.5), (16.0, 20.0, 16.0)])  # an int id; nQnA: a second question at t=16
+    toy["conversation"].append({"role": "user", "content": "Tell me the colour of each new shape.", "time": 16.0})
+    toy["answer"][1].update(question="Tell me the colour of each new shape.", related_timespan=[0.0, 16.0])
+    del toy["conversation"][0]["time"]  # the first turn is the question: its time may be left out
+    path = tmp_path / "anno.json"
+    path.write_text(json.dumps([web, ego, vad, tv, toy]))
+    assert reward.load_gold(path) == [web, ego, vad, tv, toy]  # returned as read, extra keys kept
+
+
+def test_cli_refuses_a_result_when_too_many_judge_calls_failed(server, tmp_path, capsys):
+    server.answer = lambda text: 500  # a broken judge: every call fails
+    g, p = write_files(tmp_path, [example(f"v{i}", [(0, 10, 10)]) for i in range(5)],
+                       [pred_line(f"v{i}", [(2, f"Reply {i}.")]) for i in range(5)])
+    out = tmp_path / "s.json"
+    args = ["eval", "--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--base-url", server.url,
+            "--cache", str(tmp_path / "c.jsonl"), "--retries", "0", "--json", str(out)]
+    with pytest.raises(SystemExit) as err:
+        reward.main(args)
+    message = str(err.value.code)  # a string: Python prints it on stderr and exits with status 1
+    assert message.startswith("reward.py: 5 of 5 judge calls failed") and "--max-failures" in message
+    assert "\n" not in message
+    printed = capsys.readouterr().out
+    assert "NOT A RESULT" in printed and f"last judge failure: {server.url}: HTTP 500" in printed
+    summary = json.loads(out.read_text())  # still written, flagged
+    assert summary["valid"] is False and summary["judge_failures"] == 5 and summary["judge_failure_share"] == 1.0
+    assert summary["judge_last_failure"].startswith(server.url)
+    # the same run with every failure tolerated is a result (the dropped judgments count as silence)
+    summary = reward.main(args + ["--max-failures", "1"])
+    assert summary["valid"] is True and summary["pauc"]["0.5"] == pytest.approx(25.0)
+    assert "NOT A RESULT" not in capsys.readouterr().out
+
+
 def test_load_predictions_treats_no_reply_as_silence(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text(pred_line("v1", [(3, "  NO REPLY "), (1, "Hi. "), (5, "Bye.")]) + "\n\n")
     assert reward.load_predictions(p) == {"v1": [(1.0, "Hi."), (5.0, "Bye.")]}
+
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "sk-proj-Zq8TESTonly4tests0123456789"  # what a real key looks like; never sent anywhere but 127.0.0.1
+
+
+def run_eval(args):
+    """`python reward.py eval ARGS` in a subprocess with OPENAI_API_KEY set: the real stdout, stderr and exit code."""
+    env = dict(os.environ, OPENAI_API_KEY=API_KEY, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(REPO / "reward.py"), "eval", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("status", [401, 500])
+def test_cli_never_prints_or_writes_the_api_key(server, tmp_path, status):
+    server.echo_auth = True  # every answer and error body repeats "Authorization: Bearer <key>"
+    server.answer = lambda text: "3" if text.endswith("answer: first") else status  # the repeat check fails too
+    g, p = write_files(tmp_path, [example("v1", [(0, 10, 10), (20, 30, 30)])],
+                       [pred_line("v1", [(2, "first"), (22, "second")])])
+    cache, out = tmp_path / "judge.jsonl", tmp_path / "s.json"
+    proc = run_eval(["--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--base-url", server.url,
+                     "--cache", str(cache), "--json", str(out), "--retries", "0", "--workers", "1"])
+    stdout, stderr = proc.communicate(timeout=60)
+    written = [f.read_text() for f in (cache, out) if f.exists()]
+    assert f"HTTP {status}" in (stdout + stderr) and "Bearer [redacted]" in (stdout + stderr)  # echoed, then redacted
+    assert "Bearer [redacted]" in cache.read_text()  # the 200 answer to "first" was cached, redacted
+    for text in [stdout, stderr, *written]:
+        assert API_KEY not in text and API_KEY[:12] not in text
+
+
+def test_ctrl_c_while_judging_exits_at_once_and_keeps_the_answers(server, tmp_path):
+    server.answer = lambda text: "3" if "fast" in text else ("sleep", 60)  # the slow ones outlast the test
+    g, p = write_files(tmp_path, [example(f"v{i}", [(0, 10, 10)]) for i in range(6)],
+                       [pred_line(f"v{i}", [(2, f"{'fast' if i < 2 else 'slow'} reply {i}.")]) for i in range(6)])
+    cache = tmp_path / "judge.jsonl"
+    proc = run_eval(["--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--base-url", server.url,
+                     "--cache", str(cache), "--workers", "2", "--timeout", "60", "--retries", "0"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(server.requests) < 4 and time.monotonic() < deadline:  # 2 answered, 2 slow ones in flight
+            time.sleep(0.02)
+        assert len(server.requests) == 4
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=30)  # before the fix: every queued request, 60 s each
+        elapsed = time.monotonic() - start
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and elapsed < 5, (proc.returncode, elapsed, stderr[-500:])
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert stderr.startswith("reward.py: interrupted") and f"2 judge answers are in {cache}" in stderr
+    assert len(cache.read_text().splitlines()) == 2 and len(server.requests) == 4  # nothing queued was started
+
+
+# ----------------------------------------------------------------------------------------------
+# several prediction files and the timeline page
+
+class Elements(HTMLParser):
+    """Every element of a page as {"tag", its attributes, "text": all the text inside it}."""
+
+    def __init__(self, page):
+        super().__init__()  # convert_charrefs: "&lt;" comes back as "<", as a browser shows it
+        self.found, self.open = [], []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        element = {"tag": tag, **dict(attrs), "text": ""}
+        self.found.append(element)
+        self.open.append(element)
+
+    def handle_startendtag(self, tag, attrs):
+        self.found.append({"tag": tag, **dict(attrs), "text": ""})
+
+    def handle_endtag(self, tag):
+        while self.open and self.open.pop()["tag"] != tag:
+            pass  # void elements such as <meta> have no end tag
+
+    def handle_data(self, data):
+        for element in self.open:
+            element["text"] += data
+
+    def of(self, tag, cls=None):
+        return [el for el in self.found if el["tag"] == tag and (cls is None or el.get("class") == cls)]
+
+
+EVIL = "<script>alert('x')</script> & \"quoted\""
+
+
+def two_runs(tmp_path):
+    """A gold file (v1: spans [10, 20] and [30, 40] in a 60 s video; v2: [0, 10] in 12 s) and two runs."""
+    gold = [example("v1", [(10, 20, 19), (30, 40, 39)], duration=60), example("v2", [(0, 10, 9)], duration=12)]
+    gold[0]["answer"][0]["content"] = "A red circle appeared on the left."
+    gold[0]["answer"][1]["content"] = "A blue <b>square</b> & co."
+    gold[1]["answer"][0]["content"] = "A green dot."
+    sft = [pred_line("v1", [(14, "A red circle on the left."), (16, "A red circle on the left."), (25, SILENCE),
+                            (50, EVIL)]), pred_line("v2", [(3, "A green dot.")])]
+    g, p1 = write_files(tmp_path, gold, sft)
+    p2 = tmp_path / "grpo.jsonl"  # GRPO: the same first reply (a free cache hit for a caching judge), one more
+    p2.write_text(pred_line("v1", [(14, "A red circle on the left."), (33, "A blue square.")]) + "\n")
+    return g, p1, str(p2)
+
+
+def test_html_timeline_puts_spans_and_replies_on_the_time_axis_and_escapes_text(tmp_path):
+    g, p1, p2 = two_runs(tmp_path)
+    page = tmp_path / "t.html"
+    reward.main(["eval", "--gold", g, "--pred", p1, p2, "--label", "SFT", "GRPO", "--html", str(page)])
+    els = Elements(page.read_text())
+
+    def at(t, end):  # the page's time axis: 0 s at PLOT_X0, the axis end PLOT_W pixels to the right
+        return reward.PLOT_X0 + reward.PLOT_W * t / end
+
+    svgs = els.of("svg")
+    assert len(svgs) == 2  # one timeline per video
+    # gold spans at s0, as wide as the span; v1's axis ends at its duration (60 s), v2's at 12 s
+    spans = {el["text"].split(",")[0] + " " + el["text"].split("answer: ")[1]: el for el in els.of("rect", "span")}
+    for name, s0, s1, end in [("gold 1 A red circle appeared on the left.", 10, 20, 60),
+                              ("gold 2 A blue <b>square</b> & co.", 30, 40, 60), ("gold 1 A green dot.", 0, 10, 12)]:
+        x = float(spans[name]["x"])
+        assert x == pytest.approx(at(s0, end), abs=0.01)
+        assert float(spans[name]["width"]) == pytest.approx(at(s1, end) - x, abs=0.01)
+    # every reply of both runs is a dot at its time, with its text, run and note; NO REPLY is no dot
+    dots = {el["text"].split(" (")[0]: el for el in els.of("circle", "reply")}
+    expect = {"SFT at 14 s: A red circle on the left.": (14, 60, "gold 1: score 2 of 2"),
+              "SFT at 16 s: A red circle on the left.": (16, 60, "gold 1: an exact repeat"),
+              f"SFT at 50 s: {EVIL}": (50, 60, "outside every gold span"),
+              "SFT at 3 s: A green dot.": (3, 12, "gold 1: score 2 of 2"),
+              "GRPO at 14 s: A red circle on the left.": (14, 60, "gold 1: score 2 of 2"),
+              "GRPO at 33 s: A blue square.": (33, 60, "gold 2: score")}
+    assert set(dots) == set(expect)
+    for text, (t, end, note) in expect.items():
+        assert float(dots[text]["cx"]) == pytest.approx(at(t, end), abs=0.01)
+        assert note in dots[text]["text"]
+    # a run without a line for a video says so instead of drawing silence
+    assert any(el["text"] == "(no prediction)" for el in els.of("text"))
+    # escaped: no markup from the data became an element; nothing is fetched or run
+    assert not els.of("script") and not els.of("b") and not els.of("link") and not els.of("img")
+    assert not [el for el in els.found if "src" in el or "href" in el]
+    # the PAUC table on top: one row per run
+    rows = [el["text"] for el in els.of("tr")]
+    assert rows[1].startswith("SFT") and rows[2].startswith("GRPO") and "valid" in rows[1]
+
+
+def test_cli_several_pred_files_one_summary_each_and_shared_judge_calls_are_free(server, tmp_path, capsys):
+    server.answer = lambda text: "No." if "New reply:" in text else "3"
+    g, p1, p2 = two_runs(tmp_path)
+    out = tmp_path / "s.json"
+    judge = ["--judge", "openai", "--model", "m", "--base-url", server.url, "--cache", str(tmp_path / "c.jsonl")]
+    result = reward.main(["eval", "--gold", g, "--pred", p1, p2, "--json", str(out), *judge])
+    printed = capsys.readouterr().out
+    assert f"== preds: {p1}" in printed and f"== grpo: {p2}" in printed and printed.count("PAUC x100") == 2
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["gold"] == g and list(result["runs"]) == ["preds", "grpo"] and result["runs"]["grpo"]["pred"] == p2
+    sft, grpo = result["runs"]["preds"], result["runs"]["grpo"]
+    assert (grpo["judge_calls"], grpo["judge_cache_hits"]) == (2, 1)  # the reply both runs share was asked once
+    alone = reward.main(["eval", "--gold", g, "--pred", p1, *judge])  # one file: the summary as it always was
+    assert alone["pauc"] == sft["pauc"] and "runs" not in alone
+    assert "==" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--label", "A"], "2 --pred files need as many distinct names"),
+    (["--label", "A", "A"], "2 --pred files need as many distinct names"),
+])
+def test_cli_labels_must_name_each_pred_file_once(tmp_path, extra, message):
+    g, p1, p2 = two_runs(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        reward.main(["eval", "--gold", g, "--pred", p1, p2, *extra])
+    assert str(err.value.code).startswith("reward.py: ") and message in str(err.value.code)
