@@ -28,6 +28,7 @@ Try it:
 """
 import copy
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -198,21 +199,27 @@ def read_jsonl(path):
 
 
 def _load_image(spec, root):
-    """One released-data frame: a JPG/PNG path, or `file.hdf5:::index` (web part of MMDuet2-data)."""
+    """One frame of the released data, relative to `root`: a JPG/PNG path, or `file.hdf5:::index` (the web part of
+    MMDuet2-data). An HDF5 file with one dataset holds the frames in order (encoded JPEG bytes, or (H, W, 3)
+    arrays); one with several datasets names them by index. A missing file or index is a one-line error."""
     from PIL import Image
-    if ":::" in spec:
+    file, hdf5, index = spec.partition(":::")
+    path = os.path.join(root, file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"frame file not found: {path}")
+    if not hdf5:
+        return np.asarray(Image.open(path).convert("RGB"))
+    import h5py  # pinned in requirements.txt; only the released web frames need it
+    with h5py.File(path, "r") as h:
+        keys = list(h)
         try:
-            import h5py  # only the released web frames need it
-        except ImportError:
-            raise ImportError("frames stored as file.hdf5:::index need h5py: pip install h5py") from None
-        file, index = spec.split(":::")
-        with h5py.File(os.path.join(root, file), "r") as h:
-            data = h[list(h.keys())[0]][int(index)] if len(h.keys()) == 1 else h[index][()]
-        if data.ndim == 1:  # stored as encoded JPEG bytes
-            import io
-            return np.asarray(Image.open(io.BytesIO(data.tobytes())).convert("RGB"))
-        return np.asarray(data)
-    return np.asarray(Image.open(os.path.join(root, spec)).convert("RGB"))
+            data = h[keys[0]][int(index)] if len(keys) == 1 else h[index][()]
+        except (ValueError, IndexError, KeyError):
+            n = len(h[keys[0]]) if len(keys) == 1 else len(keys)
+            raise ValueError(f"{spec}: no frame {index!r} in {path} (it holds {n})") from None
+    if data.ndim == 1:  # encoded JPEG bytes
+        return np.asarray(Image.open(io.BytesIO(data.tobytes())).convert("RGB"))
+    return np.asarray(data)
 
 
 def load_dialogue(record, root="."):

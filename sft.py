@@ -218,6 +218,7 @@ def main(argv=None):
         try:
             chunks = [next(batches) for _ in range(args.grad_accum)]
         except ValueError as e:  # "FILE:LINE: what went wrong" (a missing video, an unreadable frame...)
+            bar.close()
             raise SystemExit(f"sft.py: {str(e).strip().splitlines()[-1]}")  # a worker's error carries its traceback
         if step == start_step and chunks[0].grids and acc.is_main_process:
             _, h, w = chunks[0].grids[0]

@@ -206,3 +206,53 @@ def test_malformed_lines_name_file_and_line(data, tmp_path):
     p = run_sft(data, tmp_path / "out2", "--data", str(missing), check=False)
     found = re.search(rf"{re.escape(str(missing))}:[12]: FileNotFoundError: video not found", p.stderr)
     assert p.returncode != 0 and found, p.stderr[-2000:]
+
+
+def test_released_layout_jpg_and_hdf5_frames(tmp_path):
+    """The released MMDuet2-data SFT layout: `messages` with one <image> per frame, `images` paths relative to the
+    JSONL that are JPGs or `file.hdf5:::index` (encoded JPEG bytes, or raw arrays), read end to end by sft.py."""
+    import h5py
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (84, 84, 3), dtype=np.uint8) for _ in range(8)]
+    os.makedirs(tmp_path / "frames" / "ego")
+    for j in range(4):  # the egocentric part: JPG files
+        Image.fromarray(frames[j]).save(tmp_path / "frames" / "ego" / f"{j:04d}.jpg")
+    with h5py.File(tmp_path / "frames" / "web_jpeg.hdf5", "w") as h:  # the web part: one dataset of JPEG bytes
+        encoded = []
+        for f in frames[4:]:
+            buf = __import__("io").BytesIO()
+            Image.fromarray(f).save(buf, format="JPEG")
+            encoded.append(np.frombuffer(buf.getvalue(), np.uint8))
+        h.create_dataset("frames", data=np.array(encoded, dtype=object), dtype=h5py.vlen_dtype(np.uint8))
+    with h5py.File(tmp_path / "frames" / "web_raw.hdf5", "w") as h:  # or of raw (H, W, 3) arrays
+        h.create_dataset("frames", data=np.stack(frames[4:]))
+    os.makedirs(tmp_path / "sft")
+    paths = {"ego": [f"../frames/ego/{j:04d}.jpg" for j in range(4)],
+             "jpeg": [f"../frames/web_jpeg.hdf5:::{j}" for j in range(4)],
+             "raw": [f"../frames/web_raw.hdf5:::{j}" for j in range(4)]}
+    lines = [json.dumps({"messages": dialogue(k, ANSWERS[k]), "images": [{"path": p} for p in paths[part]],
+                         "metadata": {"question_id": f"q{k}", "video_id": part}}) for k, part in enumerate(paths)]
+    (tmp_path / "sft" / "released.jsonl").write_text("\n".join(lines) + "\n")
+    for k, part in enumerate(paths):  # the reader gives back the very frames (JPEG: within its loss)
+        _, got = mmduet2.load_dialogue(json.loads(lines[k]), root=str(tmp_path / "sft"))
+        want = frames[:4] if part == "ego" else frames[4:]
+        tol = 0 if part == "raw" else 60
+        assert all(g.shape == (84, 84, 3) and np.abs(g.astype(int) - w).mean() <= tol for g, w in zip(got, want))
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "sft.py", "--model", "tiny", "--data", str(tmp_path / "sft" / "released.jsonl"),
+                        "--out", str(out), "--max-steps", "3", "--grad-accum", "1", "--workers", "0", "--save-every", "0",
+                        "--no-grad-checkpointing"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in metrics(out))
+    # a missing index or file: one line naming the file and line of the record
+    bad = tmp_path / "sft" / "bad.jsonl"
+    for broken, message in (("web_raw.hdf5:::3", "no frame '9'"), ("ego/0003.jpg", "frame file not found")):
+        bad.write_text(lines[0] + "\n" + lines[2 if "hdf5" in broken else 0].replace(broken, broken.replace("3", "9")) + "\n")
+        p = subprocess.run([sys.executable, "sft.py", "--model", "tiny", "--data", str(bad), "--out", str(tmp_path / "x"),
+                            "--max-steps", "2", "--grad-accum", "1", "--workers", "0", "--save-every", "0"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode != 0 and last.startswith(f"sft.py: {bad}:2: ") and message in last, p.stderr[-1500:]
+        shutil.rmtree(tmp_path / "x", ignore_errors=True)
