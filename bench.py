@@ -1,4 +1,4 @@
-"""Performance: what a streamed turn, an SFT step and a GRPO step cost, written as JSON + a Markdown table.
+"""Performance: what a streamed turn, an SFT step and a GRPO step cost in time and memory, as JSON + Markdown.
 
 Role: a side tool of the pipeline (data → SFT → GRPO → infer). It checks the cost argument of
 spec/streaming.md on our own code: a KV-cached stream (mmduet2.Stream) encodes only the new turn,
@@ -11,6 +11,8 @@ while re-encoding the whole conversation costs more at every turn (O(turns²) ov
     python bench.py sft --model tiny                         # tokens/s and peak memory of one SFT step
     python bench.py sft --model 3b --device cuda --seq-len 10000 --frame-size 224 448
     python bench.py grpo --model tiny --steps 3              # runs grpo.py, reads its metrics.jsonl
+    python bench.py memory                                   # per-GPU memory of SFT and GRPO steps at 3B, DDP (~30 s)
+    python bench.py memory --layers 2 --seq-len 2000         # the same at 2 layers: a few seconds
 
 Each command writes OUT/NAME.json and OUT/NAME.md (--out, default bench/), naming the machine. On a
 CPU shared with other jobs use --threads 1: OpenMP threads spin-waiting for a busy core made a
@@ -25,6 +27,12 @@ How it measures:
      vision encoder frozen except its merger and bf16 autocast over fp32 weights on GPU (as sft.py).
   3. grpo: grpo.py itself (`--judge offline`) on a small synthetic RL set, as a subprocess (scripts
      never import each other); the time shares come from its metrics.jsonl.
+  4. memory: what one GPU holds in an SFT and a GRPO step of the full-scale recipe under DDP (fp32
+     weights and fused AdamW, bf16 autocast, non-reentrant checkpointing of every LLM layer), and in
+     the alternatives it rejected. Weights, gradients, Adam state, DDP buckets, optimizer temporaries
+     and the GRPO group's KV cache are arithmetic on the model's own parameter counts. Activations are
+     measured: a training step runs on fake tensors (meta tensors: shapes and dtypes, no data, no
+     memory), counting what autograd saves (saved_tensors_hooks) and what is alive at the peak.
 
 Choices a reader should know:
   1. `--model 3b` is Qwen2.5-VL-3B-Instruct's architecture with random weights (no download) and the
@@ -32,8 +40,12 @@ Choices a reader should know:
   2. A random model rarely says NO REPLY; before timing silent turns we train the last decoder layer
      for --silence-steps AdamW steps on an all-silent dialogue (skipped for a checkpoint folder).
   3. Targets are printed as PASS/FAIL lines, never asserted: timings belong to the machine.
+  4. memory's fake tensors claim the CPU and CPU autocast stands for CUDA autocast: a fake GPU cannot
+     run backward without a real one (fake_3b says why the casts agree), and attention is the flash
+     kernel called by hand (gpu_attention): on fake tensors torch would pick its math path instead.
 """
 import argparse
+import collections
 import json
 import os
 import platform
@@ -42,10 +54,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from contextlib import nullcontext
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmduet2
 
@@ -59,6 +74,8 @@ QWEN_3B_TEXT = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=
 QWEN_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                       fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+GIB = 2**30
+CARD_GIB = 79.1  # an H100 80GB, as torch.cuda.get_device_properties(0).total_memory reports it
 SAMPLE_TURNS = (1, 10, 20, 40, 60, 100, 150, 200)  # where the table reports, and re-encoding is timed
 WINDOW = 5  # latency "at turn k" pools turns k-4..k (× repeats), so a p95 has samples to stand on
 
@@ -419,24 +436,321 @@ def bench_grpo(args):
 
 
 # ----------------------------------------------------------------------------
+# memory: what an SFT and a GRPO step hold per GPU at full scale, on a model that holds no memory
+
+
+def gpu_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' sdpa attention as it runs on a GPU in our training forward, for fake tensors.
+
+    No padding mask, so sdpa gets is_causal=True and the 2 KV heads as they are (enable_gqa); autocast
+    casts q, k, v to bf16 and torch picks a fused kernel, which saves q, k, v, its output and the
+    log-sum-exp for backward, never the (heads, L, L) attention matrix. On fake tensors torch cannot
+    ask a GPU which kernel fits and falls back to the math path (it saves that matrix, in fp32), so we
+    call the flash kernel ourselves: its meta function gives the GPU's shapes and saved tensors.
+    """
+    assert attention_mask is None, "with a padding mask sdpa picks another kernel than the one modelled here"
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    out = torch.ops.aten._scaled_dot_product_flash_attention(  # q (1, 16, L, 128), k and v (1, 2, L, 128)
+        query.to(dtype), key.to(dtype), value.to(dtype), dropout_p=dropout, is_causal=True, scale=scaling)[0]
+    return out.transpose(1, 2).contiguous(), None  # (1, 16, L, 128) → (1, L, 16, 128), as transformers' sdpa
+
+
+def fake_3b(processor, layers=0, device="cpu"):
+    """Qwen2.5-VL-3B on fake tensors, set up as sft.py trains it: fp32 weights, ViT frozen, merger + LLM trained.
+
+    Fake tensors (torch's FakeTensorMode) are meta tensors, with shapes, dtypes and storages but no data,
+    that claim a device; every op still goes through autograd, autocast and checkpointing. We claim the
+    CPU: on a fake GPU the backward needs a real one (the autograd engine asks CUDA for a context), and
+    torch.autocast("cuda") switches itself off without one. CPU autocast makes the same casts on this
+    model: its bf16 ops are linear, matmul, conv and sdpa there too, and the norms cast to fp32 in the
+    model's own code (tests/test_bench.py checks that a fake-GPU forward saves the same bytes).
+    Each trained parameter gets its gradient buffer up front, as DDP's buckets exist before any step.
+    device="cuda" gives a fake GPU model, for forwards only.
+    """
+    from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register("gpu_sdpa", gpu_attention)
+    AttentionMaskInterface.register("gpu_sdpa", sdpa_mask)  # the masks sdpa gets: None for an unpadded causal forward
+    with torch.device("meta"):  # no memory and no initialisation, even for the 151,936 × 2,048 embedding
+        model = Qwen2_5_VLForConditionalGeneration._from_config(qwen_3b_config(processor, layers), dtype=torch.float32,
+                                                                attn_implementation="gpu_sdpa")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device=device)
+        model.tie_weights()  # to_empty gave lm_head a copy of the embedding; the checkpoint ties them
+        model.model.visual.requires_grad_(False)  # the paper's SFT: the ViT frozen, its merger trained
+        model.model.visual.merger.requires_grad_(True)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p) if p.requires_grad else None  # fp32: the bucket views (bucket view on)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+class Probe(TorchDispatchMode):
+    """Bytes of one training step on fake tensors, counted per storage (a view and its base are one allocation).
+
+    - saved: `pack` is a saved_tensors_hooks pack hook; it sees every tensor autograd keeps for backward.
+      Non-reentrant checkpointing hides what is saved inside a checkpointed layer behind its own hooks,
+      and saves only the layer's input where we see it.
+    - live: as a dispatch mode it sees every op's outputs; a finalizer on each new storage says when it
+      is freed (torch keeps one Python object per storage while it lives). The most bytes alive at once
+      is what the step adds to the weights, gradients and Adam state.
+    Both are kept per `part` of the step (set by module hooks), the live peak also per `phase`.
+    Storages in `known` (weights, buffers, gradients) exist before the step: those are arithmetic.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.known = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]
+                      + [p.grad for p in model.parameters() if p.grad is not None]}
+        self.part, self.phase = "outside", "forward"
+        self.saved, self.now, self.peak = collections.Counter(), collections.Counter(), collections.Counter()
+        self.kept, self.live = {}, {}  # storage address -> its part, while the storage lives
+
+    def _add(self, table, tensor):
+        """Enter the tensor's storage in table, once while it lives; its bytes if it is new there, else 0."""
+        s = tensor.untyped_storage()
+        if s._cdata in self.known or s._cdata in table:
+            return 0
+        table[s._cdata] = self.part
+        weakref.finalize(s, self._free, table, s._cdata, s.nbytes()).atexit = False
+        return s.nbytes()
+
+    def _free(self, table, key, nbytes):
+        if table is self.live:
+            self.now[table[key]] -= nbytes
+        del table[key]
+
+    def pack(self, tensor):
+        self.saved[self.part] += self._add(self.kept, tensor)
+        return tensor
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.now[self.part] += self._add(self.live, t)
+        now = sum(self.now.values())
+        if func is torch.ops.aten.add.Tensor and self.phase == "backward" and not torch.is_grad_enabled():
+            # autograd's engine summing two gradients of one tensor (the recomputed forward runs with grad on).
+            # It adds in place into the first when it holds the last reference, but never for a tensor
+            # subclass such as a fake tensor (input_buffer.cpp): count it as on a GPU, in place.
+            now -= out.untyped_storage().nbytes()
+        self.peak[self.phase] = max(self.peak[self.phase], now)
+        self.peak["logits"] = max(self.peak["logits"], self.now["logits"])
+        return out
+
+
+def step_bytes(model, shape, backward=True):
+    """One training forward (+ backward) of a fake model on a sequence of `shape`: the Probe that counted it.
+
+    As mmduet2.forward_logprobs under sft.py's accelerate: bf16 autocast around the model's forward,
+    its outputs converted to fp32 after it (accelerate's convert_outputs_to_fp32), log p of the
+    supervised tokens from logits at their positions only; then loss = −Σ log p and loss.backward().
+    The frozen ViT does not run (its window attention reads the frame grid on the host): with no
+    parameter to train it records nothing for backward, so we hand its output to the merger, which
+    trains. Values of ids and positions do not matter here, only shapes and dtypes.
+    shape: tokens, patches (of all frames, into the merger), supervised (positions with logits).
+    """
+    lm, visual = model.model.language_model, model.model.visual
+    probe, dev, L = Probe(model), model.device, shape["tokens"]
+    set_part = lambda part: lambda *_: setattr(probe, "part", part)  # noqa: E731
+    hooks = [h for layer in lm.layers for h in (layer.register_forward_pre_hook(set_part("layers")),
+                                                layer.register_forward_hook(set_part("outside")))]
+    hooks.append(model.lm_head.register_forward_pre_hook(set_part("logits")))
+
+    def forward_logprobs():  # a function, as in mmduet2: what it does not return is freed before backward
+        with torch.autocast(dev.type, torch.bfloat16):
+            vit = torch.empty(shape["patches"], visual.config.hidden_size, dtype=torch.bfloat16, device=dev)
+            image = visual.merger(vit)  # (patches / 4, 2048) bf16: 2×2 patches → one LLM token
+            ids = torch.zeros(1, L, dtype=torch.long, device=dev)
+            embeds = lm.embed_tokens(ids)  # (1, L, 2048) fp32: an embedding lookup is no autocast op
+            slots = torch.zeros(1, L, 1, dtype=torch.bool, device=dev)  # where the image tokens go
+            embeds = embeds.masked_scatter(slots, image.to(embeds.dtype))  # as Qwen2_5_VLModel.forward does
+            keep = torch.arange(shape["supervised"], device=dev)  # positions that predict a supervised token
+            out = model(inputs_embeds=embeds, position_ids=torch.zeros(3, 1, L, dtype=torch.long, device=dev),
+                        logits_to_keep=keep, use_cache=False)
+        logits = out.logits.float()  # (1, supervised, 151936); accelerate drops the bf16 output for this copy
+        del out
+        return mmduet2.token_logprobs(logits[0], ids[0, keep], 1.0)  # (supervised,)
+
+    with next(model.parameters()).fake_mode, probe, torch.autograd.graph.saved_tensors_hooks(probe.pack, lambda t: t):
+        loss = -forward_logprobs().sum()
+        if backward:
+            probe.part = probe.phase = "backward"
+            loss.backward()
+    for h in hooks:
+        h.remove()
+    return probe
+
+
+def layer_bytes(model, tokens):
+    """Bytes one decoder layer saves when run without checkpointing: what backward recomputes, one layer at a time."""
+    lm = model.model.language_model
+    layer, probe, dev = lm.layers[0], Probe(model), model.device
+    checkpointed, layer.gradient_checkpointing = layer.gradient_checkpointing, False
+    with next(model.parameters()).fake_mode, probe, torch.autograd.graph.saved_tensors_hooks(probe.pack, lambda t: t):
+        with torch.autocast(dev.type, torch.bfloat16):
+            h = torch.empty(1, tokens, lm.config.hidden_size, device=dev, requires_grad=True)  # the fp32 residual stream
+            probe.known.add(h.untyped_storage()._cdata)  # the checkpoint's input: counted with the layers
+            rope = lm.rotary_emb(h, torch.zeros(3, 1, tokens, dtype=torch.long, device=dev))  # (cos, sin) (1, L, 128) fp32
+            layer(h, attention_mask=None, position_embeddings=rope)
+    layer.gradient_checkpointing = checkpointed
+    return sum(probe.saved.values())
+
+
+def bench_memory(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device, args.compute = torch.device("meta"), torch.bfloat16  # for machine(): fake tensors, bf16 autocast
+    _, processor = mmduet2.tiny_model()  # the tokenizer and image processor (14-px patches, 2×2 merge, as the 3B)
+    mmduet2.set_frame_tokens(processor, args.frame_tokens)
+    model = fake_3b(processor, args.layers)
+    text, fpt = model.config.text_config, args.frames_per_turn
+    merge = model.config.vision_config.spatial_merge_size ** 2  # ViT patches per LLM token
+
+    # The sequences, through our own template: an SFT dialogue cut at --seq-len; a GRPO rollout = the
+    # context and the segment (--rollout-frames frames in turns of --frames-per-turn) + what it generated.
+    def dialogue(n_turns, max_tokens=None):
+        seq = mmduet2.encode_dialogue(processor, *silent_dialogue(n_turns, frame_pool(args), fpt), max_tokens=max_tokens)
+        return dict(tokens=len(seq.ids), frames=len(seq.grids), image_tokens=sum(seq.mm_types),
+                    patches=merge * sum(seq.mm_types))
+    tpf = mmduet2.frame_tokens(*args.frame_size, args.frame_tokens)
+    sft = dialogue(args.seq_len // (tpf * fpt) + 1, args.seq_len)
+    sft["supervised"] = round(args.supervised * sft["tokens"])
+    grpo = dialogue(args.rollout_frames // fpt)
+    grpo["tokens"] += args.generated_tokens
+    grpo["supervised"] = args.generated_tokens
+
+    # Arithmetic on the parameters of the model itself (model.parameters() lists the tied embedding once)
+    params = list(model.parameters())
+    trained = [p for p in params if p.requires_grad]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.numel() * p.element_size() for p in trained)  # gradients have their parameter's dtype
+    kv = args.group * grpo["tokens"] * text.num_hidden_layers * 2 * text.num_key_value_heads * \
+        (text.hidden_size // text.num_attention_heads) * 2  # G rows × L × layers × (K, V) × heads × dims × bf16
+    features = grpo["image_tokens"] * text.hidden_size * 2  # the merger's bf16 output, shared by the G rows
+
+    # Measured: what one training step saves and holds alive, per sequence; then SFT without checkpointing
+    def measure(shape, one_layer):
+        probe = step_bytes(model, shape)
+        saved = {f"saved_{part}": probe.saved[part] for part in ("layers", "outside", "logits")}
+        return dict(saved, one_layer=one_layer, saved_plus_layer=sum(saved.values()) + one_layer,
+                    logits_peak=probe.peak["logits"], forward_peak=probe.peak["forward"],
+                    backward_peak=probe.peak["backward"])
+    measured = {name: measure(shape, layer_bytes(model, shape["tokens"])) for name, shape in (("sft", sft), ("grpo", grpo))}
+    model.activation_checkpointing_disable()
+    measured["sft_no_ckpt"] = measure(sft, 0)  # nothing is recomputed
+
+    # The columns: the recipe for SFT and GRPO, then the alternatives it rejected, one change each
+    def column(m, kv_bytes=0, feature_bytes=0, bucket_view=True, fused=True):
+        row = dict(weights=weights, gradients=grads, adam=2 * grads, ddp_copy=0 if bucket_view else grads,
+                   kv_cache=kv_bytes, vision_features=feature_bytes, **m,
+                   optimizer_temporaries=0 if fused else grads)  # foreach: sqrt(v) of every parameter at once
+        row["held"] = sum(row[k] for k in ("weights", "gradients", "adam", "ddp_copy", "kv_cache", "vision_features"))
+        row["peak"] = row["held"] + max(m["forward_peak"], m["backward_peak"], row["optimizer_temporaries"])
+        row["headroom"] = round(args.card_gib * GIB) - row["peak"]
+        return row
+    columns = {"SFT": column(measured["sft"]), "GRPO": column(measured["grpo"], kv, features),
+               "SFT, bucket view off": column(measured["sft"], bucket_view=False),
+               "SFT, foreach AdamW": column(measured["sft"], fused=False),
+               "SFT, no checkpointing": column(measured["sft_no_ckpt"])}
+    result = dict(command="memory", machine=machine(args, sum(p.numel() for p in params)), columns=columns,
+                  params=dict(all=sum(p.numel() for p in params), trained=sum(p.numel() for p in trained),
+                              frozen=sum(p.numel() for p in params if not p.requires_grad)),
+                  config=dict(sft=sft, grpo=grpo, layers=text.num_hidden_layers, frame_size=list(args.frame_size),
+                              tokens_per_frame=tpf, frames_per_turn=fpt, supervised_fraction=args.supervised,
+                              group=args.group, card_gib=args.card_gib))
+    return report(args, "memory", result, memory_lines(result))
+
+
+MEMORY_ROWS = [  # (key in each JSON column, label, where the number comes from): the table of bench.py memory
+    ("weights", "weights: fp32, {all:.2f} B params", "4 B × all params"),
+    ("gradients", "gradients: fp32, {trained:.2f} B trained params, in DDP's buckets", "4 B × trained"),
+    ("adam", "AdamW: 2 fp32 moments per trained param", "8 B × trained"),
+    ("ddp_copy", "DDP: gradients outside the buckets (bucket view off)", "4 B × trained"),
+    ("kv_cache", "GRPO: KV cache of the G = {group} rollouts, bf16", "G × L × layers × (K, V) × 2 heads × 128 × 2 B"),
+    ("vision_features", "GRPO: the group's vision features, bf16", "image tokens × 2048 × 2 B"),
+    ("held", "**held through the step**", "sum of the above"),
+    ("saved_layers", "saved: the {layers} decoder layers (checkpointed: each one's fp32 input)", "measured"),
+    ("saved_outside", "saved: embeddings, merger, final norm", "measured"),
+    ("saved_logits", "saved: lm_head (its bf16 weight copy) + logits + loss", "measured"),
+    ("one_layer", "saved by the one layer that backward recomputes", "measured"),
+    ("saved_plus_layer", "all saved + one layer (the usual estimate)", "sum of the above"),
+    ("logits_peak", "lm_head + logits + loss at their peak", "measured (live)"),
+    ("forward_peak", "activations at the forward's peak", "measured (live)"),
+    ("backward_peak", "activations at the backward's peak", "measured (live)"),
+    ("optimizer_temporaries", "optimizer step: temporaries (foreach: √v of all params)", "4 B × trained"),
+    ("peak", "**peak = held + max(forward, backward, optimizer step)**", ""),
+    ("headroom", "**headroom on {card_gib} GiB**", ""),
+]
+
+
+def memory_lines(result):
+    """The Markdown of bench_memory: one table (GiB per GPU), then what each row means and the verdict."""
+    cols, c, p = result["columns"], result["config"], result["params"]
+    s, g = c["sft"], c["grpo"]
+    fields = dict(c, all=p["all"] / 1e9, trained=p["trained"] / 1e9)
+    lines = md_table(["GiB per GPU", "how", *cols], [[label.format(**fields), how, *(f"{col[key] / GIB:.2f}" for col in cols.values())]
+                                                      for key, label, how in MEMORY_ROWS])
+    gib = lambda name: f"{name} {cols[name]['peak'] / GIB:.1f} GiB (headroom {cols[name]['headroom'] / GIB:+.1f})"  # noqa: E731
+    fits = all(cols[name]["headroom"] >= 0 for name in ("SFT", "GRPO"))
+    lines += [
+        "",
+        f"Per GPU under DDP (every GPU a full replica), {p['trained'] / 1e9:.2f} B trained (LLM + merger) and "
+        f"{p['frozen'] / 1e9:.2f} B frozen (ViT) parameters, fp32 weights with bf16 autocast, {c['layers']} LLM layers. "
+        f"SFT: one dialogue of {s['tokens']:,} tokens ({s['frames']} frames of {c['frame_size'][1]}×{c['frame_size'][0]} px = "
+        f"{c['tokens_per_frame']} tokens, {c['frames_per_turn']} per turn), logits at {s['supervised']:,} supervised "
+        f"positions ({c['supervised_fraction']:.0%}, assumed). GRPO: one rollout of {g['tokens']:,} tokens "
+        f"({g['frames']} frames + {g['supervised']} generated tokens, the supervised ones) in the update, "
+        f"while the group's KV cache and vision features are held.",
+        "",
+        "- arithmetic: parameter counts of the model itself × bytes per element (all parameters are fp32).",
+        "- measured: one training step on fake tensors (meta tensors: shapes, dtypes, storages, no data) through "
+        "bf16 autocast, non-reentrant checkpointing and autograd, attention as the flash kernel. CPU autocast "
+        "stands for CUDA's: on this model both cast the same ops (a fake-GPU forward saves the same bytes). "
+        "saved = unique storages packed by saved_tensors_hooks; live = every op's outputs until their storage "
+        "is freed; a peak is the most alive at once.",
+        "- forward: on top of what is saved, autocast keeps a bf16 copy of every trained weight it casts until "
+        "the forward returns (its cast cache). backward: what is still saved, the layer being recomputed and "
+        "the gradients in flight.",
+        "- The KV cache is bf16, as the recipe keeps it. Rolled out under autocast over the fp32 weights, the "
+        "cache would hold fp32 keys (rope multiplies the bf16 keys by fp32 cos/sin), 1.5× the bytes.",
+        "- Not counted: the CUDA context and NCCL buffers, the allocator's free cached blocks (fragmentation), "
+        "and the frozen ViT's transient forward (it runs before the LLM's activations pile up; not run here).",
+        "",
+        f"**The recipe {'fits' if fits else 'does not fit'} on {c['card_gib']} GiB**: {gib('SFT')}, {gib('GRPO')}. "
+        "One change each: " + "; ".join(gib(name) for name in cols if name not in ("SFT", "GRPO")) + ".",
+    ]
+    return lines
+
+
+# ----------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    # model and machine (grpo.py picks its own device and dtype)
-    common.add_argument("--model", default="tiny", help="tiny | a checkpoint folder | 3b (random Qwen2.5-VL-3B, no download)")
-    common.add_argument("--layers", type=int, default=0, help="--model 3b only: keep this many LLM layers and vision blocks")
-    common.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
-    common.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="compute dtype (auto: bf16 on GPU)")
-    common.add_argument("--attn", default=None, help="attention implementation, e.g. flash_attention_2 (default: sdpa)")
-    common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    common.add_argument("--out", default="bench", help="folder for NAME.json and NAME.md")
-    # frames
-    common.add_argument("--frame-size", type=int, nargs="+", default=[84], metavar="H W", help="frame size (one value: square)")
-    common.add_argument("--frame-tokens", type=int, default=mmduet2.FRAME_TOKENS, help="cap on LLM tokens per frame (paper: 128)")
-    common.add_argument("--frames-per-turn", type=int, default=1, help="frames per user turn (paper: 1-2)")
+
+    def common_args(model="tiny", frame_size=(84,), frames_per_turn=1):
+        """The flags every command takes. A new parser per set of defaults: the sub-commands built on one
+        parent share its argument objects, so set_defaults on one of them would change them all."""
+        common = argparse.ArgumentParser(add_help=False)
+        # model and machine (grpo.py picks its own device and dtype)
+        common.add_argument("--model", default=model, help="tiny | a checkpoint folder | 3b (random Qwen2.5-VL-3B, no download)")
+        common.add_argument("--layers", type=int, default=0, help="--model 3b only: keep this many LLM layers and vision blocks")
+        common.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+        common.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="compute dtype (auto: bf16 on GPU)")
+        common.add_argument("--attn", default=None, help="attention implementation, e.g. flash_attention_2 (default: sdpa)")
+        common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+        common.add_argument("--out", default="bench", help="folder for NAME.json and NAME.md")
+        # frames
+        common.add_argument("--frame-size", type=int, nargs="+", default=list(frame_size), metavar="H W",
+                            help="frame size (one value: square)")
+        common.add_argument("--frame-tokens", type=int, default=mmduet2.FRAME_TOKENS, help="cap on LLM tokens per frame (paper: 128)")
+        common.add_argument("--frames-per-turn", type=int, default=frames_per_turn, help="frames per user turn (paper: 1-2)")
+        return common
+    common = common_args()
     s = sub.add_parser("stream", parents=[common], help="per-turn latency: KV cache vs re-encoding; silent turns")
     s.add_argument("--turns", type=int, default=200, help="turns to stream")
     s.add_argument("--repeats", type=int, default=3, help="timings per measurement")
@@ -458,7 +772,19 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=16, help="max new tokens per turn")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in the update (grpo.py's default)")
+    m = sub.add_parser("memory", parents=[common_args("3b", (224, 448), 2)],  # the paper's frames: 448×224 px, 2 per turn
+                       help="per-GPU memory of an SFT and a GRPO step at full scale (DDP), on a model with no memory")
+    m.add_argument("--seq-len", type=int, default=10_000, help="tokens of one SFT dialogue (paper: at most 10,000)")
+    m.add_argument("--supervised", type=float, default=0.1,
+                   help="fraction of SFT tokens with a loss: assistant turns, 5-10%% of a proactive dialogue (assumed)")
+    m.add_argument("--group", type=int, default=4, help="GRPO rollouts per episode (G) whose KV caches are held")
+    m.add_argument("--rollout-frames", type=int, default=90, help="frames of a GRPO rollout, context + segment (cap: 90)")
+    m.add_argument("--generated-tokens", type=int, default=500,
+                   help="tokens a rollout generates = its supervised tokens (20 s, 2 s/frame, 2 frames/turn: 5 turns × 100)")
+    m.add_argument("--card-gib", type=float, default=CARD_GIB, help="GPU memory as torch reports it (H100 80GB: 79.1)")
     args = p.parse_args(argv)
+    if args.command == "memory" and args.model != "3b":
+        p.error("memory models Qwen2.5-VL-3B's architecture: --model 3b")
     if len(args.frame_size) not in (1, 2):
         p.error("--frame-size takes H W, or one value for a square frame")
     args.frame_size = tuple(args.frame_size * (3 - len(args.frame_size)))  # [84] → (84, 84)
@@ -471,7 +797,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    return {"stream": bench_stream, "sft": bench_sft, "grpo": bench_grpo}[args.command](args)
+    return {"stream": bench_stream, "sft": bench_sft, "grpo": bench_grpo, "memory": bench_memory}[args.command](args)
 
 
 if __name__ == "__main__":

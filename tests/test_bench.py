@@ -27,7 +27,7 @@ def check_report(out, name, result):
     assert json.load(open(out / f"{name}.json")) == json.loads(json.dumps(result))
     assert (out / f"{name}.md").read_text().startswith(f"## bench.py {name}")
     m = result["machine"]
-    assert m["cpu"] and m["threads"] >= 1 and m["torch"] == torch.__version__ and m["device"] in ("cpu", "cuda")
+    assert m["cpu"] and m["threads"] >= 1 and m["torch"] == torch.__version__ and m["device"] in ("cpu", "cuda", "meta")
     assert ("gpu_pending" in result) == (m["gpu"] is None)  # a CPU run says the GPU numbers are still to come
 
 
@@ -114,3 +114,110 @@ def test_grpo_refuses_3b():
     with pytest.raises(SystemExit):
         bench.parse_args(["grpo", "--model", "3b"])
 
+
+
+# ----------------------------------------------------------------------------
+# memory: the 3B architecture at 2 layers (full widths, full vocabulary: on fake tensors they cost nothing)
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def memory_2k(tmp_path_factory):
+    out = tmp_path_factory.mktemp("memory")
+    return out, run("memory", "--layers", "2", "--seq-len", "2000", "--rollout-frames", "8", "--out", str(out))
+
+
+def test_memory_rows_are_parameter_arithmetic(memory_2k):
+    out, r = memory_2k
+    check_report(out, "memory", r)
+    p, cols = r["params"], r["columns"]
+    assert p["all"] == p["trained"] + p["frozen"] and 0 < p["frozen"] < p["trained"]  # the ViT frozen, LLM + merger trained
+    sft, grpo = cols["SFT"], cols["GRPO"]
+    for col in cols.values():  # fp32 weights, fp32 gradients, two fp32 Adam moments
+        assert (col["weights"], col["gradients"], col["adam"]) == (4 * p["all"], 4 * p["trained"], 8 * p["trained"])
+    assert sft["ddp_copy"] == sft["optimizer_temporaries"] == sft["kv_cache"] == sft["vision_features"] == 0
+    off, foreach = cols["SFT, bucket view off"], cols["SFT, foreach AdamW"]
+    assert off["ddp_copy"] == 4 * p["trained"] and off["peak"] - sft["peak"] == 4 * p["trained"]  # one gradient copy
+    assert foreach["optimizer_temporaries"] == 4 * p["trained"]  # torch's _multi_tensor_adam: sqrt of every exp_avg_sq
+    g = r["config"]["grpo"]
+    assert grpo["kv_cache"] == 4 * g["tokens"] * 2 * 2 * 2 * 128 * 2  # G × L × 2 layers × (K, V) × 2 heads × 128 × bf16
+    assert grpo["vision_features"] == g["image_tokens"] * 2048 * 2 and g["image_tokens"] == 8 * 128
+    for col in cols.values():  # the peak: what is held + the worst of the three moments; headroom on 79.1 GiB
+        transient = max(col["forward_peak"], col["backward_peak"], col["optimizer_temporaries"])
+        assert col["peak"] == col["held"] + transient and col["headroom"] == round(79.1 * GIB) - col["peak"]
+
+
+def test_memory_table_prints_the_json(memory_2k):
+    out, r = memory_2k
+    md = (out / "memory.md").read_text()
+    header, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("| ")]
+    assert header[2:] == list(r["columns"]) and len(rows) == len(bench.MEMORY_ROWS)
+    for cells, (key, _, _) in zip(rows, bench.MEMORY_ROWS):  # label, how, then one GiB number per column
+        assert cells[2:] == [f"{col[key] / GIB:.2f}" for col in r["columns"].values()], key
+    assert "The recipe fits" in md  # 2 layers are far from 79.1 GiB
+
+
+def test_memory_activations_are_measured(memory_2k, tmp_path):
+    """What a formula would not give: each checkpointed layer keeps exactly its fp32 input (autocast leaves the
+    residual stream fp32), the saved inputs grow linearly with the tokens, and without checkpointing every
+    layer saves what the one recomputed layer saves."""
+    _, a = memory_2k
+    b = run("memory", "--layers", "2", "--seq-len", "4000", "--rollout-frames", "8", "--out", str(tmp_path))
+    la, lb = a["config"]["sft"]["tokens"], b["config"]["sft"]["tokens"]
+    assert 1.9 < lb / la < 2.1
+    for r, n in ((a, la), (b, lb)):
+        sft, bare = r["columns"]["SFT"], r["columns"]["SFT, no checkpointing"]
+        assert sft["saved_layers"] == 2 * n * 2048 * 4  # (1, L, 2048) fp32 per layer
+        assert bare["saved_layers"] == pytest.approx(2 * (sft["one_layer"] + n * 2048 * 4), rel=0.01)
+        assert sft["one_layer"] > 10 * n * 2048 * 4  # a layer saves far more than its input: what checkpointing drops
+        assert sft["saved_outside"] > 0 and sft["saved_logits"] > 0 and sft["logits_peak"] >= sft["saved_logits"]
+        assert sft["forward_peak"] > sft["saved_layers"] + sft["saved_outside"]  # + autocast's weight copies
+        assert sft["backward_peak"] > sft["one_layer"] and bare["backward_peak"] > sft["backward_peak"]
+    ratio = lambda key: b["columns"]["SFT"][key] / a["columns"]["SFT"][key]  # noqa: E731
+    assert ratio("saved_layers") == pytest.approx(lb / la)
+    assert 1.5 < ratio("one_layer") < lb / la  # its activations grow with the tokens, its bf16 weight copies do not
+
+
+@pytest.fixture(scope="module")
+def fake_2_layers():
+    _, processor = mmduet2.tiny_model()
+    return processor, bench.fake_3b(processor, layers=2)
+
+
+def test_memory_probe_counts_what_autograd_saves(fake_2_layers):
+    """bench.layer_bytes against a direct count: every storage one decoder layer hands to autograd, once."""
+    _, model = fake_2_layers
+    lm, n = model.model.language_model, 300
+    layer, params = lm.layers[0], {p.untyped_storage()._cdata for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage()._cdata] = (t.untyped_storage().nbytes(), t.dtype, tuple(t.shape))
+        return t
+    layer.gradient_checkpointing = False
+    with next(model.parameters()).fake_mode, torch.autocast("cpu", torch.bfloat16), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = torch.empty(1, n, 2048, requires_grad=True)
+        layer(h, attention_mask=None, position_embeddings=lm.rotary_emb(h, torch.zeros(3, 1, n, dtype=torch.long)))
+    layer.gradient_checkpointing = True
+    direct = {k: v for k, v in saved.items() if k not in params and k != h.untyped_storage()._cdata}
+    assert bench.layer_bytes(model, n) == sum(b for b, _, _ in direct.values())
+    kept = {(dtype, shape) for _, dtype, shape in direct.values()}
+    assert (torch.bfloat16, (1, n, 11008)) in kept  # the MLP's bf16 activations (autocast)
+    assert (torch.bfloat16, (1, 16, n, 128)) in kept and (torch.bfloat16, (1, 2, n, 128)) in kept  # flash: q, k
+    assert not any(shape[-2:] == (n, n) for _, shape in kept)  # never an attention matrix
+
+
+def test_memory_cpu_autocast_stands_for_cuda(fake_2_layers, monkeypatch):
+    """The forward on a fake GPU under CUDA autocast saves and holds what the fake-CPU one does. torch.autocast
+    turns itself off without a GPU; told one is there, the AutocastCUDA kernels run on the fake tensors."""
+    processor, cpu = fake_2_layers
+    monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = bench.fake_3b(processor, layers=2, device="cuda")
+    assert gpu.device.type == "cuda"
+    shape = dict(tokens=700, patches=4 * 512, supervised=70)
+    on_cpu, on_gpu = bench.step_bytes(cpu, shape, backward=False), bench.step_bytes(gpu, shape, backward=False)
+    assert on_cpu.saved == on_gpu.saved and on_cpu.peak == on_gpu.peak
+    assert on_cpu.peak["forward"] > sum(on_cpu.saved.values())  # the cast cache is there on both
