@@ -347,7 +347,7 @@ def bench_sft(args):
     n_turns = args.seq_len // (tpf * fpt) + 1  # more than enough; cut to --seq-len (never inside a frame)
     seq = mmduet2.encode_dialogue(processor, *silent_dialogue(n_turns, frame_pool(args), fpt), max_tokens=args.seq_len)
     trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=1e-5)
+    opt = torch.optim.AdamW(trained, lr=1e-5, fused=dev.type == "cuda")  # sft.py's optimizer: fused on a GPU
     amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" and args.compute == torch.bfloat16 else nullcontext()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)  # the weights stay allocated, so the peak still counts them
@@ -358,7 +358,7 @@ def bench_sft(args):
             loss = -mmduet2.forward_logprobs(model, seq).mean()
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)  # the gradients stay allocated, as in DDP's buckets (bench.py memory's model)
         if i >= args.warmup:
             times.append(clock(dev) - t0)
     if dev.type == "cuda":
@@ -381,19 +381,38 @@ def bench_sft(args):
 # grpo: grpo.py itself on a small synthetic RL set, timed through its metrics.jsonl
 
 
-def write_rl_set(folder, args, n_videos=2):
-    """n noise mp4s (PyAV) + an anno.json in the ProactiveVideoQA format, two gold events per video."""
-    import av
+def write_mp4(path, frames, fps):
+    """(H, W, 3) uint8 RGB frames → an mp4: libx264 through PyAV, or MPEG-4 through OpenCV where PyAV is missing
+    (the GPU machines' image has OpenCV and no PyAV). decord reads both."""
+    h, w = frames[0].shape[:2]
+    try:
+        import av
+    except ImportError:
+        import cv2
+        out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+        for frame in frames:
+            out.write(np.ascontiguousarray(frame[:, :, ::-1]))  # OpenCV wants BGR
+        out.release()
+        return str(path)
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("libx264", rate=fps)
+        st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+        for frame in frames:
+            for packet in st.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in st.encode():  # flush the encoder's delayed frames
+            out.mux(packet)
+    return str(path)
+
+
+def write_rl_set(folder, args, n_videos=2, fps=2):
+    """n noise mp4s + an anno.json in the ProactiveVideoQA format, two gold events per video."""
     (h, w), seconds = args.frame_size, max(16, 2 * round(args.segment))
     os.makedirs(os.path.join(folder, "videos"))
     anno, rng = [], np.random.default_rng(0)
     for i in range(n_videos):
-        with av.open(os.path.join(folder, "videos", f"v{i}.mp4"), "w") as out:
-            st = out.add_stream("libx264", rate=10)
-            st.width, st.height, st.pix_fmt = w, h, "yuv420p"
-            frames = (av.VideoFrame.from_ndarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for _ in range(seconds * 10))
-            for packet in [p for f in frames for p in st.encode(f)] + list(st.encode()):
-                out.mux(packet)
+        write_mp4(os.path.join(folder, "videos", f"v{i}.mp4"),
+                  [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for _ in range(seconds * fps)], fps)
         events = [("A red square appeared on the left.", 0.2 * seconds), ("A blue square appeared on the top.", 0.6 * seconds)]
         anno.append({"video": f"v{i}.mp4", "question_id": f"q{i}", "duration": float(seconds),
                      "conversation": [{"role": "user", "content": "Tell me whenever a new shape appears.", "time": 0.0}],
@@ -403,35 +422,72 @@ def write_rl_set(folder, args, n_videos=2):
     return os.path.join(folder, "anno.json")
 
 
+def checkpoint_tensors(folder):
+    """name → tensor, read lazily from a checkpoint folder's safetensors (one file, or the shards of its index)."""
+    from safetensors import safe_open
+    index = os.path.join(folder, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    for name in files:
+        with safe_open(os.path.join(folder, name), "pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def moved_fraction(init, final):
+    """Share of the trained weights (all but the frozen ViT; its merger is trained) that differ between two
+    checkpoint folders: what one update at a tiny lr moved (fp32 master weights: all of them)."""
+    before = dict(checkpoint_tensors(init))
+    moved = total = 0
+    for key, after in checkpoint_tensors(final):
+        if key.startswith("model.visual.") and ".merger." not in key:
+            continue
+        moved += int((before.pop(key).float() != after.float()).sum())
+        total += after.numel()
+    return moved / total
+
+
 def bench_grpo(args):
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as work:
-        cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--init", args.model, "--anno", write_rl_set(work, args),
+        init = args.model
+        if args.model == "3b":  # grpo.py loads a folder: save Qwen2.5-VL-3B's architecture with random weights first
+            model, processor, _ = setup(args, weights_dtype=torch.bfloat16)
+            init = os.path.join(work, "init")
+            model.save_pretrained(init)
+            processor.save_pretrained(init)
+            del model
+        cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--init", init, "--anno", write_rl_set(work, args),
                "--out", os.path.join(work, "run"), "--judge", "offline", "--max-steps", str(args.steps),
-               "--group", str(args.group), "--segment", str(args.segment), "--interval", "1",
+               "--group", str(args.group), "--segment", str(args.segment), "--interval", str(args.interval),
                "--frames-per-turn", str(args.frames_per_turn), "--frame-tokens", str(args.frame_tokens),
-               "--max-new-tokens", str(args.max_new_tokens), "--save-every", "1000000",
+               "--max-new-tokens", str(args.max_new_tokens), "--save-every", "1000000", "--lr", str(args.lr),
                "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing"]
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
         run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if run.returncode:
             raise SystemExit(f"bench.py grpo: grpo.py failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
         steps = [json.loads(line) for line in open(os.path.join(work, "run", "metrics.jsonl"))]
+        moved = moved_fraction(init, os.path.join(work, "run", "final")) if args.model == "3b" or os.path.isdir(init) else None
     timed = steps[1:] or steps  # the first step pays one-time costs (allocator, kernels)
-    n_turns = max(1, round(args.segment / args.frames_per_turn)) * args.group  # 1 frame/s, 1 episode per step
+    n_turns = max(1, round(args.segment / (args.interval * args.frames_per_turn))) * args.group  # 1 episode per step
     total = [s["time_rollout"] + s["time_judge"] + s["time_update"] for s in timed]
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what grpo.py picks
     args.compute = torch.bfloat16 if args.device.type == "cuda" else torch.float32  # mmduet2.load_model's default
     share = {k: float(np.mean([s[f"time_{k}"] / t for s, t in zip(timed, total)])) for k in ("rollout", "judge", "update")}
     result = dict(command="grpo", machine=machine(args), step_s=float(np.mean(total)), share=share,
                   rollout_turns_per_s=float(np.mean([n_turns / s["time_rollout"] for s in timed])),
-                  generated_tokens=float(np.mean([s["tokens"] for s in timed])),
+                  generated_tokens=float(np.mean([s["tokens"] for s in timed])), moved_fraction=moved,
+                  logprob_gap=float(np.mean([s["logprob_gap"] for s in timed])),
                   config=dict(steps=len(steps), timed_steps=len(timed), group=args.group, segment_s=args.segment,
                               turns_per_step=n_turns, max_new_tokens=args.max_new_tokens))
-    lines = md_table(["step s", "rollout turns/s", "generated tokens", "rollout", "judge", "update"],
+    lines = md_table(["step s", "rollout turns/s", "generated tokens", "rollout", "judge", "update", "weights moved",
+                      "log p gap"],
                      [[f"{result['step_s']:.2f}", f"{result['rollout_turns_per_s']:.1f}", f"{result['generated_tokens']:.0f}"]
-                      + [f"{share[k]:.0%}" for k in share]])
+                      + [f"{share[k]:.0%}" for k in share] + ["-" if moved is None else f"{moved:.2%}",
+                                                               f"{result['logprob_gap']:.2e}"]])
     lines += ["", f"{len(timed)} of {len(steps)} steps timed; {n_turns} turns per step ({args.group} rollouts × "
-              f"{n_turns // args.group} turns), offline judge, at most {args.max_new_tokens} new tokens per turn."]
+              f"{n_turns // args.group} turns), offline judge, at most {args.max_new_tokens} new tokens per turn, "
+              f"lr {args.lr:g}. Weights moved: the share of trained weights that differ after {len(steps)} step(s); "
+              "log p gap: |rollout − training| log-prob per generated token."]
     return report(args, "grpo", result, lines)
 
 
@@ -726,6 +782,135 @@ def memory_lines(result):
 
 
 # ----------------------------------------------------------------------------
+# gpu: the prepared GPU check, one command on one GPU: the GPU tests, then the full-scale measurements
+
+
+def turn_latency(model, processor, args, fpt, context=10, turns=20, reply_tokens=32):
+    """p50/p95 ms of one turn after `context` turns: a silent turn (fast silence, as infer.py runs) and a replying
+    turn of `reply_tokens` new tokens (min_new_tokens holds back <|im_end|>). Each on a fork of one stream, whose
+    vision features are computed afresh (a live stream sees each frame once)."""
+    frames_of = frame_pool(argparse.Namespace(frame_size=args.frame_size, frames_per_turn=fpt))
+    base = mmduet2.Stream(model, processor)
+    for k in range(context):
+        base.feed(None, frames_of(k))
+        base.feed(mmduet2.SILENCE, role="assistant")
+    base.prefill()
+    greedy = mmduet2.decoding(processor, max_new_tokens=100)
+    replying = mmduet2.decoding(processor, max_new_tokens=reply_tokens)
+    replying.min_new_tokens = reply_tokens
+    out = {}
+    for mode, config, fast in (("silent", greedy, True), ("replying", replying, False)):
+        times, silent = [], []
+        for i in range(turns + 2):  # two warm-ups, not counted
+            fork = base.fork()
+            fork.vision = {}
+            t0 = clock(args.device)
+            reply = fork.turn(frames_of(context + i), config=config, fast_silence=fast)
+            if i >= 2:
+                times.append(clock(args.device) - t0)
+                silent.append(reply.silent)
+        out[mode] = dict(p50_ms=ms(times), p95_ms=ms(times, 95), silent_fraction=float(np.mean(silent)),
+                         new_tokens=len(reply.ids) - reply.forced_end)  # a cut reply's closing <|im_end|> was appended
+    return out
+
+
+def bench_gpu(args):
+    """Every stage is timed and guarded: one that fails records its error and the others still run; the report
+    is rewritten after each stage, so a run cut short keeps what it measured."""
+    out, work = args.out, tempfile.mkdtemp(prefix="bench-gpu-")
+    args.device, args.compute = torch.device(args.device or "cuda"), torch.bfloat16
+    result = dict(command="gpu", machine=machine(args), stages={})
+    seq_len, turns, context, steps, segment = (1000, 2, 2, 1, 8.0) if args.quick else (10_000, 20, 10, 2, 20.0)
+    result["config"] = dict(model=args.model, layers=args.layers, quick=args.quick, frame_size=[448, 224],
+                            latency_context_turns=context, latency_turns=turns, sft_seq_len=seq_len, grpo_steps=steps)
+
+    def sub(**kw):  # the arguments of another sub-command, at the paper's frame settings
+        return argparse.Namespace(**{**vars(args), "out": work, "frame_size": (448, 224), "frames_per_turn": 2, **kw})
+
+    def stage(name, run):
+        t0 = time.time()
+        try:
+            result["stages"][name] = run()
+        except (Exception, SystemExit) as e:  # a stage's failure is a finding, not the end of the check
+            result["stages"][name] = {"error": f"{type(e).__name__}: {str(e)[-1500:]}"}
+        result["stages"][name]["seconds"] = round(time.time() - t0, 1)
+        report(argparse.Namespace(out=out), "gpu", result, gpu_lines(result))
+
+    def tests():
+        run = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                              os.path.join("tests", "test_gpu.py")], cwd=ROOT, capture_output=True, text=True,
+                             env=dict(os.environ, MMDUET2_TEST_DEVICE=args.device.type))
+        return dict(returncode=run.returncode, summary=(run.stdout.strip().splitlines() or [""])[-1],
+                    tail=run.stdout[-3000:] + run.stderr[-1000:] if run.returncode else "")
+
+    reply_tokens = 8 if args.quick else 32
+
+    def latency():
+        a = sub(dtype="bf16", silence_steps=10)
+        model, processor, info = setup(a)  # bf16 weights, as infer.py loads them on a GPU
+        result["machine"] = info
+        teach_silence(model, processor, frame_pool(a), a)
+        return {str(fpt): turn_latency(model, processor, a, fpt, context, turns, reply_tokens) for fpt in (1, 2)}
+
+    def sft():
+        r = bench_sft(sub(dtype="bf16", seq_len=seq_len, steps=steps, warmup=1, grad_checkpointing=True))
+        out = dict(tokens_per_s=r["tokens_per_s"], step_s=r["step_s"], peak_memory_gib=r["peak_memory_gib"],
+                   predicted_peak_gib=None, config=r["config"])
+        if args.model == "3b":  # the same dialogue on paper: what bench.py memory predicts for this step
+            supervised = r["config"]["supervised_tokens"] / r["config"]["seq_len"]
+            predicted = bench_memory(sub(seq_len=seq_len, supervised=supervised, group=4, rollout_frames=90,
+                                         generated_tokens=500, card_gib=CARD_GIB, threads=0))
+            out["predicted_peak_gib"] = round(predicted["columns"]["SFT"]["peak"] / GIB, 2)
+        return out
+
+    def grpo():
+        r = bench_grpo(sub(steps=steps, group=4, segment=segment, interval=2.0, max_new_tokens=32, lr=1e-6,
+                           grad_checkpointing=True))
+        return {k: r[k] for k in ("step_s", "share", "rollout_turns_per_s", "generated_tokens", "moved_fraction",
+                                  "logprob_gap", "config")}
+
+    for name, run in (("tests", tests), ("latency", latency), ("sft", sft), ("grpo", grpo)):
+        if name != "tests" or not args.no_tests:
+            stage(name, run)
+        torch.cuda.empty_cache() if args.device.type == "cuda" else None
+    return result
+
+
+def gpu_lines(result):
+    """The Markdown of bench_gpu: what each stage measured, or why it failed."""
+    st, lines = result["stages"], []
+    if "tests" in st:
+        t = st["tests"]
+        lines += [f"GPU tests (`pytest -m gpu`): {t.get('summary') or t.get('error')}", ""]
+        lines += ["```", t["tail"].strip(), "```", ""] if t.get("tail") else []
+    if "latency" in st and "error" not in st["latency"]:
+        rows = [[fpt, mode, v["p50_ms"], v["p95_ms"], v["new_tokens"], f"{v['silent_fraction']:.0%}"]
+                for fpt, modes in st["latency"].items() if fpt != "seconds" for mode, v in modes.items()]
+        c = result["config"]
+        model = "Qwen2.5-VL-3B's architecture" + (f" at {c['layers']} layers" if c["layers"] else "") if c["model"] == "3b" \
+            else c["model"]
+        lines += [f"Per-turn latency of {model} (random weights, bf16), 448×224 frames = 128 tokens, after "
+                  f"{c['latency_context_turns']} turns, {c['latency_turns']} turns each (the paper: ~160 ms per turn on an H100):", ""]
+        lines += md_table(["frames per turn", "turn", "p50 ms", "p95 ms", "tokens out", "silent"], rows) + [""]
+    if "sft" in st and "error" not in st["sft"]:
+        v = st["sft"]
+        predicted = f" (bench.py memory predicts {v['predicted_peak_gib']:.1f} GiB)" if v["predicted_peak_gib"] else ""
+        lines += [f"SFT step at {v['config']['seq_len']:,} tokens (bf16 autocast over fp32, checkpointing, fused AdamW): "
+                  f"{v['tokens_per_s']:,.0f} tokens/s, {v['step_s']:.2f} s per step, peak {v['peak_memory_gib']:.1f} GiB"
+                  f"{predicted}.", ""]
+    if "grpo" in st and "error" not in st["grpo"]:
+        v = st["grpo"]
+        split = ", ".join(f"{k} {x:.0%}" for k, x in v["share"].items())
+        lines += [f"GRPO step (grpo.py, G = 4, 20 s segments, ≤ 32 new tokens, lr 1e-6): {v['step_s']:.1f} s ({split}); "
+                  f"{v['rollout_turns_per_s']:.1f} rollout turns/s; the update moved "
+                  f"{'-' if v['moved_fraction'] is None else format(v['moved_fraction'], '.2%')} of the trained weights; "
+                  f"log-prob gap rollout/training {v['logprob_gap']:.1e} per token.", ""]
+    lines += [f"- {name}: {v['error']}" for name, v in st.items() if "error" in v]
+    lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v['seconds']}" for k, v in st.items())]
+    return lines
+
+
+# ----------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -770,6 +955,8 @@ def parse_args(argv=None):
     g.add_argument("--group", type=int, default=4, help="rollouts per episode (G)")
     g.add_argument("--segment", type=float, default=10.0, help="seconds (= turns at 1 frame/s) each rollout answers")
     g.add_argument("--max-new-tokens", type=int, default=16, help="max new tokens per turn")
+    g.add_argument("--interval", type=float, default=1.0, help="seconds between frames (paper: 2)")
+    g.add_argument("--lr", type=float, default=1e-6, help="learning rate of the steps (paper: 1e-6)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in the update (grpo.py's default)")
     m = sub.add_parser("memory", parents=[common_args("3b", (224, 448), 2)],  # the paper's frames: 448×224 px, 2 per turn
@@ -782,6 +969,10 @@ def parse_args(argv=None):
     m.add_argument("--generated-tokens", type=int, default=500,
                    help="tokens a rollout generates = its supervised tokens (20 s, 2 s/frame, 2 frames/turn: 5 turns × 100)")
     m.add_argument("--card-gib", type=float, default=CARD_GIB, help="GPU memory as torch reports it (H100 80GB: 79.1)")
+    gp = sub.add_parser("gpu", parents=[common_args("3b", (224, 448), 2)],
+                        help="the prepared GPU check: the GPU tests + 3B latency, SFT and GRPO steps (< 8 min on one GPU)")
+    gp.add_argument("--quick", action="store_true", help="a dry run at small sizes (e.g. --device cpu --model tiny)")
+    gp.add_argument("--no-tests", action="store_true", help="only the measurements, not pytest -m gpu")
     args = p.parse_args(argv)
     if args.command == "memory" and args.model != "3b":
         p.error("memory models Qwen2.5-VL-3B's architecture: --model 3b")
@@ -790,14 +981,13 @@ def parse_args(argv=None):
     args.frame_size = tuple(args.frame_size * (3 - len(args.frame_size)))  # [84] → (84, 84)
     if args.command == "stream" and args.silence_steps is None:
         args.silence_steps = 50 if args.model in ("tiny", "3b") else 0  # training a real checkpoint would spoil it
-    if args.command == "grpo" and args.model == "3b":
-        p.error("grpo runs grpo.py, which loads a checkpoint: pass --model tiny or a folder")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    return {"stream": bench_stream, "sft": bench_sft, "grpo": bench_grpo, "memory": bench_memory}[args.command](args)
+    return {"stream": bench_stream, "sft": bench_sft, "grpo": bench_grpo, "memory": bench_memory,
+            "gpu": bench_gpu}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared test fixtures: synthetic mp4s (PyAV) and the tiny Qwen2.5-VL, all built offline."""
+"""Shared test fixtures: synthetic mp4s and the tiny Qwen2.5-VL, all built offline."""
 import os
 import sys
 
@@ -17,33 +17,16 @@ def pytest_configure(config):
 
 
 def write_video(path, seconds, fps=10, size=84, seed=0):
-    """A small mp4 whose frame i is filled with a colour that encodes i, plus noise: libx264 through PyAV, or
-    MPEG-4 through OpenCV where PyAV is missing (the GPU machines' image has OpenCV, not PyAV)."""
+    """A small mp4 whose frame i is filled with a colour that encodes i, plus noise (bench.write_mp4: PyAV, or
+    OpenCV where PyAV is missing, as on the GPU machines)."""
+    import bench
     rng = np.random.default_rng(seed)
     frames = []
     for i in range(round(seconds * fps)):
         img = np.full((size, size, 3), (i * 7) % 256, np.uint8)
         img[:, :, 1] = rng.integers(0, 255)
         frames.append(img)
-    try:
-        import av
-    except ImportError:
-        import cv2
-        out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
-        for img in frames:
-            out.write(img[:, :, ::-1])  # OpenCV wants BGR
-        out.release()
-        return str(path)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for img in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return str(path)
+    return bench.write_mp4(path, frames, fps)
 
 
 @pytest.fixture(scope="session")

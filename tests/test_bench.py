@@ -221,3 +221,17 @@ def test_memory_cpu_autocast_stands_for_cuda(fake_2_layers, monkeypatch):
     on_cpu, on_gpu = bench.step_bytes(cpu, shape, backward=False), bench.step_bytes(gpu, shape, backward=False)
     assert on_cpu.saved == on_gpu.saved and on_cpu.peak == on_gpu.peak
     assert on_cpu.peak["forward"] > sum(on_cpu.saved.values())  # the cast cache is there on both
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """The prepared GPU check's orchestration, on the CPU at small sizes (the GPU tests themselves are skipped
+    here; tests/test_gpu.py dry-runs them with MMDUET2_TEST_DEVICE=cpu)."""
+    r = run("gpu", "--device", "cpu", "--model", "tiny", "--quick", "--no-tests", "--out", str(tmp_path))
+    st = r["stages"]
+    assert set(st) == {"latency", "sft", "grpo"} and not [k for k, v in st.items() if "error" in v], st
+    for fpt in ("1", "2"):
+        assert st["latency"][fpt]["silent"]["silent_fraction"] == 1.0  # taught silence: fast silence accepts
+        assert st["latency"][fpt]["replying"]["new_tokens"] == 8 and st["latency"][fpt]["replying"]["silent_fraction"] == 0
+    assert st["sft"]["tokens_per_s"] > 0 and st["grpo"]["step_s"] > 0 and st["grpo"]["logprob_gap"] >= 0
+    assert json.load(open(tmp_path / "gpu.json"))["stages"]["grpo"]["step_s"] == st["grpo"]["step_s"]
+    assert "Per-turn latency of tiny" in (tmp_path / "gpu.md").read_text()
