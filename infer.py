@@ -102,7 +102,7 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
 def check_video(path, interval):
     """Fail early (before a 3B model loads) on a missing, corrupt or too-short video: (first frame, last turn time)."""
     _, first = next(mmduet2.read_frames(path, interval))  # raises the one-line errors of mmduet2
-    n_frames = int(mmduet2.video_duration(path) / interval + 1e-6)  # read_frames' own count
+    n_frames = mmduet2.count_frames(mmduet2.video_duration(path), interval)  # read_frames' own count
     return first, n_frames * interval
 
 

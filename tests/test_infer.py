@@ -15,6 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import infer  # noqa: E402
 import mmduet2  # noqa: E402
 import reward  # noqa: E402
@@ -107,6 +108,76 @@ def test_realtime_waits_for_the_frames(videos):
 
 def test_parse_asks():
     assert infer.parse_asks(["12:What now?", "0.5: Who: him?"], end=20) == [(12.0, "What now?"), (0.5, "Who: him?")]
+
+
+# ----------------------------------------------------------------------------
+# frames as infer.py reads them (mmduet2's frames section)
+
+def ramp(width, height, k):
+    """Frame k of a test pattern: red ramps left to right, green top to bottom, blue with k."""
+    img = np.zeros((height, width, 3), np.uint8)
+    img[:, :, 0] = np.linspace(0, 255, width)[None]
+    img[:, :, 1] = np.linspace(0, 255, height)[:, None]
+    img[:, :, 2] = 20 * k
+    return img
+
+
+def ramp_video(path, width, height, n=10, fps=10):
+    """A lossless (qp 0, 4:4:4) mp4 of `ramp` frames: what decodes must be the pattern, pixel for pixel (±4)."""
+    import av
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt, stream.options = width, height, "yuv444p", {"qp": "0"}
+        for k in range(n):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(ramp(width, height, k), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+def damaged_video(path, seconds=10, keep=0.4):
+    """An mp4 whose index (moov) is intact but whose frame data (mdat) is zeroed after its first `keep`:
+    it opens and its first frames decode, then decoding fails part-way."""
+    write_video(path, seconds)
+    raw = bytearray(open(path, "rb").read())
+    i = 0
+    while i < len(raw):  # top-level boxes: a 4-byte big-endian size, then a 4-byte type
+        size, kind = int.from_bytes(raw[i:i + 4], "big"), bytes(raw[i + 4:i + 8])
+        if kind == b"mdat":
+            cut = i + 8 + int((size - 8) * keep)
+            raw[cut:i + size] = bytes(i + size - cut)
+        i += size
+    open(path, "wb").write(raw)
+    return str(path)
+
+
+def test_one_frame_count_rule(videos, monkeypatch):
+    _, v = videos
+    assert mmduet2.count_frames(10.5, 2) == 5 and mmduet2.count_frames(0.3, 0.1) == 3  # 0.3 / 0.1 < 3 in floats
+    # read_frames, data.py's dialogues and infer.py's --ask check all count with it
+    monkeypatch.setattr(mmduet2, "count_frames", lambda duration, interval: 2)
+    assert len(list(mmduet2.read_frames(v["seven"], 1.0))) == 2
+    assert data.dialogue_times(7.0, 1.0, 1) == (2, [1.0, 2.0])
+    assert infer.check_video(v["seven"], 1.0)[1] == 2.0  # the last turn time
+
+
+@pytest.mark.parametrize("width, height", [(8, 8), (16, 16), (12, 6), (40, 14)])
+def test_frames_of_tiny_videos_are_rgb(tmp_path, tiny, width, height):
+    # decord returned (8, 8, 12) and (16, 16, 6) here: FFmpeg's padded rows read as extra channels
+    path = ramp_video(tmp_path / "small.mp4", width, height)
+    frames = list(mmduet2.read_frames(path, 0.5))  # frames 0, 5
+    for (t, frame), k in zip(frames, (0, 5)):
+        assert frame.shape == (height, width, 3) and frame.dtype == np.uint8
+        assert np.abs(frame.astype(int) - ramp(width, height, k)).max() <= 4
+    tiny[1].image_processor(images=[frames[0][1]])  # "Unable to infer channel dimension format" before
+
+
+def test_a_video_damaged_mid_stream_is_a_one_line_error(tmp_path):
+    path = damaged_video(tmp_path / "damaged.mp4")
+    assert mmduet2.video_duration(path) == 10.0  # it opens fine: the damage shows only when decoding
+    with pytest.raises(ValueError, match="cannot decode video .* \\(reading its frame at"):
+        list(mmduet2.read_frames(path, 1.0))  # decord's DECORDError before; where it fails varies run to run
 
 
 # ----------------------------------------------------------------------------
