@@ -485,27 +485,59 @@ def load_model(name=DEFAULT_MODEL, dtype=None, device=None, attn=None, frame_tok
     """(model, processor) from a hub name, a local folder, or "tiny" (built in-process, random).
 
     dtype: bf16 on GPU, fp32 on CPU unless given. attn: e.g. "sdpa", "flash_attention_2".
+    A hub name is looked up in the local hub cache first, so a model downloaded once loads offline.
     """
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if name == "tiny":
         model, processor = tiny_model()
-    else:
-        # a hub id is "org/name": anything else that is not a folder is a mistyped local path
-        if not os.path.isdir(os.path.expanduser(name)) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-            raise FileNotFoundError(f"model folder not found: {name}")
+    elif os.path.isdir(os.path.expanduser(name)):
         try:
-            kw = {"attn_implementation": attn} if attn else {}
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, **kw)
-            processor = AutoProcessor.from_pretrained(name)
+            model, processor = _from_pretrained(os.path.expanduser(name), dtype, attn)
         except OSError as e:
-            raise OSError(
-                f"cannot load model '{name}' ({str(e).splitlines()[0][:160]}). Without network, download it "
-                f"elsewhere (huggingface-cli download {name} --local-dir DIR) and pass the folder, "
-                "or use --model tiny for a smoke run.") from None
+            raise OSError(f"cannot load model folder {name}: {str(e).splitlines()[0][:200]}") from None
+    elif name.startswith((".", "/", "~")) or name.count("/") != 1:  # a hub id is "org/name": a mistyped path
+        raise FileNotFoundError(f"model folder not found: {name}")
+    else:
+        try:  # the cache only: no network, no waiting
+            model, processor = _from_pretrained(name, dtype, attn, local_files_only=True)
+        except OSError:  # not (all) cached: download it, after one quick request that fails fast without network
+            _check_hub(name)
+            try:
+                model, processor = _from_pretrained(name, dtype, attn)
+            except OSError as e:
+                raise _hub_error(name, str(e).splitlines()[0][:160]) from None
     set_frame_tokens(processor, frame_tokens)
     return model.to(device, dtype).eval(), processor
+
+
+def _from_pretrained(name, dtype, attn, **hub):
+    """Qwen2.5-VL and its processor from a folder or the hub; hub: e.g. local_files_only=True."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    kw = {"attn_implementation": attn} if attn else {}
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, **kw, **hub)
+    return model, AutoProcessor.from_pretrained(name, **hub)
+
+
+def _hub_error(name, reason):
+    return OSError(f"cannot load model '{name}' ({reason}). Without network, download it elsewhere "
+                   f"(hf download {name} --local-dir DIR) and pass the folder, or use --model tiny for a smoke run.")
+
+
+def _check_hub(name):
+    """One request to the hub before a download: without network transformers' download retries
+    for 30 s (5 retries, 11 warning lines) before it fails; this fails in under a second."""
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import RepositoryNotFoundError
+    if constants.HF_HUB_OFFLINE:
+        raise _hub_error(name, "not in the local hub cache, and HF_HUB_OFFLINE is set")
+    try:
+        model_info(name, timeout=10)
+    except RepositoryNotFoundError:  # also a gated or private model without a login
+        raise FileNotFoundError(f"no model '{name}' on the Hugging Face hub (or it is private): "
+                                "check the name, or pass a local folder") from None
+    except Exception as e:  # no network: the hub's HTTP client raises its own (httpx2) errors, not OSError
+        raise _hub_error(name, f"the hub is unreachable: {str(e).splitlines()[0][:120]}") from None
 
 
 def tiny_tokenizer(corpus=(), vocab_size=512):

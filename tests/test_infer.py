@@ -212,6 +212,41 @@ def test_command_line_subprocess(videos, tmp_path):
     check_record(rec, "b", turn_times=[1.0, 2.0, 3.0, 4.0, 5.0])
 
 
+def hub_env(tmp_path, **env):
+    """The environment of a user with no network: an empty hub cache, the hub's address a closed local port."""
+    base = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return {**base, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", **env}
+
+
+def test_released_model_without_network_is_one_quick_line(videos, tmp_path):
+    _, v = videos
+    took = {}
+    for mode, env in (("offline", {"HF_HUB_OFFLINE": "1"}), ("no network", {})):
+        start = time.perf_counter()
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), v["b"]], env=hub_env(tmp_path, **env),
+                             capture_output=True, text=True, timeout=120)
+        took[mode] = time.perf_counter() - start
+        assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr  # no retry messages
+        assert run.stderr.startswith("infer.py: cannot load model 'wangyueqian/MMDuet2'")
+        assert "hf download wangyueqian/MMDuet2 --local-dir DIR" in run.stderr  # the CLI the pinned hub ships
+    # without network the hub's own retries sleep 1 + 2 + 4 + 8 + 8 = 23 s; HF_HUB_OFFLINE never tries.
+    # Compared with each other, not with a fixed time: most of each run is importing torch on a busy CPU
+    assert took["no network"] < took["offline"] + 15, took
+
+
+def test_a_model_in_the_hub_cache_loads_without_network(videos, tmp_path, tiny):
+    _, v = videos
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny"  # the hub cache layout: refs/main names a snapshot
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for part in tiny:
+        part.save_pretrained(repo / "snapshots" / ("0" * 40))
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), v["b"], "--model", "someone/tiny",
+                          "--max-new-tokens", "2"], env=hub_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "model someone/tiny on cpu" in run.stdout and "5 turns" in run.stdout
+
+
 # ----------------------------------------------------------------------------
 # the benchmark protocol
 
