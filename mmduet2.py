@@ -99,7 +99,8 @@ def _open_video(path):
     try:
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
     except Exception as e:  # decord raises its own DECORDError (or a RuntimeError) for anything unreadable
-        raise ValueError(f"cannot decode video {path}: {_decord_reason(e)}") from None
+        why = "it holds no video stream" if "cannot find video stream" in str(e) else _decord_reason(e)
+        raise ValueError(f"cannot decode video {path}: {why}") from None
     if len(vr) == 0 or vr.get_avg_fps() <= 0:
         raise ValueError(f"video has no frames: {path}")
     return vr
@@ -108,12 +109,12 @@ def _open_video(path):
 def _decord_reason(error):
     """decord's message without its C++ source locations and check expressions, capped at 200 characters:
         "[16:18:12] src/threaded_decoder.cc:218: Check failed: send(pkt) >= 0 (-1 vs. 0) Error sending packet."
-        -> "Error sending packet."
+        -> "Error sending packet"
     """
     line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     line = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", line)           # "[time] file.cc:line: ", nested once per thread
     line = re.sub(r"Check failed: .*? \(.*? vs\. .*?\) ", "", line)  # the failed C++ assertion itself
-    return line[:200]
+    return line[:200].rstrip(".")  # our messages go on after it
 
 
 def count_frames(duration, interval):
