@@ -230,7 +230,7 @@ def parse_scene_line(line, root):
 
 def dialogue_times(duration, interval, frames_per_turn):
     """(number of frames, user-turn times) of a video, counted exactly as mmduet2.read_frames samples it."""
-    n_frames = int(duration / interval + 1e-6)
+    n_frames = mmduet2.count_frames(duration, interval)
     if n_frames == 0:
         raise ValueError(f"video ({duration} s) is shorter than one frame interval ({interval} s)")
     return n_frames, mmduet2.turn_times(n_frames, interval, frames_per_turn)

@@ -15,6 +15,26 @@ turn, 128 LLM tokens per frame. Where we depart from the paper / released code:
 2. A user text that arrives between two turns is put into the first turn whose time is >= its
    time (the question at t=0 goes into the first turn, after that turn's frames).
 
+What stops, what goes on, what is kept:
+- Fatal, before the model loads, with one line (`infer.py: what, what to do`): a bad flag, a
+  missing/undecodable/too-short single video, a bad --ask, an anno.json that is not the benchmark
+  format (checked by `reward.load_gold`, then each example's video name, subtitle times and span),
+  an --out whose folder does not exist, a single-video --out that exists (unless --overwrite),
+  a model that cannot be loaded (a hub name without network fails at once: download it and pass
+  the folder). A cached hub model loads offline.
+- Skipped, never fatal (benchmark): an example whose video is missing, unreadable, too short or
+  fails to decode part-way. Its lines so far are dropped, and the reason is printed and recorded
+  in OUT.run.json, so a rerun does not stream it again unless --retry-skipped.
+- Resumed (benchmark): --out is appended to, one flushed line per finished example, and a rerun
+  runs only the question_ids it lacks. OUT.run.json, written when --out is created, records the
+  settings that made it (model, interval, frames per turn, frame tokens, max new tokens): a resume
+  with other settings, into a file without that record, or into another benchmark's predictions
+  is refused (--overwrite starts over). A last record whose newline is missing gets it back.
+- Interrupted or failing part-way: Ctrl-C in a benchmark exits with code 130, saying how many
+  examples are written (the one in progress is not, and runs on a rerun). A single video stopped
+  by Ctrl-C (code 130) or by a frame that fails to decode (code 1) still writes the turns streamed
+  so far to --out.
+
 Run:
     python infer.py --demo                   # offline: a new toy video through the shipped toy model (toy-model/)
     python infer.py video.mp4 --question "What is the person cooking?"           # released model
@@ -65,21 +85,27 @@ def video_turns(video, interval, frames_per_turn=1, rounds=None):
 
 
 def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), rounds=None,
-                 realtime=False, on_reply=None, keep_silent=False, **decode):
+                 realtime=False, on_reply=None, keep_silent=False, on_turn=None, responses=None, latencies=None,
+                 **decode):
     """Stream `video` through an `mmduet2.Stream`, one user turn at a time. Returns (responses, latencies).
 
     user_turns: [(time, text)]; each text joins the first user turn whose time >= its time, after
     that turn's frames (texts meeting in one turn are joined by newlines; texts later than the
     last turn are never seen). rounds: frames to stream (None: the whole video). realtime: wait
     until each turn's frames would have arrived at wall-clock speed. on_reply(t, text) is called
-    on each non-silent reply as soon as it exists. decode: options of `Stream.turn`.
+    on each non-silent reply as soon as it exists, on_turn() after every turn (a progress bar).
+    decode: options of `Stream.turn`.
     responses: the benchmark's `model_response_list`: the user turns that carry text and the
     replies (NO REPLY turns too when keep_silent), each {"role", "content", "time"}.
     latencies: seconds of model time per user turn (frame decoding and waiting excluded).
+    Both are filled as the turns come: pass your own lists to keep what was streamed when a frame
+    fails to decode part-way or the run is interrupted.
         5 frames, 1 s, 2 per turn, user_turns [(0, "Q?")] -> turns at t = 2, 4, 5; "Q?" joins t = 2
     """
     pending = sorted(user_turns, key=lambda u: u[0])  # texts the model has not seen yet
-    responses, latencies, start = [], [], time.perf_counter()
+    responses = [] if responses is None else responses
+    latencies = [] if latencies is None else latencies
+    start = time.perf_counter()
     for t, frames in video_turns(video, interval, frames_per_turn, rounds):
         texts = []
         while pending and pending[0][0] <= t + 1e-9:  # the epsilon absorbs float error (3 x 0.1 s)
@@ -96,14 +122,15 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
             responses.append({"role": "assistant", "content": reply.text.strip(), "time": round(t, 6)})
         if on_reply and not reply.silent:
             on_reply(t, reply.text.strip())
+        if on_turn:
+            on_turn()
     return responses, latencies
 
 
 def check_video(path, interval):
-    """Fail early (before a 3B model loads) on a missing, corrupt or too-short video: (first frame, last turn time)."""
+    """Fail early (before a 3B model loads) on a missing, corrupt or too-short video: (first frame, frames it gives)."""
     _, first = next(mmduet2.read_frames(path, interval))  # raises the one-line errors of mmduet2
-    n_frames = int(mmduet2.video_duration(path) / interval + 1e-6)  # read_frames' own count
-    return first, n_frames * interval
+    return first, mmduet2.count_frames(mmduet2.video_duration(path), interval)  # read_frames' own count
 
 
 def parse_asks(specs, end):
@@ -123,20 +150,110 @@ def parse_asks(specs, end):
     return asks
 
 
-def done_ids(path):
-    """question_ids already in a prediction JSONL (a benchmark run resumes after them)."""
-    if not os.path.exists(path):
-        return set()
+def benchmark_inputs(ex, videos, interval):
+    """(video path, user turns, frames to stream) of one anno.json example (paper Sec. 5.1).
+
+    The question (conversation[0], t=0) and any subtitles at their times; frames up to the end of
+    the last gold reply span (`reward.stream_rounds`). Raises ValueError/TypeError on a bad field.
+    """
+    if not isinstance(ex.get("video"), str) or not ex["video"]:
+        raise ValueError("no 'video' file name")
+    user_turns = [(float(c.get("time") or 0), c["content"])
+                  for c in ex["conversation"] if c.get("role", "user") == "user"]
+    return os.path.join(videos, ex["video"]), user_turns, reward.stream_rounds(ex, 1 / interval)
+
+
+def done_ids(path, known):
+    """question_ids already in a prediction JSONL (a benchmark run resumes after them).
+
+    A line that is not a record, or a question_id that is not in the benchmark (`known`: another
+    benchmark's predictions), is an error: appending to such a file would mix two runs.
+    """
     ids = set()
-    with open(path) as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 fails below like any other non-record
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
                     ids.add(json.loads(line)["question_id"])
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bad UTF-8
                     raise ValueError(f"{path} line {n} is not a prediction record (an interrupted write?): "
                                      "delete that line and rerun") from None
+    if ids - known:
+        raise ValueError(f"{path} holds question_ids that are not in this benchmark (e.g. {sorted(ids - known)[0]!r}): "
+                         "another benchmark's predictions? give another --out")
     return ids
+
+
+def end_last_line(path):
+    """Add the newline a file's last line lacks, so that a record appended next starts a line of its own
+    (a file cut just before its last newline, or written by hand). True if one was added."""
+    with open(path, "rb+") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return False
+        f.write(b"\n")
+        return True
+
+
+def write_atomic(path, text):
+    """Replace `path` by `text` in one step: an interruption leaves the old file or the new, never half of one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run_settings(args):
+    """What decides a benchmark run's predictions: a resume must match the run that made the file."""
+    model = os.path.realpath(args.model) if os.path.isdir(args.model) else args.model  # one folder, one name
+    return {"model": model, "interval": args.interval, "frames_per_turn": args.frames_per_turn,
+            "frame_tokens": args.frame_tokens, "max_new_tokens": args.max_new_tokens}
+
+
+def resume_state(out, sidecar, settings, known):
+    """(question_ids done, {question_id: why skipped}) of an earlier run into `out`, if its settings match.
+
+    `sidecar` (OUT.run.json, written before the first record) holds the settings that made `out`
+    and the examples that were skipped, with the reason. A file with records but no sidecar, or one
+    made with other settings, is refused: resuming would mix two runs' predictions in one file.
+    """
+    if not os.path.exists(out):
+        return set(), {}  # a new run (an old sidecar without its file is replaced)
+    done = done_ids(out, known)
+    if not os.path.exists(sidecar):
+        if done:
+            raise ValueError(f"{out} has predictions but no {sidecar} saying which settings made them: "
+                             "give another --out, or --overwrite to start over")
+        return done, {}
+    try:
+        record = json.load(open(sidecar))
+        old, skipped = record["settings"], record["skipped"]
+        if not (isinstance(old, dict) and isinstance(skipped, dict)):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bad UTF-8
+        raise ValueError(f"{sidecar} is not infer.py's record of a run: give another --out, "
+                         "or --overwrite to start over") from None
+    differ = [f"--{k.replace('_', '-')} {old.get(k)} (this run: {v})" for k, v in settings.items() if old.get(k) != v]
+    if differ:
+        raise ValueError(f"{out} was made with {', '.join(differ)}: resume with those settings, "
+                         "or give another --out (--overwrite starts over)")
+    return done, skipped
+
+
+def check_out(out, inputs):
+    """--out must be a file we may create in a folder that exists, and never one of our inputs:
+    checked at start-up, so that no work is streamed only to be lost at the end."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {out}: folder {folder} does not exist (create it first)")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder: give a file name, e.g. {os.path.join(out, 'preds.jsonl')}")
+    if not os.access(folder, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out {out}: not writable here")
+    if any(os.path.exists(out) and os.path.samefile(out, x) for x in inputs if x and os.path.exists(x)):
+        raise ValueError(f"--out {out} is an input of this run: give another file")
 
 
 def latency_line(latencies):
@@ -159,7 +276,12 @@ def parse_args(argv):
     p.add_argument("--videos", metavar="DIR", help="folder of the benchmark's videos (default: videos/ beside ANNO_JSON)")
     p.add_argument("--demo", type=int, nargs="?", const=0, metavar="SEED",
                    help="write a toy video (data.py toy, seed SEED) and stream it through the shipped toy model")
-    p.add_argument("--out", help="prediction JSONL; single video: overwritten; benchmark: appended, resumable")
+    p.add_argument("--out", help="prediction JSONL; single video: a new file; benchmark: appended, resumable "
+                                 "(its settings and skipped examples are kept in OUT.run.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (single video: refused without it; benchmark: start over)")
+    p.add_argument("--retry-skipped", action="store_true",
+                   help="benchmark: run again the examples an earlier run skipped (listed in OUT.run.json)")
     # model
     p.add_argument("--model", default=mmduet2.DEFAULT_MODEL,
                    help="hub name, local folder, or 'tiny' (a random model built in-process, for smoke runs)")
@@ -178,6 +300,8 @@ def parse_args(argv):
     p.add_argument("--no-fast-silence", action="store_true",
                    help="decode NO REPLY token by token instead of checking it in the turn's forward (same output)")
     p.add_argument("--realtime", action="store_true", help="feed frames at wall-clock speed, as a live stream")
+    # a bad flag is one line, as every other bad input (argparse would print the whole usage first)
+    p.error = lambda message: p.exit(2, f"infer.py: {message} (infer.py --help lists the flags)\n")
     return p.parse_args(argv)
 
 
@@ -208,24 +332,51 @@ def main(argv=None):
             return main(demo(args.demo, tmp))
     if (args.video is None) == (args.benchmark is None):
         raise SystemExit("infer.py: give either a VIDEO or --benchmark ANNO_JSON")
-    if args.benchmark:
-        args.videos = args.videos or os.path.join(os.path.dirname(args.benchmark), "videos")
-        if not args.out:
-            raise SystemExit("infer.py: --benchmark needs --out FILE.jsonl")
-        if not os.path.isdir(args.videos):
-            raise SystemExit(f"infer.py: videos folder not found: {args.videos} (give --videos DIR)")
+    if args.video and args.video.endswith(".json"):
+        raise SystemExit(f"infer.py: {args.video} is not a video: for a benchmark, --benchmark {args.video} --out FILE.jsonl")
+    if args.benchmark and not args.out:
+        raise SystemExit("infer.py: --benchmark needs --out FILE.jsonl")
     if args.benchmark and (args.question or args.ask):
         raise SystemExit("infer.py: --question/--ask are for a single VIDEO; a benchmark brings its own questions")
-    if args.interval <= 0 or args.frame_tokens < 4 or args.max_new_tokens < 1:
-        raise SystemExit("infer.py: --interval must be > 0, --frame-tokens >= 4, --max-new-tokens >= 1")
+    if not 0 < args.interval < math.inf or args.frame_tokens < 4 or args.max_new_tokens < 1:
+        raise SystemExit("infer.py: --interval must be > 0 (and finite), --frame-tokens >= 4, --max-new-tokens >= 1")
+    if args.device:  # torch would say so only after the model load, in a traceback
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise SystemExit(f"infer.py: --device {args.device} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise SystemExit(f"infer.py: --device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPUs "
+                             "(use --device cpu)")
     try:  # every bad input is a one-line error, checked before the (slow) model load
+        if args.out:
+            check_out(args.out, [args.video, args.benchmark])
         if args.video:
-            first, end = check_video(args.video, args.interval)
+            if args.out and os.path.exists(args.out) and not args.overwrite:
+                raise ValueError(f"--out {args.out} exists: give another file, or --overwrite to replace it")
+            first, n_frames = check_video(args.video, args.interval)
+            end = n_frames * args.interval  # the last turn's time
             user_turns = ([(0.0, args.question)] if args.question else []) + parse_asks(args.ask, end)
         else:
-            reward.load_gold(args.benchmark)  # first: it checks durations and spans (the rounds formula needs them)
-            examples = mmduet2.load_anno(args.benchmark)  # ... and this that every example names its video
-            done = done_ids(args.out)
+            if os.path.isdir(args.benchmark):
+                raise ValueError(f"--benchmark {args.benchmark} is a folder: give its anno.json")
+            try:
+                examples = reward.load_gold(args.benchmark)  # checks durations and spans (stream_rounds needs them)
+            except UnicodeDecodeError:
+                raise ValueError(f"{args.benchmark} is not UTF-8 text: not a ProactiveVideoQA anno.json") from None
+            args.videos = args.videos or os.path.join(os.path.dirname(args.benchmark), "videos")
+            if not os.path.isdir(args.videos):
+                raise ValueError(f"videos folder not found: {args.videos} (give --videos DIR)")
+            plans = {}  # question_id -> (video path, user turns, frames to stream), checked for every example now
+            for i, ex in enumerate(examples):
+                try:
+                    plans[ex["question_id"]] = benchmark_inputs(ex, args.videos, args.interval)
+                except (AttributeError, KeyError, TypeError, ValueError) as e:  # a field of the wrong shape
+                    why = f"missing {e}" if isinstance(e, KeyError) else str(e)
+                    raise ValueError(f"{args.benchmark} example {i} ({ex['question_id']}): {why}") from None
+            sidecar = args.out + ".run.json"
+            settings = run_settings(args)
+            done, skipped = (set(), {}) if args.overwrite else resume_state(args.out, sidecar, settings, set(plans))
         dtype = getattr(torch, args.dtype) if args.dtype else None
         model, processor = mmduet2.load_model(args.model, dtype, args.device, args.attn, args.frame_tokens)
     except (OSError, ValueError) as e:
@@ -237,50 +388,95 @@ def main(argv=None):
     decode = dict(config=mmduet2.decoding(processor, max_new_tokens=args.max_new_tokens),  # greedy, as the paper
                   fast_silence=not args.no_fast_silence)
 
-    if args.video:  # ---- one video: print replies as they come
+    if args.video:  # ---- one video: print replies as they come, above the turn counter
         def show(t, text):
-            print(f"[{clock(t)}] {text or '(a blank reply)'}", flush=True)
+            tqdm.write(f"[{clock(t)}] {text or '(a blank reply)'}")
         stream = mmduet2.Stream(model, processor)  # one conversation (and KV cache) per video
-        responses, latencies = stream_video(stream, args.video, args.interval, args.frames_per_turn, user_turns,
-                                            realtime=args.realtime, on_reply=show, **decode)
-        n_replies = sum(r["role"] == "assistant" for r in responses)
-        if args.out:
+        responses, latencies, failure, code = [], [], None, 0
+        n_turns = math.ceil(n_frames / args.frames_per_turn)
+        with tqdm(total=n_turns, desc="turns", unit="turn", leave=False) as bar:
+            try:
+                stream_video(stream, args.video, args.interval, args.frames_per_turn, user_turns,
+                             realtime=args.realtime, on_reply=show, on_turn=bar.update,
+                             responses=responses, latencies=latencies, **decode)
+            except ValueError as e:  # a frame past the start failed to decode: the turns before it stand
+                failure, code = f"infer.py: {e}", 1
+            except KeyboardInterrupt:
+                failure, code = f"infer.py: interrupted after {len(latencies)} of {n_turns} turns", 130
+        if args.out:  # written when the video ends early too: the turns streamed are not lost
             qid = os.path.splitext(os.path.basename(args.video))[0]
-            with open(args.out, "w") as f:
-                f.write(json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
+            write_atomic(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
+        n_replies = sum(r["role"] == "assistant" for r in responses)
+        if failure:
+            kept = f"; the predictions of the {len(latencies)} turns streamed are in {args.out}" if args.out else ""
+            print(failure + kept, file=sys.stderr)
+            raise SystemExit(code)
         # real-time factor = model time / video time: below 1 the model keeps up with a live stream
         print(f"{len(latencies)} turns, {n_replies} replies; per-turn latency {latency_line(latencies)}; "
               f"real-time factor {sum(latencies) / end:.2f}")
         return {"turns": len(latencies), "replies": n_replies, "latencies": latencies}
 
     # ---- benchmark (Sec. 5.1): the question at t=0, subtitles at their times, frames to the last gold span
-    todo = [ex for ex in examples if ex["question_id"] not in done]
-    print(f"{len(examples)} examples: {len(examples) - len(todo)} already in {args.out}, {len(todo)} to run")
-    skipped, n_replies, latencies = [], 0, []
-    with open(args.out, "a") as f:
-        for ex in tqdm(todo, desc="examples", unit="video"):
-            path = os.path.join(args.videos, ex["video"])
-            try:
-                check_video(path, args.interval)
-            except (OSError, ValueError) as e:  # a missing or unreadable video is reported, never fatal
-                tqdm.write(f"skipped {ex['question_id']}: {e}")
-                skipped.append(ex["question_id"])
-                continue
-            user_turns = [(float(c.get("time") or 0), c["content"])  # conversation[0] is the question at t=0
-                          for c in ex["conversation"] if c.get("role", "user") == "user"]
-            rounds = reward.stream_rounds(ex, 1 / args.interval)  # frames up to the end of the last gold span
-            responses, lat = stream_video(mmduet2.Stream(model, processor), path, args.interval, args.frames_per_turn,
-                                          user_turns, rounds, args.realtime, **decode)
-            f.write(json.dumps({"question_id": ex["question_id"], "model_response_list": responses}) + "\n")
-            f.flush()  # one whole line per finished example: an interrupted run resumes cleanly
-            n_replies += sum(r["role"] == "assistant" for r in responses)
-            latencies += lat
-    n_done = len(todo) - len(skipped)
-    print(f"done {n_done} examples, skipped {len(skipped)}, replies {n_replies} "
-          f"({n_replies / max(n_done, 1):.1f} per example); per-turn latency {latency_line(latencies)} "
-          f"over {len(latencies)} turns")
-    return {"done": n_done, "skipped": skipped, "replies": n_replies, "latencies": latencies}
+    todo = [qid for qid in plans if qid not in done and (args.retry_skipped or qid not in skipped)]
+    held = [qid for qid in plans if qid not in done and qid not in todo]  # skipped by an earlier run
+    again = f", {len(held)} skipped by an earlier run (reasons in {sidecar}; --retry-skipped runs them)" if held else ""
+    print(f"{len(plans)} examples: {len(done)} already in {args.out}{again}, {len(todo)} to run")
+    if args.overwrite or not os.path.exists(args.out):  # a new file: its settings are recorded first
+        open(args.out, "w").close()
+    elif end_last_line(args.out):
+        print(f"{args.out}: its last record lacked a newline; added one, so new records start their own line")
+
+    def record_run():  # the sidecar: this run's settings and the examples skipped so far, with why
+        write_atomic(sidecar, json.dumps({"settings": settings, "skipped": skipped}, indent=1) + "\n")
+    record_run()
+
+    sizes, n_replies, latencies, n_new, n_skipped = {}, 0, [], 0, 0
+    bar = tqdm(todo, desc="examples", unit="video")
+    qid = None
+    try:
+        with open(args.out, "a") as f:
+            for qid in bar:
+                path, user_turns, rounds = plans[qid]
+                try:  # a missing, unreadable or part-way damaged video is skipped and recorded, never fatal
+                    first, n_frames = check_video(path, args.interval)
+                    h, w = first.shape[:2]
+                    size = f"{w}x{h} -> {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens/frame"
+                    sizes[size] = sizes.get(size, 0) + 1
+                    n_turns = math.ceil(min(rounds, n_frames) / args.frames_per_turn)
+                    with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
+                        responses, lat = stream_video(mmduet2.Stream(model, processor), path, args.interval,
+                                                      args.frames_per_turn, user_turns, rounds, args.realtime,
+                                                      on_turn=turns.update, **decode)
+                except (OSError, ValueError) as e:
+                    tqdm.write(f"skipped {qid}: {e}")
+                    skipped[qid] = str(e)
+                    n_skipped += 1
+                    record_run()  # at once: a rerun does not stream it again (unless --retry-skipped)
+                    continue
+                f.write(json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
+                f.flush()  # one whole line per finished example: an interrupted run resumes cleanly
+                n_new += 1
+                if skipped.pop(qid, None) is not None:  # a retried example that ran this time
+                    record_run()
+                n_replies += sum(r["role"] == "assistant" for r in responses)
+                latencies += lat
+    except KeyboardInterrupt:
+        bar.close()
+        written = done_ids(args.out, set(plans))  # read back: a record may have landed just before the Ctrl-C
+        lost = f"; {qid} was in progress, is not written, and runs on a rerun" if qid and qid not in written else ""
+        print(f"\ninfer.py: interrupted: {len(written) - len(done)} examples written to {args.out} in this run "
+              f"({len(written)} in all){lost}", file=sys.stderr)
+        raise SystemExit(130)
+    frames = "".join(f"; {size} ({n} video{'s' * (n > 1)})" for size, n in sizes.items())  # each size once
+    print(f"done {n_new} examples, skipped {n_skipped}" + (f" (reasons in {sidecar})" if n_skipped else "")
+          + f", replies {n_replies} ({n_replies / max(n_new, 1):.1f} per example); per-turn latency "
+          f"{latency_line(latencies)} over {len(latencies)} turns{frames}")
+    return {"done": n_new, "skipped": [q for q in todo if q in skipped], "replies": n_replies, "latencies": latencies}
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C before streaming began (the model load): nothing was written
+        print("\ninfer.py: interrupted before anything was written", file=sys.stderr)
+        sys.exit(130)

@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 
@@ -89,16 +90,44 @@ def is_silent(text):
 
 def _open_video(path):
     """decord VideoReader with a one-line error for a missing, corrupt or empty file."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a video file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video not found: {path}")
     import decord  # imported here: decord is only needed when a real video is read
+    # FFmpeg's own log lines ("[h264 @ 0x...] Invalid NAL unit size") would bury our one-line
+    # errors; a frame that fails to decode still raises, and read_frames says which one
+    decord.logging.set_level(decord.logging.QUIET)
     try:
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    except Exception as e:  # decord raises its own DECORDError for anything unreadable
-        raise ValueError(f"cannot decode video {path}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # decord raises its own DECORDError (or a RuntimeError) for anything unreadable
+        why = "it holds no video stream" if "cannot find video stream" in str(e) else _decord_reason(e)
+        raise ValueError(f"cannot decode video {path}: {why}") from None
     if len(vr) == 0 or vr.get_avg_fps() <= 0:
         raise ValueError(f"video has no frames: {path}")
     return vr
+
+
+def _decord_reason(error):
+    """decord's message without its C++ source locations and check expressions, capped at 200 characters:
+        "[16:18:12] src/threaded_decoder.cc:218: Check failed: send(pkt) >= 0 (-1 vs. 0) Error sending packet."
+        -> "Error sending packet"
+    """
+    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    line = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", line)           # "[time] file.cc:line: ", nested once per thread
+    line = re.sub(r"Check failed: .*? \(.*? vs\. .*?\) ", "", line)  # the failed C++ assertion itself
+    return line[:200].rstrip(".")  # our messages go on after it
+
+
+def count_frames(duration, interval):
+    """Frames a video of `duration` seconds gives at one frame every `interval` seconds: int(D / interval).
+
+    The one place this rule lives (read_frames samples it, data.py builds dialogues on it, infer.py
+    checks --ask times against it). A trailing piece shorter than one interval gives no frame, so
+    every frame's turn time ((k+1)·interval) lies inside the video.
+        10.5 s, 2 s → 5      0.3 s, 0.1 s → 3 (0.3 / 0.1 = 2.9999999999999996 in floats)
+    """
+    return int(duration / interval + 1e-6)  # the epsilon absorbs float error on exact multiples
 
 
 def video_duration(path):
@@ -107,25 +136,45 @@ def video_duration(path):
     return len(vr) / vr.get_avg_fps()
 
 
+def _rgb(frame):
+    """decord's frame as an (H, W, 3) uint8 array.
+
+    decord hands out FFmpeg's buffer without a copy when a row's length in bytes (FFmpeg pads
+    rows for alignment: the 24 bytes of an 8-pixel RGB row take 96) is a multiple of the width,
+    and then reports that length / width as the channel count: an 8×8 frame comes back as
+    (8, 8, 12), a 16×16 one as (16, 16, 6). Each row's first 3·W bytes are the pixels.
+    """
+    h, w, c = frame.shape
+    if c == 3:
+        return frame
+    return np.ascontiguousarray(frame.reshape(h, w * c)[:, :3 * w].reshape(h, w, 3))  # (H, W, 3)
+
+
 def read_frames(path, interval):
     """Yield `(t, frame)` for frame k = 0, 1, ... sampled at video time t = k·interval.
 
-    `frame` is an (H, W, 3) uint8 RGB array. A video of duration D gives int(D / interval) frames:
-    a trailing piece shorter than one interval is dropped, so every frame's turn time
-    ((k+1)·interval, see `turn_times`) lies inside the video. Frames are decoded one at a time, so
-    an hour-long video never sits in memory.
+    `frame` is an (H, W, 3) uint8 RGB array. A video of duration D gives count_frames(D, interval)
+    frames, so every frame's turn time ((k+1)·interval, see `turn_times`) lies inside the video.
+    Frames are decoded one at a time, so an hour-long video never sits in memory; a frame that
+    fails to decode (a damaged file whose start is fine) is a one-line ValueError saying where.
         10.5 s video, interval 2 → frames at t = 0, 2, 4, 6, 8 (5 frames)
     """
-    if interval <= 0:
-        raise ValueError(f"frame interval must be > 0 s, got {interval}")
+    if not 0 < interval < float("inf"):  # also refuses nan, which every comparison fails
+        raise ValueError(f"frame interval must be > 0 s and finite, got {interval}")
     vr = _open_video(path)
     fps, n_video = vr.get_avg_fps(), len(vr)
-    n = int(n_video / fps / interval + 1e-6)  # the epsilon absorbs float error on exact multiples
+    n = count_frames(n_video / fps, interval)
     if n == 0:
         raise ValueError(f"video {path} ({n_video / fps:.2f} s) is shorter than one frame interval ({interval} s)")
     for k in range(n):
         idx = min(round(k * interval * fps), n_video - 1)
-        yield k * interval, vr[idx].asnumpy()
+        try:
+            frame = vr[idx].asnumpy()
+        except Exception as e:  # decord's DECORDError: damaged bytes after a readable start
+            # decord decodes ahead on a thread, so the damage may lie a few frames past this one
+            raise ValueError(f"cannot decode video {path} (reading its frame at {k * interval:g} s): "
+                             f"{_decord_reason(e)}") from None
+        yield k * interval, _rgb(frame)
 
 
 def turn_times(n_frames, interval, frames_per_turn):
@@ -450,27 +499,59 @@ def load_model(name=DEFAULT_MODEL, dtype=None, device=None, attn=None, frame_tok
     """(model, processor) from a hub name, a local folder, or "tiny" (built in-process, random).
 
     dtype: bf16 on GPU, fp32 on CPU unless given. attn: e.g. "sdpa", "flash_attention_2".
+    A hub name is looked up in the local hub cache first, so a model downloaded once loads offline.
     """
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if name == "tiny":
         model, processor = tiny_model()
-    else:
-        # a hub id is "org/name": anything else that is not a folder is a mistyped local path
-        if not os.path.isdir(os.path.expanduser(name)) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-            raise FileNotFoundError(f"model folder not found: {name}")
+    elif os.path.isdir(os.path.expanduser(name)):
         try:
-            kw = {"attn_implementation": attn} if attn else {}
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, **kw)
-            processor = AutoProcessor.from_pretrained(name)
+            model, processor = _from_pretrained(os.path.expanduser(name), dtype, attn)
         except OSError as e:
-            raise OSError(
-                f"cannot load model '{name}' ({str(e).splitlines()[0][:160]}). Without network, download it "
-                f"elsewhere (huggingface-cli download {name} --local-dir DIR) and pass the folder, "
-                "or use --model tiny for a smoke run.") from None
+            raise OSError(f"cannot load model folder {name}: {str(e).splitlines()[0][:200]}") from None
+    elif name.startswith((".", "/", "~")) or name.count("/") != 1:  # a hub id is "org/name": a mistyped path
+        raise FileNotFoundError(f"model folder not found: {name}")
+    else:
+        try:  # the cache only: no network, no waiting
+            model, processor = _from_pretrained(name, dtype, attn, local_files_only=True)
+        except OSError:  # not (all) cached: download it, after one quick request that fails fast without network
+            _check_hub(name)
+            try:
+                model, processor = _from_pretrained(name, dtype, attn)
+            except OSError as e:
+                raise _hub_error(name, str(e).splitlines()[0][:160]) from None
     set_frame_tokens(processor, frame_tokens)
     return model.to(device, dtype).eval(), processor
+
+
+def _from_pretrained(name, dtype, attn, **hub):
+    """Qwen2.5-VL and its processor from a folder or the hub; hub: e.g. local_files_only=True."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    kw = {"attn_implementation": attn} if attn else {}
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, **kw, **hub)
+    return model, AutoProcessor.from_pretrained(name, **hub)
+
+
+def _hub_error(name, reason):
+    return OSError(f"cannot load model '{name}' ({reason}). Without network, download it elsewhere "
+                   f"(hf download {name} --local-dir DIR) and pass the folder, or use --model tiny for a smoke run.")
+
+
+def _check_hub(name):
+    """One request to the hub before a download: without network transformers' download retries
+    for 30 s (5 retries, 11 warning lines) before it fails; this fails in under a second."""
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import RepositoryNotFoundError
+    if constants.HF_HUB_OFFLINE:
+        raise _hub_error(name, "not in the local hub cache, and HF_HUB_OFFLINE is set")
+    try:
+        model_info(name, timeout=10)
+    except RepositoryNotFoundError:  # also a gated or private model without a login
+        raise FileNotFoundError(f"no model '{name}' on the Hugging Face hub (or it is private): "
+                                "check the name, or pass a local folder") from None
+    except Exception as e:  # no network: the hub's HTTP client raises its own (httpx2) errors, not OSError
+        raise _hub_error(name, f"the hub is unreachable: {str(e).splitlines()[0][:120]}") from None
 
 
 def tiny_tokenizer(corpus=(), vocab_size=512):

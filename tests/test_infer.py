@@ -15,6 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import infer  # noqa: E402
 import mmduet2  # noqa: E402
 import reward  # noqa: E402
@@ -53,6 +54,45 @@ class ScriptedStream:
 
 def records(path):
     return [json.loads(line) for line in open(path) if line.strip()]
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """main() streams through ScriptedStreams answering "Seen." every turn (no model work); returns them."""
+    streams = []
+
+    def make(model, processor):
+        streams.append(ScriptedStream(["Seen."]))
+        return streams[-1]
+    monkeypatch.setattr(mmduet2, "Stream", make)
+    return streams
+
+
+def ctrl_c_at(monkeypatch, n):
+    """Ctrl-C arrives during the n-th turn, counted over all ScriptedStreams."""
+    count, turn = [0], ScriptedStream.turn
+
+    def interrupted(self, frames, text=None, **decode):
+        count[0] += 1
+        if count[0] == n:
+            raise KeyboardInterrupt
+        return turn(self, frames, text, **decode)
+    monkeypatch.setattr(ScriptedStream, "turn", interrupted)
+
+
+@pytest.fixture
+def damaged(monkeypatch):
+    """The videos whose paths are put in this set fail to decode at t = 2 s, their first frames fine: a damaged
+    file that fails at a known place (on a real one decord fails a few frames earlier or later, run to run)."""
+    paths, real = set(), mmduet2.read_frames
+
+    def read_frames(path, interval):
+        for t, frame in real(path, interval):
+            if path in paths and t >= 2:
+                raise ValueError(f"cannot decode video {path} (reading its frame at {t:g} s): Error sending packet")
+            yield t, frame
+    monkeypatch.setattr(mmduet2, "read_frames", read_frames)
+    return paths
 
 
 def check_record(rec, qid, turn_times):
@@ -110,6 +150,76 @@ def test_parse_asks():
 
 
 # ----------------------------------------------------------------------------
+# frames as infer.py reads them (mmduet2's frames section)
+
+def ramp(width, height, k):
+    """Frame k of a test pattern: red ramps left to right, green top to bottom, blue with k."""
+    img = np.zeros((height, width, 3), np.uint8)
+    img[:, :, 0] = np.linspace(0, 255, width)[None]
+    img[:, :, 1] = np.linspace(0, 255, height)[:, None]
+    img[:, :, 2] = 20 * k
+    return img
+
+
+def ramp_video(path, width, height, n=10, fps=10):
+    """A lossless (qp 0, 4:4:4) mp4 of `ramp` frames: what decodes must be the pattern, pixel for pixel (±4)."""
+    import av
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt, stream.options = width, height, "yuv444p", {"qp": "0"}
+        for k in range(n):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(ramp(width, height, k), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+def damaged_video(path, seconds=10, keep=0.4):
+    """An mp4 whose index (moov) is intact but whose frame data (mdat) is zeroed after its first `keep`:
+    it opens and its first frames decode, then decoding fails part-way."""
+    write_video(path, seconds)
+    raw = bytearray(open(path, "rb").read())
+    i = 0
+    while i < len(raw):  # top-level boxes: a 4-byte big-endian size, then a 4-byte type
+        size, kind = int.from_bytes(raw[i:i + 4], "big"), bytes(raw[i + 4:i + 8])
+        if kind == b"mdat":
+            cut = i + 8 + int((size - 8) * keep)
+            raw[cut:i + size] = bytes(i + size - cut)
+        i += size
+    open(path, "wb").write(raw)
+    return str(path)
+
+
+def test_one_frame_count_rule(videos, monkeypatch):
+    _, v = videos
+    assert mmduet2.count_frames(10.5, 2) == 5 and mmduet2.count_frames(0.3, 0.1) == 3  # 0.3 / 0.1 < 3 in floats
+    # read_frames, data.py's dialogues and infer.py's --ask check all count with it
+    monkeypatch.setattr(mmduet2, "count_frames", lambda duration, interval: 2)
+    assert len(list(mmduet2.read_frames(v["seven"], 1.0))) == 2
+    assert data.dialogue_times(7.0, 1.0, 1) == (2, [1.0, 2.0])
+    assert infer.check_video(v["seven"], 1.0)[1] == 2  # the frame count --ask times are checked against
+
+
+@pytest.mark.parametrize("width, height", [(8, 8), (16, 16), (12, 6), (40, 14)])
+def test_frames_of_tiny_videos_are_rgb(tmp_path, tiny, width, height):
+    # decord returned (8, 8, 12) and (16, 16, 6) here: FFmpeg's padded rows read as extra channels
+    path = ramp_video(tmp_path / "small.mp4", width, height)
+    frames = list(mmduet2.read_frames(path, 0.5))  # frames 0, 5
+    for (t, frame), k in zip(frames, (0, 5)):
+        assert frame.shape == (height, width, 3) and frame.dtype == np.uint8
+        assert np.abs(frame.astype(int) - ramp(width, height, k)).max() <= 4
+    tiny[1].image_processor(images=[frames[0][1]])  # "Unable to infer channel dimension format" before
+
+
+def test_a_video_damaged_mid_stream_is_a_one_line_error(tmp_path):
+    path = damaged_video(tmp_path / "damaged.mp4")
+    assert mmduet2.video_duration(path) == 10.0  # it opens fine: the damage shows only when decoding
+    with pytest.raises(ValueError, match="cannot decode video .* \\(reading its frame at"):
+        list(mmduet2.read_frames(path, 1.0))  # decord's DECORDError before; where it fails varies run to run
+
+
+# ----------------------------------------------------------------------------
 # the command, in-process and as a user runs it
 
 def test_single_video_cli(videos, tmp_path, fast_load, capsys):
@@ -117,9 +227,10 @@ def test_single_video_cli(videos, tmp_path, fast_load, capsys):
     out = tmp_path / "pred.jsonl"
     summary = infer.main([v["a"], "--model", "tiny", "--question", "What changes?", "--ask", "3:And now?",
                           "--frames-per-turn", "2", "--max-new-tokens", "4", "--out", str(out)])
-    printed = capsys.readouterr().out
+    printed, progress = capsys.readouterr()
     assert "<= 128 LLM tokens per frame (this video: 84x84 -> 9 tokens)" in printed
     assert summary["turns"] == 3 and len(summary["latencies"]) == 3 and "3 turns" in printed
+    assert "turns:   0%|          | 0/3" in progress  # a turn bar (tqdm, on stderr)
     [rec] = records(out)
     check_record(rec, "a", turn_times=[2.0, 4.0, 6.0])  # 6 s, 1 s interval, 2 frames per turn
     users = [(r["time"], r["content"]) for r in rec["model_response_list"] if r["role"] == "user"]
@@ -127,6 +238,36 @@ def test_single_video_cli(videos, tmp_path, fast_load, capsys):
     replies = [r for r in rec["model_response_list"] if r["role"] == "assistant"]
     assert len(replies) == summary["replies"] and printed.count("] ") >= len(replies)  # printed as "[00:02] ..."
     assert reward.load_predictions(str(out)) == {"a": [(r["time"], r["content"].strip()) for r in replies]}
+
+
+def test_single_video_out_is_never_overwritten_unasked(videos, tmp_path, fast_load, scripted):
+    _, v = videos
+    out = tmp_path / "pred.jsonl"
+    out.write_text("an earlier run's predictions\n")
+    with pytest.raises(SystemExit, match="exists: give another file, or --overwrite"):
+        infer.main([v["b"], "--model", "tiny", "--out", str(out)])
+    assert out.read_text() == "an earlier run's predictions\n" and not scripted  # refused before streaming
+    infer.main([v["b"], "--model", "tiny", "--out", str(out), "--overwrite"])
+    check_record(records(out)[0], "b", turn_times=[1.0, 2.0, 3.0, 4.0, 5.0])
+
+
+@pytest.mark.parametrize("how", ["damaged", "ctrl-c"])
+def test_single_video_keeps_what_was_streamed(videos, tmp_path, fast_load, scripted, damaged, monkeypatch,
+                                              capsys, how):
+    _, v = videos
+    out = tmp_path / "pred.jsonl"
+    if how == "damaged":
+        damaged.add(v["a"])
+    else:
+        ctrl_c_at(monkeypatch, 3)
+    with pytest.raises(SystemExit) as e:
+        infer.main([v["a"], "--model", "tiny", "--out", str(out)])
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == (1 if how == "damaged" else 130)
+    assert said.startswith("infer.py: " + ("cannot decode video" if how == "damaged" else "interrupted after 2 of 6 turns"))
+    assert said.endswith(f"the predictions of the 2 turns streamed are in {out}")
+    [rec] = records(out)  # the turns at 1 s and 2 s (frames 0 and 1) were answered before it stopped
+    assert [(r["time"], r["content"]) for r in rec["model_response_list"]] == [(1.0, "Seen."), (2.0, "Seen.")]
 
 
 def test_command_line_subprocess(videos, tmp_path):
@@ -139,6 +280,41 @@ def test_command_line_subprocess(videos, tmp_path):
     assert "5 turns" in run.stdout and "real-time factor" in run.stdout
     [rec] = records(out)
     check_record(rec, "b", turn_times=[1.0, 2.0, 3.0, 4.0, 5.0])
+
+
+def hub_env(tmp_path, **env):
+    """The environment of a user with no network: an empty hub cache, the hub's address a closed local port."""
+    base = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return {**base, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", **env}
+
+
+def test_released_model_without_network_is_one_quick_line(videos, tmp_path):
+    _, v = videos
+    took = {}
+    for mode, env in (("offline", {"HF_HUB_OFFLINE": "1"}), ("no network", {})):
+        start = time.perf_counter()
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), v["b"]], env=hub_env(tmp_path, **env),
+                             capture_output=True, text=True, timeout=120)
+        took[mode] = time.perf_counter() - start
+        assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr  # no retry messages
+        assert run.stderr.startswith("infer.py: cannot load model 'wangyueqian/MMDuet2'")
+        assert "hf download wangyueqian/MMDuet2 --local-dir DIR" in run.stderr  # the CLI the pinned hub ships
+    # without network the hub's own retries sleep 1 + 2 + 4 + 8 + 8 = 23 s; HF_HUB_OFFLINE never tries.
+    # Compared with each other, not with a fixed time: most of each run is importing torch on a busy CPU
+    assert took["no network"] < took["offline"] + 15, took
+
+
+def test_a_model_in_the_hub_cache_loads_without_network(videos, tmp_path, tiny):
+    _, v = videos
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny"  # the hub cache layout: refs/main names a snapshot
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for part in tiny:
+        part.save_pretrained(repo / "snapshots" / ("0" * 40))
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), v["b"], "--model", "someone/tiny",
+                          "--max-new-tokens", "2"], env=hub_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "model someone/tiny on cpu" in run.stdout and "5 turns" in run.stdout
 
 
 # ----------------------------------------------------------------------------
@@ -157,6 +333,13 @@ def example(qid, video, duration, spans, subtitles=()):
             "answer": [{"role": "assistant", "content": "x", "related_timespan": sp, "reply_timespan": sp} for sp in spans]}
 
 
+def run_record(out, skipped=None, **settings):
+    """Write the sidecar infer.py keeps beside a benchmark's --out: the settings that made it, the skipped examples."""
+    made = {"model": "tiny", "interval": 1.0, "frames_per_turn": 1, "frame_tokens": 128, "max_new_tokens": 100}
+    with open(f"{out}.run.json", "w") as f:
+        json.dump({"settings": {**made, **settings}, "skipped": skipped or {}}, f)
+
+
 def test_benchmark_runs_skips_and_resumes(videos, tmp_path, fast_load, capsys, monkeypatch):
     d, _ = videos
     gold = anno(tmp_path, [example("q-a", "a.mp4", 6.0, [[0, 2.0], [1.5, 3.2]], subtitles=[(2.5, "Hi."), (5.5, "Late.")]),
@@ -165,9 +348,16 @@ def test_benchmark_runs_skips_and_resumes(videos, tmp_path, fast_load, capsys, m
     out = tmp_path / "preds.jsonl"
     argv = ["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--max-new-tokens", "3", "--out", str(out)]
     summary = infer.main(argv)
-    printed = capsys.readouterr().out
+    printed, progress = capsys.readouterr()
     assert summary["done"] == 2 and summary["skipped"] == ["q-missing"]
     assert "skipped q-missing: video not found" in printed and "done 2 examples, skipped 1" in printed
+    assert "; 84x84 -> 9 tokens/frame (2 videos)" in printed  # each video's frame size and its cost
+    # a turn bar inside each video (tqdm on stderr; its first state, as later ones are drawn 10 times a second at most)
+    assert "84x84 -> 9 tokens/frame:   0%|          | 0/4" in progress and "| 0/5" in progress
+    sidecar = json.load(open(f"{out}.run.json"))
+    assert sidecar["settings"] == {"model": "tiny", "interval": 1.0, "frames_per_turn": 1, "frame_tokens": 128,
+                                   "max_new_tokens": 3}
+    assert sidecar["skipped"].keys() == {"q-missing"} and "video not found" in sidecar["skipped"]["q-missing"]
     first_run = out.read_text()
     rec_a, rec_b = records(out)
     # q-a: last gold span ends at 3.2 s -> ceil(3.2) = 4 frames; the subtitle at 5.5 s is never reached
@@ -183,20 +373,68 @@ def test_benchmark_runs_skips_and_resumes(videos, tmp_path, fast_load, capsys, m
     monkeypatch.setattr(mmduet2.Stream, "turn", lambda *a, **k: pytest.fail("resumed run streamed again"))
     summary = infer.main(argv)
     assert summary["done"] == 0 and out.read_text() == first_run
-    assert "2 already in" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # q-missing is not tried again either
+    assert f"3 examples: 2 already in {out}, 1 skipped by an earlier run (reasons in {out}.run.json; " \
+           "--retry-skipped runs them), 0 to run" in printed
 
 
-def test_benchmark_resumes_after_a_partial_run(videos, tmp_path, fast_load):
+@pytest.mark.parametrize("newline", ["\n", ""])
+def test_benchmark_resumes_after_a_partial_run(videos, tmp_path, fast_load, newline):
     d, _ = videos
     gold = anno(tmp_path, [example("q-a", "a.mp4", 6.0, [[0, 2.0]]), example("q-b", "b.mp4", 5.0, [[0, 2.0]])])
     out = tmp_path / "preds.jsonl"
-    out.write_text(json.dumps({"question_id": "q-a", "model_response_list": []}) + "\n")
+    # "": a last record without its newline (cut just before it, or written by hand): q-b's record used to
+    # be appended on the same line, and neither could be read back
+    out.write_text(json.dumps({"question_id": "q-a", "model_response_list": []}) + newline)
+    run_record(out, frames_per_turn=2, max_new_tokens=2)
     summary = infer.main(["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--max-new-tokens", "2",
                           "--frames-per-turn", "2", "--out", str(out)])
     assert summary["done"] == 1
     first, second = records(out)
     assert first == {"question_id": "q-a", "model_response_list": []}
     check_record(second, "q-b", turn_times=[2.0])  # 2 frames (span ends at 2 s) = one 2-frame turn
+
+
+def test_benchmark_skips_a_video_that_fails_mid_stream_and_remembers_it(videos, tmp_path, fast_load, scripted,
+                                                                         damaged, capsys):
+    d, v = videos
+    damaged.add(v["seven"])
+    gold = anno(tmp_path, [example("q-a", "a.mp4", 6.0, [[0, 3.0]]), example("q-bad", "seven.mp4", 7.0, [[0, 5.0]]),
+                           example("q-b", "b.mp4", 5.0, [[0, 2.0]])])
+    out = tmp_path / "preds.jsonl"
+    argv = ["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--out", str(out)]
+    summary = infer.main(argv)  # a DECORDError traceback here, before
+    assert summary["done"] == 2 and summary["skipped"] == ["q-bad"]
+    assert f"skipped q-bad: cannot decode video {v['seven']} (reading its frame at 2 s)" in capsys.readouterr().out
+    assert [r["question_id"] for r in records(out)] == ["q-a", "q-b"]  # nothing of q-bad's two turns is written
+    assert "reading its frame at 2 s" in json.load(open(f"{out}.run.json"))["skipped"]["q-bad"]
+
+    n_streams = len(scripted)
+    summary = infer.main(argv)  # a rerun does not stream it again...
+    assert summary["done"] == 0 and len(scripted) == n_streams
+    summary = infer.main(argv + ["--retry-skipped"])  # ... unless asked
+    assert summary["skipped"] == ["q-bad"] and len(scripted) == n_streams + 1
+    damaged.clear()  # the video is mended
+    summary = infer.main(argv + ["--retry-skipped"])
+    assert summary["done"] == 1 and summary["skipped"] == []
+    assert [r["question_id"] for r in records(out)] == ["q-a", "q-b", "q-bad"]
+    assert json.load(open(f"{out}.run.json"))["skipped"] == {}
+
+
+def test_benchmark_ctrl_c_keeps_the_finished_examples(videos, tmp_path, fast_load, scripted, monkeypatch, capsys):
+    d, _ = videos
+    gold = anno(tmp_path, [example("q-a", "a.mp4", 6.0, [[0, 2.0]]), example("q-b", "b.mp4", 5.0, [[0, 2.0]])])
+    out = tmp_path / "preds.jsonl"
+    argv = ["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--out", str(out)]
+    ctrl_c_at(monkeypatch, 3)  # q-a's two turns, then Ctrl-C in q-b's first
+    with pytest.raises(SystemExit) as e:
+        infer.main(argv)  # a KeyboardInterrupt traceback, before
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"infer.py: interrupted: 1 examples written to {out} in this run (1 in all); "
+        "q-b was in progress, is not written, and runs on a rerun")
+    assert [r["question_id"] for r in records(out)] == ["q-a"]
+    assert infer.main(argv)["done"] == 1  # the rerun's turns count on past the interrupted third and [r["question_id"] for r in records(out)] == ["q-a", "q-b"]
 
 
 # ----------------------------------------------------------------------------
@@ -209,8 +447,37 @@ def bad_anno_cases(tmp_path, d):
     (tmp_path / "noanswer.json").write_text(json.dumps([{"video": "a.mp4", "question_id": "q", "conversation": []}]))
     (tmp_path / "badspan.json").write_text(json.dumps([{**example("q", "a.mp4", 6.0, [[0, 2]]),
                                                         "answer": [{"content": "x", "reply_timespan": "soon"}]}]))
+    (tmp_path / "binary.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 20)  # not text at all
+    (tmp_path / "novideo.json").write_text(json.dumps([{**example("q", "a.mp4", 6.0, [[0, 2]]), "video": None}]))
+    (tmp_path / "badtime.json").write_text(json.dumps([example("q", "a.mp4", 6.0, [[0, 2]], subtitles=[("soon", "Hi")])]))
     return {name: ["--benchmark", str(tmp_path / f"{name}.json"), "--videos", str(d), "--out", str(tmp_path / "p.jsonl")]
-            for name in ("notjson", "dict", "ints", "noanswer", "badspan")}
+            for name in ("notjson", "dict", "ints", "noanswer", "badspan", "binary", "novideo", "badtime")}
+
+
+def stream_without_frames(path):
+    """An mp4 with a video stream and not one frame in it (PyAV writes the header, then closes)."""
+    import av
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width = stream.height = 84
+        out.start_encoding()
+    return str(path)
+
+
+def resume_cases(tmp_path, d):
+    """An --out left by an earlier run that this one must not append to: other settings, no record of them,
+    or another benchmark's predictions."""
+    gold = anno(tmp_path, [example("q", "a.mp4", 6.0, [[0, 2]])])
+    cases = {}
+    for name, qid, settings in (("other-model", "q", {"model": "someone/other"}), ("no-record", "q", None),
+                                ("other-settings", "q", {"interval": 2.0, "frame_tokens": 64}),
+                                ("other-benchmark", "q-from-EGO", {})):
+        out = tmp_path / f"{name}.jsonl"
+        out.write_text(json.dumps({"question_id": qid, "model_response_list": []}) + "\n")
+        if settings is not None:
+            run_record(out, **settings)
+        cases[f"resume-{name}"] = ["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--out", str(out)]
+    return cases
 
 
 @pytest.mark.parametrize("case, message", [
@@ -232,6 +499,26 @@ def bad_anno_cases(tmp_path, d):
     ("noanswer", "missing duration, answer"),
     ("badspan", "reply_timespan"),
     ("corrupt-preds", "is not a prediction record"),
+    ("out-no-folder", "does not exist (create it first)"),
+    ("benchmark-out-no-folder", "does not exist (create it first)"),
+    ("out-is-a-folder", "is a folder: give a file name"),
+    ("out-is-the-video", "is an input of this run"),
+    ("resume-no-record", "has predictions but no"),
+    ("resume-other-model", "was made with --model someone/other (this run: tiny): resume with those settings"),
+    ("resume-other-settings", "made with --interval 2.0 (this run: 1.0), --frame-tokens 64 (this run: 128)"),
+    ("resume-other-benchmark", "not in this benchmark (e.g. 'q-from-EGO')"),
+    ("video-is-a-folder", "is a folder, not a video file"),
+    ("no-frames-in-stream", "holds no video stream"),
+    ("video-is-the-anno", "is not a video: for a benchmark, --benchmark"),
+    ("benchmark-is-a-folder", "is a folder: give its anno.json"),
+    ("benchmark-is-a-video", "is not UTF-8 text: not a ProactiveVideoQA anno.json"),
+    ("device-unknown", "--device gpu is not a torch device"),
+    ("device-missing", "CUDA GPUs (use --device cpu)"),
+    ("interval-nan", "--interval must be > 0 (and finite)"),
+    ("interval-past-the-video", "shorter than one frame interval"),
+    ("binary", "is not UTF-8 text"),
+    ("novideo", "example 0 (q): no 'video' file name"),
+    ("badtime", "example 0 (q): could not convert string to float: 'soon'"),
 ])
 def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, message):
     d, v = videos
@@ -246,7 +533,16 @@ def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, messag
         "benchmark-no-videos": ["--benchmark", ok_anno, "--out", str(tmp_path / "p.jsonl")],  # no videos/ beside it
         "benchmark-no-out": ["--benchmark", ok_anno, "--videos", str(d)],
         "corrupt-preds": ["--benchmark", ok_anno, "--videos", str(d), "--out", str(tmp_path / "preds.jsonl")],
-        **bad_anno_cases(tmp_path, d),
+        "out-no-folder": [v["a"], "--out", str(tmp_path / "no_such_folder" / "p.jsonl")],
+        "benchmark-out-no-folder": ["--benchmark", ok_anno, "--videos", str(d), "--out", str(tmp_path / "nope" / "p.jsonl")],
+        "out-is-a-folder": [v["a"], "--out", str(tmp_path)],
+        "out-is-the-video": [v["a"], "--out", v["a"], "--overwrite"],
+        "video-is-a-folder": [str(d)], "no-frames-in-stream": [stream_without_frames(tmp_path / "empty.mp4")],
+        "video-is-the-anno": [ok_anno], "benchmark-is-a-folder": ["--benchmark", str(d), "--out", str(tmp_path / "p")],
+        "benchmark-is-a-video": ["--benchmark", v["a"], "--videos", str(d), "--out", str(tmp_path / "p.jsonl")],
+        "device-unknown": [v["a"], "--device", "gpu"], "device-missing": [v["a"], "--device", "cuda:99"],
+        "interval-nan": [v["a"], "--interval", "nan"], "interval-past-the-video": [v["a"], "--interval", "60"],
+        **bad_anno_cases(tmp_path, d), **resume_cases(tmp_path, d),
     }.get(case)
     if case == "model-folder":  # the real loader: a folder that does not exist fails before anything loads
         monkeypatch.undo()
@@ -255,3 +551,11 @@ def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, messag
         infer.main(argv)
     text = str(e.value.code)
     assert text.startswith("infer.py: ") and message in text and "\n" not in text
+
+
+def test_a_bad_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        infer.main(["video.mp4", "--frames-per-turn", "-1"])
+    assert e.value.code == 2  # argparse's code; its usage block is not printed
+    assert capsys.readouterr().err == ("infer.py: argument --frames-per-turn: invalid choice: -1 (choose from 1, 2) "
+                                       "(infer.py --help lists the flags)\n")
