@@ -295,23 +295,6 @@ def load_dialogue(record, root="."):
     return messages, frames
 
 
-def load_anno(path):
-    """Read a ProactiveVideoQA anno.json (a list of examples), checking the fields we use."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"file not found: {path}")
-    try:
-        examples = json.load(open(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
-    if not isinstance(examples, list):
-        raise ValueError(f"{path}: expected a JSON list of examples (ProactiveVideoQA anno.json)")
-    for i, ex in enumerate(examples):
-        missing = {"video", "question_id", "conversation", "answer"} - set(ex if isinstance(ex, dict) else ())
-        if missing:
-            raise ValueError(f"{path}: example {i} lacks {sorted(missing)}: not a ProactiveVideoQA anno.json")
-    return examples
-
-
 # ----------------------------------------------------------------------------
 # 4. Token ids in, token ids out
 

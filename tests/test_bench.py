@@ -110,9 +110,6 @@ def test_grpo_tiny(tmp_path):
     assert sum(r["share"].values()) == pytest.approx(1.0) and all(0 <= v <= 1 for v in r["share"].values())
 
 
-def test_grpo_refuses_3b():
-    with pytest.raises(SystemExit):
-        bench.parse_args(["grpo", "--model", "3b"])
 
 
 
