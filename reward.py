@@ -758,6 +758,8 @@ def load_gold(path):
         examples = json.loads(Path(path).read_text())
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: not a ProactiveVideoQA anno.json") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(examples, list) or not examples:

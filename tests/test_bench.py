@@ -9,9 +9,10 @@ import bench
 import mmduet2
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Each command runs with --threads 1 (set in-process), then the suite's thread count comes back.
+    """Each command runs with --threads 1 (set in-process), then the suite's thread count comes back (module
+    scope: the module's own fixtures run commands too, and the fixtures that later tests train depend on it).
     One thread: OpenMP threads that spin-wait for a busy second core made a 2-thread step ~30x slower."""
     n = torch.get_num_threads()
     yield

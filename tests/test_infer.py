@@ -517,8 +517,8 @@ def resume_cases(tmp_path, d):
     ("interval-nan", "--interval must be > 0 (and finite)"),
     ("interval-past-the-video", "shorter than one frame interval"),
     ("binary", "is not UTF-8 text"),
-    ("novideo", "example 0 (q): no 'video' file name"),
-    ("badtime", "example 0 (q): could not convert string to float: 'soon'"),
+    ("novideo", "example 0 (q): 'video' must be a file name, got None"),
+    ("badtime", "example 0 (q) conversation 1: 'time' must be seconds >= 0, got 'soon'"),
 ])
 def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, message):
     d, v = videos
