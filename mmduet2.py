@@ -209,22 +209,34 @@ def reply_turn(times, span):
     return after[0] if after else None
 
 
-def frame_tokens(height, width, max_tokens=FRAME_TOKENS):
-    """LLM tokens one (height × width) frame costs after Qwen's resize to at most max_tokens·28·28 pixels.
+def frame_pixels(max_tokens=FRAME_TOKENS):
+    """(min, max) pixels of a frame: at least 4 LLM tokens, at most max_tokens (the paper: 128·28·28)."""
+    return 4 * PIXELS_PER_TOKEN, max_tokens * PIXELS_PER_TOKEN
 
-    This is the paper's frame-size rule (max_pixels = 128·28·28): sides are rounded to multiples
-    of 28 and the area capped, so a 16:9 frame gets 120 tokens and 84×84 gets 9 (no resize).
-    """
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-    h, w = smart_resize(height, width, factor=28, min_pixels=4 * PIXELS_PER_TOKEN,
-                        max_pixels=max_tokens * PIXELS_PER_TOKEN)
-    return (h // 28) * (w // 28)
+
+def frame_tokens(height, width, max_tokens=FRAME_TOKENS):
+    """LLM tokens one (height × width) frame costs after `fit_frame`: a 16:9 frame 120, 448×224 128, 84×84 9."""
+    from qwen_vl_utils import smart_resize  # Qwen's own frame-size rule
+    h, w = smart_resize(height, width, 28, *frame_pixels(max_tokens))
+    return h * w // PIXELS_PER_TOKEN
+
+
+def fit_frame(frame, processor):
+    """A frame resized as Qwen's own pipeline sizes images (qwen-vl-utils): both sides multiples of 28 px (one
+    LLM token = a 2×2 merge of 14-px patches), the area within the processor's limits (`set_frame_tokens`),
+    the aspect ratio kept. (H, W, 3) uint8 → (H', W', 3) uint8; a frame that already fits is returned as is."""
+    from PIL import Image
+    from qwen_vl_utils import fetch_image
+    size = processor.image_processor.size
+    image = fetch_image({"image": Image.fromarray(frame), "min_pixels": size["shortest_edge"],
+                         "max_pixels": size["longest_edge"]})
+    return np.array(image)  # a writable copy (the processor makes a tensor of it)
 
 
 def set_frame_tokens(processor, max_tokens=FRAME_TOKENS):
-    """Make the processor resize every frame to at most max_tokens LLM tokens."""
-    processor.image_processor.size = {"shortest_edge": 4 * PIXELS_PER_TOKEN,
-                                      "longest_edge": max_tokens * PIXELS_PER_TOKEN}
+    """Frames get at most max_tokens LLM tokens: `fit_frame` reads this, and the processor, given fitted frames,
+    leaves them as they are."""
+    processor.image_processor.size = dict(zip(("shortest_edge", "longest_edge"), frame_pixels(max_tokens)))
 
 
 # ----------------------------------------------------------------------------
@@ -332,7 +344,7 @@ def _tokenize(processor, text, images=()):
     if not images:  # text only: the tokenizer alone (the processor's overhead doubled a turn's encode time)
         ids = processor.tokenizer(text)["input_ids"]
         return Chunk(ids, [0] * len(ids), [0] * len(ids))
-    out = processor(text=[text], images=list(images), return_tensors="pt")
+    out = processor(text=[text], images=[fit_frame(f, processor) for f in images], return_tensors="pt")
     ids = out["input_ids"][0].tolist()
     grid = out["image_grid_thw"]  # (n_images, 3)
     pixels = list(torch.split(out["pixel_values"], grid.prod(-1).tolist()))  # (patches_i, C·T·14·14) each
