@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -192,7 +193,7 @@ TOY = dict(init="runs/sft-toy/final", anno="data/toy/rl/anno.json", out="runs/gr
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = mmduet2.argument_parser("grpo.py", __doc__.split("\n")[0])
     # model and data
     p.add_argument("--init", default="runs/sft/final", help="the SFT checkpoint folder to start from")
     p.add_argument("--anno", default="data/web/rl/anno.json", help="held-out RL videos' gold answers (anno.json)")
@@ -238,8 +239,17 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="episode order and sampling seed")
     args = mmduet2.parse_with_preset(p, TOY, argv)
-    if args.group < 2:
-        p.error("--group must be >= 2: a group's advantages compare its rollouts with each other")
+    for bad, message in ((args.group < 2, "--group must be >= 2: a group's advantages compare its rollouts with each other"),
+                         (not (args.segment > 0 and args.interval > 0), "--segment and --interval must be > 0 seconds"),
+                         (args.max_frames < args.frames_per_turn, "--max-frames must hold at least one turn"),
+                         (min(args.episodes, args.max_new_tokens, args.inner_epochs, args.epochs, args.save_every) < 1,
+                          "--episodes, --max-new-tokens, --inner-epochs, --epochs, --save-every must be >= 1"),
+                         (not (args.temperature > 0 and args.clip > 0 and 0 < args.lr < 1),
+                          "--temperature and --clip must be > 0, --lr in (0, 1)"),
+                         (min(args.top_k, args.kl, args.max_steps, args.keep) < 0 or args.frame_tokens < 4,
+                          "--top-k, --kl, --max-steps, --keep must be >= 0, --frame-tokens >= 4")):
+        if bad:
+            p.error(message)
     args.videos = args.videos or os.path.join(os.path.dirname(args.anno), "videos")
     return args
 
@@ -250,7 +260,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from transformers.utils import logging as hf_logging
     args = parse_args(argv)
+    hf_logging.disable_progress_bar()  # loading/saving bars would break up the training bar
     cuda = torch.cuda.is_available()
     args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
     # cpu=True on a machine without GPU: otherwise `--multi_gpu` ranks run unsynchronised (docs/streaming.md).
@@ -277,13 +289,15 @@ def main(argv=None):
     total_steps = args.max_steps or args.epochs * len(examples) // per_step
     if total_steps == 0:
         raise SystemExit(f"grpo.py: {len(examples)} examples cannot fill one step of {per_step} episodes")
-    judge = reward.OfflineJudge() if args.judge == "offline" else reward.OpenAIJudge(
-        model=args.judge_model, max_workers=args.judge_workers)
-
-    # -- model: the policy in fp32 (the optimizer's master copy; bf16 compute comes from autocast), and,
-    # only with --kl, a frozen reference
-    model, processor = mmduet2.load_model(args.init, dtype=torch.float32, device=acc.device,
-                                          frame_tokens=args.frame_tokens)
+    try:
+        judge = reward.OfflineJudge() if args.judge == "offline" else reward.OpenAIJudge(
+            model=args.judge_model, max_workers=args.judge_workers)
+        # -- model: the policy in fp32 (the optimizer's master copy; bf16 compute comes from autocast), and,
+        # only with --kl, a frozen reference
+        model, processor = mmduet2.load_model(args.init, dtype=torch.float32, device=acc.device,
+                                              frame_tokens=args.frame_tokens)
+    except (OSError, reward.JudgeError) as e:
+        raise SystemExit(f"grpo.py: {e}") from None
     model.model.visual.requires_grad_(False)  # the vision encoder stays frozen (as in SFT), its merger learns
     model.model.visual.merger.requires_grad_(True)
     ref = mmduet2.load_model(args.init, device=acc.device)[0].requires_grad_(False) if args.kl else None
@@ -329,9 +343,12 @@ def main(argv=None):
             return reward.mmduet2_reward(r.turns, ep.answers, judge, ep.context_replies, tuple(args.weights))
         jobs = [(ep, r) for ep, group in zip(episodes, groups) for r in group]
         calls, failures = judge.calls, judge.failures
-        with ThreadPoolExecutor(getattr(judge, "max_workers", 1)) as pool:
-            for (_, r), parts in zip(jobs, pool.map(score, jobs)):
-                r.reward = parts
+        try:
+            with ThreadPoolExecutor(getattr(judge, "max_workers", 1)) as pool:
+                for (_, r), parts in zip(jobs, pool.map(score, jobs)):
+                    r.reward = parts
+        except reward.JudgeError as e:  # the endpoint went away: no reward can be trusted from here on
+            raise SystemExit(f"grpo.py: {e}; {mmduet2.resume_hint(args.out)}") from None
         t_judge = time.time()
 
         # 4. Advantages: normalised within each group, over the rewards gathered from every rank
@@ -396,4 +413,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"grpo.py: interrupted; {mmduet2.resume_hint(parse_args().out)}", file=sys.stderr)
+        sys.exit(130)

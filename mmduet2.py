@@ -248,6 +248,8 @@ def set_frame_tokens(processor, max_tokens=FRAME_TOKENS):
 
 def read_jsonl(path):
     """Yield (line_number, record) from a JSONL file; a malformed line is a one-line ValueError."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder: give the JSONL file(s) in it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"file not found: {path}")
     with open(path) as f:
@@ -977,6 +979,14 @@ class Group:
 #   OUT/final/          the same without state/: what `grpo.py --init` and `infer.py --model` take
 # Several nodes: OUT must be one shared folder (every rank reads the checkpoint; each writes its own RNG state).
 
+def argument_parser(script, description):
+    """An ArgumentParser whose errors are one line, `script: what is wrong`, as every other bad input is."""
+    import argparse
+    p = argparse.ArgumentParser(description=description)
+    p.error = lambda message: p.exit(2, f"{script}: {message} ({script} --help lists the flags)\n")
+    return p
+
+
 def parse_with_preset(parser, preset, argv=None):
     """parser.parse_args(argv), where --toy first makes `preset` the defaults: a flag the user types still wins."""
     if parser.parse_known_args(argv)[0].toy:
@@ -1024,6 +1034,13 @@ def start_run(out, resume, settings, is_main=True):
         lines = [line for line in open(metrics) if line.strip() and json.loads(line)["step"] <= (step or 0)]
         open(metrics, "w").writelines(lines)
     return ckpt, step or 0
+
+
+def resume_hint(out):
+    """What a run in OUT has kept, and how to go on (said when a run stops early)."""
+    kept = checkpoints(out)
+    return f"the newest checkpoint is {kept[-1]}: the same command + --resume continues" if kept else \
+        "no checkpoint was written yet"
 
 
 def save_checkpoint(accelerator, model, processor, out, name, step, settings, keep=2):

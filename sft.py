@@ -65,7 +65,7 @@ TOY = dict(model="tiny", data=["data/toy/train/sft.jsonl"], out="runs/sft-toy", 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = mmduet2.argument_parser("sft.py", __doc__.split("\n")[0])
     # model
     p.add_argument("--model", default="Qwen/Qwen2.5-VL-3B-Instruct",
                    help="initial weights: a hub name, a folder (e.g. OUT/final), or 'tiny' (random, in-process)")
@@ -103,8 +103,15 @@ def parse_args(argv=None):
                    help="(tests) each rank saves its weights to OUT/params-rankR.pt, to check DDP kept them equal")
     p.add_argument("--toy", action="store_true", help=mmduet2.preset_help(TOY))
     args = mmduet2.parse_with_preset(p, TOY, argv)
-    if not args.data:
-        p.error("--data is required (or --toy)")
+    for bad, message in ((not args.data, "--data is required (or --toy)"),
+                         (args.grad_accum < 1 or args.epochs < 1 or args.max_steps < 0,
+                          "--grad-accum and --epochs must be >= 1, --max-steps >= 0"),
+                         (not 0 < args.lr < 1 or not 0 <= args.warmup < 1 or args.grad_clip <= 0,
+                          "--lr must be in (0, 1), --warmup in [0, 1), --grad-clip > 0"),
+                         (args.max_tokens < 1 or args.frame_tokens < 4, "--max-tokens must be >= 1, --frame-tokens >= 4"),
+                         (min(args.workers, args.save_every, args.keep) < 0, "--workers, --save-every, --keep must be >= 0")):
+        if bad:
+            p.error(message)
     return args
 
 
@@ -273,4 +280,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"sft.py: interrupted; {mmduet2.resume_hint(parse_args().out)}", file=sys.stderr)
+        sys.exit(130)

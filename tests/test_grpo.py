@@ -283,3 +283,27 @@ def test_two_cpu_ranks_synchronise_and_share_rewards(rl_data, chatty_ckpt, tmp_p
     assert r0["rewards"].shape == (2, 4) and torch.equal(r0["rewards"], r1["rewards"])  # both ranks see all rewards
     adv = grpo.group_advantages(r0["rewards"])
     assert torch.allclose(r0["adv"], adv[0:1]) and torch.allclose(r1["adv"], adv[1:2])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--group", "1"], "--group must be >= 2"), (["--segment", "0"], "--segment and --interval must be > 0"),
+    (["--interval", "-2"], "--segment and --interval must be > 0"), (["--max-frames", "1"], "--max-frames must hold"),
+    (["--episodes", "0"], "--episodes, --max-new-tokens"), (["--temperature", "0"], "--temperature and --clip"),
+    (["--lr", "0"], "--lr in (0, 1)"), (["--top-k", "-1"], "--top-k, --kl"), (["--judge", "gpt"], "invalid choice"),
+])
+def test_bad_flags_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        grpo.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("grpo.py: ") and message in err and err.count("\n") == 1, err
+
+
+def test_bad_setup_is_one_line_before_any_step(rl_data, tmp_path, monkeypatch):
+    base = ["--anno", str(rl_data / "anno.json")] + SMALL
+    with pytest.raises(SystemExit, match="^grpo.py: model folder not found"):
+        grpo.main(base + ["--init", str(tmp_path / "nope"), "--out", str(tmp_path / "a")])
+    monkeypatch.delenv("JUDGE_MODEL", raising=False)
+    with pytest.raises(SystemExit, match="^grpo.py: no judge model"):
+        grpo.main(base + ["--init", "tiny", "--judge", "openai", "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="^grpo.py: .*nope.json: cannot read"):
+        grpo.main(SMALL + ["--anno", str(tmp_path / "nope.json"), "--out", str(tmp_path / "c")])

@@ -256,3 +256,22 @@ def test_released_layout_jpg_and_hdf5_frames(tmp_path):
         last = p.stderr.strip().splitlines()[-1]
         assert p.returncode != 0 and last.startswith(f"sft.py: {bad}:2: ") and message in last, p.stderr[-1500:]
         shutil.rmtree(tmp_path / "x", ignore_errors=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grad-accum", "0"], "--grad-accum and --epochs must be >= 1"), (["--lr", "-1"], "--lr must be in (0, 1)"),
+    (["--warmup", "1"], "--warmup in [0, 1)"), (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["--keep", "-1"], "--keep must be >= 0"), (["--model", "tiny"], "--data is required"),
+])
+def test_bad_flags_are_one_line(argv, message, capsys):
+    import sft
+    with pytest.raises(SystemExit) as e:
+        sft.parse_args(argv + (["--data", "x.jsonl"] if "--model" not in argv else []))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("sft.py: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_folder_as_data_is_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "sft.py", "--model", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip() == f"sft.py: {tmp_path} is a folder: give the JSONL file(s) in it"
