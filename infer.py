@@ -371,8 +371,11 @@ def write_atomic(path, text):
 def run_settings(args):
     """What decides a benchmark run's predictions: a resume must match the run that made the file."""
     model = os.path.realpath(args.model) if os.path.isdir(args.model) else args.model  # one folder, one name
-    return {"model": model, "interval": args.interval, "frames_per_turn": args.frames_per_turn,
-            "frame_tokens": args.frame_tokens, "max_new_tokens": args.max_new_tokens}
+    settings = {"model": model, "interval": args.interval, "frames_per_turn": args.frames_per_turn,
+                "frame_tokens": args.frame_tokens, "max_new_tokens": args.max_new_tokens}
+    if args.realtime:  # played as live, frames are dropped: other predictions (recorded only when on: old records match)
+        settings["realtime"] = True
+    return settings
 
 
 def resume_state(out, sidecar, settings, known):
@@ -398,7 +401,8 @@ def resume_state(out, sidecar, settings, known):
     except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bad UTF-8
         raise ValueError(f"{sidecar} is not infer.py's record of a run: give another --out, "
                          "or --overwrite to start over") from None
-    differ = [f"--{k.replace('_', '-')} {old.get(k)} (this run: {v})" for k, v in settings.items() if old.get(k) != v]
+    differ = [f"--{k.replace('_', '-')} {old.get(k)} (this run: {settings.get(k)})"
+              for k in [*settings, *(k for k in old if k not in settings)] if old.get(k) != settings.get(k)]
     if differ:
         raise ValueError(f"{out} was made with {', '.join(differ)}: resume with those settings, "
                          "or give another --out (--overwrite starts over)")

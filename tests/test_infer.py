@@ -638,6 +638,7 @@ def resume_cases(tmp_path, d):
     cases = {}
     for name, qid, settings in (("other-model", "q", {"model": "someone/other"}), ("no-record", "q", None),
                                 ("other-settings", "q", {"interval": 2.0, "frame_tokens": 64}),
+                                ("realtime", "q", {"realtime": True}),  # played as live: frames were dropped
                                 ("other-benchmark", "q-from-EGO", {})):
         out = tmp_path / f"{name}.jsonl"
         out.write_text(json.dumps({"question_id": qid, "model_response_list": []}) + "\n")
@@ -690,6 +691,7 @@ def resume_cases(tmp_path, d):
     ("camera-missing", "cannot open /dev/video99: No such file or directory"),
     ("input-format-unknown", "cannot open 0: no container format 'nosuch'"),
     ("benchmark-input-format", "--input-format is for a live SOURCE"),
+    ("resume-realtime", "was made with --realtime True (this run: None)"),
 ])
 def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, message):
     d, v = videos
