@@ -1,11 +1,12 @@
 """Streaming inference: watch a video as a multi-turn chat and answer (or stay silent) every turn.
 
 Role in the pipeline: the last stage (data -> SFT -> GRPO -> infer). It runs a checkpoint (the
-released `wangyueqian/MMDuet2` by default) on a video file the way the paper does (Sec. 4.1 and
-Appendix A): every user turn brings 1-2 frames, plus any text that arrived meanwhile (a question,
-a subtitle); the model answers each turn with a reply or exactly "NO REPLY". The KV-cached engine
-lives in mmduet2.py (`Stream`); this file reads frames, places user text, times each turn, prints
-replies as they come and writes predictions in the ProactiveVideoQA format (paper Sec. 5.1).
+released `wangyueqian/MMDuet2` by default) on a video file, a camera or a network stream the way
+the paper does (Sec. 4.1 and Appendix A): every user turn brings 1-2 frames, plus any text that
+arrived meanwhile (a question, a subtitle); the model answers each turn with a reply or exactly
+"NO REPLY". The KV-cached engine lives in mmduet2.py (`Stream`); this file reads frames, places user
+text, times each turn, prints replies as they come and writes predictions in the ProactiveVideoQA
+format (paper Sec. 5.1).
 
 Inference settings (paper-settings.md): 1 s frame interval, 1 frame per turn ([WEB]; the paper
 uses 2 for [EGO], [TV], [VAD]: --frames-per-turn 2), greedy decoding, at most 100 new tokens per
@@ -14,6 +15,21 @@ turn, 128 LLM tokens per frame. Where we depart from the paper / released code:
    released inference set no cap. `--frame-tokens` changes it (we offer no `--max-pixels`).
 2. A user text that arrives between two turns is put into the first turn whose time is >= its
    time (the question at t=0 goes into the first turn, after that turn's frames).
+3. Live (below), the frames a slow model has no time for are dropped; the paper evaluates on files,
+   every frame fed.
+
+Live (a camera, a network stream, or a file with --realtime): a camera or stream is read with PyAV
+(a file with decord, as offline) as it plays, a frame every --interval s of stream time (the
+presentation times), with a file's frame sizes and turn times (frame k at k x interval, its turn
+at (k+1) x interval), never ahead of the stream's clock (a served file plays at wall-clock speed).
+When a turn takes longer than the interval, the frames that came meanwhile are DROPPED but the
+newest --frames-per-turn, so the model answers the latest frames, about one turn behind, instead
+of falling further behind each turn: each turn's lag (how long after its time the reply came) is
+on the turn counter, and the run ends saying how many frames were taken and dropped, and the lag.
+A line typed on stdin while it plays is a user text in the turn fed next (texts meeting in a turn
+are joined, one per line). It ends with the stream, with a dropped connection (one line; the turns
+answered so far are written to --out), or with Ctrl-C (code 130, the same). A benchmark with
+--realtime plays each video so (OUT.run.json records it).
 
 What stops, what goes on, what is kept:
 - Fatal, before the model loads, with one line (`infer.py: what, what to do`): a bad flag, a
@@ -27,18 +43,22 @@ What stops, what goes on, what is kept:
   in OUT.run.json, so a rerun does not stream it again unless --retry-skipped.
 - Resumed (benchmark): --out is appended to, one flushed line per finished example, and a rerun
   runs only the question_ids it lacks. OUT.run.json, written when --out is created, records the
-  settings that made it (model, interval, frames per turn, frame tokens, max new tokens): a resume
+  settings that made it (model, interval, frames per turn, frame tokens, max new tokens, realtime): a resume
   with other settings, into a file without that record, or into another benchmark's predictions
   is refused (--overwrite starts over). A last record whose newline is missing gets it back.
 - Interrupted or failing part-way: Ctrl-C in a benchmark exits with code 130, saying how many
   examples are written (the one in progress is not, and runs on a rerun). A single video stopped
-  by Ctrl-C (code 130) or by a frame that fails to decode (code 1) still writes the turns streamed
-  so far to --out.
+  by Ctrl-C (code 130), by a frame that fails to decode or by a live stream that breaks off (code 1)
+  still writes the turns streamed so far to --out.
 
 Run:
     python infer.py --demo                   # offline: a new toy video through the shipped toy model (toy-model/)
     python infer.py video.mp4 --question "What is the person cooking?"           # released model
     python infer.py video.mp4 --model tiny --ask 5:"What now?" --out pred.jsonl   # CPU smoke run
+    python infer.py video.mp4 --model tiny --realtime            # a file played as live: type questions as it plays
+    python infer.py /dev/video0 --question "Tell me when someone comes in."       # webcam, Linux (v4l2)
+    python infer.py 0 --input-format avfoundation            # webcam, macOS (Windows: "video=NAME" --input-format dshow)
+    python infer.py rtsp://camera.local/stream --out pred.jsonl   # network stream (also http(s)://, HLS .m3u8)
     python infer.py --benchmark WEB/anno.json --videos WEB/videos --out preds.jsonl
     python infer.py --benchmark EGO/anno.json --videos EGO/videos --frames-per-turn 2 --out preds.jsonl
     python reward.py eval --gold WEB/anno.json --pred preds.jsonl --judge openai
