@@ -601,6 +601,7 @@ def main(argv=None):
             frames = live_frames(args.video, args.interval, args.input_format) if live \
                 else mmduet2.read_frames(args.video, args.interval)
             feed, questions = Feed(frames, args.interval, args.frames_per_turn), queue.Queue()
+            sys.stdout.reconfigure(line_buffering=True)  # each reply shows when it comes, through a pipe (tee) too
             threading.Thread(target=read_questions, args=(sys.stdin, questions), daemon=True).start()
             print("watching as it plays: type a question and Enter at any time (it joins the turn being fed); "
                   "Ctrl-C stops")
