@@ -1,11 +1,12 @@
 """Streaming inference: watch a video as a multi-turn chat and answer (or stay silent) every turn.
 
 Role in the pipeline: the last stage (data -> SFT -> GRPO -> infer). It runs a checkpoint (the
-released `wangyueqian/MMDuet2` by default) on a video file the way the paper does (Sec. 4.1 and
-Appendix A): every user turn brings 1-2 frames, plus any text that arrived meanwhile (a question,
-a subtitle); the model answers each turn with a reply or exactly "NO REPLY". The KV-cached engine
-lives in mmduet2.py (`Stream`); this file reads frames, places user text, times each turn, prints
-replies as they come and writes predictions in the ProactiveVideoQA format (paper Sec. 5.1).
+released `wangyueqian/MMDuet2` by default) on a video file, a camera or a network stream the way
+the paper does (Sec. 4.1 and Appendix A): every user turn brings 1-2 frames, plus any text that
+arrived meanwhile (a question, a subtitle); the model answers each turn with a reply or exactly
+"NO REPLY". The KV-cached engine lives in mmduet2.py (`Stream`); this file reads frames, places user
+text, times each turn, prints replies as they come and writes predictions in the ProactiveVideoQA
+format (paper Sec. 5.1).
 
 Inference settings (paper-settings.md): 1 s frame interval, 1 frame per turn ([WEB]; the paper
 uses 2 for [EGO], [TV], [VAD]: --frames-per-turn 2), greedy decoding, at most 100 new tokens per
@@ -14,6 +15,21 @@ turn, 128 LLM tokens per frame. Where we depart from the paper / released code:
    released inference set no cap. `--frame-tokens` changes it (we offer no `--max-pixels`).
 2. A user text that arrives between two turns is put into the first turn whose time is >= its
    time (the question at t=0 goes into the first turn, after that turn's frames).
+3. Live (below), the frames a slow model has no time for are dropped; the paper evaluates on files,
+   every frame fed.
+
+Live (a camera, a network stream, or a file with --realtime): a camera or stream is read with PyAV
+(a file with decord, as offline) as it plays, a frame every --interval s of stream time (the
+presentation times), with a file's frame sizes and turn times (frame k at k x interval, its turn
+at (k+1) x interval), never ahead of the stream's clock (a served file plays at wall-clock speed).
+When a turn takes longer than the interval, the frames that came meanwhile are DROPPED but the
+newest --frames-per-turn, so the model answers the latest frames, about one turn behind, instead
+of falling further behind each turn: each turn's lag (how long after its time the reply came) is
+on the turn counter, and the run ends saying how many frames were taken and dropped, and the lag.
+A line typed on stdin while it plays is a user text in the turn fed next (texts meeting in a turn
+are joined, one per line). It ends with the stream, with a dropped connection (one line; the turns
+answered so far are written to --out), or with Ctrl-C (code 130, the same). A benchmark with
+--realtime plays each video so (OUT.run.json records it).
 
 What stops, what goes on, what is kept:
 - Fatal, before the model loads, with one line (`infer.py: what, what to do`): a bad flag, a
@@ -27,31 +43,39 @@ What stops, what goes on, what is kept:
   in OUT.run.json, so a rerun does not stream it again unless --retry-skipped.
 - Resumed (benchmark): --out is appended to, one flushed line per finished example, and a rerun
   runs only the question_ids it lacks. OUT.run.json, written when --out is created, records the
-  settings that made it (model, interval, frames per turn, frame tokens, max new tokens): a resume
+  settings that made it (model, interval, frames per turn, frame tokens, max new tokens, realtime): a resume
   with other settings, into a file without that record, or into another benchmark's predictions
   is refused (--overwrite starts over). A last record whose newline is missing gets it back.
 - Interrupted or failing part-way: Ctrl-C in a benchmark exits with code 130, saying how many
   examples are written (the one in progress is not, and runs on a rerun). A single video stopped
-  by Ctrl-C (code 130) or by a frame that fails to decode (code 1) still writes the turns streamed
-  so far to --out.
+  by Ctrl-C (code 130), by a frame that fails to decode or by a live stream that breaks off (code 1)
+  still writes the turns streamed so far to --out.
 
 Run:
     python infer.py --demo                   # offline: a new toy video through the shipped toy model (toy-model/)
     python infer.py video.mp4 --question "What is the person cooking?"           # released model
     python infer.py video.mp4 --model tiny --ask 5:"What now?" --out pred.jsonl   # CPU smoke run
+    python infer.py video.mp4 --model tiny --realtime            # a file played as live: type questions as it plays
+    python infer.py /dev/video0 --question "Tell me when someone comes in."       # webcam, Linux (v4l2)
+    python infer.py 0 --input-format avfoundation            # webcam, macOS (Windows: "video=NAME" --input-format dshow)
+    python infer.py rtsp://camera.local/stream --out pred.jsonl   # network stream (also http(s)://, HLS .m3u8)
     python infer.py --benchmark WEB/anno.json --videos WEB/videos --out preds.jsonl
     python infer.py --benchmark EGO/anno.json --videos EGO/videos --frames-per-turn 2 --out preds.jsonl
     python reward.py eval --gold WEB/anno.json --pred preds.jsonl --judge openai
 """
 import argparse
+import collections
 import itertools
 import json
 import math
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 
 import torch
 from tqdm import tqdm
@@ -84,46 +108,205 @@ def video_turns(video, interval, frames_per_turn=1, rounds=None):
         yield n * interval, frames
 
 
+LIVE_TIMEOUT = 10  # seconds a live source may stay silent (opening it, or between packets) before it counts as broken
+
+
+def is_live(source, input_format=None):
+    """A camera or a network stream, read with PyAV as it plays (a video file is read with decord)."""
+    return input_format is not None or "://" in source or source.startswith("/dev/video")
+
+
+def live_frames(source, interval, input_format=None):
+    """Yield (t, frame) from a camera or a network stream as it plays, one frame every `interval` s of
+    stream time: frame k is the first whose presentation time, counted from the stream's first frame,
+    reaches t = k·interval (read_frames takes the frame nearest k·interval: on a steady frame rate,
+    the same one). `frame` is (H, W, 3) uint8 RGB at the source's size; the processor resizes it as a
+    file's. A gap in the stream skips the sample times it covers.
+
+    A source that cannot be opened is a one-line ValueError; one that breaks off part-way (a dropped
+    connection, LIVE_TIMEOUT s without data) a one-line ConnectionError, after the frames before it.
+        a 25 fps stream, interval 1 -> its frames at 0.0, 1.0, 2.0, ... s (every 25th)
+    """
+    import av  # imported here: PyAV is only needed for live sources
+    fmt = input_format or ("v4l2" if source.startswith("/dev/video") else None)  # FFmpeg does not guess a camera
+    try:
+        container = av.open(source, format=fmt, timeout=LIVE_TIMEOUT)
+    except (av.FFmpegError, OSError, ValueError) as e:  # refused, not found, not a video, an unknown format
+        raise ValueError(f"cannot open {source}: {getattr(e, 'strerror', None) or e}") from None
+    with container:  # closed when the stream ends, breaks, or the reader stops (Ctrl-C)
+        if not container.streams.video:
+            raise ValueError(f"{source} holds no video stream")
+        first, k, t = None, -1, 0.0
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                if frame.time is None:
+                    continue  # no presentation time: it has no place on the stream's clock
+                first = frame.time if first is None else first  # a network stream's clock rarely starts at 0
+                t = frame.time - first
+                n = int(t / interval + 1e-6)  # the last sample time this frame has reached (epsilon: float error)
+                if n > k:
+                    k = n
+                    yield k * interval, frame.to_ndarray(format="rgb24")
+        except (av.FFmpegError, OSError, ValueError) as e:  # a cut connection ends in a truncated packet
+            raise ConnectionError(f"{source} broke off after {clock(t)} of stream "
+                                  f"({getattr(e, 'strerror', None) or e})") from None
+
+
+def check_live(source, interval, input_format=None):
+    """Fail early (before the model loads) on a live source that cannot be opened: its first frame."""
+    frames = live_frames(source, interval, input_format)
+    try:
+        return next(frames)[1]
+    except StopIteration:
+        raise ValueError(f"{source} gave no frame") from None
+    finally:
+        frames.close()  # let go of the camera or the connection: the stream reopens it when the model is ready
+
+
+class Feed:
+    """A source's frames as they play, for a model that may be slower than the stream (live, or --realtime).
+
+    A reader thread takes the (t, frame) samples (live_frames, or a file's read_frames) on the stream's
+    clock, which starts when the first frame arrives. It never reads ahead of that clock, so a file or
+    a served file plays at wall-clock speed, and it hands frame k over when the clock reaches its turn
+    time (k+1)·interval, as the file path times turns. Only the newest `frames_per_turn` frames wait for
+    the model: when a turn takes longer than the interval, the older ones are dropped (and counted), so
+    the model is never more than about one turn behind the stream, whatever its speed.
+        1 s interval, 1 frame per turn, 2.6 s per turn: frames 0, 2, 5, 7, 10, ... taken, the others dropped
+    """
+
+    def __init__(self, frames, interval, frames_per_turn=1):
+        self.frames, self.interval = frames, interval
+        self.ready = collections.deque(maxlen=frames_per_turn)  # [(t, frame)] handed over, oldest first
+        self.lock = threading.Condition()  # guards ready and done; wakes the model side
+        self.start = None  # time.monotonic() at stream time 0
+        self.done, self.error = False, None
+        self.stop = threading.Event()  # the model side is finished (Ctrl-C, an error): the reader stops too
+        self.taken = self.dropped = 0
+        self.lags = []  # per turn: seconds from its turn time to its reply (stream_video fills it)
+
+    def now(self):
+        """Stream time: seconds since the first frame arrived."""
+        return 0.0 if self.start is None else time.monotonic() - self.start
+
+    def _wait_for(self, t):  # until stream time t, or the stop
+        self.stop.wait(max(0.0, self.start + t - time.monotonic()))
+
+    def _hand_over(self, sample):
+        with self.lock:
+            self.dropped += len(self.ready) == self.ready.maxlen  # the model is busy: its oldest waiting frame goes
+            self.ready.append(sample)
+            self.lock.notify()
+
+    def _read(self):
+        held = None  # the newest frame, handed over when the stream reaches its turn time
+        try:
+            for t, frame in self.frames:
+                if self.stop.is_set():
+                    return
+                if self.start is None:
+                    self.start = time.monotonic() - t
+                self._wait_for(t)  # a live frame arrives about now; a file's is read at once and waits
+                if held:
+                    self._hand_over(held)  # frame k+1 is at (k+1)·interval: frame k's turn time has come
+                held = (t, frame)
+        except Exception as e:  # a broken stream, a damaged file: raised on the model's side, after what came before
+            self.error = e
+        finally:
+            if held and not self.stop.is_set():  # the last frame (or the last before a break) gets its turn too
+                self._wait_for(held[0] + self.interval)
+                self._hand_over(held)
+            with self.lock:
+                self.done = True
+                self.lock.notify()
+
+    def turns(self):
+        """Yield (t, frames) each time the model is free: the newest frames handed over (waiting for them
+        when the model is ahead), t = the last one's turn time. Ends with the stream, then raises its error."""
+        threading.Thread(target=self._read, daemon=True).start()  # daemon: a hung source never blocks the exit
+        try:
+            while True:
+                with self.lock:
+                    self.lock.wait_for(lambda: len(self.ready) == self.ready.maxlen or self.done)
+                    turn = list(self.ready)  # frames_per_turn frames, fewer only at the end
+                    self.ready.clear()
+                if not turn:
+                    break
+                yield turn[-1][0] + self.interval, [frame for _, frame in turn]
+                self.taken += len(turn)  # once answered (a turn cut short by Ctrl-C is not)
+        finally:
+            self.stop.set()
+        if self.error:
+            raise self.error
+
+    def report(self):
+        """Frames taken and dropped, and how far behind the stream the replies came."""
+        slow = " (the model was slower than the stream)" if self.dropped else ""
+        lag = f"mean {sum(self.lags) / len(self.lags):.1f} s, max {max(self.lags):.1f} s" if self.lags else "n/a"
+        return f"frames: {self.taken} taken, {self.dropped} dropped{slow}; reply lag behind the stream: {lag}"
+
+
+def read_questions(lines, questions):
+    """Put each line typed on stdin into `questions` as it comes (a thread, while the stream plays)."""
+    try:
+        for line in lines:
+            if line.strip():
+                questions.put(line.strip())
+    except (OSError, ValueError):  # stdin closed or not readable (a background run): no questions then
+        pass
+
+
 def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), rounds=None,
-                 realtime=False, on_reply=None, keep_silent=False, on_turn=None, responses=None, latencies=None,
-                 **decode):
+                 on_reply=None, keep_silent=False, on_turn=None, responses=None, latencies=None,
+                 questions=None, on_text=None, **decode):
     """Stream `video` through an `mmduet2.Stream`, one user turn at a time. Returns (responses, latencies).
 
-    user_turns: [(time, text)]; each text joins the first user turn whose time >= its time, after
-    that turn's frames (texts meeting in one turn are joined by newlines; texts later than the
-    last turn are never seen). rounds: frames to stream (None: the whole video). realtime: wait
-    until each turn's frames would have arrived at wall-clock speed. on_reply(t, text) is called
-    on each non-silent reply as soon as it exists, on_turn() after every turn (a progress bar).
+    video: a file (read with decord, every frame: interval, frames_per_turn and rounds apply), or a
+    Feed (a live source, or a file paced as one: its frames come as it plays, dropped when the model
+    is behind; its lags get each turn's). user_turns: [(time, text)]; each text joins the first user
+    turn whose time >= its time, after that turn's frames (texts meeting in one turn are joined by
+    mmduet2.turn_text; texts later than the last turn are never seen). questions: a queue.Queue of
+    texts typed while the stream plays; each joins the turn fed next. rounds: frames to stream (None:
+    the whole video). on_reply(t, text) is called on each non-silent reply as soon as it exists,
+    on_text(t, text) on each user turn's text, on_turn() after every turn (a progress bar).
     decode: options of `Stream.turn`.
     responses: the benchmark's `model_response_list`: the user turns that carry text and the
     replies (NO REPLY turns too when keep_silent), each {"role", "content", "time"}.
     latencies: seconds of model time per user turn (frame decoding and waiting excluded).
     Both are filled as the turns come: pass your own lists to keep what was streamed when a frame
-    fails to decode part-way or the run is interrupted.
+    fails to decode part-way, a live stream breaks off, or the run is interrupted.
         5 frames, 1 s, 2 per turn, user_turns [(0, "Q?")] -> turns at t = 2, 4, 5; "Q?" joins t = 2
     """
     pending = sorted(user_turns, key=lambda u: u[0])  # texts the model has not seen yet
     responses = [] if responses is None else responses
     latencies = [] if latencies is None else latencies
-    start = time.perf_counter()
-    for t, frames in video_turns(video, interval, frames_per_turn, rounds):
-        texts = []
-        while pending and pending[0][0] <= t + 1e-9:  # the epsilon absorbs float error (3 x 0.1 s)
-            texts.append(pending.pop(0)[1])
-        text = "\n".join(texts) or None
-        if realtime:  # the turn's last frame "arrives" at video time t
-            time.sleep(max(0.0, t - (time.perf_counter() - start)))
-        tic = time.perf_counter()
-        reply = stream.turn(frames, text, **decode)  # 1-2 frames (+ text) in, a reply or NO REPLY out
-        latencies.append(time.perf_counter() - tic)
-        if text:
-            responses.append({"role": "user", "content": text, "time": round(t, 6)})
-        if not reply.silent or keep_silent:
-            responses.append({"role": "assistant", "content": reply.text.strip(), "time": round(t, 6)})
-        if on_reply and not reply.silent:
-            on_reply(t, reply.text.strip())
-        if on_turn:
-            on_turn()
+    live = video if isinstance(video, Feed) else None
+    turns = live.turns() if live else video_turns(video, interval, frames_per_turn, rounds)
+    try:
+        for t, frames in turns:
+            texts = []
+            while pending and pending[0][0] <= t + 1e-9:  # the epsilon absorbs float error (3 x 0.1 s)
+                texts.append(pending.pop(0)[1])
+            while questions is not None and not questions.empty():  # typed since the last turn: they join this one
+                texts.append(questions.get())
+            text = mmduet2.turn_text(texts)
+            if text and on_text:
+                on_text(t, text)
+            tic = time.perf_counter()
+            reply = stream.turn(frames, text, **decode)  # 1-2 frames (+ text) in, a reply or NO REPLY out
+            latencies.append(time.perf_counter() - tic)
+            if live:  # how long after its frames' turn time the reply came: stays bounded, as frames are dropped
+                live.lags.append(live.now() - t)
+            if text:
+                responses.append({"role": "user", "content": text, "time": round(t, 6)})
+            if not reply.silent or keep_silent:
+                responses.append({"role": "assistant", "content": reply.text.strip(), "time": round(t, 6)})
+            if on_reply and not reply.silent:
+                on_reply(t, reply.text.strip())
+            if on_turn:
+                on_turn()
+    finally:
+        turns.close()  # a Feed's reader stops with it (Ctrl-C, an error), and lets go of its source
     return responses, latencies
 
 
@@ -205,8 +388,11 @@ def write_atomic(path, text):
 def run_settings(args):
     """What decides a benchmark run's predictions: a resume must match the run that made the file."""
     model = os.path.realpath(args.model) if os.path.isdir(args.model) else args.model  # one folder, one name
-    return {"model": model, "interval": args.interval, "frames_per_turn": args.frames_per_turn,
-            "frame_tokens": args.frame_tokens, "max_new_tokens": args.max_new_tokens}
+    settings = {"model": model, "interval": args.interval, "frames_per_turn": args.frames_per_turn,
+                "frame_tokens": args.frame_tokens, "max_new_tokens": args.max_new_tokens}
+    if args.realtime:  # played as live, frames are dropped: other predictions (recorded only when on: old records match)
+        settings["realtime"] = True
+    return settings
 
 
 def resume_state(out, sidecar, settings, known):
@@ -232,7 +418,8 @@ def resume_state(out, sidecar, settings, known):
     except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bad UTF-8
         raise ValueError(f"{sidecar} is not infer.py's record of a run: give another --out, "
                          "or --overwrite to start over") from None
-    differ = [f"--{k.replace('_', '-')} {old.get(k)} (this run: {v})" for k, v in settings.items() if old.get(k) != v]
+    differ = [f"--{k.replace('_', '-')} {old.get(k)} (this run: {settings.get(k)})"
+              for k in [*settings, *(k for k in old if k not in settings)] if old.get(k) != settings.get(k)]
     if differ:
         raise ValueError(f"{out} was made with {', '.join(differ)}: resume with those settings, "
                          "or give another --out (--overwrite starts over)")
@@ -263,12 +450,20 @@ def latency_line(latencies):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Stream a video (or a ProactiveVideoQA benchmark) through MMDuet2.")
+    p = argparse.ArgumentParser(description="Stream a video, a camera, a network stream (or a ProactiveVideoQA "
+                                             "benchmark) through MMDuet2.")
     # what to watch
-    p.add_argument("video", nargs="?", help="video file to stream (or use --benchmark)")
+    p.add_argument("video", nargs="?", metavar="SOURCE",
+                   help="video file, camera (/dev/video0) or network stream (http(s)://, HLS .m3u8, rtsp://) "
+                        "to watch; a camera or stream is watched live (or use --benchmark)")
+    p.add_argument("--input-format", metavar="FMT",
+                   help="PyAV (FFmpeg) input format of a live SOURCE: v4l2 for a Linux camera (the default for "
+                        "/dev/video*), avfoundation on macOS (SOURCE 0: the first camera), dshow on Windows "
+                        "(SOURCE 'video=CAMERA NAME'), lavfi for a test pattern (SOURCE testsrc)")
     p.add_argument("--question", help="question asked at t=0, in the first user turn (after its frames)")
     p.add_argument("--ask", action="append", default=[], metavar="SECONDS:TEXT",
-                   help="text put into the first user turn whose time >= SECONDS; repeatable")
+                   help="text put into the first user turn whose time >= SECONDS (of stream time, live); "
+                        "repeatable. Live or --realtime, a line typed on stdin joins the turn being fed")
     p.add_argument("--benchmark", metavar="ANNO_JSON", help="ProactiveVideoQA anno.json: run the benchmark protocol")
     p.add_argument("--videos", metavar="DIR", help="folder of the benchmark's videos (default: videos/ beside ANNO_JSON)")
     p.add_argument("--demo", type=int, nargs="?", const=0, metavar="SEED",
@@ -296,7 +491,9 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=100, help="cap on each reply's tokens (paper: 100)")
     p.add_argument("--no-fast-silence", action="store_true",
                    help="decode NO REPLY token by token instead of checking it in the turn's forward (same output)")
-    p.add_argument("--realtime", action="store_true", help="feed frames at wall-clock speed, as a live stream")
+    p.add_argument("--realtime", action="store_true",
+                   help="watch a file as a live stream: at wall-clock speed, dropping the frames the model is too "
+                        "slow for (a camera or network stream always is)")
     # a bad flag is one line, as every other bad input (argparse would print the whole usage first)
     p.error = lambda message: p.exit(2, f"infer.py: {message} (infer.py --help lists the flags)\n")
     return p.parse_args(argv)
@@ -335,6 +532,8 @@ def main(argv=None):
         raise SystemExit("infer.py: --benchmark needs --out FILE.jsonl")
     if args.benchmark and (args.question or args.ask):
         raise SystemExit("infer.py: --question/--ask are for a single VIDEO; a benchmark brings its own questions")
+    if args.benchmark and args.input_format:
+        raise SystemExit("infer.py: --input-format is for a live SOURCE (a camera); a benchmark reads video files")
     if not 0 < args.interval < math.inf or args.frame_tokens < 4 or args.max_new_tokens < 1:
         raise SystemExit("infer.py: --interval must be > 0 (and finite), --frame-tokens >= 4, --max-new-tokens >= 1")
     if args.device:  # torch would say so only after the model load, in a traceback
@@ -351,8 +550,12 @@ def main(argv=None):
         if args.video:
             if args.out and os.path.exists(args.out) and not args.overwrite:
                 raise ValueError(f"--out {args.out} exists: give another file, or --overwrite to replace it")
-            first, n_frames = check_video(args.video, args.interval)
-            end = n_frames * args.interval  # the last turn's time
+            live = is_live(args.video, args.input_format)
+            if live:  # opened now and again when the model is ready: a wrong URL or camera fails at once
+                first, end = check_live(args.video, args.interval, args.input_format), math.inf  # no end known
+            else:
+                first, n_frames = check_video(args.video, args.interval)
+                end = n_frames * args.interval  # the last turn's time
             user_turns = ([(0.0, args.question)] if args.question else []) + parse_asks(args.ask, end)
         else:
             if os.path.isdir(args.benchmark):
@@ -377,33 +580,57 @@ def main(argv=None):
     decode = dict(config=mmduet2.decoding(processor, max_new_tokens=args.max_new_tokens),  # greedy, as the paper
                   fast_silence=not args.no_fast_silence)
 
-    if args.video:  # ---- one video: print replies as they come, above the turn counter
-        def show(t, text):
+    if args.video:  # ---- one video or live source: print replies as they come, above the turn counter
+        def show(t, text):  # t: the turn's time on the video's (or the live stream's) clock
             tqdm.write(f"[{clock(t)}] {text or '(a blank reply)'}")
         stream = mmduet2.Stream(model, processor)  # one conversation (and KV cache) per video
         responses, latencies, failure, code = [], [], None, 0
-        n_turns = math.ceil(n_frames / args.frames_per_turn)
-        with tqdm(total=n_turns, desc="turns", unit="turn", leave=False) as bar:
+        feed = questions = None
+        if live or args.realtime:  # frames come as the stream plays, dropped when the model is behind
+            frames = live_frames(args.video, args.interval, args.input_format) if live \
+                else mmduet2.read_frames(args.video, args.interval)
+            feed, questions = Feed(frames, args.interval, args.frames_per_turn), queue.Queue()
+            sys.stdout.reconfigure(line_buffering=True)  # each reply shows when it comes, through a pipe (tee) too
+            threading.Thread(target=read_questions, args=(sys.stdin, questions), daemon=True).start()
+            print("watching as it plays: type a question and Enter at any time (it joins the turn being fed); "
+                  "Ctrl-C stops")
+        n_turns = None if live else math.ceil(n_frames / args.frames_per_turn)  # at most, when frames are dropped
+
+        def step():  # after every turn: the bar, and how far behind the stream the model is
+            bar.update()
+            if feed:
+                bar.set_postfix_str(f"{feed.lags[-1]:.1f} s behind, {feed.dropped} frames dropped", refresh=False)
+        with tqdm(total=n_turns, desc="turns", unit="turn", leave=False,
+                  bar_format="turns: {n} [{elapsed}{postfix}]" if live else None) as bar:  # no end: a count
             try:
-                stream_video(stream, args.video, args.interval, args.frames_per_turn, user_turns,
-                             realtime=args.realtime, on_reply=show, on_turn=bar.update,
+                stream_video(stream, feed or args.video, args.interval, args.frames_per_turn, user_turns,
+                             on_reply=show, on_turn=step, questions=questions,
+                             on_text=(lambda t, text: tqdm.write(f"[{clock(t)}] > {text}")) if feed else None,
                              responses=responses, latencies=latencies, **decode)
-            except ValueError as e:  # a frame past the start failed to decode: the turns before it stand
+            except (OSError, ValueError) as e:  # a frame failed to decode, a stream broke off: the turns before stand
                 failure, code = f"infer.py: {e}", 1
             except KeyboardInterrupt:
-                failure, code = f"infer.py: interrupted after {len(latencies)} of {n_turns} turns", 130
+                of = f" of {n_turns}" if not feed else ""
+                failure, code = f"infer.py: interrupted after {len(latencies)}{of} turns", 130
         if args.out:  # written when the video ends early too: the turns streamed are not lost
-            qid = os.path.splitext(os.path.basename(args.video))[0]
+            name = urllib.parse.urlparse(args.video).path if live else args.video  # a URL's query is no name
+            qid = os.path.splitext(os.path.basename(name))[0] or "live"
             write_atomic(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
         n_replies = sum(r["role"] == "assistant" for r in responses)
+        if feed:
+            print(feed.report())
         if failure:
             kept = f"; the predictions of the {len(latencies)} turns streamed are in {args.out}" if args.out else ""
             print(failure + kept, file=sys.stderr)
             raise SystemExit(code)
         # real-time factor = model time / video time: below 1 the model keeps up with a live stream
+        span = feed.now() if live else end
         print(f"{len(latencies)} turns, {n_replies} replies; per-turn latency {latency_line(latencies)}; "
-              f"real-time factor {sum(latencies) / end:.2f}")
-        return {"turns": len(latencies), "replies": n_replies, "latencies": latencies}
+              f"real-time factor {sum(latencies) / max(span, 1e-9):.2f}")
+        summary = {"turns": len(latencies), "replies": n_replies, "latencies": latencies}
+        if feed:
+            summary.update(taken=feed.taken, dropped=feed.dropped, lags=feed.lags)
+        return summary
 
     # ---- benchmark (Sec. 5.1): the question at t=0, subtitles at their times, frames to the last gold span
     todo = [qid for qid in plans if qid not in done and (args.retry_skipped or qid not in skipped)]
@@ -432,9 +659,11 @@ def main(argv=None):
                     size = f"{w}x{h} -> {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens/frame"
                     sizes[size] = sizes.get(size, 0) + 1
                     n_turns = math.ceil(min(rounds, n_frames) / args.frames_per_turn)
+                    video = Feed(itertools.islice(mmduet2.read_frames(path, args.interval), rounds), args.interval,
+                                 args.frames_per_turn) if args.realtime else path  # --realtime: played as live
                     with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
-                        responses, lat = stream_video(mmduet2.Stream(model, processor), path, args.interval,
-                                                      args.frames_per_turn, user_turns, rounds, args.realtime,
+                        responses, lat = stream_video(mmduet2.Stream(model, processor), video, args.interval,
+                                                      args.frames_per_turn, user_turns, rounds,
                                                       on_turn=turns.update, **decode)
                 except (OSError, ValueError) as e:
                     tqdm.write(f"skipped {qid}: {e}")

@@ -1,13 +1,21 @@
-"""infer.py: turn grouping, user-text placement, the single-video CLI, the benchmark protocol, bad input.
+"""infer.py: turn grouping, user-text placement, the single-video CLI, live sources, the benchmark protocol, bad input.
 
-Hermetic: synthetic mp4s written here with PyAV, the random tiny Qwen2.5-VL built in-process. A random
+Hermetic: synthetic mp4s written here with PyAV (served as network streams by a local HTTP server on
+127.0.0.1), the random tiny Qwen2.5-VL built in-process. A random
 model rarely says NO REPLY, so model runs check the structure of the output, not its content; the
 silence and placement rules are checked exactly with a scripted stand-in for `mmduet2.Stream`.
 """
+import contextlib
+import http.server
+import io
+import itertools
 import json
 import os
+import queue
+import re
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -141,8 +149,10 @@ def test_stream_video_places_text_and_drops_silence(videos):
 def test_realtime_waits_for_the_frames(videos):
     _, v = videos
     start = time.perf_counter()
-    infer.stream_video(ScriptedStream(["NO REPLY"]), v["a"], 1.0, 1, rounds=2, realtime=True)
+    feed = infer.Feed(itertools.islice(mmduet2.read_frames(v["a"], 1.0), 2), 1.0, 1)  # --realtime: played as live
+    infer.stream_video(ScriptedStream(["NO REPLY"]), feed)
     assert time.perf_counter() - start >= 1.95  # the turn at t=2 s cannot start before 2 s of wall time
+    assert (feed.taken, feed.dropped, len(feed.lags)) == (2, 0, 2)
 
 
 def test_parse_asks():
@@ -318,6 +328,161 @@ def test_a_model_in_the_hub_cache_loads_without_network(videos, tmp_path, tiny):
 
 
 # ----------------------------------------------------------------------------
+# live sources: a network stream (a local HTTP server), real-time pacing, typed questions, clean ends
+
+@contextlib.contextmanager
+def http_video(path, cut=None):
+    """Serve the file at `path` on 127.0.0.1 as /v.mp4. With `cut`, the server sends only that many bytes
+    of it, then closes the connection (having announced the whole length): a connection dropped mid-stream."""
+    data = open(path, "rb").read()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:cut])
+
+        def log_message(self, *args):  # no request log on the test's stderr
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v.mp4"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def index_first(src, dst):
+    """Copy an mp4 with its index (moov) before its frames, as a streamed mp4 has it: cut part-way, the
+    frames before the cut still decode (write_video puts the index at the end: nothing would open)."""
+    import av
+    with av.open(src) as inp, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:  # the demuxer's closing empty packet
+                packet.stream = stream
+                out.mux(packet)
+    return str(dst)
+
+
+def test_a_network_stream_gives_the_files_frames(videos):
+    _, v = videos
+    with http_video(v["seven"]) as url:
+        live = list(infer.live_frames(url, 1.0))
+    offline = list(mmduet2.read_frames(v["seven"], 1.0))
+    assert [t for t, _ in live] == [t for t, _ in offline] == [0, 1, 2, 3, 4, 5, 6]  # its presentation times
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(live, offline))  # decoded alike, pixel for pixel
+    assert infer.is_live(url) and infer.is_live("/dev/video0") and infer.is_live("0", "avfoundation")
+    assert not infer.is_live(v["seven"])
+
+
+def test_a_slow_model_drops_frames_and_answers_as_offline_on_the_frames_kept(tmp_path, tiny):
+    model, processor = tiny
+    video = write_video(tmp_path / "v.mp4", 3)  # 30 frames at 10 fps, all taken at a 0.1 s interval
+    decode = dict(config=mmduet2.decoding(processor, max_new_tokens=3), fast_silence=True)
+    stream = mmduet2.Stream(model, processor)
+    turn = stream.turn
+    stream.turn = lambda *a, **k: time.sleep(0.3) or turn(*a, **k)  # 3x slower than the stream
+    feed = infer.Feed(mmduet2.read_frames(video, 0.1), 0.1, 1)  # --realtime: the file played as live
+    responses, latencies = infer.stream_video(stream, feed, user_turns=[(0, "What changes?")], keep_silent=True,
+                                              **decode)
+    assert feed.dropped > 0 and feed.taken + feed.dropped == 30  # every frame taken or dropped, none queued
+    assert len(latencies) == len(feed.lags) == feed.taken  # one frame per turn
+    # bounded: about one turn behind (0.4 s here). Without dropping, the last reply would come 30 x 0.3 - 3 = 6 s
+    # after its frame, and each one later than the one before: a generous bound a busy machine still meets
+    assert max(feed.lags) < 2.0, feed.lags
+    # the same model, offline, on the frames that were kept (frame k at k x 0.1 s has its turn at (k + 1) x 0.1 s)
+    frames = {round(t + 0.1, 6): frame for t, frame in mmduet2.read_frames(video, 0.1)}
+    replies = [r for r in responses if r["role"] == "assistant"]
+    offline = mmduet2.Stream(model, processor)
+    assert [r["content"] for r in replies] == [
+        offline.turn([frames[r["time"]]], "What changes?" if i == 0 else None, **decode).text.strip()
+        for i, r in enumerate(replies)]
+
+
+def test_watching_a_network_stream_as_a_user(tmp_path):
+    out = tmp_path / "pred.jsonl"
+    with http_video(write_video(tmp_path / "v.mp4", 3)) as url:
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), url, "--realtime", "--model", "tiny",
+                              "--frames-per-turn", "2", "--max-new-tokens", "3", "--question", "What changes?",
+                              "--out", str(out)],
+                             input="Is it red?\n", capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    taken, dropped = map(int, re.search(r"frames: (\d+) taken, (\d+) dropped", run.stdout).groups())
+    assert taken + dropped == 3 and "reply lag behind the stream: mean" in run.stdout  # 3 s at a 1 s interval
+    assert "real-time factor" in run.stdout and "turns: " in run.stderr  # the summary, a turn counter
+    [rec] = records(out)
+    check_record(rec, "v", turn_times=[1.0, 2.0, 3.0])  # 2 frames per turn: at 2 and 3 s, unless frames are dropped
+    users = [r for r in rec["model_response_list"] if r["role"] == "user"]
+    # the line on stdin was there before the stream began: it joins the first turn, after the question
+    assert users[0]["content"] == "What changes?\nIs it red?" and "] > What changes?" in run.stdout
+    replies = [r for r in rec["model_response_list"] if r["role"] == "assistant"]
+    # each reply printed as it came, at its time on the stream's clock ("[mm:ss] > text" lines are user texts)
+    assert re.findall(r"^\[([\d:.]+)\] (?!> )", run.stdout, re.M) == [infer.clock(r["time"]) for r in replies]
+
+
+def test_questions_typed_while_it_plays_join_the_turn_being_fed(tmp_path, fast_load, monkeypatch, capsys):
+    lines = queue.Queue()  # the stdin reader: a line a question, blank lines skipped
+    infer.read_questions(io.StringIO("Is it red?\n\n  Where is it now? \n"), lines)
+    assert [lines.get_nowait() for _ in range(lines.qsize())] == ["Is it red?", "Where is it now?"]
+
+    typed = {}  # the queue main() reads stdin into: the scripted model "types" into it during a turn
+
+    class Typist(ScriptedStream):
+        def turn(self, frames, text=None, **decode):
+            if len(self.turns) == 1:  # while the second turn is being answered, two lines are typed
+                typed["q"].put("Is it red?")
+                typed["q"].put("Where is it now?")
+            return super().turn(frames, text, **decode)
+    streams = []
+    monkeypatch.setattr(mmduet2, "Stream", lambda model, processor: streams.append(Typist(["Seen."])) or streams[-1])
+    monkeypatch.setattr(infer, "read_questions", lambda lines, questions: typed.update(q=questions))
+    out = tmp_path / "pred.jsonl"
+    infer.main([write_video(tmp_path / "v.mp4", 2), "--realtime", "--interval", "0.5", "--model", "tiny", "--question", "What changes?",
+                "--out", str(out)])
+    [rec] = records(out)
+    replies = [r["time"] for r in rec["model_response_list"] if r["role"] == "assistant"]
+    users = [(r["time"], r["content"]) for r in rec["model_response_list"] if r["role"] == "user"]
+    # the question at t=0 joins the first turn; both typed lines the third, the turn fed after they were typed
+    assert users == [(replies[0], "What changes?"), (replies[2], "Is it red?\nWhere is it now?")]  # mmduet2.turn_text
+    assert streams[0].turns[2][1] == "Is it red?\nWhere is it now?"
+    assert f"[{infer.clock(replies[2])}] > Is it red?" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["connection cut", "ctrl-c"])
+def test_a_live_stream_that_ends_early_keeps_what_was_streamed(videos, tmp_path, fast_load, scripted, monkeypatch,
+                                                               capsys, how):
+    _, v = videos
+    video = index_first(v["a"], tmp_path / "a.mp4")
+    cut = os.path.getsize(video) * 2 // 3 if how == "connection cut" else None  # the first 2.4 s of 6 come through
+    out = tmp_path / "pred.jsonl"
+    if how == "ctrl-c":
+        ctrl_c_at(monkeypatch, 3)
+    with http_video(video, cut) as url:
+        arrived = []  # the frames that come through before the cut (all of them, uncut)
+        with pytest.raises(ConnectionError) if cut else contextlib.nullcontext():
+            for t, _ in infer.live_frames(url, 0.25):
+                arrived.append(t)
+        with pytest.raises(SystemExit) as e:
+            infer.main([url, "--model", "tiny", "--interval", "0.25", "--out", str(out)])
+    printed, said = capsys.readouterr()
+    said = said.strip().splitlines()[-1]
+    [rec] = records(out)
+    n = len(rec["model_response_list"])  # the scripted model says "Seen." every turn
+    assert n >= 2 and {r["content"] for r in rec["model_response_list"]} == {"Seen."}
+    taken, dropped = map(int, re.search(r"frames: (\d+) taken, (\d+) dropped", printed).groups())  # the report
+    assert said.endswith(f"; the predictions of the {n} turns streamed are in {out}") and taken == n
+    if how == "ctrl-c":
+        assert e.value.code == 130 and said.startswith("infer.py: interrupted after 2 turns") and n == 2
+    else:  # every frame that came through before the cut was answered (or dropped, on a busy machine)
+        assert e.value.code == 1 and said.startswith(f"infer.py: {url} broke off after ")
+        assert 2 <= len(arrived) < 24 and taken + dropped == len(arrived)
+
+
+# ----------------------------------------------------------------------------
 # the benchmark protocol
 
 def anno(tmp_path, examples):
@@ -471,6 +636,7 @@ def resume_cases(tmp_path, d):
     cases = {}
     for name, qid, settings in (("other-model", "q", {"model": "someone/other"}), ("no-record", "q", None),
                                 ("other-settings", "q", {"interval": 2.0, "frame_tokens": 64}),
+                                ("realtime", "q", {"realtime": True}),  # played as live: frames were dropped
                                 ("other-benchmark", "q-from-EGO", {})):
         out = tmp_path / f"{name}.jsonl"
         out.write_text(json.dumps({"question_id": qid, "model_response_list": []}) + "\n")
@@ -519,6 +685,11 @@ def resume_cases(tmp_path, d):
     ("binary", "is not UTF-8 text"),
     ("novideo", "example 0 (q): 'video' must be a file name, got None"),
     ("badtime", "example 0 (q) conversation 1: 'time' must be seconds >= 0, got 'soon'"),
+    ("stream-refused", "cannot open http://127.0.0.1:9/v.mp4: Connection refused"),
+    ("camera-missing", "cannot open /dev/video99: No such file or directory"),
+    ("input-format-unknown", "cannot open 0: no container format 'nosuch'"),
+    ("benchmark-input-format", "--input-format is for a live SOURCE"),
+    ("resume-realtime", "was made with --realtime True (this run: None)"),
 ])
 def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, message):
     d, v = videos
@@ -542,6 +713,9 @@ def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, messag
         "benchmark-is-a-video": ["--benchmark", v["a"], "--videos", str(d), "--out", str(tmp_path / "p.jsonl")],
         "device-unknown": [v["a"], "--device", "gpu"], "device-missing": [v["a"], "--device", "cuda:99"],
         "interval-nan": [v["a"], "--interval", "nan"], "interval-past-the-video": [v["a"], "--interval", "60"],
+        "stream-refused": ["http://127.0.0.1:9/v.mp4"], "camera-missing": ["/dev/video99"],  # port 9: nothing listens
+        "input-format-unknown": ["0", "--input-format", "nosuch"],
+        "benchmark-input-format": ["--benchmark", ok_anno, "--input-format", "v4l2", "--out", str(tmp_path / "p")],
         **bad_anno_cases(tmp_path, d), **resume_cases(tmp_path, d),
     }.get(case)
     if case == "model-folder":  # the real loader: a folder that does not exist fails before anything loads
