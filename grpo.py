@@ -316,7 +316,7 @@ def main(argv=None):
 
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if acc.is_main_process else None
     everything = adv = None
-    groups = []  # the last step's rewards, advantages and rollouts are returned (for the tests)
+    flat = []  # the last step's rewards, advantages and rollouts are returned (for the tests)
     bar = tqdm(total=total_steps, initial=step, disable=not acc.is_main_process, desc="grpo", dynamic_ncols=True)
     while step < total_steps:
         t0 = time.time()
@@ -335,17 +335,16 @@ def main(argv=None):
         model.eval()
         with acc.autocast():
             groups = [rollouts(model, processor, ep, args) for ep in episodes]  # [episodes][G]
+        flat = [(ep, r) for ep, g in zip(episodes, groups) for r in g]  # every rollout, with its episode
         t_rollout = time.time()
 
         # 3. Rewards: every rollout of this rank at once (the LLM judge answers requests concurrently)
-        def score(job):
-            ep, r = job
+        def score(ep, r):
             return reward.mmduet2_reward(r.turns, ep.answers, judge, ep.context_replies, tuple(args.weights))
-        jobs = [(ep, r) for ep, group in zip(episodes, groups) for r in group]
         calls, failures = judge.calls, judge.failures
         try:
             with ThreadPoolExecutor(getattr(judge, "max_workers", 1)) as pool:
-                for (_, r), parts in zip(jobs, pool.map(score, jobs)):
+                for (_, r), parts in zip(flat, pool.map(score, *zip(*flat))):
                     r.reward = parts
         except reward.JudgeError as e:  # the endpoint went away: no reward can be trusted from here on
             raise SystemExit(f"grpo.py: {e}; {mmduet2.resume_hint(args.out)}") from None
@@ -357,7 +356,7 @@ def main(argv=None):
         adv = group_advantages(everything)[rank * args.episodes:(rank + 1) * args.episodes]  # (episodes, G): ours
 
         # 5. Update: the loss of every generated token, averaged over those of the whole step on all ranks
-        batch = [(r, a) for g, row in zip(groups, adv) for r, a in zip(g, row)]  # (rollout, its advantage)
+        batch = [(r, a) for (_, r), a in zip(flat, adv.flatten())]  # (rollout, its advantage), in group order
         n_local = sum(len(r.logprobs) for r, _ in batch)
         n_global = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum"))
         model.train()
@@ -385,14 +384,13 @@ def main(argv=None):
         t_end = time.time()
 
         # 6. Log: reward statistics over all ranks; the rest over this rank's rollouts
-        rollouts_ = [r for g in groups for r in g]
-        parts = {key: torch.tensor([r.reward[key] for r in rollouts_]) for key in ("pauc", "rep", "in_span", "prefix")}
-        delays = [d for ep, g in zip(episodes, groups) for r in g for d in reward.reply_delays(r.turns, ep.answers)]
+        parts = {key: torch.tensor([r.reward[key] for _, r in flat]) for key in ("pauc", "rep", "in_span", "prefix")}
+        delays = [d for ep, r in flat for d in reward.reply_delays(r.turns, ep.answers)]
         std = everything.std(-1)  # (world · episodes,)
         row = dict(step=step, reward=everything.mean().item(), reward_std=std.mean().item(),
                    frac_reward_zero_std=(std == 0).float().mean().item(),
                    **{k: v.mean().item() for k, v in parts.items()}, **{f"{k}_std": v.std().item() for k, v in parts.items()},
-                   replies_per_rollout=sum(not mmduet2.is_silent(t) for r in rollouts_ for _, t in r.turns) / len(rollouts_),
+                   replies_per_rollout=sum(not mmduet2.is_silent(t) for _, r in flat for _, t in r.turns) / len(flat),
                    reply_delay=sum(delays) / len(delays) if delays else None,
                    judge_calls=judge.calls - calls, judge_failures=judge.failures - failures,
                    clip_ratio=clipped / max(1, n_local * args.inner_epochs), loss=loss_sum, grad_norm=float(grad_norm),
@@ -409,7 +407,7 @@ def main(argv=None):
     bar.close()
     mmduet2.save_checkpoint(acc, wrapped, processor, args.out, "final", step, settings)
     print0(f"saved {os.path.join(args.out, 'final')} after {step} steps")
-    return dict(model=model, rewards=everything, advantages=adv, rollouts=[r for g in groups for r in g])  # the last step
+    return dict(model=model, rewards=everything, advantages=adv, rollouts=[r for _, r in flat])  # the last step
 
 
 if __name__ == "__main__":
