@@ -19,12 +19,12 @@ What it does (paper Sec. 3, "Dataset construction"; SFT placement from Sec. 4.2)
      next question is asked.
 4. SFT placement (Sec. 4.2): an answer sits at the END of its reply span (the last user turn
    inside it), so the event has happened when the model speaks; every other assistant turn is
-   "NO REPLY". `--placement random` / a fraction is the alternative measured in spec/toy.md.
+   "NO REPLY". `--placement random` / a fraction is the alternative measured in docs/toy.md.
 5. Gold spans: related_timespan = the scene, reply_timespan = the scene + 1 s (ProactiveVideoQA:
    s1 ≈ r1 + 1 s); an immediate answer: related [0, t_q], reply [t_q, t_q + one turn].
 
 Also here: the offline mix (LLaVA-Video QA / Tarsier2 captions rendered as one-turn dialogues
-under Qwen's default system prompt, Sec. 4.2) and the toy world (spec/toy.md): synthetic mp4s of
+under Qwen's default system prompt, Sec. 4.2) and the toy world (docs/toy.md): synthetic mp4s of
 coloured squares whose scene list goes through the same steps 2-5 with a deterministic "LLM".
 Toy events last 5-10 s, so that at the paper's frame settings the end-of-span reply turn always
 shows the square and never precedes it (why: the comment above TOY_WORLD).
@@ -109,12 +109,13 @@ SUMMARY_INSTRUCTION = (
 
 def n_questions(duration):
     """How many questions to ask about a video of `duration` seconds: 2, 3 or 4."""
-    return next(n for limit, n in QUESTIONS_BY_LENGTH if duration < limit)
+    return next(n for limit, n in QUESTIONS_BY_LENGTH if duration < limit)  # the last limit is inf: always found
 
 
 def _silence(answer):
     """An answer, stripped; the LLM's variants of the silence string ("No reply.") become NO REPLY."""
     answer = answer.strip()
+    # one exact string downstream: the template, the metric and the reward all test `== "NO REPLY"`
     return SILENCE if answer.rstrip(".").upper() == SILENCE else answer
 
 
@@ -126,6 +127,7 @@ def parse_questions(text, n, n_scenes):
     the wrong scenes, so it is an error, never padded or cut.
     """
     body = text.strip()
+    # chat models often wrap JSON in a markdown fence even when told not to: that much we forgive
     fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, re.DOTALL)
     if fence:
         body = fence.group(1)
@@ -136,8 +138,9 @@ def parse_questions(text, n, n_scenes):
     items = data.get("questions") if isinstance(data, dict) else None
     if not isinstance(items, list):
         raise ValueError('expected an object {"questions": [...]}')
-    if len(items) != n:
+    if len(items) != n:  # Sec. 3 ties the count to the video's length: n_questions(duration)
         raise ValueError(f"expected {n} questions, got {len(items)}")
+    # each message says which question is wrong and how: it goes back to the LLM in the re-ask
     out = []
     for i, item in enumerate(items, 1):
         question = item.get("question") if isinstance(item, dict) else None
@@ -146,7 +149,7 @@ def parse_questions(text, n, n_scenes):
             raise ValueError(f"question {i} has no 'question' text")
         if not isinstance(answers, list) or not all(isinstance(a, str) and a.strip() for a in answers):
             raise ValueError(f"question {i}: 'answers' must be a list of non-empty strings")
-        if len(answers) != n_scenes:
+        if len(answers) != n_scenes:  # answer k belongs to scene k: only the count keeps them aligned
             raise ValueError(f"question {i} has {len(answers)} answers for {n_scenes} scenes")
         out.append({"question": question.strip(), "answers": [_silence(a) for a in answers]})
     return out
@@ -163,8 +166,10 @@ class LLMWriter:
         self.client, self.retries = client, retries
 
     def _ask(self, instruction, text, parse):
+        """parse(the LLM's answer to `text`), re-asking with the parser's complaint while it raises."""
         error = None
         for _ in range(self.retries + 1):
+            # a new prompt on every retry (see the class docstring): the cache would return the same text
             prompt = text if error is None else f"{text}\n\nYour previous reply was rejected ({error}). Try again."
             answer = self.client.ask(instruction, prompt)
             if answer is None:  # the endpoint failed after the client's own retries: not cached, a re-run asks again
@@ -176,12 +181,16 @@ class LLMWriter:
         raise ValueError(f"LLM answer still malformed after {self.retries + 1} tries: {error}")
 
     def questions(self, captions, n):
+        # Sec. 3 step (2): ALL the captions in one prompt, numbered, so a question can span scenes
+        # and the answers come back in scene order
         scenes = "\n".join(f"Scene {i}: {c}" for i, c in enumerate(captions, 1))
+        # the counts are repeated at the end, where the model reads them last
         text = f"{scenes}\n\nWrite exactly {n} questions, each with exactly {len(captions)} answers (one per scene)."
         return self._ask(QA_INSTRUCTION, text, lambda a: parse_questions(a, n, len(captions)))
 
     def summarise(self, question, answers):
         def parse(answer):
+            # it is only asked when some ended scene answers the question, so silence here is an LLM error
             if _silence(answer) in ("", SILENCE):
                 raise ValueError("empty or silent summary")
             return answer.strip()
@@ -206,6 +215,7 @@ def parse_scene_line(line, root):
     video, duration, scenes = rec.get("video"), rec.get("duration"), rec.get("scenes")
     if not isinstance(video, str) or not video:
         raise ValueError("'video' must be a file path")
+    # the duration fixes the turn grid (dialogue_times): it must be usable before any LLM call
     if not isinstance(duration, (int, float)) or duration <= 0:
         raise ValueError(f"'duration' must be a positive number of seconds, got {duration!r}")
     if not isinstance(scenes, list) or not scenes:
@@ -214,13 +224,15 @@ def parse_scene_line(line, root):
         if not (isinstance(s, dict) and all(isinstance(s.get(k), (int, float)) for k in ("start", "end"))
                 and isinstance(s.get("caption"), str) and s["caption"].strip()):
             raise ValueError(f"scene {i} must be {{start, end, caption}} with numbers and a non-empty caption")
-        if s["end"] <= s["start"]:
+        if s["end"] <= s["start"]:  # a scene becomes a gold span, and a gold span needs a length
             raise ValueError(f"scene {i} ends at {s['end']} s, not after its start {s['start']} s")
+        # 1e-6: a last scene that ends "at" the duration may differ from it in the last float digit
         if s["start"] < 0 or s["end"] > duration + 1e-6:
             raise ValueError(f"scene {i} [{s['start']}, {s['end']}] lies outside the video [0, {duration}]")
-    path = os.path.normpath(os.path.join(root, video))
-    if not os.path.isfile(path):
+    path = os.path.normpath(os.path.join(root, video))  # relative to the scenes file, not the working dir
+    if not os.path.isfile(path):  # checked now: found out at training time, the dialogue would be wasted
         raise ValueError(f"video not found: {path}")
+    # answers are matched to scenes by position, and dialogue construction walks them in time order
     return {"id": str(rec.get("id") or Path(video).stem), "path": path, "duration": float(duration),
             "scenes": sorted(scenes, key=lambda s: s["start"])}
 
@@ -230,6 +242,8 @@ def parse_scene_line(line, root):
 
 def dialogue_times(duration, interval, frames_per_turn):
     """(number of frames, user-turn times) of a video, counted exactly as mmduet2.read_frames samples it."""
+    # the same helpers as training and inference: a dialogue's turn times are the times the model
+    # will see its frames at, so no answer can land on a turn the video never produces
     n_frames = mmduet2.count_frames(duration, interval)
     if n_frames == 0:
         raise ValueError(f"video ({duration} s) is shorter than one frame interval ({interval} s)")
@@ -241,11 +255,13 @@ def place(times, s0, s1, random_frac, rng):
 
     Paper (Sec. 4.2): the END of the span = the last turn time inside it; if no turn falls inside,
     the first turn after s0. With probability `random_frac` a uniformly random turn inside the
-    span instead (spec/toy.md: with end placement RL never samples an early reply). None: no turn
+    span instead (docs/toy.md: with end placement RL never samples an early reply). None: no turn
     at or after s0.
         times [4, 8, 12, 16], span [5, 14] → 12 (end);  span [5, 7] → 8;  span [17, 18] → None
     """
     inside = [t for t in times if s0 <= t <= s1]
+    # `random_frac > 0` comes first so that end placement draws nothing: the generator then gives
+    # the same numbers to everything after, as if this option did not exist
     if inside and random_frac > 0 and rng.random() < random_frac:  # no draw at 0: the paper's data uses none
         return rng.choice(inside)
     j = mmduet2.reply_turn(times, (s0, s1))  # the end-of-span rule, shared with grpo.py's context
@@ -259,15 +275,17 @@ def choose_asks(qas, times, nqna, rng):
     random order, the later ones at distinct random turn times, never the first turn (it carries
     the first question) nor the last (an immediate answer needs a turn to be replied in).
     """
+    # a 1QnA dialogue whose question nothing answers would teach only silence (departure 2)
     answerable = [qa for qa in qas if any(a != SILENCE for a in qa["answers"])]
     if not answerable:
         raise ValueError("no question is answered by any scene")
-    slots = times[1:-1]
-    if not nqna or len(qas) < 2 or not slots:
+    slots = times[1:-1]  # the turns a later question may be asked at
+    if not nqna or len(qas) < 2 or not slots:  # 1QnA, or an nQnA that cannot be (one question, no free turn)
         return [(0.0, rng.choice(answerable))]
-    order = rng.sample(qas, len(qas))[:len(slots) + 1]
-    later = sorted(rng.sample(slots, len(order) - 1))
-    return [(0.0, order[0])] + list(zip(later, order[1:]))
+    # nQnA draws from all the questions, answerable or not (one that no scene answers gets only NO REPLY)
+    order = rng.sample(qas, len(qas))[:len(slots) + 1]  # a random order; at most one question per turn
+    later = sorted(rng.sample(slots, len(order) - 1))  # distinct turns, so two questions never share one
+    return [(0.0, order[0])] + list(zip(later, order[1:]))  # departure 3: the first question at t = 0
 
 
 def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames_per_turn=FRAMES_PER_TURN,
@@ -279,27 +297,32 @@ def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames
     conversation / gold answers: the ProactiveVideoQA `conversation` and `answer` lists.
     """
     n_frames, times = dialogue_times(duration, interval, frames_per_turn)
-    turn = interval * frames_per_turn
+    turn = interval * frames_per_turn  # seconds of video one user turn holds (4 s at the paper's settings)
     replies = {t: [] for t in times}  # turn time -> answers spoken there
     asked = {}                        # turn time -> question text of its user turn
-    gold = []
+    gold = []                         # the ProactiveVideoQA `answer` list, one entry per answer due
 
     def add(content, related, reply, question, t):
+        """One answer: spoken at turn time t in the dialogue, and one gold entry with its spans."""
         replies[t].append(content)
         # sft_time: the turn the dialogue speaks it at, so that GRPO's context puts it there too (an immediate
         # answer sits at its question's turn, not at the end of its reply span)
+        # spans rounded to the millisecond: float noise (3.3000000000000003) stays out of anno.json
         gold.append({"role": "assistant", "content": content, "related_timespan": [round(x, 3) for x in related],
                      "reply_timespan": [round(x, 3) for x in reply], "question": question, "sft_time": t})
 
     for j, (t_ask, qa) in enumerate(asks):
         question, answers = qa["question"], qa["answers"]
-        t_next = asks[j + 1][0] if j + 1 < len(asks) else math.inf
+        t_next = asks[j + 1][0] if j + 1 < len(asks) else math.inf  # this question is answered until then
         t_turn = next(t for t in times if t >= t_ask)  # the user turn that carries the question
         asked[t_turn] = question
         # nQnA immediate answer: what the scenes that already ended say about the new question.
+        # (For the first question, t_ask = 0: no scene has ended, so 1QnA never gets one.)
         ended = [a for s, a in zip(scenes, answers) if s["end"] <= t_ask and a != SILENCE]
         if ended:  # none: nothing to say yet, the question turn is NO REPLY (departure 4)
             summary = writer.summarise(question, ended)
+            # related [0, t_ask]: its evidence is everything shown so far; reply [t_ask, one turn
+            # later]: it answers the question just asked, so it is due at once (kept inside the video)
             add(summary, (0.0, t_ask), (t_ask, min(t_ask + turn, duration)), question, t_turn)
         # The other scenes are answered in their reply spans "until the next question is raised":
         # an answer is due only if its paper-rule turn comes before the next question (departure 3).
@@ -307,18 +330,25 @@ def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames
         for s, a in zip(scenes, answers):
             if a == SILENCE or s["end"] <= t_ask:  # silent, or already in the immediate answer
                 continue
+            # reply span = the scene + REPLY_TAIL, cut at the video's end; a scene under way when the
+            # question comes starts its span at the question (departure 3)
             s0, s1 = max(s["start"], t_ask), min(s["end"] + REPLY_TAIL, duration)
-            t_end = place(times, s0, s1, 0.0, rng)
+            t_end = place(times, s0, s1, 0.0, rng)  # the paper's end placement (draws nothing from rng)
             if t_end is None or t_end >= t_next:
                 continue  # after the next question (or after the last turn): no longer asked for
+            # Sec. 4.2: the answer is spoken at the end of its span (or, with --placement, maybe earlier)
             add(a, (s["start"], s["end"]), (s0, s1), question, place(times, s0, s1, random_frac, rng))
 
     messages = []
     for j, t in enumerate(times):
+        # turn j holds frames [j·fpt, (j+1)·fpt); the last one may hold fewer (an odd frame count)
         n_images = min((j + 1) * frames_per_turn, n_frames) - j * frames_per_turn
+        # Sec. 4.1: a user turn is its frames first, then any text (the question asked at it)
         messages.append({"role": "user", "content": IMAGE * n_images + asked.get(t, ""), "time": t})
+        # every user turn gets an assistant turn; two answers due at one turn are spoken together
         messages.append({"role": "assistant", "content": " ".join(replies[t]) or SILENCE, "time": t})
     conversation = [{"role": "user", "content": qa["question"], "time": float(t)} for t, qa in asks]
+    # time order, as a reader of anno.json expects: by reply span, then by event
     gold.sort(key=lambda g: (g["reply_timespan"][0], g["related_timespan"][0]))
     return messages, conversation, gold
 
@@ -327,12 +357,14 @@ def build_example(rec, writer, rng, out_dir, interval=INTERVAL, frames_per_turn=
                   random_frac=0.0, nqna_frac=NQNA_FRAC):
     """One checked input record → (SFT dialogue, ProactiveVideoQA example). ValueError: skip the video."""
     captions = [s["caption"] for s in rec["scenes"]]
-    qas = writer.questions(captions, n_questions(rec["duration"]))
+    qas = writer.questions(captions, n_questions(rec["duration"]))  # Sec. 3 step (2)
     _, times = dialogue_times(rec["duration"], interval, frames_per_turn)
-    nqna = rng.random() < nqna_frac
+    nqna = rng.random() < nqna_frac  # departure 5: a draw per video, so "half" holds on average
     asks = choose_asks(qas, times, nqna, rng)
     messages, conversation, answers = make_dialogue(rec["duration"], rec["scenes"], asks, writer, rng,
                                                     interval, frames_per_turn, random_frac)
+    # departure 6: the dialogue names the video and the frame interval, and sft.py samples the frames;
+    # the path is relative to sft.jsonl's folder, where mmduet2.load_dialogue resolves it
     dialogue = {"id": rec["id"], "video": os.path.relpath(rec["path"], out_dir), "interval": interval,
                 "frames_per_turn": frames_per_turn, "messages": messages}
     # anno.json names videos relative to the split's videos/ folder (ProactiveVideoQA); a video kept
@@ -354,8 +386,8 @@ def _journal(path):
     if not path.exists():
         return []
     text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
+    if text and not text.endswith("\n"):  # every complete record ends with "\n": this one was cut
+        text = text[:text.rfind("\n") + 1]  # keep up to the last newline (rfind -1: nothing kept)
         path.write_text(text)
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
@@ -378,6 +410,7 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
     if not scenes_path.is_file():
         raise FileNotFoundError(f"scenes file not found: {scenes_path}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # everything that shapes a dialogue; --workers is not here: it changes the speed, not the output
     settings = {"interval": interval, "frames_per_turn": frames_per_turn, "random_frac": random_frac,
                 "nqna_frac": nqna_frac, "seed": seed, "llm": llm}
     settings_path = out_dir / "build.json"
@@ -386,16 +419,18 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
                          "use a new --out or delete it")
     settings_path.write_text(json.dumps(settings) + "\n")
     sft_path, journal = out_dir / "sft.jsonl", out_dir / "anno.jsonl"
-    done = {d["id"] for d in _journal(sft_path)}
+    done = {d["id"] for d in _journal(sft_path)}  # sft.jsonl, not the journal: its line is written last
     _journal(journal)  # repair a cut line
 
     todo, seen, counts = [], set(), {"built": 0, "done_before": 0, "bad_lines": 0, "failed": 0, "nqna": 0, "answers": 0}
+    # read every line first: bad lines are reported at once, before an hour of LLM calls
     with open(scenes_path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = parse_scene_line(line, scenes_path.parent)
+                # the id is both the resume key and anno.json's question_id: it must be unique
                 if rec["id"] in seen:
                     raise ValueError(f"id {rec['id']!r} appears twice (give each line an 'id')")
             except ValueError as e:
@@ -412,9 +447,11 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
     # LLM calls are the slow part at full scale: run videos concurrently, write results in input order
     pool = ThreadPoolExecutor(max(1, workers))
     try:
+        # a string seed is hashed by random.Random itself (SHA-512), not by hash(): the same every run
         futures = [pool.submit(build_example, rec, writer, random.Random(f"{seed}:{rec['id']}"), out_dir,
                                interval, frames_per_turn, random_frac, nqna_frac) for rec in todo]
         with open(sft_path, "a") as f_sft, open(journal, "a") as f_gold:
+            # results taken in submission order: a slow video holds back the writing, not the LLM calls
             for rec, future in zip(todo, tqdm(futures, desc=f"build {out_dir}", unit="video", disable=None)):
                 try:
                     dialogue, example = future.result()
@@ -422,6 +459,9 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
                     _report(f"{scenes_path} line {rec['line']} ({rec['id']}): {e}; skipped, a re-run tries it again")
                     counts["failed"] += 1
                     continue
+                # gold first: a video counts as done only once its dialogue is written, so a cut
+                # between the two leaves a gold line that the resumed build writes again (the later
+                # line wins below), never a dialogue without gold
                 f_gold.write(json.dumps(example) + "\n")
                 f_gold.flush()
                 f_sft.write(json.dumps(dialogue) + "\n")
@@ -453,9 +493,10 @@ def offline_dialogue(id, video, duration, question, answer, max_frames=OFFLINE_F
     (int(duration / interval) = N) and the last one lies in the final stretch of the video.
         30 s, 16 frames → interval 1.8182 s, frames at 0, 1.82, ..., 27.27 s
     """
-    n = max(1, min(max_frames, int(duration / OFFLINE_MIN_INTERVAL)))
-    interval = round(duration / (n + 0.5), 4)
-    t = round(n * interval, 3)
+    n = max(1, min(max_frames, int(duration / OFFLINE_MIN_INTERVAL)))  # >= 1: even a tiny clip shows a frame
+    interval = round(duration / (n + 0.5), 4)  # + 0.5: duration / interval = n + 0.5, which int() cuts to n
+    t = round(n * interval, 3)  # the turn's time: after its n frames (Sec. 4.1's end-of-turn convention)
+    # frames_per_turn = n: one user turn holds every frame (an offline example has no turn-taking)
     return {"id": id, "video": video, "interval": interval, "frames_per_turn": n, "messages": [
         {"role": "system", "content": mmduet2.DEFAULT_SYSTEM_PROMPT},
         {"role": "user", "content": IMAGE * n + question, "time": t},
@@ -478,7 +519,7 @@ def build_offline(qa_path, out_path, max_frames=OFFLINE_FRAMES):
     for lineno, line in enumerate(tqdm(lines, desc="offline", unit="example", disable=None), 1):
         if not line.strip():
             continue
-        try:
+        try:  # every way a line can be bad ends in the one `except` below: reported, skipped, counted
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
@@ -492,9 +533,13 @@ def build_offline(qa_path, out_path, max_frames=OFFLINE_FRAMES):
             _report(f"{qa_path} line {lineno}: {e}; skipped")
             skipped += 1
             continue
+        # an id from the file name and line number is stable across runs; the video path is made
+        # relative to the output file's folder, where mmduet2.load_dialogue resolves it
         rows.append(offline_dialogue(str(rec.get("id") or f"{qa_path.stem}-{lineno}"),
                                      os.path.relpath(path, out_path.parent), float(duration),
                                      rec.get("question") or CAPTION_QUESTION, rec["answer"].strip(), max_frames))
+    # not resumable (no LLM, so a rerun is cheap): written whole, then renamed, so an interrupted
+    # run never leaves half a file that looks finished
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(out_path)
@@ -502,7 +547,7 @@ def build_offline(qa_path, out_path, max_frames=OFFLINE_FRAMES):
 
 
 # ----------------------------------------------------------------------------------------------
-# The toy world (spec/toy.md): coloured squares on a dark background, the same pipeline from the scene list on
+# The toy world (docs/toy.md): coloured squares on a dark background, the same pipeline from the scene list on
 
 # Strongly distinct colours: a tiny vision tower learns colour in minutes (shape it did not learn).
 TOY_COLOURS = {"red": (230, 40, 40), "green": (40, 200, 40), "blue": (40, 80, 235), "yellow": (230, 220, 40),
@@ -517,7 +562,7 @@ TOY_LEAD = 1.0           # no event in the first second
 # shows the square in its last frame (with 4 s events, ~4% of answers sat at a turn none of whose
 # frames had shown the event yet: labels no model can learn). The model cannot see whether the
 # square will still be there at the next turn, so replying at a visible turn stays uncertain:
-# the exploration room GRPO needs (spec/toy.md, "the exploration trap").
+# the exploration room GRPO needs (docs/toy.md, "the exploration trap").
 TOY_WORLD = dict(size=84, fps=10, min_len=20, max_len=40, min_events=2, max_events=4,
                  min_event=5.0, max_event=10.0, gap=2.0)
 TOY_QUESTIONS = ("Tell me whenever a new shape appears.", "Tell me the colour of each new shape.")
@@ -531,9 +576,13 @@ def toy_caption(colour, position):
 def toy_boxes(size):
     """Top-left corner (y, x) of the square at each position, and its side: even numbers, so the
     yuv420p chroma grid (2x2) never straddles an edge and colours stay clean."""
+    # `// 2 * 2` rounds down to even. At 84 px: side 28 (a third of the frame, the pixels of one
+    # LLM token), margin 6 from the border, mid 28 (centred), far 50 (6 px from the other border)
     side = size // 3 // 2 * 2
     margin = size // 14 // 2 * 2
     mid, far = (size - side) // 2 // 2 * 2, size - side - margin
+    # the four boxes overlap at their corners (left and top share a 6 x 6 px patch at 84 px), which
+    # never shows: events do not overlap in time, so a frame holds one square at most
     return {"left": (mid, margin), "right": (mid, far), "top": (margin, mid), "bottom": (far, mid)}, side
 
 
@@ -546,25 +595,29 @@ def toy_scenes(rng, size=84, fps=10, min_len=20, max_len=40, min_events=2, max_e
     before the video ends (so their reply spans fit), and have distinct colours (a second red
     square would read as a repeat to the judge). `size` comes along with the rest of the world dict.
     """
-    duration = rng.randint(min_len, max_len)
+    duration = rng.randint(min_len, max_len)  # whole seconds, so the video is a whole number of frames
+    # everything below counts frames (integers), not seconds: no float drift between the scene list
+    # and the frames render_toy_video draws
     total, lead, tail, gap_f = duration * fps, round(TOY_LEAD * fps), round(REPLY_TAIL * fps), round(gap * fps)
     lo, hi = round(min_event * fps), round(max_event * fps)
     k = rng.randint(min_events, max_events)
     while k > 1 and lead + tail + k * lo + (k - 1) * gap_f > total:
         k -= 1  # the video is too short for this many events
-    budget = total - lead - tail - (k - 1) * gap_f
+    budget = total - lead - tail - (k - 1) * gap_f  # frames for the events and the spare time between
     lengths = []
     for i in range(k):  # each length leaves room for the minimum length of the rest
         lengths.append(rng.randint(lo, max(lo, min(hi, budget - (k - i - 1) * lo))))
-        budget -= lengths[-1]
-    rng.shuffle(lengths)
+        budget -= lengths[-1]  # what is left is the spare time, handed out below
+    rng.shuffle(lengths)  # the first draws have the most room: shuffled, long events are not always first
     extra = sorted(rng.randint(0, budget) for _ in range(k))  # the spare frames, spread before each event
-    colours = rng.sample(sorted(TOY_COLOURS), k)
+    colours = rng.sample(sorted(TOY_COLOURS), k)  # distinct; sample needs a sequence, not a dict
     scenes, t, used = [], lead, 0
     for length, shift, colour in zip(lengths, extra, colours):
+        # extra holds cumulative offsets: this event waits shift - used spare frames more than the
+        # last; whatever extra[-1] leaves of the budget falls after the last event
         t += shift - used
         used = shift
-        position = rng.choice(TOY_POSITIONS)
+        position = rng.choice(TOY_POSITIONS)  # positions may repeat: colours tell events apart
         scenes.append({"start": t / fps, "end": (t + length) / fps, "caption": toy_caption(colour, position),
                        "colour": colour, "position": position})
         t += length + gap_f
@@ -575,17 +628,21 @@ def render_toy_video(path, duration, scenes, seed, size=84, fps=10, **_):
     """Write the toy mp4 (libx264, yuv420p): static noisy background, one square per visible event.
 
     Takes the whole world dict as keywords (`**_`: the knobs that only shape the scene list)."""
+    # the same noise in every frame: it costs the encoder nothing, and a frame changes only where
+    # a square comes or goes
     noise = np.random.default_rng(seed).integers(-TOY_NOISE, TOY_NOISE + 1, (size, size, 1))
+    # one channel of noise copied into R, G and B: grey static
     background = np.repeat(np.clip(TOY_BACKGROUND + noise, 0, 255), 3, axis=2).astype(np.uint8)  # (H, W, 3)
     boxes, side = toy_boxes(size)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = "yuv420p"  # colour stored per 2x2 pixel block: hence toy_boxes' even edges
         stream.options = {"crf": str(TOY_CRF)}
         for k in range(round(duration * fps)):
             frame = background.copy()
             for s in scenes:
+                # the scene times are k / fps (toy_scenes), so round() gets the exact frame index back
                 if round(s["start"] * fps) <= k < round(s["end"] * fps):
                     y, x = boxes[s["position"]]
                     frame[y:y + side, x:x + side] = TOY_COLOURS[s["colour"]]
@@ -608,6 +665,7 @@ class ToyWriter:
             raise ValueError("the toy writer reads only toy captions ('A red square appeared on the left.')")
         by_question = {TOY_QUESTIONS[0]: [c.strip() for c in captions],
                        TOY_QUESTIONS[1]: [f"{m.group(1).capitalize()}." for m in parsed]}
+        # two templates only: the toy's videos (under 60 s) ask for n = 2; a longer one gets these two
         return [{"question": q, "answers": a} for q, a in list(by_question.items())[:n]]
 
     def summarise(self, question, answers):
@@ -622,27 +680,33 @@ def make_toy(out, seed=0, n_train=200, n_rl=50, n_test=30, interval=INTERVAL, fr
     change the ones before. scenes.jsonl keeps each event's colour and position (the ground truth
     drawn in the video). The toy is rebuilt from scratch on every call (a minute), never resumed.
     """
-    world = {**TOY_WORLD, **world}
-    w = world
-    if not 0 < w["min_len"] <= w["max_len"]:
-        raise ValueError(f"toy video length: need 0 < --min-len <= --max-len, got {w['min_len']}, {w['max_len']}")
-    if not 1 <= w["min_events"] <= w["max_events"] <= len(TOY_COLOURS):
+    world = {**TOY_WORLD, **world}  # the caller's knobs over the defaults
+    # checked here, so a bad flag is one clear line, not a traceback from inside toy_scenes
+    if not 0 < world["min_len"] <= world["max_len"]:
+        raise ValueError(f"toy video length: need 0 < --min-len <= --max-len, "
+                         f"got {world['min_len']}, {world['max_len']}")
+    if not 1 <= world["min_events"] <= world["max_events"] <= len(TOY_COLOURS):
         raise ValueError(f"toy events: need 1 <= --min-events <= --max-events <= {len(TOY_COLOURS)} (one colour each)")
-    if not 0 < w["min_event"] <= w["max_event"] or TOY_LEAD + w["min_event"] + REPLY_TAIL > w["min_len"]:
+    # the shortest video must hold the lead, one shortest event and its reply tail
+    if (not 0 < world["min_event"] <= world["max_event"]
+            or TOY_LEAD + world["min_event"] + REPLY_TAIL > world["min_len"]):
         raise ValueError(f"toy events: need 0 < --min-event <= --max-event and a {TOY_LEAD + REPLY_TAIL:g} s "
-                         f"margin + one --min-event event to fit in --min-len ({w['min_len']} s)")
+                         f"margin + one --min-event event to fit in --min-len ({world['min_len']} s)")
     counts = {}
     for split, n in (("train", n_train), ("rl", n_rl), ("test", n_test)):
         split_dir = Path(out) / split
         (split_dir / "videos").mkdir(parents=True, exist_ok=True)
+        # from scratch: build() would resume the old files, and a smaller --n-train would leave
+        # the old extra videos behind
         for old in [*(split_dir / "videos").glob(f"{split}_*.mp4"),
                     *(split_dir / f for f in ("sft.jsonl", "anno.jsonl", "anno.json", "build.json"))]:
             old.unlink(missing_ok=True)
         lines = []
         for i in tqdm(range(n), desc=f"toy {split} videos", unit="video", disable=None):
-            rng = random.Random(f"toy:{seed}:{split}:{i}")
+            rng = random.Random(f"toy:{seed}:{split}:{i}")  # the split in the seed: no two splits share a video
             name = f"{split}_{i:04d}"
             duration, scenes = toy_scenes(rng, **world)
+            # the noise seed comes from the video's generator too: the same seed, the same bytes
             render_toy_video(split_dir / "videos" / f"{name}.mp4", duration, scenes, rng.getrandbits(32), **world)
             lines.append(json.dumps({"id": name, "video": f"videos/{name}.mp4", "duration": duration, "scenes": scenes}))
         (split_dir / "scenes.jsonl").write_text("".join(line + "\n" for line in lines))
@@ -661,8 +725,8 @@ def placement_arg(text):
     try:
         p = named[text] if text in named else float(text)
     except ValueError:
-        p = -1.0
-    if not 0.0 <= p <= 1.0:
+        p = -1.0  # not a number: falls into the one error message below
+    if not 0.0 <= p <= 1.0:  # also refuses "nan", which every comparison fails
         raise argparse.ArgumentTypeError(f"expected end, random or a probability in [0, 1], got {text!r}")
     return p
 
@@ -722,8 +786,10 @@ def main(argv=None):
     try:
         if args.command == "build":
             if args.llm == "toy":
-                writer, workers = ToyWriter(), 1
+                writer, workers = ToyWriter(), 1  # templates: instant, threads would only add overhead
             else:
+                # the cache lives with the dataset, so a resumed build re-asks nothing; 4096 tokens: a
+                # QA list (4 questions x one answer per scene) is long JSON, and a cut one cannot parse
                 client = reward.LLMClient(model=args.model, base_url=args.base_url, max_workers=args.workers,
                                           cache_path=Path(args.out) / "llm_cache.jsonl", max_tokens=4096)
                 writer, workers = LLMWriter(client, args.retries), args.workers
@@ -740,7 +806,7 @@ def main(argv=None):
             if skipped:
                 raise ValueError(f"{skipped} lines skipped (see above)")
         else:
-            world = {k: getattr(args, k) for k in TOY_WORLD}
+            world = {k: getattr(args, k) for k in TOY_WORLD}  # the --size ... --gap flags, by the same names
             counts = make_toy(args.out, args.seed, args.n_train, args.n_rl, args.n_test, args.interval,
                               args.frames_per_turn, args.placement, args.nqna_frac, **world)
             for split, c in counts.items():

@@ -4,7 +4,7 @@ Role in the pipeline: `grpo.py` calls `mmduet2_reward` on every rollout (trainin
 paper Sec. 4.3.2, Eq. 1-2); after `infer.py` has streamed a benchmark, `python reward.py eval`
 scores its predictions with the ProactiveVideoQA metric (what the paper's Table 2 reports).
 This file stands alone: it imports nothing of ours and no torch, so its math can be read and
-tested without a model. The exact definitions, with worked examples, are in spec/reward.md.
+tested without a model. The exact definitions, with worked examples, are in docs/reward.md.
 
 Two things share the name "PAUC" and both rest on `area_ratio` (a step curve of judge scores
 over a gold reply span; area under it / best possible area):
@@ -35,7 +35,7 @@ Run:
         python reward.py eval --gold anno.json --pred preds.jsonl --judge openai --json scores.json
     python reward.py eval --gold anno.json --pred runs/preds-sft.jsonl runs/preds-grpo.jsonl \
         --label SFT GRPO --html timeline.html    # two runs, one summary each, one page to compare them
-    python -m pytest tests/test_reward.py -q     # the worked examples of spec/reward.md, offline
+    python -m pytest tests/test_reward.py -q     # the worked examples of docs/reward.md, offline
 
 What `eval` prints, per predictions file (after a "== LABEL: FILE" line when there are several):
 examples, gold turns and replies; PAUC x100 at w = 0 / 0.5 / 1; the reply duplicate proportion;
@@ -73,6 +73,7 @@ SILENCE = "NO REPLY"  # the silence turn; must match mmduet2.SILENCE (this file 
 METRIC_SCALE = 3  # ProactiveVideoQA judge: 1 incorrect / 2 partial / 3 mostly covered -> S = 2
 REWARD_SCALE = 5  # MMDuet2 reward judge: 5 points stored 0..4 -> S = 4 (paper Sec. 4.3.2)
 PREFIX_CHARS = 50  # r_pfx: a shared prefix this long marks a "verbose prefix" turn
+# one cache for every run on this machine: the key holds the model, so two judges never share an answer
 DEFAULT_CACHE = "~/.cache/mmduet2/judge.jsonl"
 # a secret as an endpoint may echo it back: "Bearer <token>" (the Authorization header) or an "sk-..." key
 SECRET = re.compile(r"(?i)(bearer\s+)[\w.~+/-]+=*|\bsk-[\w-]{8,}")
@@ -99,13 +100,16 @@ def area_ratio(points, span_len, max_score, omega=0.5, start_score=0.5):
         t=12 scored 1, t=16 scored 2, omega 0.5 -> x' = 1, 3 -> (1*0.5 + 2*1 + 7*2)/20 = 0.825
     With S = 4 a reply scored 0 at x=2 gives (1*0.5 + 9*0)/40 = 0.0125 < 0.125 (silence): by design.
     """
-    if span_len <= 0:
+    if span_len <= 0:  # the area is divided by span_len: a point span would divide by zero
         raise ValueError(f"area_ratio: span_len must be > 0 (a reply span needs s1 > s0), got {span_len}")
     if not points:
         return start_score / max_score  # silence keeps the start score over the whole span
-    pts = sorted(points)
+    pts = sorted(points)  # the curve is walked left to right, whatever order the caller used
+    # a point outside the span would give a step of negative width: callers keep in-span replies only
     if pts[0][0] < 0 or pts[-1][0] > span_len:
         raise ValueError(f"area_ratio: every x must lie in [0, {span_len}], got {[x for x, _ in pts]}")
+    # Eq. 1: the curve starts at 0.5, not 0, so a reply scored 0 pulls it below silence (a wrong
+    # answer must cost more than saying nothing)
     area, prev_x, height = 0.0, 0.0, start_score
     for x, score in pts:
         x *= 1 - omega  # compress the delay: with omega > 0 a late reply still earns some width
@@ -164,8 +168,8 @@ def completion_text(body):
     except (ValueError, LookupError, TypeError):  # not JSON / no such key or index / a null on the way
         return None
     if content is None or isinstance(content, str):
-        return content or ""
-    return None
+        return content or ""  # an empty answer is still an answer (a bad one): parsed, not retried
+    return None  # a list or an object where the text should be: not a chat completion we understand
 
 
 class LLMClient:
@@ -190,7 +194,7 @@ class LLMClient:
     def __init__(self, model=None, base_url=None, api_key=None, cache_path=DEFAULT_CACHE,
                  max_workers=8, timeout=60.0, retries=3, backoff=1.0, max_tokens=1024):
         self.model = model or os.environ.get("JUDGE_MODEL")
-        if not self.model:
+        if not self.model:  # the endpoint needs a model name, and the cache key holds it
             raise JudgeError("no judge model: pass --model or set JUDGE_MODEL")
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
         # a local server (vLLM, SGLang) takes any key, but the client refuses an empty one
@@ -202,11 +206,11 @@ class LLMClient:
         self.last_error = None
         self._fatal = None  # set once the endpoint is known to be unusable
         self._lock = threading.Lock()
-        self.cache_path = Path(cache_path).expanduser() if cache_path else None
-        self._cache = {}
+        self.cache_path = Path(cache_path).expanduser() if cache_path else None  # None or "": no cache file
+        self._cache = {}  # key -> answer, every answer this file has ever held (runs append, never rewrite)
         if self.cache_path and self.cache_path.exists():
             text = self.cache_path.read_text()
-            for line in text.splitlines():
+            for line in text.splitlines():  # a key written twice (two runs at once): the last one wins
                 try:
                     row = json.loads(line)
                     self._cache[row["key"]] = row["answer"]
@@ -218,9 +222,11 @@ class LLMClient:
 
     def ask(self, instruction, text):
         """The model's answer to `text` under the system `instruction`, or None if the call failed."""
+        # at temperature 0 these three decide the answer; json.dumps of a list keeps them apart
+        # ("a" + "bc" and "ab" + "c" give different keys)
         key = hashlib.sha256(json.dumps([self.model, instruction, text]).encode()).hexdigest()
         with self._lock:
-            if self._fatal:
+            if self._fatal:  # another thread found the endpoint unusable: do not send one more request
                 raise JudgeError(self._fatal)
             if key in self._cache:
                 self.cache_hits += 1
@@ -229,24 +235,28 @@ class LLMClient:
         answer = self._request(instruction, text)  # outside the lock: requests run concurrently
         with self._lock:
             if answer is None:
-                return None  # _request has counted the failure
+                return None  # _request has counted the failure; nothing cached, so a re-run asks again
             answer = self._redact(answer)  # before it is cached, parsed or printed
             self._cache[key] = answer
-            if self.cache_path:
+            if self.cache_path:  # written at once, so Ctrl-C a second later loses nothing
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
                 with self.cache_path.open("a") as f:  # one line per answer, flushed on close
                     f.write(json.dumps({"key": key, "answer": answer}) + "\n")
         return answer
 
     def _request(self, instruction, text):
+        """One question to the endpoint, with our retries: the answer text, or None (failure counted)."""
         messages = [{"role": "system", "content": instruction}, {"role": "user", "content": text}]
+        # error: what the last attempt got; fatal: whether it means the endpoint itself is unusable
         error, fatal = None, False
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))  # 1x, 2x, 4x ... the base backoff
+                # (exponential: an overloaded server answering 429 gets room to recover)
             try:
                 # the raw body, parsed by us: the client would accept an HTML page or a body without
-                # `choices` and fail later, in a worker thread, with an AttributeError
+                # `choices` and fail later, in a worker thread, with an AttributeError.
+                # temperature 0: the same question gets the same answer, which is what makes caching sound
                 raw = self.client.chat.completions.with_raw_response.create(
                     model=self.model, messages=messages, temperature=0.0, max_tokens=self.max_tokens)
                 answer = completion_text(raw.http_response.text)
@@ -256,8 +266,9 @@ class LLMClient:
                 body = self._redact(raw.http_response.text)[:200]
                 error, fatal = f"HTTP 200 but not a chat completion: {body!r}", False
             except openai.APITimeoutError:  # before APIConnectionError: it is a subclass of it
-                error, fatal = "timed out", False
+                error, fatal = "timed out", False  # a slow server is alive: retried, then one failed call
             except openai.APIConnectionError as e:
+                # fatal only if the last attempt is unreachable too (a later timeout or 5xx resets it)
                 error, fatal = f"unreachable ({self._redact(str(e))})", True
             except openai.APIStatusError as e:
                 # redact, then cut: a cut first could leave half a key that no longer matches
@@ -272,6 +283,7 @@ class LLMClient:
         return None
 
     def _stop(self, error):
+        """Mark the endpoint unusable for every thread, and raise: no later ask sends a request."""
         with self._lock:
             self._fatal = self._redact(
                 f"judge endpoint {self.base_url} (model {self.model}): {error}; "
@@ -294,10 +306,11 @@ class LLMClient:
         key = self.client.api_key
         if len(key) >= 8:  # a placeholder such as "EMPTY" is no secret, and replacing it would garble words
             text = text.replace(key, "[redacted]")
+        # SECRET catches what the exact key misses: another key a proxy echoes back, or a bearer token
         return SECRET.sub(lambda m: (m.group(1) or "") + "[redacted]", text)  # keeps the word "Bearer"
 
 
-# our own wording of the rubrics in spec/reward.md; the scale-3 one is the metric's, scale-5 the reward's
+# our own wording of the rubrics in docs/reward.md; the scale-3 one is the metric's, scale-5 the reward's
 SCORE_INSTRUCTIONS = {
     3: ("You grade a video assistant's answer against a reference answer to the same question about "
         "a video. Rate how much of the reference's information the answer states correctly: "
@@ -323,14 +336,15 @@ class OpenAIJudge(LLMClient):
         super().__init__(*args, max_tokens=max_tokens, **kwargs)
 
     def score(self, question, gold, pred, scale):
-        if scale not in SCORE_INSTRUCTIONS:
+        if scale not in SCORE_INSTRUCTIONS:  # only two rubrics exist: the metric's (3) and the reward's (5)
             raise ValueError(f"judge scale must be 3 or 5, got {scale}")
+        # the question goes along: "Red." is a full answer to "what colour?" and half of "what appeared?"
         answer = self.ask(SCORE_INSTRUCTIONS[scale],
                           f"Question: {question}\nReference answer: {gold}\nAssistant's answer: {pred}")
         return self._parsed(answer, parse_score(answer, scale))
 
     def repeats(self, previous, new):
-        earlier = "\n".join(f"- {p}" for p in previous)
+        earlier = "\n".join(f"- {p}" for p in previous)  # one reply a line: the judge sees where each ends
         answer = self.ask(REPEAT_INSTRUCTION, f"Earlier replies:\n{earlier}\nNew reply: {new}")
         return self._parsed(answer, parse_yes_no(answer))
 
@@ -370,7 +384,7 @@ class OfflineJudge:
 
     def __init__(self):
         self.calls = self.cache_hits = self.failures = 0  # same names as OpenAIJudge, for the CLI
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # thread-safe like OpenAIJudge: a caller may share it between threads
 
     def _count(self):
         with self._lock:
@@ -384,12 +398,15 @@ class OfflineJudge:
         if not g:  # a gold with no content word ("Yes."): compare the plain words instead
             g, p = set(re.findall(r"[a-z0-9]+", gold.lower())), set(re.findall(r"[a-z0-9]+", pred.lower()))
         hits = len(g & p)
+        # F1 = 2|g & p| / (|g| + |p|): recall (missing words) and precision (extra words) in one number;
+        # `if hits` also guards the empty/empty case, which would divide by zero
         f1 = 2 * hits / (len(g) + len(p)) if hits else 0.0
-        return int(f1 * (scale - 1) + 0.5)  # round half up onto 0..scale-1
+        return int(f1 * (scale - 1) + 0.5)  # round half up onto 0..scale-1 (round() would round 0.5 to even)
 
     def repeats(self, previous, new):
         self._count()
         words = content_words(new)
+        # <= is "subset of": each earlier reply is tested alone, never the union of them (see above)
         return any(new.strip() == p.strip() or words <= content_words(p) for p in previous)
 
 
@@ -401,16 +418,17 @@ def run_all(judge, fn, jobs):
     the caller can leave at once: on Ctrl-C or a JudgeError no worker starts another job, and a
     request in flight is abandoned (its answer, if it comes first, still reaches the cache).
     """
-    workers = min(getattr(judge, "max_workers", 1), len(jobs))
+    workers = min(getattr(judge, "max_workers", 1), len(jobs))  # never more threads than jobs
     if workers <= 1:
-        return [fn(*job) for job in jobs]
+        return [fn(*job) for job in jobs]  # the offline judge, or a single job: no threads at all
+    # todo: job indices waiting for a worker; done: one message per finished job (None, or its error)
     todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
     for i in range(len(jobs)):
         todo.put(i)
-    results = [None] * len(jobs)
+    results = [None] * len(jobs)  # filled by index, so the order is the jobs' whatever finishes first
 
     def work():
-        while not stop.is_set():
+        while not stop.is_set():  # checked between jobs: after Ctrl-C or an error, no new request starts
             try:
                 i = todo.get_nowait()
             except queue.Empty:
@@ -419,20 +437,20 @@ def run_all(judge, fn, jobs):
                 results[i] = fn(*jobs[i])
                 done.put(None)
             except Exception as e:  # a JudgeError: the caller re-raises it
-                done.put(e)
+                done.put(e)  # handed to the main thread: an exception in a thread would only be printed
 
     for _ in range(workers):
         threading.Thread(target=work, daemon=True).start()
     try:
         # `with`: an interrupted bar is erased before the caller prints; disable=None: a terminal only
         with tqdm(total=len(jobs), desc="judge", disable=None, leave=False) as bar:
-            for _ in jobs:
+            for _ in jobs:  # exactly one message per job, so this loop ends when the last one is in
                 error = done.get()  # Ctrl-C interrupts this wait
                 if error is not None:
                     raise error
                 bar.update()
     finally:
-        stop.set()
+        stop.set()  # on every way out: normal end, an error, or Ctrl-C
     return results
 
 
@@ -452,11 +470,14 @@ def _is_id(v):
 def _span(turn, key, where):
     """[start, end] of a gold turn as floats: reply_timespan 0 <= s0 < s1, related_timespan r0 <= r1."""
     span = turn.get(key) if isinstance(turn, dict) else None
+    # a NaN bound would make every "s0 <= t <= s1" false: the turn would silently score as silence
     if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(map(_is_seconds, span))):
         raise ValueError(f"{where}: '{key}' must be [start, end] in seconds (finite numbers), got {span!r}")
     a, b = float(span[0]), float(span[1])
-    if key == "reply_timespan" and a < 0:
+    if key == "reply_timespan" and a < 0:  # no turn is ever spoken before t = 0
         raise ValueError(f"{where}: reply_timespan {list(span)} starts before the video (s0 < 0)")
+    # the reply span is area_ratio's width: it must be positive. A related span only gives r1 (for
+    # pruning), and an instant event [r, r] is a fair description of one
     if key == "reply_timespan" and b <= a:
         raise ValueError(f"{where}: reply_timespan {list(span)} has s1 <= s0 (a span needs positive length)")
     if b < a:
@@ -483,8 +504,8 @@ def prune_late(points, r1):
         [(12, 2), (17, 1), (18, 2)] -> [(12, 2), (18, 2)]   (the 1 at t=17 came late and lowered the curve)
     """
     if len(points) <= 1:
-        return points
-    kept, last = [], 0
+        return points  # the rule's "more than one score" (the loop would keep a lone point too)
+    kept, last = [], 0  # `last` starts at 0: before any on-time reply, no late score is below it
     for t, s in points:
         if t <= r1:
             last = s  # on time: always kept, and it sets the bar for later replies
@@ -496,40 +517,44 @@ def prune_late(points, r1):
 
 def metric_turns(examples, predictions, judge):
     """Judge every gold turn once for the metric: [(points, span_len, judged)], one per gold turn in
-    example order, points = [(x, score)] (what area_ratio takes, S = 2).
+    example order, points = [(x, score)] after late-reply pruning (what area_ratio takes, S = 2).
 
-    Per gold turn: in-span replies in time order; a text equal to one already kept is skipped;
-    the space-joined kept texts so far are judged against the gold (cumulative judging, 3-point
-    scale stored 0..2); failed calls are dropped; then late-reply pruning. All judge inputs are
-    known before any is judged, so they run concurrently through run_all.
+    Replies are judged cumulatively on the 3-point scale (docs/reward.md, metric steps 1-3).
     judged = {(time, text): (score, on_curve)} for each reply judged in this span (exact repeats
     are absent; score None: the call failed; on_curve False: pruned), for the timeline page.
     """
+    # Two passes: first every judge input is written down, then all are judged at once. Cumulative
+    # judging needs only the earlier TEXTS, never their scores, so the inputs are known up front
+    # and run_all can send them concurrently.
     jobs, turns = [], []  # judge requests; per gold turn (s0, s1, r1, [(time, text, job index)])
     for i, ex in enumerate(examples):
         qid = ex["question_id"]
         if qid not in predictions:
             raise ValueError(f"no prediction for question_id {qid!r} (example {i})")
-        replies = _replies(predictions[qid])
+        replies = _replies(predictions[qid])  # in time order, NO REPLY left out
         for j, g in enumerate(ex["answer"]):
             where = f"example {i} ({qid}) answer {j}"
             s0, s1 = _span(g, "reply_timespan", where)
-            r1 = _span(g, "related_timespan", where)[1]
+            r1 = _span(g, "related_timespan", where)[1]  # the event's end: later replies count as late
             kept, requests = [], []
             for t, text in replies:
+                # spans may overlap, so one reply can be judged for two gold turns; an exact repeat
+                # adds nothing to the concatenation, so it is not judged again
                 if not s0 <= t <= s1 or text in kept:  # inclusive span; exact repeats are not re-judged
                     continue
                 kept.append(text)
                 requests.append((t, text, len(jobs)))
-                jobs.append((_question(ex, g), g["content"], " ".join(kept), METRIC_SCALE))  # cumulative
+                # cumulative judging: what the model has said in this span SO FAR, space-joined, is
+                # compared with the gold, so two partial replies can add up to a full answer
+                jobs.append((_question(ex, g), g["content"], " ".join(kept), METRIC_SCALE))
             turns.append((s0, s1, r1, requests))
-    scores = run_all(judge, judge.score, jobs)
+    scores = run_all(judge, judge.score, jobs)  # the judge's digit - 1 (0..2), or None
     out = []
     for s0, s1, r1, requests in turns:
         points = [(t, scores[k]) for t, _, k in requests if scores[k] is not None]  # failures dropped, not 0
-        on_curve = prune_late(points, r1)
+        on_curve = prune_late(points, r1)  # pruning compares times with r1, so it runs before the shift
         judged = {(t, text): (scores[k], (t, scores[k]) in on_curve) for t, text, k in requests}
-        out.append(([(t - s0, s) for t, s in on_curve], s1 - s0, judged))
+        out.append(([(t - s0, s) for t, s in on_curve], s1 - s0, judged))  # x = seconds since s0
     return out
 
 
@@ -540,6 +565,8 @@ def reply_notes(examples, predictions, turns):
     on some gold turn's curve, else None. note: for each gold turn whose span holds the reply, its
     score, or that it was pruned, failed or an exact repeat; "outside every gold span" for none.
     """
+    # turns has one record per gold turn in the same order as the loop below walks them, so the
+    # records are consumed one by one instead of being matched again by time
     out, records = {}, iter(turns)
     for ex in examples:
         spans = [(j, *g["reply_timespan"], next(records)[2]) for j, g in enumerate(ex["answer"])]
@@ -550,7 +577,7 @@ def reply_notes(examples, predictions, turns):
                 if not s0 <= t <= s1:
                     continue
                 score, on_curve = judged.get((t, text), (None, None))
-                if (t, text) not in judged:
+                if (t, text) not in judged:  # in the span but never judged: metric_turns skipped it
                     note = "an exact repeat, not judged again"
                 elif score is None:
                     note = "the judge call failed: dropped, as if silent"
@@ -575,8 +602,9 @@ def pauc_metric(examples, predictions, judge, omega=0.5):
     PAUC = (0.85 + 0.25) / 2 = 0.55 (x100 = 55.0).
     """
     turns = metric_turns(examples, predictions, judge)
-    if not turns:
+    if not turns:  # a mean over no turns: 0/0, not a score of 0
         raise ValueError("pauc_metric: the gold examples have no answer turns")
+    # one mean over every gold turn: a video with four gold turns weighs four times one with a single turn
     return sum(area_ratio(p, span_len, METRIC_SCALE - 1, omega) for p, span_len, _ in turns) / len(turns)
 
 
@@ -589,8 +617,10 @@ def duplicate_proportion(predictions, judge):
     Example: replies "A red circle.", "A red circle.", "A blue square." with a judge that says no
     -> 1 repeat out of 3 -> 0.333.
     """
+    # As in metric_turns, the judge inputs are known up front (the earlier texts), so they are all
+    # collected first and judged concurrently; each reply keeps a slot for its verdict.
     verdicts, jobs, slots = [], [], []  # one verdict per reply; judge jobs fill the None slots
-    for preds in predictions.values():
+    for preds in predictions.values():  # per example: a reply can only repeat its own video's replies
         texts = [text for _, text in _replies(preds)]
         for i, text in enumerate(texts):
             earlier = list(dict.fromkeys(texts[:i]))  # unique, in order: a shorter prompt, same meaning
@@ -601,7 +631,7 @@ def duplicate_proportion(predictions, judge):
                 verdicts.append(None)
                 jobs.append((earlier, text))
     for slot, verdict in zip(slots, run_all(judge, judge.repeats, jobs)):
-        verdicts[slot] = verdict
+        verdicts[slot] = verdict  # None again if the call failed: dropped just below
     counted = [v for v in verdicts if v is not None]  # failed calls dropped from both counts
     return sum(counted) / len(counted) if counted else 0.0
 
@@ -612,7 +642,7 @@ def reply_delays(turns, answers):
     turns: (time, text) assistant turns, NO REPLY ones included or not; answers: gold turns with reply_timespan.
     Example: span [10, 20], replies at 13 and 16 -> [3.0]; span [30, 40] with no reply in it -> nothing.
     """
-    replies = _replies(turns)
+    replies = _replies(turns)  # sorted by time, so the first match below is the earliest reply
     delays = []
     for j, g in enumerate(answers):
         s0, s1 = _span(g, "reply_timespan", f"gold turn {j}")
@@ -635,6 +665,7 @@ def reply_stats(examples, predictions):
         replies = _replies(predictions[ex["question_id"]])
         spans = [_span(g, "reply_timespan", f"example {ex['question_id']}") for g in ex["answer"]]
         n_replies += len(replies)
+        # a reply in no span came when no gold answer was due: the flooding r_in_span punishes
         outside += sum(not any(s0 <= t <= s1 for s0, s1 in spans) for t, _ in replies)
         delays += reply_delays(replies, ex["answer"])
     return {"replies": n_replies, "replies_outside_spans": outside,
@@ -650,7 +681,11 @@ def stream_rounds(example, fps):
     Example: duration 12.87 s, last s1 = 6.0, fps 1 -> min(12, 6) = 6 rounds.
     """
     duration = float(example["duration"])
+    # after the last reply span nothing can score, so streaming further only costs time
     last_s1 = max((float(g["reply_timespan"][1]) for g in example["answer"]), default=duration)
+    # ceil: the round at s1 itself must be streamed (spans are inclusive); int(duration * fps): the
+    # video has no frame past its end (a span may overrun it by its 1 s tail); max(1, ...): a video
+    # shorter than one frame interval still streams one frame
     return max(1, min(int(duration * fps), math.ceil(min(duration, last_s1) * fps)))
 
 
@@ -671,7 +706,7 @@ def mmduet2_reward(turns, answers, judge, context_replies=(), weights=(3, 2, 0.5
     r_in_span: -(replies / turns) among the turns in no gold span.
     r_pfx: -(share of turns sharing a >= 50-character prefix with an earlier turn or context reply).
 
-    Worked example (spec/reward.md; judge: "poured" reply 4, "stirs" reply 3, nothing a repeat).
+    Worked example (docs/reward.md; judge: "poured" reply 4, "stirs" reply 3, nothing a repeat).
     Gold "Fish sauce is added to the pan." [4, 10], "Sugar is stirred in." [12, 20]; turns every
     2 s from 2 to 22, replies at 6 "Fish sauce is poured into the pan.", 10 (the same text),
     16 "Someone stirs sugar into the pan.", 22 "The pan is washed.":
@@ -679,14 +714,17 @@ def mmduet2_reward(turns, answers, judge, context_replies=(), weights=(3, 2, 0.5
         r_rep = -1/4 (t=10 exact repeat); r_in_span = -1/2 (t=2 silent, t=22 reply); r_pfx = 0
         r = 3*0.723958 - 2*0.25 - 0.5*0.5 - 0 = 1.421875
     """
-    turns = [(float(t), text.strip()) for t, text in turns]
+    turns = [(float(t), text.strip()) for t, text in turns]  # stripped: " NO REPLY" is silence too
     replies = [(t, text) for t, text in turns if text != SILENCE]
     spans = [_span(g, "reply_timespan", f"gold turn {j}") for j, g in enumerate(answers)]
     for j, g in enumerate(answers):
+        # the reward judge sees each gold turn's own question (an nQnA dialogue has several)
         if not (isinstance(g.get("content"), str) and isinstance(g.get("question"), str)):
             raise ValueError(f"gold turn {j}: needs text 'content' and 'question', got keys {sorted(g)}")
 
     # r_PAUC (Eq. 1 with S = 4, each reply judged alone: the paper's two changes to the metric)
+    # A rollout is one segment of the video (paper: 20 s); a gold span that starts after its last
+    # turn was never offered to the policy, and scoring it as silence would punish what it never saw.
     last_time = max((t for t, _ in turns), default=-math.inf)
     areas = []
     for g, (s0, s1) in zip(answers, spans):
@@ -697,20 +735,25 @@ def mmduet2_reward(turns, answers, judge, context_replies=(), weights=(3, 2, 0.5
             if not s0 <= t <= s1 or text in seen:  # an exact repeat within the span is not re-judged
                 continue
             seen.append(text)
+            # judged ALONE, not joined with the earlier replies as the metric does: each reply answers
+            # for itself (joined with a right one said before it, a wrong one could still score well)
             score = judge.score(g["question"], g["content"], text, REWARD_SCALE)
             if score is not None:  # a failed call is dropped, never a 0
                 points.append((t - s0, score))
+        # no prune_late here (docs/reward.md): a late low score stays on the curve and lowers r_PAUC
         areas.append(area_ratio(points, s1 - s0, REWARD_SCALE - 1, omega=0.5))  # start 0.5, no pruning
-    r_pauc = sum(areas) / len(areas) if areas else 0.0
+    r_pauc = sum(areas) / len(areas) if areas else 0.0  # no span reached: no PAUC signal at all
 
     # r_rep: each reply counted once (the released code counts some judged replies twice)
+    # `previous` starts with the replies already in the dialogue history: repeating what the model
+    # said before the segment began is as redundant as repeating itself inside it
     previous = [c.strip() for c in context_replies if c.strip() != SILENCE]
-    verdicts = []
+    verdicts = []  # one True/False per reply; a failed judge call leaves its reply out
     for _, text in replies:
         if text in previous:
             verdicts.append(True)  # exact repeat: no judge call needed
         elif previous:
-            verdict = judge.repeats(list(dict.fromkeys(previous)), text)
+            verdict = judge.repeats(list(dict.fromkeys(previous)), text)  # unique, in order: shorter prompt
             if verdict is not None:
                 verdicts.append(verdict)
         else:
@@ -720,16 +763,23 @@ def mmduet2_reward(turns, answers, judge, context_replies=(), weights=(3, 2, 0.5
 
     # r_in_span: denominator = turns in no gold span, NO REPLY included (released code; the paper's
     # prose says "all reply entries"; we follow the code, which produced the reported numbers)
+    # So the penalty is the share of out-of-span turns the policy spoke at: silence there scores 0,
+    # a reply at every one of them scores -1, however long the segment is.
     outside = [text for t, text in turns if not any(s0 <= t <= s1 for s0, s1 in spans)]
     r_in_span = -sum(text != SILENCE for text in outside) / len(outside) if outside else 0.0
 
-    # r_pfx: a reply that restates an earlier one before adding news is verbose (spec: over all turns)
+    # r_pfx: a reply that restates an earlier one before adding news is verbose (docs/reward.md: over all turns)
+    # r_rep asks whether ALL of a reply is old, so a reply that restates an earlier one's opening
+    # and then adds news passes it; this character test catches the restated opening. NO REPLY
+    # turns are compared too, but at 8 characters they can never share 50.
     earlier, verbose = [c.strip() for c in context_replies], 0
     for _, text in turns:
         verbose += any(len(os.path.commonprefix([text, e])) >= PREFIX_CHARS for e in earlier)
         earlier.append(text)
-    r_pfx = -verbose / len(turns) if turns else 0.0
+    r_pfx = -verbose / len(turns) if turns else 0.0  # divided by every turn, silent ones included
 
+    # Eq. 2: every part lies in [0, 1] (r_PAUC) or [-1, 0] (the penalties), so the weights alone set
+    # how much each behaviour matters
     w_pauc, w_rep, w_in_span, w_pfx = weights  # paper: 3, 2, 0.5, 2 (the released defaults differ)
     total = w_pauc * r_pauc + w_rep * r_rep + w_in_span * r_in_span + w_pfx * r_pfx
     return {"pauc": r_pauc, "rep": r_rep, "in_span": r_in_span, "prefix": r_pfx, "total": total}
@@ -754,6 +804,7 @@ def load_gold(path):
     Other keys (EGO's `type`, VAD's `num_captions`, TV's `frame` and `audio`) pass through.
     Returns the examples as read.
     """
+    # every failure below is a ValueError with the file's name: the CLIs print it as one line
     try:
         examples = json.loads(Path(path).read_text())
     except OSError as e:
@@ -769,11 +820,13 @@ def load_gold(path):
         where = f"{path} example {i}"
         missing = [k for k in ("question_id", "duration", "conversation", "answer", "video")
                    if not isinstance(ex, dict) or k not in ex]
-        if missing:
+        if missing:  # all the missing keys at once: one fix, not one rerun per key
             raise ValueError(f"{where}: missing {', '.join(missing)}")
         if not _is_id(ex["question_id"]):
             raise ValueError(f"{where}: 'question_id' must be a string or an integer, got {ex['question_id']!r}")
-        where += f" ({ex['question_id']})"
+        where += f" ({ex['question_id']})"  # later errors name the id too: easier to find than an index
+        # predictions are matched to gold by question_id: a duplicate would score one video's
+        # replies against the other's answers
         if ex["question_id"] in seen:
             raise ValueError(f"{where}: question_id appears twice")
         seen.add(ex["question_id"])
@@ -787,6 +840,7 @@ def load_gold(path):
         for j, turn in enumerate(conv):
             if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in ("role", "content"))):
                 raise ValueError(f"{where} conversation {j}: a turn needs a text 'role' and 'content', got {turn!r:.99}")
+            # j == 0 without a time is the question asked at 0; any turn that does carry a time is checked
             if (j or "time" in turn) and not (_is_seconds(turn.get("time")) and turn["time"] >= 0):
                 raise ValueError(f"{where} conversation {j}: 'time' must be seconds >= 0, got {turn.get('time')!r}")
         if not isinstance(ex["answer"], list):
@@ -794,9 +848,9 @@ def load_gold(path):
         for j, g in enumerate(ex["answer"]):
             if not (isinstance(g, dict) and isinstance(g.get("content"), str)):
                 raise ValueError(f"{where} answer {j}: needs the gold text 'content', got {g!r:.99}")
-            _span(g, "reply_timespan", f"{where} answer {j}")
+            _span(g, "reply_timespan", f"{where} answer {j}")  # called for its checks; the values are read later
             _span(g, "related_timespan", f"{where} answer {j}")
-            if not isinstance(g.get("question", ""), str):
+            if not isinstance(g.get("question", ""), str):  # optional: absent means conversation[0]'s question
                 raise ValueError(f"{where} answer {j}: 'question' must be text, got {g['question']!r}")
     return examples
 
@@ -817,9 +871,11 @@ def load_predictions(path, known_ids=None):
         qid = row["question_id"]
         if not _is_id(qid):
             raise ValueError(f"{where}: 'question_id' must be a string or an integer, got {qid!r}")
+        # an id the gold does not know means the wrong gold or predictions file: better to stop
+        # than to score the overlap and print a number that looks fine
         if known_ids is not None and qid not in known_ids:
             raise ValueError(f"{where}: question_id {qid!r} is not in the gold file")
-        if qid in preds:
+        if qid in preds:  # two runs appended to one file: which one to score is not ours to guess
             raise ValueError(f"{where}: question_id {qid!r} appears twice")
         replies = []
         for k, turn in enumerate(row["model_response_list"]):
@@ -828,6 +884,7 @@ def load_predictions(path, known_ids=None):
             if turn["role"] != "assistant":
                 continue  # user turns (text or image) are context, not predictions
             t, text = turn.get("time"), turn.get("content")
+            # the time decides which gold span a reply falls in: a missing or NaN one cannot be guessed
             if not (_is_seconds(t) and t >= 0 and isinstance(text, str)):
                 raise ValueError(f"{where}: an assistant turn needs a numeric 'time' (finite, >= 0 s) "
                                  f"and a text 'content', got {turn!r:.99}")
@@ -849,6 +906,8 @@ def evaluate(gold, pred_path, judge, omegas=(0.0, 0.5, 1.0), max_failures=0.01):
     """
     calls0, hits0, failures0 = judge.calls, judge.cache_hits, judge.failures  # the judge may serve several files
     preds = load_predictions(pred_path, known_ids={ex["question_id"] for ex in gold})
+    # a run may cover part of the benchmark (an interrupted infer.py): the examples it has are
+    # scored, the others are listed as skipped so the reader knows the PAUC covers fewer videos
     examples = [ex for ex in gold if ex["question_id"] in preds]
     skipped = [ex["question_id"] for ex in gold if ex["question_id"] not in preds]
     if not examples:
@@ -856,6 +915,7 @@ def evaluate(gold, pred_path, judge, omegas=(0.0, 0.5, 1.0), max_failures=0.01):
     turns = metric_turns(examples, preds, judge)
     if not turns:
         raise ValueError(f"{pred_path}: the gold examples it predicts have no answer turns")
+    # the judge scores do not depend on omega, only the areas do: judge once, compute three curves
     pauc = {w: 100 * sum(area_ratio(p, L, METRIC_SCALE - 1, w) for p, L, _ in turns) / len(turns) for w in omegas}
     dup = duplicate_proportion({ex["question_id"]: preds[ex["question_id"]] for ex in examples}, judge)
     stats = reply_stats(examples, preds)
@@ -920,6 +980,7 @@ def video_svg(example, lanes, end):
     e, n_gold = html.escape, len(example["answer"])
     height = AXIS_H + (n_gold + len(lanes)) * LANE_H + 4
     out = [f'<svg width="{PLOT_X0 + PLOT_W + 20}" height="{height}">']
+    # the smallest round step that gives at most 10 ticks (past 100 minutes: a tenth of the video)
     step = next((s for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600) if end / s <= 10), math.ceil(end / 10))
     for tick in range(0, int(end) + 1, step):
         x = timeline_x(tick, end)
@@ -933,7 +994,7 @@ def video_svg(example, lanes, end):
                    f'<rect class="span" x="{x0:.2f}" y="{y + 2}" width="{x1 - x0:.2f}" height="{LANE_H - 4}">'
                    f'<title>{e(about)}</title></rect><text x="{x0 + 3:.2f}" y="{y + 13}">{e(g["content"])}</text>')
     for k, (label, marks) in enumerate(lanes):
-        y = AXIS_H + (n_gold + k) * LANE_H + LANE_H // 2
+        y = AXIS_H + (n_gold + k) * LANE_H + LANE_H // 2  # the lane's middle: the dots sit on it
         out.append(f'<text class="name" x="{PLOT_X0 - 6}" y="{y + 4}">{e(label)}</text>')
         if marks is None:  # this file has no line for the video
             out.append(f'<text x="{PLOT_X0 + 4}" y="{y + 4}">(no prediction)</text>')
@@ -1023,12 +1084,13 @@ def main(argv=None):
     if not 0 <= args.max_failures <= 1:
         raise SystemExit(f"reward.py: --max-failures is a share of the judge calls, in [0, 1]; got {args.max_failures}")
     labels = args.label or [Path(p).stem for p in args.pred]
+    # labels key the --json runs and name the page's lanes: two equal ones would overwrite each other
     if len(labels) != len(args.pred) or len(set(labels)) != len(labels):
         raise SystemExit(f"reward.py: {len(args.pred)} --pred files need as many distinct names, got {labels}; "
                          "give them with --label")
     cached = args.judge == "openai" and args.cache  # only then do judge answers outlive the run
 
-    judge, runs = None, []
+    judge, runs = None, []  # judge stays None if Ctrl-C comes before it is built (see below)
     try:
         if args.judge == "offline":
             judge = OfflineJudge()
