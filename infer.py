@@ -6,9 +6,9 @@ the paper does (Sec. 4.1 and Appendix A): every user turn brings 1-2 frames, plu
 arrived meanwhile (a question, a subtitle); the model answers each turn with a reply or exactly
 "NO REPLY". The KV-cached engine lives in mmduet2.py (`Stream`); this file reads frames, places user
 text, times each turn, prints replies as they come and writes predictions in the ProactiveVideoQA
-format (paper Sec. 5.1).
+format (paper Sec. 5.1; docs/formats.md). How the engine works: docs/streaming.md.
 
-Inference settings (paper-settings.md): 1 s frame interval, 1 frame per turn ([WEB]; the paper
+Inference settings (docs/paper.md, "Settings"): 1 s frame interval, 1 frame per turn ([WEB]; the paper
 uses 2 for [EGO], [TV], [VAD]: --frames-per-turn 2), greedy decoding, at most 100 new tokens per
 turn, 128 LLM tokens per frame. Where we depart from the paper / released code:
 1. Frame size is capped at 128 tokens (max_pixels = 128*28*28, the training setting); the
@@ -63,7 +63,6 @@ Run:
     python infer.py --benchmark EGO/anno.json --videos EGO/videos --frames-per-turn 2 --out preds.jsonl
     python reward.py eval --gold WEB/anno.json --pred preds.jsonl --judge openai
 """
-import argparse
 import collections
 import itertools
 import json
@@ -97,14 +96,16 @@ def video_turns(video, interval, frames_per_turn=1, rounds=None):
     taken at the end of the turn's frames (Sec. 4.1). rounds caps the number of FRAMES streamed.
         7 frames, 1 s, 2 per turn -> (2, [f0, f1]), (4, [f2, f3]), (6, [f4, f5]), (7, [f6])
     """
-    n, frames = 0, []
-    for _, frame in itertools.islice(mmduet2.read_frames(video, interval), rounds):
+    n, frames = 0, []  # n: frames read so far
+    for _, frame in itertools.islice(mmduet2.read_frames(video, interval), rounds):  # rounds None: all
         n += 1
         frames.append(frame)
         if len(frames) == frames_per_turn:
+            # the turn's time is when its last frame has been seen: frame n-1 sits at (n-1)·interval,
+            # and the turn closes one interval later (mmduet2.turn_times, the same rule)
             yield n * interval, frames
             frames = []
-    if frames:
+    if frames:  # a last turn with fewer frames
         yield n * interval, frames
 
 
@@ -136,16 +137,17 @@ def live_frames(source, interval, input_format=None):
     with container:  # closed when the stream ends, breaks, or the reader stops (Ctrl-C)
         if not container.streams.video:
             raise ValueError(f"{source} holds no video stream")
+        # first: the stream's clock at its first frame; k: the last sample index taken; t: stream time
         first, k, t = None, -1, 0.0
         try:
-            for frame in container.decode(container.streams.video[0]):
-                if frame.time is None:
-                    continue  # no presentation time: it has no place on the stream's clock
+            for frame in container.decode(container.streams.video[0]):  # frames as they arrive
+                if frame.time is None:  # frame.time: its presentation time in seconds (pts × time base)
+                    continue  # none: it has no place on the stream's clock
                 first = frame.time if first is None else first  # a network stream's clock rarely starts at 0
                 t = frame.time - first
                 n = int(t / interval + 1e-6)  # the last sample time this frame has reached (epsilon: float error)
-                if n > k:
-                    k = n
+                if n > k:  # the first frame at or past a new sample time; the frames in between are not sampled
+                    k = n  # after a gap, only the latest sample time it skipped to gets a frame
                     yield k * interval, frame.to_ndarray(format="rgb24")
         except (av.FFmpegError, OSError, ValueError) as e:  # a cut connection ends in a truncated packet
             raise ConnectionError(f"{source} broke off after {clock(t)} of stream "
@@ -177,7 +179,9 @@ class Feed:
 
     def __init__(self, frames, interval, frames_per_turn=1):
         self.frames, self.interval = frames, interval
-        self.ready = collections.deque(maxlen=frames_per_turn)  # [(t, frame)] handed over, oldest first
+        # [(t, frame)] handed over, oldest first. Its maxlen is where frames are dropped: appending to a
+        # full deque pushes its oldest frame out, so only the newest frames_per_turn wait for the model
+        self.ready = collections.deque(maxlen=frames_per_turn)
         self.lock = threading.Condition()  # guards ready and done; wakes the model side
         self.start = None  # time.monotonic() at stream time 0
         self.done, self.error = False, None
@@ -190,6 +194,7 @@ class Feed:
         return 0.0 if self.start is None else time.monotonic() - self.start
 
     def _wait_for(self, t):  # until stream time t, or the stop
+        # a sleep that the model side can cut short: stop.set() wakes it at once
         self.stop.wait(max(0.0, self.start + t - time.monotonic()))
 
     def _hand_over(self, sample):
@@ -201,10 +206,10 @@ class Feed:
     def _read(self):
         held = None  # the newest frame, handed over when the stream reaches its turn time
         try:
-            for t, frame in self.frames:
+            for t, frame in self.frames:  # live: each next() blocks until the source sends the frame
                 if self.stop.is_set():
                     return
-                if self.start is None:
+                if self.start is None:  # the first frame starts the clock: stream time t is now
                     self.start = time.monotonic() - t
                 self._wait_for(t)  # a live frame arrives about now; a file's is read at once and waits
                 if held:
@@ -227,15 +232,17 @@ class Feed:
         try:
             while True:
                 with self.lock:
+                    # a whole turn's frames, or the end of the stream (then what is left, maybe nothing)
                     self.lock.wait_for(lambda: len(self.ready) == self.ready.maxlen or self.done)
                     turn = list(self.ready)  # frames_per_turn frames, fewer only at the end
                     self.ready.clear()
                 if not turn:
                     break
+                # the turn's time: one interval after its newest frame, as a file's turn (video_turns)
                 yield turn[-1][0] + self.interval, [frame for _, frame in turn]
                 self.taken += len(turn)  # once answered (a turn cut short by Ctrl-C is not)
         finally:
-            self.stop.set()
+            self.stop.set()  # the reader thread ends too, also when the model side stops early
         if self.error:
             raise self.error
 
@@ -281,9 +288,12 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
     responses = [] if responses is None else responses
     latencies = [] if latencies is None else latencies
     live = video if isinstance(video, Feed) else None
+    # a Feed times its turns on the stream's clock (and drops frames); a file's come as fast as the model takes them
     turns = live.turns() if live else video_turns(video, interval, frames_per_turn, rounds)
     try:
         for t, frames in turns:
+            # departure 2: a text joins the first turn whose time >= its own, after that turn's frames
+            # (encode_user puts frames first), so the question at t=0 lands in the first turn
             texts = []
             while pending and pending[0][0] <= t + 1e-9:  # the epsilon absorbs float error (3 x 0.1 s)
                 texts.append(pending.pop(0)[1])
@@ -292,11 +302,12 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
             text = mmduet2.turn_text(texts)
             if text and on_text:
                 on_text(t, text)
-            tic = time.perf_counter()
+            tic = time.perf_counter()  # latency: the model's time only, not decoding frames or waiting for them
             reply = stream.turn(frames, text, **decode)  # 1-2 frames (+ text) in, a reply or NO REPLY out
             latencies.append(time.perf_counter() - tic)
             if live:  # how long after its frames' turn time the reply came: stays bounded, as frames are dropped
                 live.lags.append(live.now() - t)
+            # the benchmark's record of the turn (docs/formats.md); times rounded so that 3 x 0.1 s is 0.3
             if text:
                 responses.append({"role": "user", "content": text, "time": round(t, 6)})
             if not reply.silent or keep_silent:
@@ -324,7 +335,7 @@ def parse_asks(specs, end):
         try:
             t = float(seconds)
         except ValueError:
-            t = -1.0
+            t = -1.0  # not a number: falls into the one error message below
         if not sep or not text.strip() or not math.isfinite(t) or t < 0:
             raise ValueError(f"--ask {spec!r} is not SECONDS:TEXT (e.g. --ask '12:What is he holding?')")
         if t > end:
@@ -339,7 +350,9 @@ def benchmark_inputs(ex, videos, interval):
     The question (conversation[0], t=0) and any subtitles at their times; frames up to the end of
     the last gold reply span (`reward.stream_rounds`). The fields were checked by `reward.load_gold`.
     """
+    # a user message without a time is the question, at t=0
     user_turns = [(c.get("time", 0.0), c["content"]) for c in ex["conversation"] if c["role"] == "user"]
+    # stream_rounds takes frames per second: 1 / interval
     return os.path.join(videos, ex["video"]), user_turns, reward.stream_rounds(ex, 1 / interval)
 
 
@@ -379,7 +392,7 @@ def end_last_line(path):
 
 def write_atomic(path, text):
     """Replace `path` by `text` in one step: an interruption leaves the old file or the new, never half of one."""
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.tmp"  # beside the target: one filesystem, so the rename below is atomic
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -418,6 +431,7 @@ def resume_state(out, sidecar, settings, known):
     except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bad UTF-8
         raise ValueError(f"{sidecar} is not infer.py's record of a run: give another --out, "
                          "or --overwrite to start over") from None
+    # every setting either side names: one only the old run recorded counts too (e.g. --realtime)
     differ = [f"--{k.replace('_', '-')} {old.get(k)} (this run: {settings.get(k)})"
               for k in [*settings, *(k for k in old if k not in settings)] if old.get(k) != settings.get(k)]
     if differ:
@@ -436,6 +450,7 @@ def check_out(out, inputs):
         raise ValueError(f"--out {out} is a folder: give a file name, e.g. {os.path.join(out, 'preds.jsonl')}")
     if not os.access(folder, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
         raise ValueError(f"--out {out}: not writable here")
+    # samefile, not name equality: a link or another spelling of the same path is caught too
     if any(os.path.exists(out) and os.path.samefile(out, x) for x in inputs if x and os.path.exists(x)):
         raise ValueError(f"--out {out} is an input of this run: give another file")
 
@@ -450,8 +465,9 @@ def latency_line(latencies):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Stream a video, a camera, a network stream (or a ProactiveVideoQA "
-                                             "benchmark) through MMDuet2.")
+    # a bad flag is one line, as every other bad input (argparse would print the whole usage first)
+    p = mmduet2.argument_parser("infer.py", "Stream a video, a camera, a network stream (or a ProactiveVideoQA "
+                                            "benchmark) through MMDuet2.")
     # what to watch
     p.add_argument("video", nargs="?", metavar="SOURCE",
                    help="video file, camera (/dev/video0) or network stream (http(s)://, HLS .m3u8, rtsp://) "
@@ -494,8 +510,6 @@ def parse_args(argv):
     p.add_argument("--realtime", action="store_true",
                    help="watch a file as a live stream: at wall-clock speed, dropping the frames the model is too "
                         "slow for (a camera or network stream always is)")
-    # a bad flag is one line, as every other bad input (argparse would print the whole usage first)
-    p.error = lambda message: p.exit(2, f"infer.py: {message} (infer.py --help lists the flags)\n")
     return p.parse_args(argv)
 
 
@@ -521,9 +535,10 @@ def demo(seed, out_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.demo is not None:
+    if args.demo is not None:  # the demo is a normal run on the arguments it makes up
         with tempfile.TemporaryDirectory(prefix="mmduet2-demo-") as tmp:
             return main(demo(args.demo, tmp))
+    # ---- refusals: flags that contradict each other, one line each, before anything is opened
     if (args.video is None) == (args.benchmark is None):
         raise SystemExit("infer.py: give either a VIDEO or --benchmark ANNO_JSON")
     if args.video and args.video.endswith(".json"):
@@ -548,7 +563,7 @@ def main(argv=None):
         if args.out:
             check_out(args.out, [args.video, args.benchmark])
         if args.video:
-            if args.out and os.path.exists(args.out) and not args.overwrite:
+            if args.out and os.path.exists(args.out) and not args.overwrite:  # one video's output is never resumed
                 raise ValueError(f"--out {args.out} exists: give another file, or --overwrite to replace it")
             live = is_live(args.video, args.input_format)
             if live:  # opened now and again when the model is ready: a wrong URL or camera fails at once
@@ -556,6 +571,7 @@ def main(argv=None):
             else:
                 first, n_frames = check_video(args.video, args.interval)
                 end = n_frames * args.interval  # the last turn's time
+            # --question is asked at t=0: it joins the first turn, after that turn's frames (departure 2)
             user_turns = ([(0.0, args.question)] if args.question else []) + parse_asks(args.ask, end)
         else:
             if os.path.isdir(args.benchmark):
@@ -568,6 +584,8 @@ def main(argv=None):
             plans = {ex["question_id"]: benchmark_inputs(ex, args.videos, args.interval) for ex in examples}
             sidecar = args.out + ".run.json"
             settings = run_settings(args)
+            # a resume: the examples already written, and those an earlier run skipped (refused if the
+            # settings differ, so one file never mixes two runs' predictions)
             done, skipped = (set(), {}) if args.overwrite else resume_state(args.out, sidecar, settings, set(plans))
         dtype = getattr(torch, args.dtype) if args.dtype else None
         model, processor = mmduet2.load_model(args.model, dtype, args.device, args.attn, args.frame_tokens)
@@ -585,12 +603,13 @@ def main(argv=None):
             tqdm.write(f"[{clock(t)}] {text or '(a blank reply)'}")
         stream = mmduet2.Stream(model, processor)  # one conversation (and KV cache) per video
         responses, latencies, failure, code = [], [], None, 0
-        feed = questions = None
+        feed = questions = None  # a file played at model speed needs neither
         if live or args.realtime:  # frames come as the stream plays, dropped when the model is behind
             frames = live_frames(args.video, args.interval, args.input_format) if live \
                 else mmduet2.read_frames(args.video, args.interval)
             feed, questions = Feed(frames, args.interval, args.frames_per_turn), queue.Queue()
             sys.stdout.reconfigure(line_buffering=True)  # each reply shows when it comes, through a pipe (tee) too
+            # daemon: a read blocked on stdin never holds up the exit
             threading.Thread(target=read_questions, args=(sys.stdin, questions), daemon=True).start()
             print("watching as it plays: type a question and Enter at any time (it joins the turn being fed); "
                   "Ctrl-C stops")
@@ -624,7 +643,7 @@ def main(argv=None):
             print(failure + kept, file=sys.stderr)
             raise SystemExit(code)
         # real-time factor = model time / video time: below 1 the model keeps up with a live stream
-        span = feed.now() if live else end
+        span = feed.now() if live else end  # live: the stream time watched; a file: its last turn's time
         print(f"{len(latencies)} turns, {n_replies} replies; per-turn latency {latency_line(latencies)}; "
               f"real-time factor {sum(latencies) / max(span, 1e-9):.2f}")
         summary = {"turns": len(latencies), "replies": n_replies, "latencies": latencies}
@@ -633,6 +652,7 @@ def main(argv=None):
         return summary
 
     # ---- benchmark (Sec. 5.1): the question at t=0, subtitles at their times, frames to the last gold span
+    # todo: the examples not yet written, but those an earlier run skipped (unless --retry-skipped)
     todo = [qid for qid in plans if qid not in done and (args.retry_skipped or qid not in skipped)]
     held = [qid for qid in plans if qid not in done and qid not in todo]  # skipped by an earlier run
     again = f", {len(held)} skipped by an earlier run (reasons in {sidecar}; --retry-skipped runs them)" if held else ""
@@ -658,10 +678,12 @@ def main(argv=None):
                     h, w = first.shape[:2]
                     size = f"{w}x{h} -> {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens/frame"
                     sizes[size] = sizes.get(size, 0) + 1
+                    # frames to the end of the last gold span, or to the video's end if it comes first
                     n_turns = math.ceil(min(rounds, n_frames) / args.frames_per_turn)
                     video = Feed(itertools.islice(mmduet2.read_frames(path, args.interval), rounds), args.interval,
                                  args.frames_per_turn) if args.realtime else path  # --realtime: played as live
                     with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
+                        # a fresh Stream (a new conversation and KV cache) for every example
                         responses, lat = stream_video(mmduet2.Stream(model, processor), video, args.interval,
                                                       args.frames_per_turn, user_turns, rounds,
                                                       on_turn=turns.update, **decode)

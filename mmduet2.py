@@ -1,25 +1,36 @@
-"""MMDuet2's core: the chat template, frames, token ids, model loading and the streaming engine.
+"""MMDuet2's hub: the chat template, frames, token ids, model loading and the streaming engine.
 
-Every script of the pipeline imports this file (it imports none of them):
+Role in the pipeline: every script imports this file, and it imports none of them.
 
     data.py ──▶ sft.py ──▶ grpo.py ──▶ infer.py          (reward.py stands alone)
           \\________ all of them use mmduet2.py ________/
 
-What lives here, top to bottom (paper Sec. 4.1 and Appendix A):
+What lives here, top to bottom (paper Sec. 4.1 and Appendix A; what we take from the paper is
+collected in docs/paper.md):
 
-1. Constants: the proactive system prompt of the paper's Fig. 2, the silence string, special tokens.
-2. Frames: sample a video at a fixed interval with decord, one frame at a time; the frame-size
-   rule (128 LLM tokens per frame by default); the time of each user turn.
-3. Dialogue files: our SFT JSONL, the released MMDuet2 SFT JSONL and ProactiveVideoQA anno.json.
-4. Token ids in, token ids out: a conversation is encoded message by message as *deltas*
-   (input ids, modality types, pixels, image grids, loss mask) and positioned with Qwen2.5-VL's
-   3-D rope, chunk by chunk.
+1. Constants: the proactive system prompt of the paper's Fig. 2, the silence string, the special tokens.
+2. Frames: sample a video at a fixed interval with decord, one frame at a time; the time of each
+   user turn; the size of a frame, through qwen-vl-utils (Qwen's own rule; 128 LLM tokens per
+   frame by default).
+3. Dialogue files: our SFT JSONL and the released MMDuet2 SFT JSONL (docs/formats.md; the
+   benchmark's anno.json is read by reward.py).
+4. Token ids in, token ids out: a conversation is encoded message by message as *deltas* through
+   the checkpoint's own chat template (ids, modality types, pixels, image grids, loss mask), and
+   positioned with Qwen2.5-VL's 3-D rope, chunk by chunk.
 5. Models: `from_pretrained` on the hub or a folder, or `tiny`: a random Qwen2.5-VL with a
    tokenizer trained in-process, for tests, the toy world and smoke runs.
-6. `Stream`: the KV-cached proactive engine. Feed a user turn, get the assistant turn back
-   (a reply or NO REPLY) with its exact token ids; "fast silence" checks the NO REPLY draft in
-   the same forward pass as the user turn. `Group`: G copies of a Stream decoded as one batch
-   (GRPO's rollouts).
+6. The streaming engine (docs/streaming.md): `Stream` keeps a proactive chat in a KV cache. Feed a
+   user turn, get the assistant turn back (a reply or NO REPLY) with its exact token ids. Our code
+   is the prefill (new frames and text, explicit 3-D positions); decoding goes through transformers'
+   `generate` with a `GenerationConfig`. Read the plain path (`Stream.turn`) first; the two
+   optimisations come after it, each marked: fast silence (the NO REPLY draft checked in the same
+   forward as the user turn) and `Group` (G streams decoded as one batch: GRPO's rollouts).
+7. Runs: the --toy preset, and the one checkpoint format and resume path of sft.py and grpo.py.
+
+Departures: fast silence and `Group` are ours (neither the paper nor the released code has them);
+they change the cost only (greedy: the same ids; sampled: the same distribution), and tests hold
+both to the plain path. FRAME_TOKENS caps frames at inference too, where the released code set no
+cap (infer.py says so with its other departures).
 
 Try it:
 
@@ -54,6 +65,8 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 SILENCE = "NO REPLY"   # a turn is silent when its stripped text equals this
 IMAGE = "<image>"      # one frame in a message's text (the released data's placeholder)
 
+# Qwen2.5-VL's special tokens, by name: ids are always looked up in the tokenizer, never written down.
+# <|im_end|> closes every turn; generation stops on it.
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 IMAGE_PAD, VIDEO_PAD, ENDOFTEXT = "<|image_pad|>", "<|video_pad|>", "<|endoftext|>"
@@ -167,6 +180,7 @@ def read_frames(path, interval):
     if n == 0:
         raise ValueError(f"video {path} ({n_video / fps:.2f} s) is shorter than one frame interval ({interval} s)")
     for k in range(n):
+        # the video frame nearest time k·interval; the clamp catches a last one rounded past the end
         idx = min(round(k * interval * fps), n_video - 1)
         try:
             frame = vr[idx].asnumpy()
@@ -185,6 +199,7 @@ def turn_times(n_frames, interval, frames_per_turn):
     """
     if frames_per_turn not in (1, 2):
         raise ValueError(f"frames per turn must be 1 or 2, got {frames_per_turn}")
+    # turn j starts at frame j (a multiple of fpt) and ends after fpt frames, or the last frame
     return [min(j + frames_per_turn, n_frames) * interval for j in range(0, n_frames, frames_per_turn)]
 
 
@@ -202,6 +217,7 @@ def reply_turn(times, span):
         times [2, 4, 6, 8], span [3, 7] → 2 (t=6)      span [4.5, 5] → 2 (t=6)
     """
     s0, s1 = span
+    # a turn's time is the end of its frames, so a turn inside the span has seen part of the event
     inside = [j for j, t in enumerate(times) if s0 <= t <= s1]
     if inside:
         return inside[-1]
@@ -217,6 +233,7 @@ def frame_pixels(max_tokens=FRAME_TOKENS):
 def frame_tokens(height, width, max_tokens=FRAME_TOKENS):
     """LLM tokens one (height × width) frame costs after `fit_frame`: a 16:9 frame 120, 448×224 128, 84×84 9."""
     from qwen_vl_utils import smart_resize  # Qwen's own frame-size rule
+    # sides rounded to multiples of 28 px (one LLM token), the area scaled into [min, max] pixels
     h, w = smart_resize(height, width, 28, *frame_pixels(max_tokens))
     return h * w // PIXELS_PER_TOKEN
 
@@ -227,6 +244,7 @@ def fit_frame(frame, processor):
     the aspect ratio kept. (H, W, 3) uint8 → (H', W', 3) uint8; a frame that already fits is returned as is."""
     from PIL import Image
     from qwen_vl_utils import fetch_image
+    # Qwen's image processor keeps min and max pixels under these two names (set_frame_tokens sets them)
     size = processor.image_processor.size
     image = fetch_image({"image": Image.fromarray(frame), "min_pixels": size["shortest_edge"],
                          "max_pixels": size["longest_edge"]})
@@ -311,10 +329,15 @@ def load_dialogue(record, root="."):
 
 # ----------------------------------------------------------------------------
 # 4. Token ids in, token ids out
+#
+# Everything the model sees is a Chunk: ids plus what travels with them (modality types, loss mask,
+# pixels, grids). Chunks add up, so a conversation is the sum of its turns' chunks. SFT encodes a
+# whole dialogue at once, the Stream one turn at a time; both give the same ids (a test checks it).
 
 def to_chat(message):
     """Our message (text with "<image>" placeholders) → the processor's chat format: frames first."""
     parts = message["content"].split(IMAGE)
+    # Sec. 4.1: a user turn is its frames, then its text, whatever the placeholders' places
     content = [{"type": "image"}] * (len(parts) - 1)
     text = "".join(parts)
     if text:
@@ -341,14 +364,21 @@ class Chunk:
                      self.pixels + other.pixels, self.grids + other.grids)
 
 
+def _image_tokens(grid):
+    """LLM tokens of one image with patch grid (t, h, w): the 2×2 merge makes 4 patches one token."""
+    return grid[0] * grid[1] * grid[2] // 4
+
+
 def _tokenize(processor, text, images=()):
     """Text with one image marker per frame → a Chunk (image pads expanded to the frame's tokens)."""
     if not images:  # text only: the tokenizer alone (the processor's overhead doubled a turn's encode time)
         ids = processor.tokenizer(text)["input_ids"]
         return Chunk(ids, [0] * len(ids), [0] * len(ids))
+    # the processor repeats each <|image_pad|> once per LLM token of its (already fitted) frame
     out = processor(text=[text], images=[fit_frame(f, processor) for f in images], return_tensors="pt")
     ids = out["input_ids"][0].tolist()
     grid = out["image_grid_thw"]  # (n_images, 3)
+    # pixel_values comes as one (all patches, C·T·14·14) tensor: cut it back into one piece per image
     pixels = list(torch.split(out["pixel_values"], grid.prod(-1).tolist()))  # (patches_i, C·T·14·14) each
     grids = [tuple(g) for g in grid.tolist()]
     return Chunk(ids, out["mm_token_type_ids"][0].tolist(), [0] * len(ids), pixels, grids)
@@ -362,10 +392,11 @@ def _render(processor, messages, generation_prompt=False):
 def _delta(processor, system, message, generation_prompt=False):
     """The text `message` adds to a conversation, through the checkpoint's own chat template.
 
-    Render [system] and [system, message] and keep the difference. The template renders each message
-    on its own (only a *missing* system turn is special, and we always give one), so the delta does
-    not depend on the turns before it: a test checks this against rendering the whole conversation.
+    The delta does not depend on the turns before it, so a conversation encoded turn by turn equals
+    the conversation encoded whole: a test checks this against rendering the whole conversation.
     """
+    # render [system] and [system, message], keep the difference. The template renders each message on
+    # its own (only a *missing* system turn is special, and we always give one), so this is the delta.
     before = _render(processor, [system])
     after = _render(processor, [system, message], generation_prompt)
     assert after.startswith(before), "chat template is not prefix-stable"
@@ -380,24 +411,28 @@ def encode_system(processor, system=SYSTEM_PROMPT):
 def encode_user(processor, text, frames, system=SYSTEM_PROMPT, generation_prompt=True):
     """A user turn (frames first, then text) plus, by default, the `<|im_start|>assistant\\n` header."""
     sys_msg = {"role": "system", "content": system}
+    # the header belongs to the user turn's chunk: the Stream prefills it with the frames, and the
+    # reply is then generated from its last token
     return _tokenize(processor, _delta(processor, sys_msg, {"role": "user", "content": IMAGE * len(frames) + (text or "")},
                                        generation_prompt), frames)
 
 
 def encode_assistant(processor, text, system=SYSTEM_PROMPT):
-    """An assistant turn: header + text + <|im_end|> + "\\n". Mask = 1 on text and <|im_end|>.
-
-    The header `<|im_start|>assistant\\n` and the trailing newline are template, not a decision,
-    so they are not trained. NO REPLY turns are trained like any reply: silence is a decision.
-    """
+    """An assistant turn: header + text + <|im_end|> + "\\n". Mask = 1 on text and <|im_end|> (NO REPLY too)."""
     sys_msg = {"role": "system", "content": system}
     full = _delta(processor, sys_msg, {"role": "assistant", "content": text})
+    # the header alone: what the template's generation prompt adds after a turn
     head = _delta(processor, sys_msg, {"role": "user", "content": ""}, True)
     head = head[head.index(IM_START + "assistant"):]  # "<|im_start|>assistant\n"
     assert full.startswith(head) and full.endswith(IM_END + "\n"), "unexpected chat template"
+    # the loss mask: the header and the trailing "\n" are template, not a decision, so they are not
+    # trained; the text and its <|im_end|> are (ending the turn is a decision). NO REPLY is trained
+    # like any reply: silence is a decision too.
     body = _tokenize(processor, full[len(head):-1])  # text + <|im_end|>
     body.mask = [1] * len(body.ids)
     tail = _tokenize(processor, "\n")
+    # three pieces for the three mask runs (0, 1, 0); they split where the tokenizer splits anyway (at special
+    # tokens and line ends), so they give the ids of the whole (test_deltas_equal_whole_conversation)
     return _tokenize(processor, head) + body + tail
 
 
@@ -409,17 +444,17 @@ def encode_dialogue(processor, messages, frames, system=SYSTEM_PROMPT, max_token
     """
     if messages and messages[0]["role"] == "system":
         system, messages = messages[0]["content"], messages[1:]
-    seq, k = encode_system(processor, system), 0
+    seq, k = encode_system(processor, system), 0  # k: the next unused frame
     for m in messages:
         if m["role"] == "assistant":
             seq = seq + encode_assistant(processor, m["content"], system)
-        else:
+        else:  # user turns are context (mask 0); their placeholders take the next n frames
             n = m["content"].count(IMAGE)
             text = m["content"].replace(IMAGE, "")
             seq = seq + encode_user(processor, text, frames[k:k + n], system, generation_prompt=False)
             k += n
         if max_tokens and len(seq.ids) >= max_tokens:
-            break
+            break  # the rest would be cut anyway: do not encode (and resize) its frames
     if max_tokens and len(seq.ids) > max_tokens:
         seq = truncate(seq, max_tokens)
     return seq
@@ -429,42 +464,44 @@ def truncate(seq, n):
     """Keep the first n tokens; an image cut in half is dropped whole (its tokens and pixels)."""
     ids, types, mask = seq.ids[:n], seq.mm_types[:n], seq.mask[:n]
     n_img_tokens = sum(types)  # image tokens kept
+    # keep the images whose tokens all lie among the first n; `used` counts their tokens
     pixels, grids, used = [], [], 0
     for p, g in zip(seq.pixels, seq.grids):
-        t = g[0] * g[1] * g[2] // 4  # LLM tokens of this image (2×2 merge)
+        t = _image_tokens(g)
         if used + t > n_img_tokens:
             break
         pixels.append(p), grids.append(g)
         used += t
     cut = len(ids)
     if used < n_img_tokens:  # drop the partial image's tokens from where it starts
-        cut = [i for i, t in enumerate(types) if t][used]
+        cut = [i for i, t in enumerate(types) if t][used]  # index of the first image token not kept
     return Chunk(ids[:cut], types[:cut], mask[:cut], pixels, grids)
 
 
 def rope_positions(model, chunk, start=0):
     """3-D rope positions (3, 1, L) of a chunk whose first token follows position `start - 1`.
 
-    Qwen2.5-VL gives text tokens equal (t, h, w) positions and image tokens a grid; the index is
-    offset-invariant, so a chunk's positions are its own rope index plus where the sequence is.
-    Passing these explicitly on every cached forward matters: left alone, the model reuses
-    `rope_deltas` state from an earlier call and the logits drift (spec/streaming.md, pitfall 1).
+    Passed explicitly on every cached forward and to `generate` (docs/streaming.md, pitfalls 1 and 2).
     """
-    ids = torch.tensor([chunk.ids])
-    types = torch.tensor([chunk.mm_types])
-    grids = torch.tensor(chunk.grids) if chunk.grids else None
-    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grids)
+    ids = torch.tensor([chunk.ids])  # (1, L)
+    types = torch.tensor([chunk.mm_types])  # (1, L): without it positions silently fall back to 1-D
+    grids = torch.tensor(chunk.grids) if chunk.grids else None  # (n_images, 3)
+    # Qwen2.5-VL gives text tokens equal (t, h, w) positions and image tokens a grid. The index is
+    # offset-invariant, so a chunk's positions are its own index shifted to where the sequence is.
+    # Left to itself, a cached forward would reuse `rope_deltas` state from an earlier call, stale
+    # once a stream holds several images: no error, the logits just drift.
+    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grids)  # (3, 1, L)
     return pos + start
 
 
 def model_inputs(model, chunk, start=0):
     """Keyword arguments for `model(...)` on a chunk: ids, pixels, grids and explicit positions."""
     dev = model.device
-    kw = dict(input_ids=torch.tensor([chunk.ids], device=dev),
-              position_ids=rope_positions(model, chunk, start).to(dev))
+    kw = dict(input_ids=torch.tensor([chunk.ids], device=dev),  # (1, L)
+              position_ids=rope_positions(model, chunk, start).to(dev))  # (3, 1, L)
     if chunk.pixels:
-        kw["pixel_values"] = torch.cat(chunk.pixels).to(dev, model.dtype)
-        kw["image_grid_thw"] = torch.tensor(chunk.grids, device=dev)
+        kw["pixel_values"] = torch.cat(chunk.pixels).to(dev, model.dtype)  # (all patches, 1176)
+        kw["image_grid_thw"] = torch.tensor(chunk.grids, device=dev)  # (n_images, 3)
     return kw
 
 
@@ -476,17 +513,17 @@ def token_logprobs(logits, ids, temperature=1.0):
 def forward_logprobs(model, seq, temperature=1.0, wrapped=None):
     """One full forward over a Chunk: log p of every masked token (training; the golden reference).
 
-    Logits are computed only at the positions that predict a masked token (the lm_head over a long
-    video dialogue would otherwise be the largest tensor of the step). Returns a (n_masked,) tensor.
-    `wrapped`: the accelerate/DDP-wrapped model to call, so that gradients synchronise across ranks
-    (positions are still computed on the plain `model`).
+    Returns a (n_masked,) tensor. `wrapped`: the accelerate/DDP-wrapped model to call, so that
+    gradients synchronise across ranks (positions are still computed on the plain `model`).
     """
     mask = torch.tensor(seq.mask)
-    targets = mask[1:].nonzero()[:, 0] + 1  # indices of supervised tokens; position i-1 predicts i
+    targets = mask[1:].nonzero()[:, 0] + 1  # (n_masked,) indices of supervised tokens; position i-1 predicts i
+    # logits only where a masked token is predicted: the lm_head over a long video dialogue would
+    # otherwise be the largest tensor of the step
     out = (wrapped or model)(**model_inputs(model, seq), logits_to_keep=(targets - 1).to(model.device),
                              use_cache=False)
-    ids = torch.tensor(seq.ids, device=model.device)[targets.to(model.device)]
-    return token_logprobs(out.logits[0], ids, temperature)
+    ids = torch.tensor(seq.ids, device=model.device)[targets.to(model.device)]  # (n_masked,)
+    return token_logprobs(out.logits[0], ids, temperature)  # out.logits: (1, n_masked, V)
 
 
 # ----------------------------------------------------------------------------
@@ -518,7 +555,7 @@ def load_model(name=DEFAULT_MODEL, dtype=None, device=None, attn=None, frame_tok
                 model, processor = _from_pretrained(name, dtype, attn)
             except OSError as e:
                 raise _hub_error(name, str(e).splitlines()[0][:160]) from None
-    set_frame_tokens(processor, frame_tokens)
+    set_frame_tokens(processor, frame_tokens)  # the processor's own default would be far larger frames
     return model.to(device, dtype).eval(), processor
 
 
@@ -561,14 +598,17 @@ def tiny_tokenizer(corpus=(), vocab_size=512):
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
     bpe = Tokenizer(models.BPE())
+    # Qwen's split (words, digits one by one, line ends), then bytes as printable characters (GPT-2's trick)
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     texts = [SYSTEM_PROMPT, DEFAULT_SYSTEM_PROMPT, SILENCE, "user", "assistant", "system"] + list(corpus)
-    bpe.train_from_iterator(texts * 4, trainers.BpeTrainer(
+    # all 256 byte symbols in the vocabulary, so any text encodes, even bytes the texts never had
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     model = json.loads(bpe.to_str())["model"]
     tok = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+    # <|endoftext|> is already there (Qwen2Tokenizer's default unk, eos and pad token)
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -591,14 +631,15 @@ def tiny_model(seed=0, hidden=128, layers=2, vision_hidden=64, vision_depth=2):
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
     tok = tiny_tokenizer(TOY_CORPUS)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    heads = 4
     config = Qwen2_5_VLConfig(
+        # 4 query heads share 2 key/value heads (grouped-query attention, as the 3B model's 16 and 2)
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=32768, tie_word_embeddings=True,
                          # mrope splits each head's rotary half-dims into (t, h, w): 3B uses [16, 24, 24] of 64
                          rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
                          bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT]),
+        # the vision blocks attend within windows but the last, as Qwen's (3B: full attention in 4 of 32)
         vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                            num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2, window_size=56, fullatt_block_indexes=[vision_depth - 1]),
@@ -613,11 +654,12 @@ def tiny_model(seed=0, hidden=128, layers=2, vision_hidden=64, vision_depth=2):
 
 
 # ----------------------------------------------------------------------------
-# 6. The streaming engine
+# 6. The streaming engine (docs/streaming.md)
 #
 # Read `Stream.turn` first: its plain path is the whole idea (prefill the new user turn into the KV
 # cache with explicit positions, then `generate` the reply). Fast silence and `Group` (the G rollouts
-# of a GRPO episode as one batch) are optimisations after it; tests hold both to the plain path.
+# of a GRPO episode as one batch) are optimisations after it, each marked; tests hold both to the
+# plain path.
 #
 # Randomness: sampling uses torch's default generator of the model's device (`generate` takes no
 # generator, and our draft check draws from the same one), so `torch.manual_seed(s)` before a turn
@@ -628,8 +670,9 @@ class Reply:
     """One assistant turn: its text and the exact ids the model produced (ending in <|im_end|>)."""
     text: str
     ids: list
-    logprobs: list  # log p of each produced id under softmax(logits / T), before top-k (GRPO logs the
-    # gap to its training forward; the golden tests compare them to a full forward)
+    # log p of each produced id under softmax(logits / T), before top-k: GRPO logs the gap to its
+    # training forward, and the golden tests compare them to a full forward
+    logprobs: list
     forced_end: bool = False  # max_new_tokens cut the reply: <|im_end|> was appended, not produced
 
     @property
@@ -641,13 +684,14 @@ def decoding(processor, temperature=0.0, top_k=None, max_new_tokens=100):
     """The GenerationConfig of an assistant turn: greedy at temperature 0 (the paper's inference),
     sampled otherwise (GRPO rollouts: T 1.2, top-k 10, <= 100 new tokens).
 
-    Every knob `generate` would otherwise fill in from the checkpoint's generation_config.json is set
-    here (Qwen2.5-VL ships top_p 0.001, repetition_penalty 1.05, ...): a turn decodes the same way
-    whatever checkpoint it runs. It stops at <|im_end|>, the end of an assistant turn.
+    It stops at <|im_end|>, the end of an assistant turn, and sets every knob itself, so a turn
+    decodes the same way whatever checkpoint it runs (docs/streaming.md, pitfall 7).
     """
     from transformers import GenerationConfig
     tok = processor.tokenizer
     im_end = tok.convert_tokens_to_ids(IM_END)
+    # all knobs given: `generate` would otherwise fill them in from the checkpoint's
+    # generation_config.json (Qwen2.5-VL ships top_p 0.001, repetition_penalty 1.05, ...)
     sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=1.0) if temperature else \
         dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0)  # greedy: transformers' neutral values
     return GenerationConfig(
@@ -663,50 +707,19 @@ def _budget(config, max_new_tokens):
     return config
 
 
-def _sampling_probs(logits, config):
-    """The distribution `generate` samples from: softmax(logits / T) over the top-k (TopKLogitsWarper's rule)."""
-    logits = logits.float() / config.temperature
-    if config.top_k:
-        kth = torch.topk(logits, min(config.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.softmax(logits, -1)
-
-
-def accept_draft(probs, token):
-    """Speculative acceptance of a fixed draft token: returns (token actually emitted, accepted).
-
-    The draft is deterministic (q = one-hot on `token`), so "accept with min(1, p/q)" is "accept with
-    probability p(token)"; on rejection we sample from the residual max(0, p − q) ∝ p with `token`
-    removed. The emitted token is then distributed exactly as p.
-    """
-    if torch.rand((), device=probs.device) < probs[token]:
-        return token, True
-    residual = probs.clone()
-    residual[token] = 0.0
-    return int(torch.multinomial(residual / residual.sum(), 1)), False
-
-
-class _OnlyEnd:
-    """A logits processor for `generate`: rows in `done` may only emit <|im_end|> (a batch row whose
-    turn already ended, e.g. on an accepted NO REPLY draft, ends at once instead of rambling on)."""
-
-    def __init__(self, done, im_end):
-        self.done, self.im_end = done, im_end  # (G,) bool on the model's device
-
-    def __call__(self, input_ids, scores):
-        end = torch.full_like(scores, float("-inf"))
-        end[:, self.im_end] = 0.0
-        return torch.where(self.done[:, None], end, scores)
+def _sampled_logprobs(logits, ids, config):
+    """generate's raw logits (one (B, V) per step) → log p of the produced ids under softmax(logits / T)."""
+    steps = [token_logprobs(step, ids[:, k], config.temperature) for k, step in enumerate(logits)]  # (B,) each
+    return torch.stack(steps, 1).tolist() if steps else [[] for _ in range(len(ids))]
 
 
 class Stream:
     """A proactive conversation kept in a KV cache, one user turn at a time.
 
     Invariants: `seq` holds every token so far (ids, mask, pixels, grids); the KV cache holds
-    `seq.ids[:cached]`; `pos` is the next rope position. `generate` stops on <|im_end|> before feeding
-    it, so after a reply its <|im_end|> and the template's "\\n" are in `seq` but not yet in the cache;
-    they are fed at the head of the next chunk. So the cache always equals the ids, and the golden
-    test (tests/test_mmduet2.py) holds every logit to one full forward over them.
+    `seq.ids[:cached]`, and what lies after it is pending, fed at the head of the next chunk;
+    `pos` is the next rope position. So the cache always equals the ids, and the golden test
+    (tests/test_mmduet2.py) holds every logit to one full forward over them.
     """
 
     def __init__(self, model, processor, system=SYSTEM_PROMPT):
@@ -714,7 +727,9 @@ class Stream:
         self.model, self.processor, self.system = model, processor, system
         self.im_end = processor.tokenizer.convert_tokens_to_ids(IM_END)
         self.draft = _tokenize(processor, SILENCE + IM_END).ids  # "NO REPLY<|im_end|>", for fast silence
-        self.seq = encode_system(processor, system)
+        self.seq = encode_system(processor, system)  # the system turn: pending until the first turn feeds it
+        # cached: how many of seq.ids the cache holds; pos: not the same count, as an image's tokens
+        # advance the rope position by its grid, not by its length
         self.cache, self.cached, self.pos = DynamicCache(config=model.config), 0, 0
         self.vision = {}  # frames' vision-encoder outputs by pixel content (shared by forks and a Group's rows)
 
@@ -727,33 +742,39 @@ class Stream:
         fast_silence: try the NO REPLY draft first (`_fast_turn`); same output, cheaper silent turns.
         """
         config = config or decoding(self.processor)
+        # the user turn ends in the assistant header: the model answers every turn (Sec. 4.1)
         self.seq = self.seq + encode_user(self.processor, text, frames, self.system)
-        if fast_silence and config.max_new_tokens >= len(self.draft):
+        if fast_silence and config.max_new_tokens >= len(self.draft):  # the draft must fit in the budget
             return self._fast_turn(config)
         pending = self._pending()  # the reply's prompt: "<|im_end|>\n" left from the last turn + this turn
-        self._forward(pending.head(-1))  # all but its last token ("\n" after "assistant") into the cache,
+        # all but its last token ("\n" after "assistant") into the cache, by hand: images only ever go
+        # through our prefill, since `generate` with a kept cache and new images fails (pitfall 4)
+        self._forward(pending.head(-1))
         out, logps = self._generate(pending.ids[-1], config)  # then `generate` from that token
         return self._close(out, logps)
 
     def _generate(self, token, config, out=(), logps=()):
         """`generate` a reply from `token` (the last id not yet in the cache), after `out` already produced.
 
-        The cache is `generate`'s to extend. Its positions are given: `pos` onwards, text-only, so all three
-        rope axes step together (generate adds 1 per token). Left to itself it would derive them from
-        `rope_deltas` state that a cached multi-image stream makes stale (docs/streaming.md, pitfall 1).
+        The cache is `generate`'s to extend; it stops on <|im_end|> or when the turn's budget is spent.
         """
         out, logps = list(out), list(logps)
-        left = config.max_new_tokens - len(out)
+        left = config.max_new_tokens - len(out)  # fast silence may have produced some tokens already
         if left <= 0 or (out and out[-1] == self.im_end):
             return out, logps
         dev = self.model.device
         gen = self.model.generate(
             input_ids=torch.tensor([[token]], device=dev), past_key_values=self.cache,
             attention_mask=torch.ones(1, self.cached + 1, dtype=torch.long, device=dev),  # cache + this token
+            # positions from `pos` on, text only, so the three rope axes step together (generate adds 1
+            # per token). Left to itself it would derive them from `rope_deltas` state that a cached
+            # multi-image stream makes stale (docs/streaming.md, pitfall 1).
             position_ids=torch.full((3, 1, 1), self.pos, device=dev),  # (t, h, w) × batch 1 × 1 token
             generation_config=_budget(config, left))
         new = gen.sequences[0, 1:].tolist()  # (n,): the produced ids, after the input token
-        self.cached += len(new)  # fed: `token` + new[:-1]; the last id (<|im_end|>) is never fed
+        # fed: `token` + new[:-1]. The last id (<|im_end|>, or the last one the budget allowed) is never
+        # fed: it stays pending with the template's "\n" (pitfall 5)
+        self.cached += len(new)
         self.pos += len(new)
         return out + new, logps + _sampled_logprobs(gen.logits, gen.sequences[:, 1:], config)[0]
 
@@ -761,6 +782,8 @@ class Stream:
         """Append the assistant turn to `seq` (mask 1 on what the model produced) and return it as a Reply."""
         forced = out[-1] != self.im_end
         ids = out + [self.im_end] * forced  # a cut reply still closes its turn (not trained: mask 0)
+        # the mask marks exactly the policy's tokens, <|im_end|> included: GRPO trains on these ids
+        # as they were sampled, never on re-tokenized text
         self.seq = self.seq + Chunk(ids, [0] * len(ids), [1] * len(out) + [0] * forced) + _tokenize(self.processor, "\n")
         text = self.processor.tokenizer.decode(out, skip_special_tokens=True)
         return Reply(text, ids, logps, forced)
@@ -769,7 +792,7 @@ class Stream:
     def _forward(self, chunk, keep=1):
         """The hand-written prefill: feed a chunk (its images too) into the cache with explicit positions;
         return the last `keep` positions' logits (keep, V)."""
-        kw = model_inputs(self.model, chunk, self.pos)
+        kw = model_inputs(self.model, chunk, self.pos)  # positions continue from where the cache ends
         if chunk.pixels:  # vision features instead of pixels, so that copies of this stream encode a frame once
             del kw["pixel_values"]
             kw["mm_encoder_outputs"] = {"image": self._vision(chunk)}
@@ -782,11 +805,12 @@ class Stream:
         """Everything in `seq` that the cache does not hold yet, with the pixels of its images."""
         s, c = self.seq, self.cached
         n_cached = sum(s.mm_types[:c])  # image tokens already in the cache
+        # the cache always ends in text, never inside an image: an image is pending whole or not at all
         pixels, grids, seen = [], [], 0
         for p, g in zip(s.pixels, s.grids):
             if seen >= n_cached:
                 pixels.append(p), grids.append(g)
-            seen += g[0] * g[1] * g[2] // 4  # LLM tokens of this image (2×2 merge)
+            seen += _image_tokens(g)
         return Chunk(s.ids[c:], s.mm_types[c:], s.mask[c:], pixels, grids)
 
     def _vision(self, chunk):
@@ -795,7 +819,7 @@ class Stream:
         key = hashlib.blake2b(b"".join(p.numpy().tobytes() for p in chunk.pixels) + str(chunk.grids).encode()).digest()
         if key not in self.vision:
             if len(self.vision) >= 64:
-                self.vision.pop(next(iter(self.vision)))  # the oldest
+                self.vision.pop(next(iter(self.vision)))  # the oldest (dicts keep insertion order)
             dev = self.model.device
             out = self.model.model.get_image_features(torch.cat(chunk.pixels).to(dev, self.model.dtype),
                                                       torch.tensor(chunk.grids, device=dev), return_dict=True)
@@ -814,7 +838,7 @@ class Stream:
             turn = encode_assistant(self.processor, text, self.system)
             turn.mask = [0] * len(turn.ids)
             self.seq = self.seq + turn
-        else:
+        else:  # no assistant header: the next turn (fed or produced) brings its own
             self.seq = self.seq + encode_user(self.processor, text, frames, self.system, generation_prompt=False)
 
     def prefill(self):
@@ -833,17 +857,20 @@ class Stream:
     def _fast_turn(self, config):
         """`turn` with the NO REPLY draft riding along with the user turn in the same forward pass.
 
-        Most turns are silent, and silence is a known string. The draft's logits say, token by token,
-        whether the model would have produced it (`_check_draft`): an accepted draft makes a silent turn
-        one forward; a rejected one is cropped from the cache and `generate` goes on from the token the
-        model chose instead. The output is distributed as the plain path's (greedy: identical).
+        Most turns are silent, and silence is a known string: an accepted draft makes a silent turn
+        one forward. The output is distributed as the plain path's (greedy: identical).
         `generate` cannot do this for us: it verifies drafts only from an assistant model or prompt lookup.
         """
         draft = Chunk(self.draft, [0] * len(self.draft), [0] * len(self.draft))
+        # pending + draft in one forward; logits row i predicts draft[i] (row 0 sits on the header's "\n")
         logits = self._forward(self._pending() + draft, len(self.draft) + 1)  # (len(draft) + 1, V)
         out, logps, rejected = self._check_draft(logits, config)
-        self.cache.crop(-rejected) if rejected else None  # the draft tokens after the first rejected one
+        # the draft tokens after the first rejected one were fed but are not the turn: crop them
+        if rejected:
+            self.cache.crop(-rejected)
         self.cached, self.pos = self.cached - rejected, self.pos - rejected  # draft tokens are text: 1 position each
+        # rejected: `generate` goes on from the model's own token (out[-1], not fed yet);
+        # accepted: out ends in <|im_end|> (fed with the draft) and _generate returns at once
         out, logps = self._generate(out[-1], config, out, logps)
         return self._close(out, logps)
 
@@ -855,7 +882,7 @@ class Stream:
         """
         out, logps = [], []
         for i, row in enumerate(logits):
-            if config.do_sample:
+            if config.do_sample:  # speculative acceptance: the emitted token is distributed as a sample
                 tok, accepted = accept_draft(_sampling_probs(row, config), self.draft[i])
             else:  # greedy accepts exactly when the draft token is the argmax
                 tok = int(row.argmax())
@@ -868,10 +895,46 @@ class Stream:
                 return out, logps, 0  # the whole draft, <|im_end|> included, is the turn
 
 
-def _sampled_logprobs(logits, ids, config):
-    """generate's raw logits (one (B, V) per step) → log p of the produced ids under softmax(logits / T)."""
-    steps = [token_logprobs(step, ids[:, k], config.temperature) for k, step in enumerate(logits)]  # (B,) each
-    return torch.stack(steps, 1).tolist() if steps else [[] for _ in range(len(ids))]
+# -- optimisation 1, continued: the acceptance rule, as plain functions (a test checks its distribution)
+
+def _sampling_probs(logits, config):
+    """The distribution `generate` samples from: softmax(logits / T) over the top-k (TopKLogitsWarper's rule)."""
+    logits = logits.float() / config.temperature
+    if config.top_k:
+        kth = torch.topk(logits, min(config.top_k, logits.numel())).values[-1]  # the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with it stay in, as in transformers
+    return torch.softmax(logits, -1)
+
+
+def accept_draft(probs, token):
+    """Speculative acceptance of a fixed draft token: returns (token actually emitted, accepted).
+
+    The emitted token is distributed exactly as `probs`, whatever the draft.
+    """
+    # the draft is deterministic (q = one-hot on `token`), so "accept with min(1, p/q)" is "accept
+    # with probability p(token)"
+    if torch.rand((), device=probs.device) < probs[token]:
+        return token, True
+    # on rejection, sample from the residual max(0, p − q), which is ∝ p with `token` removed
+    residual = probs.clone()
+    residual[token] = 0.0
+    return int(torch.multinomial(residual / residual.sum(), 1)), False
+
+
+# ----------------------------------------------------------------------------
+# Optimisation 2: batched rows
+
+class _OnlyEnd:
+    """A logits processor for `generate`: rows in `done` may only emit <|im_end|> (a batch row whose
+    turn already ended, e.g. on an accepted NO REPLY draft, ends at once instead of rambling on)."""
+
+    def __init__(self, done, im_end):
+        self.done, self.im_end = done, im_end  # (G,) bool on the model's device
+
+    def __call__(self, input_ids, scores):  # scores: (G, V)
+        end = torch.full_like(scores, float("-inf"))
+        end[:, self.im_end] = 0.0  # a distribution with all its mass on <|im_end|>
+        return torch.where(self.done[:, None], end, scores)
 
 
 class Group:
@@ -880,24 +943,22 @@ class Group:
     The rows share the context the base stream has encoded. From there every user turn is one forward for
     all rows and every reply one `generate` call. Each row is a Stream without a cache of its own (its
     `seq`, `cached`, `pos` are its own); the group holds one KV cache of batch G and an attention mask
-    (G, cache length) that is 0 where a column is not the row's own token:
-      - left padding: the rows' pending tokens differ ("<|im_end|>\\n" after a reply, "\\n" after an
-        accepted draft), so a turn's block is aligned on its last token;
-      - a rejected draft: a Stream crops it, but one row of a batched cache cannot be cropped;
-      - `generate` feeds every row every step: a row that ended earlier gets columns it never produced.
-    Positions are per row and count only the row's own tokens, so each row computes exactly what its
-    own Stream would; tests/test_mmduet2.py holds every row to a full forward over its own ids.
+    (G, cache length) that is 0 where a column is not the row's own token. Positions are per row and
+    count only the row's own tokens, so each row computes exactly what its own Stream would;
+    tests/test_mmduet2.py holds every row to a full forward over its own ids.
     """
 
     def __init__(self, base, n):
-        base.prefill()
+        base.prefill()  # the shared context, encoded once before it is copied
         self.model, self.im_end = base.model, base.im_end
         self.rows = [copy.copy(base) for _ in range(n)]  # share the encoded context and the vision features
         self.cache = copy.deepcopy(base.cache)
         self.cache.batch_repeat_interleave(n)  # (1, heads, C, d) → (G, heads, C, d) per layer
         self.mask = torch.ones(n, base.cached, dtype=torch.long, device=base.model.device)  # (G, C)
         for row in self.rows:
-            row.cache = None  # the group's cache is the only one
+            # the group's cache is the only one; a row's `cached` now counts its own tokens in it, which
+            # is fewer than the cache's columns once the row has holes
+            row.cache = None
 
     def turn(self, frames=(), text=None, config=None):
         """Stream.turn for every row at once (always with fast silence); returns the G Replies."""
@@ -907,11 +968,15 @@ class Group:
         draft = Chunk(row0.draft, [0] * len(row0.draft), [0] * len(row0.draft))
         for row in self.rows:
             row.seq = row.seq + user
+        # each row's pending tokens differ ("<|im_end|>\n" after a reply, "\n" after an accepted draft)
         logits = self._forward([row._pending() + draft for row in self.rows], len(draft.ids) + 1)  # (G, len(draft)+1, V)
         outs, logps = [], []
         for b, row in enumerate(self.rows):
             out, lp, rejected = row._check_draft(logits[b], config)
-            if rejected:  # a hole in the row instead of a crop; its positions step back as in Stream._fast_turn
+            # a Stream crops a rejected draft, but one row of a batched cache cannot be cropped: its
+            # tail becomes a hole instead. Left padding puts the draft at the right end of every row,
+            # so the hole is the mask's last columns. Positions step back as in Stream._fast_turn.
+            if rejected:
                 self.mask[b, -rejected:] = 0
                 row.cached, row.pos = row.cached - rejected, row.pos - rejected
             outs.append(out), logps.append(lp)
@@ -925,10 +990,12 @@ class Group:
         n = max(len(c.ids) for c in chunks)
         ids, pos, mask, features = [], [], [], []
         for row, c in zip(self.rows, chunks):
+            # left padding aligns every row on its last token, so `keep` logits are the same places in
+            # each; the pads become masked columns of the cache
             pad = n - len(c.ids)
-            p = rope_positions(self.model, c, row.pos)  # (3, 1, len)
+            p = rope_positions(self.model, c, row.pos)  # (3, 1, len): this row's own positions
             ids.append([self.im_end] * pad + c.ids)  # any id: padding is masked out
-            pos.append(torch.nn.functional.pad(p, (pad, 0)))  # (3, 1, n)
+            pos.append(torch.nn.functional.pad(p, (pad, 0)))  # (3, 1, n); pads get position 0, never attended
             mask.append([0] * pad + [1] * len(c.ids))
             if c.pixels:  # image tokens are filled in batch order: row 0's frames first
                 features += row._vision(c).pooler_output  # the rows share one dict: computed for row 0 only
@@ -937,22 +1004,26 @@ class Group:
         self.mask = torch.cat([self.mask, torch.tensor(mask, device=dev)], 1)  # (G, C + n)
         kw = dict(input_ids=torch.tensor(ids, device=dev), position_ids=torch.cat(pos, 1).to(dev),  # (3, G, n)
                   attention_mask=self.mask)
-        if features:
+        if features:  # as Stream._forward: vision features in place of pixels
             kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
         return self.model(**kw, past_key_values=self.cache, use_cache=True, logits_to_keep=keep).logits
 
     def _generate(self, outs, logps, config):
         """One `generate` call continues every row whose reply is still open; the others may only end."""
-        budget = [config.max_new_tokens - len(out) for out in outs]
+        budget = [config.max_new_tokens - len(out) for out in outs]  # what each row has left
         live = [out[-1] != self.im_end and left > 0 for out, left in zip(outs, budget)]
         if not any(live):
-            return outs, logps
+            return outs, logps  # every row silent (or out of budget): no `generate` at all
         dev, G = self.model.device, len(self.rows)
+        # `generate` feeds every row every step, so rows that already ended get columns they never
+        # produced: _OnlyEnd ends them at once, and their columns are masked out below
         gen = self.model.generate(
             input_ids=torch.tensor([[out[-1]] for out in outs], device=dev),  # (G, 1): each row's unfed token
             past_key_values=self.cache, attention_mask=torch.cat([self.mask, self.mask.new_ones(G, 1)], 1),
+            # each row from its own position, the three rope axes together (text only)
             position_ids=torch.tensor([row.pos for row in self.rows], device=dev).view(1, G, 1).expand(3, G, 1),
             logits_processor=[_OnlyEnd(~torch.tensor(live, device=dev), self.im_end)],
+            # the longest budget left; a row with less is cut to its own below
             generation_config=_budget(config, max(b for b, on in zip(budget, live) if on)))
         new = gen.sequences[:, 1:]  # (G, steps): each row's ids, then padding once it ended
         new_lp = _sampled_logprobs(gen.logits, new, config)
@@ -963,7 +1034,9 @@ class Group:
             ids = new[b, :budget[b]].tolist()
             n = ids.index(self.im_end) + 1 if self.im_end in ids else len(ids)  # its reply ends here (or is cut)
             outs[b], logps[b] = outs[b] + ids[:n], logps[b] + new_lp[b][:n]
-            columns[b, :n] = 1  # its fed tokens: the input + ids[:n-1]; the last id counts as not fed
+            # column k holds the token fed at step k: the input, then ids[0], ...; so the row's first
+            # n columns are its own tokens, the input + ids[:n-1], and its last id stays pending, as in a Stream
+            columns[b, :n] = 1
             row.cached, row.pos = row.cached + n, row.pos + n
         self.mask = torch.cat([self.mask, columns], 1)  # (G, C + steps)
         return outs, logps
@@ -978,17 +1051,20 @@ class Group:
 #                       optimizer, scheduler, every rank's RNG). Written to OUT/.tmp-step-000050, then renamed.
 #   OUT/final/          the same without state/: what `grpo.py --init` and `infer.py --model` take
 # Several nodes: OUT must be one shared folder (every rank reads the checkpoint; each writes its own RNG state).
+# The format in full: docs/formats.md, "Runs".
 
 def argument_parser(script, description):
     """An ArgumentParser whose errors are one line, `script: what is wrong`, as every other bad input is."""
     import argparse
     p = argparse.ArgumentParser(description=description)
+    # argparse would print the whole usage block before the message
     p.error = lambda message: p.exit(2, f"{script}: {message} ({script} --help lists the flags)\n")
     return p
 
 
 def parse_with_preset(parser, preset, argv=None):
     """parser.parse_args(argv), where --toy first makes `preset` the defaults: a flag the user types still wins."""
+    # a first pass only to see --toy; the preset becomes the defaults, so typed flags still override it
     if parser.parse_known_args(argv)[0].toy:
         parser.set_defaults(**preset)
     return parser.parse_args(argv)
@@ -1003,7 +1079,7 @@ def preset_help(preset):
 def checkpoints(out):
     """The complete step checkpoints in OUT, oldest first (a half-written one is still .tmp-*)."""
     steps = [d for d in os.listdir(out) if d.startswith("step-")] if os.path.isdir(out) else []
-    return [os.path.join(out, d) for d in sorted(steps)]
+    return [os.path.join(out, d) for d in sorted(steps)]  # zero-padded step numbers sort as text
 
 
 def start_run(out, resume, settings, is_main=True):
@@ -1017,14 +1093,17 @@ def start_run(out, resume, settings, is_main=True):
     metrics = os.path.join(out, "metrics.jsonl")
     found = checkpoints(out)
     if not resume:
+        # any trace of a run counts: a checkpoint, its metrics, or a final model
         used = found or [p for p in (metrics, os.path.join(out, "final")) if os.path.exists(p)]
         if used:
             raise SystemExit(f"{out} holds an earlier run ({os.path.basename(used[-1])}): pass --resume to continue "
                              "it, or use another --out (or delete the folder)")
         os.makedirs(out, exist_ok=True)
         return None, 0
+    # --resume into an OUT without a checkpoint starts from step 0 (a run killed before its first save)
     ckpt, step = (found[-1], json.load(open(os.path.join(found[-1], "trainer.json")))) if found else (None, None)
     if ckpt:
+        # only the settings this run names are compared (a missing one reads None)
         mine = {k: step["settings"].get(k) for k in settings}
         if mine != settings:
             diff = ", ".join(f"{k}: {mine[k]!r} there, {settings[k]!r} now" for k in settings if mine[k] != settings[k])
@@ -1047,8 +1126,10 @@ def save_checkpoint(accelerator, model, processor, out, name, step, settings, ke
     """Write OUT/name (step-NNNNNN with its state/, or final without) atomically; keep the last `keep` steps."""
     tmp, dst = os.path.join(out, f".tmp-{name}"), os.path.join(out, name)
     main = accelerator.is_main_process
+    # rank 0 writes the model, every rank its own RNG state; wait_for_everyone keeps them in step, so no
+    # rank writes into a folder being cleared or renamed
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed half-way
     accelerator.wait_for_everyone()
     if main:  # save_pretrained + processor: a folder that load_model / infer.py opens
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=accelerator.get_state_dict(model))
@@ -1065,6 +1146,6 @@ def save_checkpoint(accelerator, model, processor, out, name, step, settings, ke
             os.rename(dst, old)
         os.rename(tmp, dst)
         shutil.rmtree(old, ignore_errors=True)
-        for path in checkpoints(out)[:-keep] if keep and name != "final" else []:
+        for path in checkpoints(out)[:-keep] if keep and name != "final" else []:  # keep=0: keep all
             shutil.rmtree(path)
     accelerator.wait_for_everyone()
