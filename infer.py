@@ -53,6 +53,7 @@ What stops, what goes on, what is kept:
 
 Run:
     python infer.py --demo                   # offline: a new toy video through the shipped toy model (toy-model/)
+    python infer.py --demo --html demo.html  # ... and its timeline page: when the model spoke, against the gold
     python infer.py video.mp4 --question "What is the person cooking?"           # released model
     python infer.py video.mp4 --model tiny --ask 5:"What now?" --out pred.jsonl   # CPU smoke run
     python infer.py video.mp4 --model tiny --realtime            # a file played as live: type questions as it plays
@@ -484,6 +485,8 @@ def parse_args(argv):
     p.add_argument("--videos", metavar="DIR", help="folder of the benchmark's videos (default: videos/ beside ANNO_JSON)")
     p.add_argument("--demo", type=int, nargs="?", const=0, metavar="SEED",
                    help="write a toy video (data.py toy, seed SEED) and stream it through the shipped toy model")
+    p.add_argument("--html", metavar="FILE", help="with --demo: also write its timeline page (as reward.py eval "
+                                                  "--html): the replies against the gold events, scored offline")
     p.add_argument("--out", help="prediction JSONL; single video: a new file; benchmark: appended, resumable "
                                  "(its settings and skipped examples are kept in OUT.run.json)")
     p.add_argument("--overwrite", action="store_true",
@@ -535,9 +538,20 @@ def demo(seed, out_dir):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.html and args.demo is None:
+        raise SystemExit("infer.py: --html is for --demo; for a benchmark run: reward.py eval ... --html FILE")
     if args.demo is not None:  # the demo is a normal run on the arguments it makes up
         with tempfile.TemporaryDirectory(prefix="mmduet2-demo-") as tmp:
-            return main(demo(args.demo, tmp))
+            preds = os.path.join(tmp, "pred.jsonl")
+            result = main(demo(args.demo, tmp) + ["--out", preds])
+            if args.html:  # the page reward.py eval --html writes, for this one video
+                anno = os.path.join(tmp, "test", "anno.json")
+                gold = reward.load_gold(anno)
+                summary, marks = reward.evaluate(gold, preds, reward.OfflineJudge())
+                reward.write_html(args.html, f"infer.py --demo {args.demo}", gold,
+                                  [("toy-model", "infer.py --demo", summary, marks)])
+                print(f"timeline page: {args.html}")
+            return result
     # ---- refusals: flags that contradict each other, one line each, before anything is opened
     if (args.video is None) == (args.benchmark is None):
         raise SystemExit("infer.py: give either a VIDEO or --benchmark ANNO_JSON")

@@ -45,9 +45,11 @@ def test_toy_pipeline_end_to_end(tmp_path):
         assert sorted(r["pauc"]) == ["0.0", "0.5", "1.0"] and all(0 <= v <= 100 for v in r["pauc"].values())
 
 
-def test_shipped_toy_model_replies_on_a_toy_video():
-    out = run("infer.py", "--demo", "3")
+def test_shipped_toy_model_replies_on_a_toy_video(tmp_path):
+    out = run("infer.py", "--demo", "3", "--html", str(tmp_path / "demo.html"))
     gold = re.findall(r"gold \[([\d:.]+)-", out)
     replies = re.findall(r"^\[(\d\d):(\d\d(?:\.\d)?)\] (.+)$", out, re.M)
     assert gold and replies, out
     assert re.search(r"\d+ turns, [1-9]\d* replies", out)
+    page = (tmp_path / "demo.html").read_text()  # the demo's timeline page: its gold events and its replies
+    assert page.count('class="span"') == len(gold) and page.count('class="reply"') == len(replies)
