@@ -289,7 +289,7 @@ def choose_asks(qas, times, nqna, rng):
 
 
 def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames_per_turn=FRAMES_PER_TURN,
-                  random_frac=0.0):
+                  random_frac=0.0, history_frac=0.0):
     """Questions asked at `asks` = [(time, {"question", "answers"})] → (messages, conversation, gold answers).
 
     messages: one user turn per turn time (its frames as "<image>", then a question asked at it)
@@ -299,6 +299,7 @@ def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames
     n_frames, times = dialogue_times(duration, interval, frames_per_turn)
     turn = interval * frames_per_turn  # seconds of video one user turn holds (4 s at the paper's settings)
     replies = {t: [] for t in times}  # turn time -> answers spoken there
+    untrained = set()                 # turn times whose answers are history only (no loss: --history-frac)
     asked = {}                        # turn time -> question text of its user turn
     gold = []                         # the ProactiveVideoQA `answer` list, one entry per answer due
 
@@ -337,7 +338,15 @@ def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames
             if t_end is None or t_end >= t_next:
                 continue  # after the next question (or after the last turn): no longer asked for
             # Sec. 4.2: the answer is spoken at the end of its span (or, with --placement, maybe earlier)
-            add(a, (s["start"], s["end"]), (s0, s1), question, place(times, s0, s1, random_frac, rng))
+            t_say = place(times, s0, s1, random_frac, rng)
+            earlier = [t for t in times if s0 <= t < t_say]
+            if earlier and history_frac > 0 and rng.random() < history_frac:
+                # --history-frac: the dialogue already holds this answer, said early in its span, as history
+                # the model is not trained to say; what it learns is the NO REPLY of the turns after it,
+                # the end-of-span turn included (the square may still be on screen: it was answered)
+                t_say = rng.choice(earlier)
+                untrained.add(t_say)
+            add(a, (s["start"], s["end"]), (s0, s1), question, t_say)
 
     messages = []
     for j, t in enumerate(times):
@@ -346,7 +355,8 @@ def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames
         # Sec. 4.1: a user turn is its frames first, then any text (the question asked at it)
         messages.append({"role": "user", "content": IMAGE * n_images + asked.get(t, ""), "time": t})
         # every user turn gets an assistant turn; two answers due at one turn are spoken together
-        messages.append({"role": "assistant", "content": " ".join(replies[t]) or SILENCE, "time": t})
+        messages.append({"role": "assistant", "content": " ".join(replies[t]) or SILENCE, "time": t}
+                        | ({"train": False} if t in untrained and len(replies[t]) == 1 else {}))
     conversation = [{"role": "user", "content": qa["question"], "time": float(t)} for t, qa in asks]
     # time order, as a reader of anno.json expects: by reply span, then by event
     gold.sort(key=lambda g: (g["reply_timespan"][0], g["related_timespan"][0]))
@@ -354,7 +364,7 @@ def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames
 
 
 def build_example(rec, writer, rng, out_dir, interval=INTERVAL, frames_per_turn=FRAMES_PER_TURN,
-                  random_frac=0.0, nqna_frac=NQNA_FRAC):
+                  random_frac=0.0, nqna_frac=NQNA_FRAC, history_frac=0.0):
     """One checked input record → (SFT dialogue, ProactiveVideoQA example). ValueError: skip the video."""
     captions = [s["caption"] for s in rec["scenes"]]
     qas = writer.questions(captions, n_questions(rec["duration"]))  # Sec. 3 step (2)
@@ -362,7 +372,7 @@ def build_example(rec, writer, rng, out_dir, interval=INTERVAL, frames_per_turn=
     nqna = rng.random() < nqna_frac  # departure 5: a draw per video, so "half" holds on average
     asks = choose_asks(qas, times, nqna, rng)
     messages, conversation, answers = make_dialogue(rec["duration"], rec["scenes"], asks, writer, rng,
-                                                    interval, frames_per_turn, random_frac)
+                                                    interval, frames_per_turn, random_frac, history_frac)
     # departure 6: the dialogue names the video and the frame interval, and sft.py samples the frames;
     # the path is relative to sft.jsonl's folder, where mmduet2.load_dialogue resolves it
     dialogue = {"id": rec["id"], "video": os.path.relpath(rec["path"], out_dir), "interval": interval,
@@ -397,7 +407,7 @@ def _report(message):
 
 
 def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAMES_PER_TURN, random_frac=0.0,
-          nqna_frac=NQNA_FRAC, seed=0, workers=1, llm="openai"):
+          nqna_frac=NQNA_FRAC, seed=0, workers=1, llm="openai", history_frac=0.0):
     """Scene list → out_dir/{sft.jsonl, anno.jsonl, anno.json, build.json}; returns counts.
 
     Resumable: a video whose id is already in sft.jsonl is skipped; each finished video is
@@ -412,7 +422,7 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
     out_dir.mkdir(parents=True, exist_ok=True)
     # everything that shapes a dialogue; --workers is not here: it changes the speed, not the output
     settings = {"interval": interval, "frames_per_turn": frames_per_turn, "random_frac": random_frac,
-                "nqna_frac": nqna_frac, "seed": seed, "llm": llm}
+                "nqna_frac": nqna_frac, "seed": seed, "llm": llm} | ({"history_frac": history_frac} if history_frac else {})
     settings_path = out_dir / "build.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         raise ValueError(f"{out_dir} was built with other settings ({settings_path.read_text().strip()}); "
@@ -449,7 +459,7 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
     try:
         # a string seed is hashed by random.Random itself (SHA-512), not by hash(): the same every run
         futures = [pool.submit(build_example, rec, writer, random.Random(f"{seed}:{rec['id']}"), out_dir,
-                               interval, frames_per_turn, random_frac, nqna_frac) for rec in todo]
+                               interval, frames_per_turn, random_frac, nqna_frac, history_frac) for rec in todo]
         with open(sft_path, "a") as f_sft, open(journal, "a") as f_gold:
             # results taken in submission order: a slow video holds back the writing, not the LLM calls
             for rec, future in zip(todo, tqdm(futures, desc=f"build {out_dir}", unit="video", disable=None)):
@@ -673,7 +683,7 @@ class ToyWriter:
 
 
 def make_toy(out, seed=0, n_train=200, n_rl=50, n_test=30, interval=INTERVAL, frames_per_turn=FRAMES_PER_TURN,
-             random_frac=0.0, nqna_frac=NQNA_FRAC, **world):
+             random_frac=0.0, nqna_frac=NQNA_FRAC, history_frac=0.0, **world):
     """Write out/{train,rl,test}/{videos/*.mp4, scenes.jsonl, sft.jsonl, anno.json}; deterministic by seed.
 
     Each video draws from its own generator (seed, split, index): adding videos to a split does not
@@ -702,6 +712,8 @@ def make_toy(out, seed=0, n_train=200, n_rl=50, n_test=30, interval=INTERVAL, fr
                     *(split_dir / f for f in ("sft.jsonl", "anno.jsonl", "anno.json", "build.json"))]:
             old.unlink(missing_ok=True)
         lines = []
+        if n:  # a line at once, also where no progress bar shows (output not a terminal): this takes a minute
+            print(f"data.py toy: writing {n} {split} videos to {split_dir}", flush=True)
         for i in tqdm(range(n), desc=f"toy {split} videos", unit="video", disable=None):
             rng = random.Random(f"toy:{seed}:{split}:{i}")  # the split in the seed: no two splits share a video
             name = f"{split}_{i:04d}"
@@ -712,7 +724,7 @@ def make_toy(out, seed=0, n_train=200, n_rl=50, n_test=30, interval=INTERVAL, fr
         (split_dir / "scenes.jsonl").write_text("".join(line + "\n" for line in lines))
         # from here on exactly the path of real data, with the deterministic writer
         counts[split] = build(split_dir / "scenes.jsonl", split_dir, ToyWriter(), interval, frames_per_turn,
-                              random_frac, nqna_frac, seed, llm="toy")
+                              random_frac, nqna_frac, seed, llm="toy", history_frac=history_frac)
     return counts
 
 
@@ -744,6 +756,8 @@ def main(argv=None):
                        help="where an answer sits in its reply span: end (paper), random (a uniform turn in the "
                             "span), or a probability P of random placement per answer")
         p.add_argument("--nqna-frac", type=float, default=NQNA_FRAC, help="share of nQnA dialogues (paper: 0.5)")
+        p.add_argument("--history-frac", type=float, default=0.0,
+                       help="share of answers also said early in their span as untrained history (then NO REPLY)")
         p.add_argument("--seed", type=int, default=0, help="seed of every random choice (each video seeded by its id)")
 
     b = sub.add_parser("build", help="scene list → sft.jsonl + anno.json (resumable)")
@@ -794,7 +808,7 @@ def main(argv=None):
                                           cache_path=Path(args.out) / "llm_cache.jsonl", max_tokens=4096)
                 writer, workers = LLMWriter(client, args.retries), args.workers
             c = build(args.scenes, args.out, writer, args.interval, args.frames_per_turn, args.placement,
-                      args.nqna_frac, args.seed, workers, args.llm)
+                      args.nqna_frac, args.seed, workers, args.llm, args.history_frac)
             print(f"built {c['built']} dialogues ({c['nqna']} nQnA, {c['answers']} gold answers), "
                   f"{c['done_before']} done before, in {args.out}")
             if c["bad_lines"] or c["failed"]:
@@ -808,7 +822,7 @@ def main(argv=None):
         else:
             world = {k: getattr(args, k) for k in TOY_WORLD}  # the --size ... --gap flags, by the same names
             counts = make_toy(args.out, args.seed, args.n_train, args.n_rl, args.n_test, args.interval,
-                              args.frames_per_turn, args.placement, args.nqna_frac, **world)
+                              args.frames_per_turn, args.placement, args.nqna_frac, args.history_frac, **world)
             for split, c in counts.items():
                 print(f"{split}: {c['built']} videos ({c['nqna']} nQnA), {c['answers']} gold answers")
     except (ValueError, OSError, reward.JudgeError) as e:

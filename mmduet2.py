@@ -447,7 +447,10 @@ def encode_dialogue(processor, messages, frames, system=SYSTEM_PROMPT, max_token
     seq, k = encode_system(processor, system), 0  # k: the next unused frame
     for m in messages:
         if m["role"] == "assistant":
-            seq = seq + encode_assistant(processor, m["content"], system)
+            turn = encode_assistant(processor, m["content"], system)
+            if m.get("train") is False:  # history the model is not taught to say (data.py --history-frac)
+                turn.mask = [0] * len(turn.ids)
+            seq = seq + turn
         else:  # user turns are context (mask 0); their placeholders take the next n frames
             n = m["content"].count(IMAGE)
             text = m["content"].replace(IMAGE, "")

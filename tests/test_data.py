@@ -99,6 +99,27 @@ def test_placement_matches_the_turn_grid_at_any_interval(interval, fpt):
         assert g["content"] in said[expected].split(" ")
 
 
+def test_history_answers_are_said_early_untrained_and_then_silent():
+    """--history-frac: an answer also said at an earlier turn of its span, as untrained history; the turns
+    after it are NO REPLY (trained), its gold entry's sft_time is that earlier turn, its spans unchanged."""
+    plain = data.make_dialogue(DURATION, SCENES, [(0.0, Q1)], FakeWriter(), random.Random(0))
+    messages, _, gold = data.make_dialogue(DURATION, SCENES, [(0.0, Q1)], FakeWriter(), random.Random(0), history_frac=1.0)
+    strip = lambda g: [{k: v for k, v in a.items() if k != "sft_time"} for a in g]  # noqa: E731
+    assert strip(gold) == strip(plain[2])
+    said = {m["time"]: m for m in messages if m["role"] == "assistant" and m["content"] != SILENCE}
+    end = {a["content"]: a["sft_time"] for a in plain[2]}  # the paper's end-of-span turns
+    moved = [a for a in gold if a["sft_time"] < end[a["content"]]]
+    times = mmduet2.turn_times(15, 2.0, 2)
+    movable = [a for a in gold if any(a["reply_timespan"][0] <= t < end[a["content"]] for t in times)]
+    assert moved == movable and moved  # with --history-frac 1, every answer whose span holds an earlier turn
+    for a in moved:
+        s0, s1 = a["reply_timespan"]
+        m = said[a["sft_time"]]
+        assert s0 <= a["sft_time"] < end[a["content"]] and m["train"] is False and m["content"] == a["content"]
+        assert end[a["content"]] not in said or a["content"] not in said[end[a["content"]]]["content"]
+    assert all("train" not in m for t, m in said.items() if t not in {a["sft_time"] for a in moved})
+
+
 def test_random_placement_stays_inside_the_span_and_is_seeded():
     runs = [data.make_dialogue(DURATION, SCENES, [(0.0, Q1)], FakeWriter(), random.Random(seed), random_frac=1.0)
             for seed in (7, 7, 8)]

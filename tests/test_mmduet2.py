@@ -113,6 +113,19 @@ def test_mask_is_exactly_assistant_text_and_im_end(tiny):
     assert all(seq.ids[s - len(header):s] == header for s in starts)
 
 
+def test_history_turns_are_not_trained(tiny):
+    """An assistant turn marked "train": false (data.py --history-frac) is context: mask 0, ids unchanged."""
+    _, processor = tiny
+    messages = dialogue(["A red square appeared on the left.", "NO REPLY"])
+    plain = mmduet2.encode_dialogue(processor, messages, random_frames(4))
+    messages[1] = dict(messages[1], train=False)
+    history = mmduet2.encode_dialogue(processor, messages, random_frames(4))
+    assert history.ids == plain.ids
+    trained = [i for i, m in zip(history.ids, history.mask) if m]
+    assert processor.tokenizer.decode(trained) == "NO REPLY" + mmduet2.IM_END  # only the later turn is supervised
+    assert sum(plain.mask) > sum(history.mask)
+
+
 def test_chunk_positions_equal_whole_positions(tiny):
     """Rope positions chunk by chunk (offset by where the sequence is) == positions of the whole."""
     model, processor = tiny
