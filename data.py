@@ -575,6 +575,10 @@ TOY_LEAD = 1.0           # no event in the first second
 # the exploration room GRPO needs (docs/toy.md, "the exploration trap").
 TOY_WORLD = dict(size=84, fps=10, min_len=20, max_len=40, min_events=2, max_events=4,
                  min_event=5.0, max_event=10.0, gap=2.0)
+# The toy's SFT dialogues also say a quarter of the answers early in their span as untrained history
+# (--history-frac): with the end placement alone, SFT never saw an answered square stay on screen, and
+# the early replies GRPO teaches came with a second reply two turns later (docs/toy.md, "Duplicates").
+TOY_HISTORY_FRAC = 0.25
 TOY_QUESTIONS = ("Tell me whenever a new shape appears.", "Tell me the colour of each new shape.")
 TOY_CAPTION = re.compile(r"A (\w+) square appeared on the (\w+)\.")
 
@@ -757,7 +761,8 @@ def main(argv=None):
                             "span), or a probability P of random placement per answer")
         p.add_argument("--nqna-frac", type=float, default=NQNA_FRAC, help="share of nQnA dialogues (paper: 0.5)")
         p.add_argument("--history-frac", type=float, default=0.0,
-                       help="share of answers also said early in their span as untrained history (then NO REPLY)")
+                       help="share of answers also said early in their span as untrained history, then NO REPLY "
+                            f"(paper and build: 0; toy: {TOY_HISTORY_FRAC})")
         p.add_argument("--seed", type=int, default=0, help="seed of every random choice (each video seeded by its id)")
 
     b = sub.add_parser("build", help="scene list → sft.jsonl + anno.json (resumable)")
@@ -785,6 +790,7 @@ def main(argv=None):
     t.add_argument("--n-rl", type=int, default=50, help="videos held out for GRPO")
     t.add_argument("--n-test", type=int, default=30, help="videos in the test split (anno.json is the benchmark)")
     dialogue_flags(t)
+    t.set_defaults(history_frac=TOY_HISTORY_FRAC)  # the toy world's default (TOY_HISTORY_FRAC's comment)
     # the world
     t.add_argument("--size", type=int, default=TOY_WORLD["size"], help="frame side in pixels (84 = 9 LLM tokens)")
     t.add_argument("--fps", type=int, default=TOY_WORLD["fps"], help="frames per second of the mp4")
