@@ -1,7 +1,7 @@
 """Performance: what a streamed turn, an SFT step and a GRPO step cost in time and memory, as JSON + Markdown.
 
 Role: a side tool of the pipeline (data → SFT → GRPO → infer). It checks the cost argument of
-spec/streaming.md on our own code: a KV-cached stream (mmduet2.Stream) encodes only the new turn,
+docs/streaming.md on our own code: a KV-cached stream (mmduet2.Stream) encodes only the new turn,
 while re-encoding the whole conversation costs more at every turn (O(turns²) over a video).
 
     python bench.py stream --model tiny                      # CPU, ~20 s: cache vs re-encode, silent turns

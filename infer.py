@@ -517,7 +517,7 @@ def parse_args(argv):
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-TOY_MODEL = os.path.join(ROOT, "toy-model")  # the GRPO toy checkpoint shipped in the repository (README, results)
+TOY_MODEL = os.path.join(ROOT, "toy-model")  # a toy GRPO checkpoint shipped in the repository, for --demo
 
 
 def demo(seed, out_dir):

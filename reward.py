@@ -445,7 +445,12 @@ def run_all(judge, fn, jobs):
         # `with`: an interrupted bar is erased before the caller prints; disable=None: a terminal only
         with tqdm(total=len(jobs), desc="judge", disable=None, leave=False) as bar:
             for _ in jobs:  # exactly one message per job, so this loop ends when the last one is in
-                error = done.get()  # Ctrl-C interrupts this wait
+                while True:  # short waits: a Ctrl-C that lands just before a wait begins cannot end
+                    try:     # that wait, so it is seen at the next one (a wait without a timeout
+                        error = done.get(timeout=0.2)  # would last until a slow request returns)
+                        break
+                    except queue.Empty:
+                        pass
                 if error is not None:
                     raise error
                 bar.update()

@@ -1,4 +1,4 @@
-"""Tests for reward.py: every worked example of spec/reward.md, checked by hand, plus the rules
+"""Tests for reward.py: every worked example of docs/reward.md, checked by hand, plus the rules
 around it (monotonicity, inclusive spans, pruning, truncated rollouts), the file loaders and the
 CLI (bad input, judge failures, Ctrl-C, several prediction files, the timeline page), and the
 OpenAI judge driven through the real `openai` client against a tiny OpenAI-compatible server
