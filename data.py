@@ -355,6 +355,8 @@ def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames
         # Sec. 4.1: a user turn is its frames first, then any text (the question asked at it)
         messages.append({"role": "user", "content": IMAGE * n_images + asked.get(t, ""), "time": t})
         # every user turn gets an assistant turn; two answers due at one turn are spoken together
+        # a history answer alone is untrained; sharing its turn with an answer due there, the turn is trained
+        # whole (a mask per answer within one text is more than this rare case is worth)
         messages.append({"role": "assistant", "content": " ".join(replies[t]) or SILENCE, "time": t}
                         | ({"train": False} if t in untrained and len(replies[t]) == 1 else {}))
     conversation = [{"role": "user", "content": qa["question"], "time": float(t)} for t, qa in asks]
@@ -422,7 +424,9 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
     out_dir.mkdir(parents=True, exist_ok=True)
     # everything that shapes a dialogue; --workers is not here: it changes the speed, not the output
     settings = {"interval": interval, "frames_per_turn": frames_per_turn, "random_frac": random_frac,
-                "nqna_frac": nqna_frac, "seed": seed, "llm": llm} | ({"history_frac": history_frac} if history_frac else {})
+                "nqna_frac": nqna_frac, "seed": seed, "llm": llm}
+    if history_frac:  # only when used: a folder built before the flag existed still resumes
+        settings["history_frac"] = history_frac
     settings_path = out_dir / "build.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         raise ValueError(f"{out_dir} was built with other settings ({settings_path.read_text().strip()}); "

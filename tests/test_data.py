@@ -104,7 +104,8 @@ def test_history_answers_are_said_early_untrained_and_then_silent():
     after it are NO REPLY (trained), its gold entry's sft_time is that earlier turn, its spans unchanged."""
     plain = data.make_dialogue(DURATION, SCENES, [(0.0, Q1)], FakeWriter(), random.Random(0))
     messages, _, gold = data.make_dialogue(DURATION, SCENES, [(0.0, Q1)], FakeWriter(), random.Random(0), history_frac=1.0)
-    strip = lambda g: [{k: v for k, v in a.items() if k != "sft_time"} for a in g]  # noqa: E731
+    def strip(answers):  # the gold entries without the SFT turn: spans, texts and questions
+        return [{k: v for k, v in a.items() if k != "sft_time"} for a in answers]
     assert strip(gold) == strip(plain[2])
     said = {m["time"]: m for m in messages if m["role"] == "assistant" and m["content"] != SILENCE}
     end = {a["content"]: a["sft_time"] for a in plain[2]}  # the paper's end-of-span turns
