@@ -664,10 +664,29 @@ def render_toy_video(path, duration, scenes, seed, size=84, fps=10, **_):
                 if round(s["start"] * fps) <= k < round(s["end"] * fps):
                     y, x = boxes[s["position"]]
                     frame[y:y + side, x:x + side] = TOY_COLOURS[s["colour"]]
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            for packet in stream.encode(yuv_frame(frame)):
                 container.mux(packet)
         for packet in stream.encode():  # flush the encoder's delayed frames
             container.mux(packet)
+
+
+def yuv_frame(rgb):
+    """An (H, W, 3) uint8 RGB array as a yuv420p frame for the encoder in which every byte is set, padding included.
+
+    A frame's rows are padded for alignment, and FFmpeg's converter leaves that padding as it found it
+    (uninitialised memory). x264 reads some of it, so an rgb24 frame handed to `encode` made the same video
+    encode to different bytes from run to run (13 of 530 toy videos, decoded pixels 1-2 levels apart).
+    """
+    h, w, _ = rgb.shape
+    yuv = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p").to_ndarray()  # (H·3/2, W)
+    # to_ndarray packs the half-size U and V planes as H/4 rows of W each: unpack them to (H/2, W/2)
+    planes = [yuv[:h], yuv[h:h + h // 4].reshape(h // 2, w // 2), yuv[h + h // 4:].reshape(h // 2, w // 2)]
+    frame = av.VideoFrame(w, h, "yuv420p")
+    for plane, pixels in zip(frame.planes, planes):
+        rows = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)  # (rows, bytes per row with padding)
+        rows[:] = 0  # the padding, deterministically
+        rows[:, :pixels.shape[1]] = pixels
+    return frame
 
 
 class ToyWriter:
