@@ -584,11 +584,17 @@ TOY_WORLD = dict(size=84, fps=10, min_len=20, max_len=40, min_events=2, max_even
 # the early replies GRPO teaches came with a second reply two turns later (docs/toy.md, "Duplicates").
 TOY_HISTORY_FRAC = 0.25
 TOY_QUESTIONS = ("Tell me whenever a new shape appears.", "Tell me the colour of each new shape.")
+TOY_OFFLINE_QUESTION = "List the colours of the squares in the order they appeared."
 TOY_CAPTION = re.compile(r"A (\w+) square appeared on the (\w+)\.")
 
 
 def toy_caption(colour, position):
     return f"A {colour} square appeared on the {position}."
+
+
+def toy_colour_list(scenes):
+    """The toy's offline answer: the squares' colours in the order they appeared, "Red, blue, green."."""
+    return ", ".join(s["colour"] for s in scenes).capitalize() + "."
 
 
 def toy_boxes(size):
@@ -738,7 +744,7 @@ def make_toy(out, seed=0, n_train=200, n_rl=50, n_test=30, interval=INTERVAL, fr
         for old in [*(split_dir / "videos").glob(f"{split}_*.mp4"),
                     *(split_dir / f for f in ("sft.jsonl", "anno.jsonl", "anno.json", "build.json"))]:
             old.unlink(missing_ok=True)
-        lines = []
+        records = []
         if n:  # a line at once, also where no progress bar shows (output not a terminal): this takes a minute
             print(f"data.py toy: writing {n} {split} videos to {split_dir}", flush=True)
         for i in tqdm(range(n), desc=f"toy {split} videos", unit="video", disable=None):
@@ -747,11 +753,16 @@ def make_toy(out, seed=0, n_train=200, n_rl=50, n_test=30, interval=INTERVAL, fr
             duration, scenes = toy_scenes(rng, **world)
             # the noise seed comes from the video's generator too: the same seed, the same bytes
             render_toy_video(split_dir / "videos" / f"{name}.mp4", duration, scenes, rng.getrandbits(32), **world)
-            lines.append(json.dumps({"id": name, "video": f"videos/{name}.mp4", "duration": duration, "scenes": scenes}))
-        (split_dir / "scenes.jsonl").write_text("".join(line + "\n" for line in lines))
+            records.append({"id": name, "video": f"videos/{name}.mp4", "duration": duration, "scenes": scenes})
+        (split_dir / "scenes.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in records))
         # from here on exactly the path of real data, with the deterministic writer
         counts[split] = build(split_dir / "scenes.jsonl", split_dir, ToyWriter(), interval, frames_per_turn,
                               random_frac, nqna_frac, seed, llm="toy", history_frac=history_frac)
+        # the offline mix of Sec. 4.2 in miniature: one whole-video question per video (SFT trains on the train
+        # split's, the test split's measure what RL does to offline ability: the paper's Table 4)
+        (split_dir / "offline.jsonl").write_text("".join(json.dumps(offline_dialogue(
+            f"{r['id']}-offline", r["video"], r["duration"], TOY_OFFLINE_QUESTION, toy_colour_list(r["scenes"]))) + "\n"
+            for r in records))
     return counts
 
 
