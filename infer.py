@@ -20,8 +20,9 @@ turn, 128 LLM tokens per frame. Where we depart from the paper / released code:
 
 Live (a camera, a network stream, or a file with --realtime): a camera or stream is read with PyAV
 (a file with decord, as offline) as it plays, a frame every --interval s of stream time (the
-presentation times), with a file's frame sizes and turn times (frame k at k x interval, its turn
-at (k+1) x interval), never ahead of the stream's clock (a served file plays at wall-clock speed).
+presentation times, as for a file: a phone's variable frame rate and its rotation come out alike),
+with a file's frame sizes and turn times (frame k at k x interval, its turn at (k+1) x interval),
+never ahead of the stream's clock (a served file plays at wall-clock speed).
 When a turn takes longer than the interval, the frames that came meanwhile are DROPPED but the
 newest --frames-per-turn, so the model answers the latest frames, about one turn behind, instead
 of falling further behind each turn: each turn's lag (how long after its time the reply came) is
@@ -77,6 +78,7 @@ import threading
 import time
 import urllib.parse
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -120,10 +122,14 @@ def is_live(source, input_format=None):
 
 def live_frames(source, interval, input_format=None):
     """Yield (t, frame) from a camera or a network stream as it plays, one frame every `interval` s of
-    stream time: frame k is the first whose presentation time, counted from the stream's first frame,
-    reaches t = k·interval (read_frames takes the frame nearest k·interval: on a steady frame rate,
-    the same one). `frame` is (H, W, 3) uint8 RGB at the source's size; the processor resizes it as a
-    file's. A gap in the stream skips the sample times it covers.
+    stream time: for t = k·interval, the frame nearest t by the presentation times, counted from the
+    stream's first frame (ties: the later), as read_frames picks a file's, so a file served as a stream
+    gives the file's frames; a variable frame rate (a phone's) is read right. Choosing between the frames
+    on either side of t means a frame is handed over when the next one arrives. `frame` is (H, W, 3)
+    uint8 RGB at the source's size, turned upright by its display matrix (a phone's portrait video is
+    stored sideways; decord turns a file's for read_frames). A gap in the stream skips the sample times
+    it covers but the latest. A stream's end is not known ahead, so its last sample may be one that a
+    file's frame count leaves out (its turn would end past the video).
 
     A source that cannot be opened is a one-line ValueError; one that breaks off part-way (a dropped
     connection, LIVE_TIMEOUT s without data) a one-line ConnectionError, after the frames before it.
@@ -138,8 +144,9 @@ def live_frames(source, interval, input_format=None):
     with container:  # closed when the stream ends, breaks, or the reader stops (Ctrl-C)
         if not container.streams.video:
             raise ValueError(f"{source} holds no video stream")
-        # first: the stream's clock at its first frame; k: the last sample index taken; t: stream time
-        first, k, t = None, -1, 0.0
+        # first: the stream's clock at its first frame; k: the next sample index; t: stream time;
+        # before: (time, frame) of the frame before this one
+        first, k, t, before = None, 0, 0.0, None
         try:
             for frame in container.decode(container.streams.video[0]):  # frames as they arrive
                 if frame.time is None:  # frame.time: its presentation time in seconds (pts × time base)
@@ -147,12 +154,23 @@ def live_frames(source, interval, input_format=None):
                 first = frame.time if first is None else first  # a network stream's clock rarely starts at 0
                 t = frame.time - first
                 n = int(t / interval + 1e-6)  # the last sample time this frame has reached (epsilon: float error)
-                if n > k:  # the first frame at or past a new sample time; the frames in between are not sampled
-                    k = n  # after a gap, only the latest sample time it skipped to gets a frame
-                    yield k * interval, frame.to_ndarray(format="rgb24")
+                if n >= k:  # the first frame at or past a new sample time n·interval; after a gap, the latest
+                    s = n * interval
+                    # the frame before it lies before s: it is the one taken when it is nearer
+                    nearest = before[1] if before and s - before[0] < t - s else frame
+                    yield s, upright(nearest)
+                    k = n + 1
+                before = (t, frame)
         except (av.FFmpegError, OSError, ValueError) as e:  # a cut connection ends in a truncated packet
             raise ConnectionError(f"{source} broke off after {clock(t)} of stream "
                                   f"({getattr(e, 'strerror', None) or e})") from None
+
+
+def upright(frame):
+    """A PyAV frame as (H, W, 3) uint8 RGB, turned as its display matrix says (a phone's portrait video is
+    stored landscape, with "rotate 90" beside it). frame.rotation is counter-clockwise degrees, as np.rot90's k."""
+    rgb = frame.to_ndarray(format="rgb24")  # (H, W, 3) as stored
+    return np.ascontiguousarray(np.rot90(rgb, round(frame.rotation / 90) % 4))
 
 
 def check_live(source, interval, input_format=None):

@@ -37,6 +37,7 @@ Try it:
     python -c "import mmduet2; m, p = mmduet2.load_model('tiny'); print(m.num_parameters())"
     python infer.py video.mp4 --model tiny          # the engine on a real file
 """
+import contextlib
 import copy
 import hashlib
 import io
@@ -44,6 +45,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,13 +114,28 @@ def _open_video(path):
     # errors; a frame that fails to decode still raises, and read_frames says which one
     decord.logging.set_level(decord.logging.QUIET)
     try:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        with _quiet_stderr():  # decord's C++ logger prints "video_reader.cc:83: ERROR opening" past QUIET
+            vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
     except Exception as e:  # decord raises its own DECORDError (or a RuntimeError) for anything unreadable
         why = "it holds no video stream" if "cannot find video stream" in str(e) else _decord_reason(e)
         raise ValueError(f"cannot decode video {path}: {why}") from None
     if len(vr) == 0 or vr.get_avg_fps() <= 0:
         raise ValueError(f"video has no frames: {path}")
     return vr
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send what C++ code writes to stderr (file descriptor 2, which Python's sys.stderr cannot catch) to
+    /dev/null for the duration of the block; Python's own stderr output there is lost too, so keep it short."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved), os.close(null)
 
 
 def _decord_reason(error):
@@ -143,10 +160,38 @@ def count_frames(duration, interval):
     return int(duration / interval + 1e-6)  # the epsilon absorbs float error on exact multiples
 
 
+def _clock(vr):
+    """An opened video's clock, from its frames' presentation times: (duration in s, frame_at), where
+    frame_at(t) is the index of the frame nearest t seconds after the first frame (ties: the later one).
+
+    Phones record at a variable frame rate (30 fps, then 2 fps when the scene is dark or still): there a
+    frame's index over the average fps is not its time, and the average fps does not give the length. A
+    constant-rate video (every frame within a tenth of a frame of i / fps) keeps the closed form it always had,
+    duration n / fps and frame round(t·fps): exactly the frames, ties and float rounding included, that it
+    gave before timestamps were read (the toy world's results rest on them; a test holds it). Otherwise the
+    last frame lasts as long as the gap before it: decord's end times assume the average rate, and the mp4
+    muxer's stream duration can be shorter than the frames it holds.
+        30 fps for 10 s, then 2 fps to 20 s → duration 20.0, frame_at(17.0) = the frame shown at 17.0 s
+    """
+    n, fps = len(vr), vr.get_avg_fps()
+    starts = vr.get_frame_timestamp(range(n))[:, 0].astype(np.float64)  # (n,) each frame's start, s
+    starts -= starts[0]  # a stream's clock may start anywhere: count from its first frame
+    even = np.abs(starts - np.arange(n) / fps).max() < 0.1 / fps
+    # a stream without usable timestamps (all equal, or out of order) can only be read at its average rate
+    if even or n < 2 or not (np.diff(starts) > 0).all():
+        return n / fps, lambda t: min(round(t * fps), n - 1)  # the nearest frame; the clamp: past the last
+
+    def frame_at(t):
+        j = int(np.searchsorted(starts, t))  # starts[j - 1] < t <= starts[j]
+        if j == n or (j > 0 and t - starts[j - 1] < starts[j] - t):
+            return j - 1
+        return j
+    return float(2 * starts[-1] - starts[-2]), frame_at
+
+
 def video_duration(path):
-    """Length of a video in seconds (frame count / average fps)."""
-    vr = _open_video(path)
-    return len(vr) / vr.get_avg_fps()
+    """Length of a video in seconds, from its frames' presentation times (`_clock`)."""
+    return _clock(_open_video(path))[0]
 
 
 def _rgb(frame):
@@ -166,24 +211,30 @@ def _rgb(frame):
 def read_frames(path, interval):
     """Yield `(t, frame)` for frame k = 0, 1, ... sampled at video time t = k·interval.
 
-    `frame` is an (H, W, 3) uint8 RGB array. A video of duration D gives count_frames(D, interval)
-    frames, so every frame's turn time ((k+1)·interval, see `turn_times`) lies inside the video.
-    Frames are decoded one at a time, so an hour-long video never sits in memory; a frame that
-    fails to decode (a damaged file whose start is fine) is a one-line ValueError saying where.
+    `frame` is an (H, W, 3) uint8 RGB array, upright (decord applies a phone's rotation), the video's
+    frame nearest time t by the presentation times (`_clock`: a variable frame rate is read right). A
+    video of duration D gives count_frames(D, interval) frames, so every frame's turn time
+    ((k+1)·interval, see `turn_times`) lies inside the video. Frames are decoded one at a time, so an
+    hour-long video never sits in memory; a frame that fails to decode (a damaged file whose start is
+    fine) is a one-line ValueError saying where.
         10.5 s video, interval 2 → frames at t = 0, 2, 4, 6, 8 (5 frames)
     """
     if not 0 < interval < float("inf"):  # also refuses nan, which every comparison fails
         raise ValueError(f"frame interval must be > 0 s and finite, got {interval}")
     vr = _open_video(path)
-    fps, n_video = vr.get_avg_fps(), len(vr)
-    n = count_frames(n_video / fps, interval)
+    duration, frame_at = _clock(vr)
+    n = count_frames(duration, interval)
     if n == 0:
-        raise ValueError(f"video {path} ({n_video / fps:.2f} s) is shorter than one frame interval ({interval} s)")
+        raise ValueError(f"video {path} ({duration:.2f} s) is shorter than one frame interval ({interval} s)")
+    period = duration / len(vr)  # the mean time between frames
+    # far below the frame period, every frame would be fed many times over (at 0.001 s: 100 turns per
+    # frame of a 10 fps video), for minutes, without a word
+    if interval < period / 2:
+        raise ValueError(f"frame interval {interval:g} s is far below the frame period of {path} ({period:.3g} s): "
+                         f"each frame would be fed {period / interval:.0f} times; use an interval >= {period:.3g} s")
     for k in range(n):
-        # the video frame nearest time k·interval; the clamp catches a last one rounded past the end
-        idx = min(round(k * interval * fps), n_video - 1)
         try:
-            frame = vr[idx].asnumpy()
+            frame = vr[frame_at(k * interval)].asnumpy()
         except Exception as e:  # decord's DECORDError: damaged bytes after a readable start
             # decord decodes ahead on a thread, so the damage may lie a few frames past this one
             raise ValueError(f"cannot decode video {path} (reading its frame at {k * interval:g} s): "

@@ -27,7 +27,7 @@ import data  # noqa: E402
 import infer  # noqa: E402
 import mmduet2  # noqa: E402
 import reward  # noqa: E402
-from conftest import write_video  # noqa: E402
+from conftest import frame_index, write_timed_video, write_video  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -379,6 +379,24 @@ def test_a_network_stream_gives_the_files_frames(videos):
     assert not infer.is_live(v["seven"])
 
 
+@pytest.mark.parametrize("kind", ["variable frame rate", "portrait"])
+def test_a_phone_video_gives_the_same_frames_from_a_file_and_a_stream(tmp_path, kind):
+    # a phone's: 30 fps, then 2 fps to 20 s; or 3 s stored sideways with "rotate 90" in its display matrix
+    times = [i / 30 for i in range(300)] + [10 + i / 2 for i in range(20)] if kind == "variable frame rate" \
+        else [i / 10 for i in range(30)]
+    rotation = 90 if kind == "portrait" else 0
+    path = write_timed_video(tmp_path / "phone.mp4", times, rotation=rotation)
+    for interval in (1.0, 0.5):
+        offline = list(mmduet2.read_frames(path, interval))
+        with http_video(path) as url:
+            live = list(infer.live_frames(url, interval))
+        assert [t for t, _ in live] == [t for t, _ in offline]  # the same sample times, to the video's end
+        for (t, a), (_, b) in zip(live, offline):
+            assert a.shape == b.shape == ((128, 96, 3) if rotation else (96, 128, 3))  # upright, both
+            assert np.array_equal(a, b)  # the same frame, decoded alike
+            assert frame_index(a, rotation) == min(range(len(times)), key=lambda i: abs(times[i] - t))
+
+
 def test_a_slow_model_drops_frames_and_answers_as_offline_on_the_frames_kept(tmp_path, tiny):
     model, processor = tiny
     video = write_video(tmp_path / "v.mp4", 3)  # 30 frames at 10 fps, all taken at a 0.1 s interval
@@ -682,6 +700,7 @@ def resume_cases(tmp_path, d):
     ("device-missing", "CUDA GPUs (use --device cpu)"),
     ("interval-nan", "--interval must be > 0 (and finite)"),
     ("interval-past-the-video", "shorter than one frame interval"),
+    ("interval-far-below-the-frame-period", "interval 0.001 s is far below the frame period of"),
     ("binary", "is not UTF-8 text"),
     ("novideo", "example 0 (q): 'video' must be a file name, got None"),
     ("badtime", "example 0 (q) conversation 1: 'time' must be seconds >= 0, got 'soon'"),
@@ -713,6 +732,7 @@ def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, messag
         "benchmark-is-a-video": ["--benchmark", v["a"], "--videos", str(d), "--out", str(tmp_path / "p.jsonl")],
         "device-unknown": [v["a"], "--device", "gpu"], "device-missing": [v["a"], "--device", "cuda:99"],
         "interval-nan": [v["a"], "--interval", "nan"], "interval-past-the-video": [v["a"], "--interval", "60"],
+        "interval-far-below-the-frame-period": [v["a"], "--interval", "0.001"],
         "stream-refused": ["http://127.0.0.1:9/v.mp4"], "camera-missing": ["/dev/video99"],  # port 9: nothing listens
         "input-format-unknown": ["0", "--input-format", "nosuch"],
         "benchmark-input-format": ["--benchmark", ok_anno, "--input-format", "v4l2", "--out", str(tmp_path / "p")],
@@ -725,6 +745,15 @@ def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, messag
         infer.main(argv)
     text = str(e.value.code)
     assert text.startswith("infer.py: ") and message in text and "\n" not in text
+
+
+def test_an_empty_or_junk_file_is_one_line_and_nothing_else(videos, tmp_path):
+    # decord's C++ logger printed "[12:00:00] .../video_reader.cc:83: ERROR opening: ..." before our line
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    for path in (str(tmp_path / "empty.mp4"), videos[1]["junk"]):
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), path, "--model", "tiny"],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and run.stderr == f"infer.py: cannot decode video {path}: Error reading {path}\n"
 
 
 def test_a_bad_flag_is_one_line(capsys):

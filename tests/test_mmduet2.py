@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import random_frames, write_video
+from conftest import frame_index, random_frames, write_timed_video, write_video
 
 import mmduet2
 from mmduet2 import IMAGE, SILENCE, Chunk, Stream
@@ -29,6 +29,48 @@ def test_frame_times_and_counts(tmp_path, seconds, interval, expected):
     for t, frame in frames:  # frame i of the video is filled with red = 7·i: check we sampled index t·fps
         assert frame.shape == (84, 84, 3) and frame.dtype == np.uint8
         assert abs(int(frame[..., 0].mean()) - round(t * 10) * 7 % 256) <= 6
+
+
+@pytest.mark.parametrize("fps, intervals", [(10, [0.05, 0.1, 0.15, 0.25, 0.3, 1 / 3, 0.5, 0.7, 1.0, 2.0]),
+                                             (25, [0.1, 0.3, 0.5, 1.0])])
+def test_a_constant_frame_rate_video_gives_the_frames_it_always_gave(tmp_path, fps, intervals):
+    # the rule before presentation times were read: frame round(k·interval·fps), duration n / fps. The toy
+    # world's results rest on it, ties (0.25 s at 10 fps: frame 2.5 -> 2) and float rounding included
+    import decord
+    path = write_video(tmp_path / "v.mp4", 12, fps=fps, size=16)
+    vr = decord.VideoReader(path, num_threads=1)
+    n, rate = len(vr), vr.get_avg_fps()
+    assert mmduet2.video_duration(path) == n / rate
+    for interval in intervals:
+        frames = list(mmduet2.read_frames(path, interval))
+        before = [min(round(k * interval * rate), n - 1) for k in range(mmduet2.count_frames(n / rate, interval))]
+        assert len(frames) == len(before)
+        assert all(np.array_equal(frame, mmduet2._rgb(vr[i].asnumpy())) for (_, frame), i in zip(frames, before)), interval
+
+
+def vfr_times():
+    """A phone's variable frame rate: 30 fps for 10 s, then 2 fps (a still or dark scene) to 20 s."""
+    return [i / 30 for i in range(300)] + [10 + i / 2 for i in range(20)]
+
+
+def test_a_variable_frame_rate_video_is_read_by_its_presentation_times(tmp_path):
+    times = vfr_times()
+    path = write_timed_video(tmp_path / "vfr.mp4", times)
+    # by index / average fps (17.2): 18.6 s, the frame labelled 17 s showed 9.6 s, the last 10 s never came
+    assert mmduet2.video_duration(path) == 20.0  # the last frame lasts as long as the gap before it
+    frames = list(mmduet2.read_frames(path, 1.0))
+    assert [t for t, _ in frames] == list(range(20))
+    shown = [frame_index(frame) for _, frame in frames]
+    assert shown == [min(range(len(times)), key=lambda i: abs(times[i] - t)) for t, _ in frames]
+    assert times[shown[17]] == 17.0 and times[shown[9]] == 9.0
+
+
+def test_a_portrait_phone_video_comes_upright(tmp_path):
+    # stored 128 wide × 96 high with "rotate 90" (counter-clockwise) in its display matrix: shown 96 × 128
+    path = write_timed_video(tmp_path / "portrait.mp4", [i / 10 for i in range(30)], rotation=90)
+    (_, frame), *_ = mmduet2.read_frames(path, 1.0)
+    assert frame.shape == (128, 96, 3)
+    assert frame[:64, :48].min() < 100 and frame[64:, :48].min() > 200  # the stored top-left is now bottom-left
 
 
 def test_turn_times():
