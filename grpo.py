@@ -271,6 +271,11 @@ def main(argv=None):
     acc = Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision,
                       kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
     rank, world, print0 = acc.process_index, acc.num_processes, acc.print
+    if acc.is_main_process:  # one run per OUT: a second would mix its checkpoints and metrics with this one's
+        try:
+            reward.hold_output(args.out, folder=True)
+        except ValueError as e:
+            raise SystemExit(f"grpo.py: {e}") from None
     # what a resumed run must share with the checkpoint: the step alone says where it was (the episodes of step s
     # are a function of these); --max-steps / --epochs may grow (the lr is constant)
     settings = {k: getattr(args, k) for k in ("init", "anno", "seed", "group", "episodes", "interval",

@@ -594,6 +594,7 @@ def main(argv=None):
     try:  # every bad input is a one-line error, checked before the (slow) model load
         if args.out:
             check_out(args.out, [args.video, args.benchmark])
+            reward.hold_output(args.out)  # a second run on it is refused (its sidecar goes with it)
         if args.video:
             if args.out and os.path.exists(args.out) and not args.overwrite:  # one video's output is never resumed
                 raise ValueError(f"--out {args.out} exists: give another file, or --overwrite to replace it")

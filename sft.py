@@ -55,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 import mmduet2
+import reward
 
 # ----------------------------------------------------------------------------------------------
 # Arguments (defaults = the released recipe; --toy = a CPU-sized run)
@@ -149,6 +150,11 @@ def main(argv=None):
                       kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
     rank, world, device, print0 = acc.process_index, acc.num_processes, acc.device, acc.print
     torch.manual_seed(args.seed)
+    if acc.is_main_process:  # one run per OUT: a second would mix its checkpoints and metrics with this one's
+        try:
+            reward.hold_output(args.out, folder=True)
+        except ValueError as e:
+            raise SystemExit(f"sft.py: {e}") from None
 
     # -- Data. Order: one seeded permutation per epoch, the same on every rank; rank r takes every world-th
     # example of it. So 1 rank × accumulation 2 and 2 ranks × accumulation 1 see the same pairs per step.

@@ -1,5 +1,7 @@
 """Shared test fixtures: synthetic mp4s and the tiny Qwen2.5-VL, all built offline."""
+import contextlib
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -98,3 +100,21 @@ def frame_index(frame, rotation=0):
     h = stored.shape[0]
     bottom = stored[h // 2 + 4:].reshape(-1, 3).mean(0)  # away from the white quarter's edge
     return int(round(bottom[0] / 8)) * 32 + int(round(bottom[2] / 8))
+
+
+@contextlib.contextmanager
+def another_run_writing(path, folder=False):
+    """A second real process that holds `path` as its output (reward.hold_output), as a run writing it would,
+    until the block ends, when it is killed with SIGKILL (no clean exit: the kernel must drop its lock).
+    Yields its pid."""
+    code = ("import sys, reward; reward.hold_output(sys.argv[1], folder=sys.argv[2] == '1'); "
+            "print('held', flush=True); sys.stdin.read()")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(int(folder))], cwd=root,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"  # blocks until it holds the lock: no sleep, no race
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()

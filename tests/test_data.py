@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import mmduet2  # noqa: E402
+from conftest import another_run_writing  # noqa: E402
 from mmduet2 import IMAGE, SILENCE  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -287,6 +288,16 @@ def test_build_writes_both_formats_and_resumes(tmp_path):
 
     with pytest.raises(ValueError, match="built with other settings"):
         data.build(scenes, out, writer, random_frac=1.0, nqna_frac=0.5, seed=3)
+
+
+def test_a_second_build_into_the_same_folder_is_refused(tmp_path):
+    scenes = write_scenes(tmp_path, [record(0)])
+    out = tmp_path / "out"
+    with another_run_writing(out, folder=True) as pid:
+        with pytest.raises(SystemExit) as e:
+            data.main(["build", "--scenes", str(scenes), "--out", str(out), "--llm", "toy"])
+    assert str(e.value.code).startswith(f"data.py: {out} is being written by another run (pid {pid} on ")
+    assert os.listdir(out) == [".lock"]  # nothing written (the lock file holds the other run's pid)
 
 
 def test_build_nqna_fraction_is_respected(tmp_path):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import write_video
+from conftest import another_run_writing, write_video
 
 import data
 import grpo
@@ -296,6 +296,15 @@ def test_bad_flags_are_one_line(argv, message, capsys):
         grpo.parse_args(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("grpo.py: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_second_run_into_the_same_out_is_refused(rl_data, tmp_path):
+    out = tmp_path / "run"
+    with another_run_writing(out, folder=True) as pid:
+        with pytest.raises(SystemExit) as e:
+            grpo.main(["--init", "tiny", "--anno", str(rl_data / "anno.json"), "--out", str(out)] + SMALL)
+    assert str(e.value.code).startswith(f"grpo.py: {out} is being written by another run (pid {pid} on ")
+    assert os.listdir(out) == [".lock"]
 
 
 def test_bad_setup_is_one_line_before_any_step(rl_data, tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ import data  # noqa: E402
 import infer  # noqa: E402
 import mmduet2  # noqa: E402
 import reward  # noqa: E402
-from conftest import frame_index, write_timed_video, write_video  # noqa: E402
+from conftest import another_run_writing, frame_index, write_timed_video, write_video  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -559,6 +559,23 @@ def test_benchmark_runs_skips_and_resumes(videos, tmp_path, fast_load, capsys, m
     printed = capsys.readouterr().out  # q-missing is not tried again either
     assert f"3 examples: 2 already in {out}, 1 skipped by an earlier run (reasons in {out}.run.json; " \
            "--retry-skipped runs them), 0 to run" in printed
+
+
+def test_a_second_run_on_the_same_out_is_refused(videos, tmp_path, fast_load, scripted):
+    # two benchmark runs on one --out both wrote every record (or interleaved two settings' records)
+    d, v = videos
+    gold = anno(tmp_path, [example("q-a", "a.mp4", 6.0, [[0, 2.0]])])
+    out = tmp_path / "preds.jsonl"
+    out.write_text('{"question_id": "q-a"')  # the other run's record, half written
+    spelled = str(tmp_path / "." / "preds.jsonl")  # another spelling of the same file
+    for argv in (["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--out", spelled],
+                 [v["a"], "--model", "tiny", "--overwrite", "--out", spelled]):
+        with another_run_writing(out) as pid:
+            with pytest.raises(SystemExit) as e:
+                infer.main(argv)
+        assert str(e.value.code).startswith(f"infer.py: {spelled} is being written by another run (pid {pid} on ")
+        assert out.read_text() == '{"question_id": "q-a"' and not os.path.exists(f"{out}.run.json")  # untouched
+    assert infer.main(argv)["turns"] == 6  # once it is gone (killed: no lock is left behind), the run goes ahead
 
 
 @pytest.mark.parametrize("newline", ["\n", ""])

@@ -23,6 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # reward.py lives in the repo root
 import reward  # noqa: E402
+from conftest import another_run_writing  # noqa: E402
 from reward import (SILENCE, JudgeError, OfflineJudge, OpenAIJudge, area_ratio,  # noqa: E402
                     duplicate_proportion, mmduet2_reward, pauc_metric, prune_late)
 
@@ -582,6 +583,31 @@ def test_cli_bad_input_exits_with_one_line(tmp_path, gold_text, pred_text, messa
         reward.main(["eval", "--gold", g, "--pred", p])
     text = str(err.value.code)
     assert text.startswith("reward.py: ") and message in text and "\n" not in text
+
+
+def test_an_output_has_one_writer_and_a_killed_writer_leaves_no_lock(tmp_path):
+    out = tmp_path / "scores.json"
+    with another_run_writing(out) as pid:
+        with pytest.raises(ValueError) as err:
+            reward.hold_output(str(tmp_path / "." / "scores.json"))  # another spelling of the same file
+        assert str(err.value) == (f"{tmp_path / '.' / 'scores.json'} is being written by another run (pid {pid} on "
+                                  f"{socket.gethostname()}): wait for it to end, or give this one another output")
+    reward.hold_output(str(out))  # the holder died by SIGKILL: the kernel dropped its lock, no stale file refuses
+    reward.hold_output(str(out))  # asking again in the same process is fine
+    assert not out.exists()  # the lock lives beside it, in .scores.json.lock
+
+
+@pytest.mark.parametrize("what", ["--json", "--cache"])
+def test_cli_refuses_an_output_another_eval_is_writing(tmp_path, what):
+    g, p = write_files(tmp_path, [example("v1", [(0, 10, 10)])], [pred_line("v1", [(2, "A reply.")])])
+    out = tmp_path / "out.jsonl"
+    argv = ["eval", "--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--base-url", "http://127.0.0.1:9/v1",
+            "--cache", str(out) if what == "--cache" else "", *(["--json", str(out)] if what == "--json" else [])]
+    with another_run_writing(out) as pid:
+        with pytest.raises(SystemExit) as err:
+            reward.main(argv)
+    assert str(err.value.code).startswith(f"reward.py: {out} is being written by another run (pid {pid} on ")
+    assert not out.exists()  # nothing asked, nothing written
 
 
 def test_cli_unreachable_judge_exits_with_one_line(tmp_path, monkeypatch):

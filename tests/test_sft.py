@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import mmduet2
-from conftest import write_video
+from conftest import another_run_writing, write_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "Tell me whenever a new shape appears."
@@ -256,6 +256,15 @@ def test_released_layout_jpg_and_hdf5_frames(tmp_path):
         last = p.stderr.strip().splitlines()[-1]
         assert p.returncode != 0 and last.startswith(f"sft.py: {bad}:2: ") and message in last, p.stderr[-1500:]
         shutil.rmtree(tmp_path / "x", ignore_errors=True)
+
+
+def test_a_second_run_into_the_same_out_is_refused(tmp_path):
+    out = tmp_path / "run"
+    with another_run_writing(out, folder=True) as pid:
+        p = subprocess.run([sys.executable, "sft.py", "--model", "tiny", "--data", "x.jsonl", "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.startswith(f"sft.py: {out} is being written by another run (pid {pid} on ")
+    assert os.listdir(out) == [".lock"]
 
 
 @pytest.mark.parametrize("argv, message", [
