@@ -144,12 +144,15 @@ class JudgeError(RuntimeError):
 
 
 def parse_score(answer, scale):
-    """The judge's digit - 1, or None. Strict: the stripped answer starts with one digit in 1..scale.
+    """The judge's digit - 1, or None. Strict: the answer is exactly one number, on the 1..scale scale, and
+    it comes first (the rubric asks for the digit alone: no prefix). Words may follow it, another number
+    may not: "1 3" or "3/5" is two scores, not the first of them, and "2.5" is none on the scale.
 
-    Examples (scale 3): "3" -> 2, "2. Partially" -> 1, "0" -> None, "35" -> None, "Score: 3" -> None.
+    Examples (scale 3): "3" -> 2, "2. Partially" -> 1, "0" -> None, "35" -> None, "Score: 3" -> None,
+    "1 3" -> None, "3\n1" -> None, "3/5" -> None, "2.5" -> None.
     """
-    m = re.match(r"\s*([1-9])(?!\d)", answer or "")  # (?!\d): "35" is not the digit 3
-    return int(m.group(1)) - 1 if m and int(m.group(1)) <= scale else None
+    m = re.fullmatch(r"\s*(\d+)\D*", answer or "")  # \D*: nothing after the number may be a digit
+    return int(m.group(1)) - 1 if m and 1 <= int(m.group(1)) <= scale else None
 
 
 def parse_yes_no(answer):
@@ -178,10 +181,11 @@ class LLMClient:
 
     - Cache: an append-only JSONL file keyed by sha256(model, instruction, text), so a re-run asks
       nothing twice and an interrupted run loses nothing. Answers are cached as returned, secrets
-      redacted (even ones a parser will reject: at temperature 0 asking again gives the same text).
-    - Retries: timeouts, 408/409/429, 5xx and an HTTP 200 whose body is no chat completion are
-      retried with exponential backoff, then the call is a failure (None, counted). Other 4xx
-      (e.g. a too-long input) fail at once.
+      redacted; with `accept`, only the answers it accepts: a judge answer its parser rejects is a
+      failed call, and a failed call is never cached, so once the judge is fixed a rerun asks it again.
+    - Retries: timeouts, 408/409/429, 5xx, an HTTP 200 whose body is no chat completion and an
+      answer `accept` rejects are retried with exponential backoff, then the call is a failure
+      (None, counted). Other 4xx (e.g. a too-long input) fail at once.
     - Fatal: an unreachable endpoint (after the retries), a bad key or an unknown model raise one
       JudgeError; every later ask raises it at once, so a thread pool stops without a storm.
     - Counters: `calls` (questions sent to the endpoint, retries not counted), `cache_hits`,
@@ -221,23 +225,27 @@ class LLMClient:
                 with self.cache_path.open("a") as f:
                     f.write("\n")  # close the cut line so the next append starts clean
 
-    def ask(self, instruction, text):
-        """The model's answer to `text` under the system `instruction`, or None if the call failed."""
+    def ask(self, instruction, text, accept=None):
+        """The model's answer to `text` under the system `instruction`, or None if the call failed.
+
+        accept(answer) -> bool: whether an answer is usable (e.g. a score on the scale); one it rejects is
+        a failed attempt, retried, then a failed call, and never cached. None: every answer is usable.
+        """
         # at temperature 0 these three decide the answer; json.dumps of a list keeps them apart
         # ("a" + "bc" and "ab" + "c" give different keys)
         key = hashlib.sha256(json.dumps([self.model, instruction, text]).encode()).hexdigest()
         with self._lock:
             if self._fatal:  # another thread found the endpoint unusable: do not send one more request
                 raise JudgeError(self._fatal)
-            if key in self._cache:
+            # a cached answer `accept` rejects (written before answers were checked) is asked again
+            if key in self._cache and (accept is None or accept(self._cache[key])):
                 self.cache_hits += 1
                 return self._cache[key]
             self.calls += 1
-        answer = self._request(instruction, text)  # outside the lock: requests run concurrently
+        answer = self._request(instruction, text, accept)  # outside the lock: requests run concurrently
         with self._lock:
             if answer is None:
                 return None  # _request has counted the failure; nothing cached, so a re-run asks again
-            answer = self._redact(answer)  # before it is cached, parsed or printed
             self._cache[key] = answer
             if self.cache_path:  # written at once, so Ctrl-C a second later loses nothing
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,8 +253,8 @@ class LLMClient:
                     f.write(json.dumps({"key": key, "answer": answer}) + "\n")
         return answer
 
-    def _request(self, instruction, text):
-        """One question to the endpoint, with our retries: the answer text, or None (failure counted)."""
+    def _request(self, instruction, text, accept=None):
+        """One question to the endpoint, with our retries: the answer text (redacted), or None (failure counted)."""
         messages = [{"role": "system", "content": instruction}, {"role": "user", "content": text}]
         # error: what the last attempt got; fatal: whether it means the endpoint itself is unusable
         error, fatal = None, False
@@ -262,7 +270,13 @@ class LLMClient:
                     model=self.model, messages=messages, temperature=0.0, max_tokens=self.max_tokens)
                 answer = completion_text(raw.http_response.text)
                 if answer is not None:
-                    return answer
+                    answer = self._redact(answer)  # before it is checked, cached or printed
+                    if accept is None or accept(answer):
+                        return answer
+                    # answered, but not in the format asked for ("1 3", "3/5"): retried like a 5xx (a
+                    # server may answer otherwise the next time), then a failed call
+                    error, fatal = f"unusable judge answer {answer[:60]!r}", False
+                    continue
                 # HTTP 200 but garbage (a proxy's error page, a cut body): retried like a 5xx
                 body = self._redact(raw.http_response.text)[:200]
                 error, fatal = f"HTTP 200 but not a chat completion: {body!r}", False
@@ -292,7 +306,7 @@ class LLMClient:
         raise JudgeError(self._fatal)
 
     def count_failure(self, error):
-        """Count one call that produced no usable answer (also used by parsers on top of ask)."""
+        """Count one call that produced no usable answer."""
         with self._lock:
             self.failures += 1
             self.last_error = self._redact(f"{self.base_url}: {error}")  # which endpoint, when several are in use
@@ -330,7 +344,8 @@ REPEAT_INSTRUCTION = (
 class OpenAIJudge(LLMClient):
     """The LLM judge: our rubric prompts on top of LLMClient, answers parsed strictly.
 
-    An answer the parser rejects counts as a failure (None), like a timeout: dropped, never 0.
+    An answer the parser rejects is a failed call (None), like a timeout: retried, then dropped and
+    counted, never read as 0 and never cached.
     """
 
     def __init__(self, *args, max_tokens=16, **kwargs):  # a digit or yes/no needs a few tokens
@@ -341,18 +356,15 @@ class OpenAIJudge(LLMClient):
             raise ValueError(f"judge scale must be 3 or 5, got {scale}")
         # the question goes along: "Red." is a full answer to "what colour?" and half of "what appeared?"
         answer = self.ask(SCORE_INSTRUCTIONS[scale],
-                          f"Question: {question}\nReference answer: {gold}\nAssistant's answer: {pred}")
-        return self._parsed(answer, parse_score(answer, scale))
+                          f"Question: {question}\nReference answer: {gold}\nAssistant's answer: {pred}",
+                          accept=lambda a: parse_score(a, scale) is not None)
+        return None if answer is None else parse_score(answer, scale)
 
     def repeats(self, previous, new):
         earlier = "\n".join(f"- {p}" for p in previous)  # one reply a line: the judge sees where each ends
-        answer = self.ask(REPEAT_INSTRUCTION, f"Earlier replies:\n{earlier}\nNew reply: {new}")
-        return self._parsed(answer, parse_yes_no(answer))
-
-    def _parsed(self, answer, value):
-        if answer is not None and value is None:  # answered, but not in the format we asked for
-            self.count_failure(f"unparsable judge answer {answer[:60]!r}")
-        return value
+        answer = self.ask(REPEAT_INSTRUCTION, f"Earlier replies:\n{earlier}\nNew reply: {new}",
+                          accept=lambda a: parse_yes_no(a) is not None)
+        return None if answer is None else parse_yes_no(answer)
 
 
 # words that carry no attribute: in "A red circle appeared on the left." only red/circle/left count
@@ -926,7 +938,7 @@ def evaluate(gold, pred_path, judge, omegas=(0.0, 0.5, 1.0), max_failures=0.01):
     dup = duplicate_proportion({ex["question_id"]: preds[ex["question_id"]] for ex in examples}, judge)
     stats = reply_stats(examples, preds)
     calls, hits, failures = judge.calls - calls0, judge.cache_hits - hits0, judge.failures - failures0
-    share = failures / (calls + hits) if calls + hits else 0.0  # a cached answer can fail to parse, too
+    share = failures / (calls + hits) if calls + hits else 0.0
     summary = {"pauc": {str(w): v for w, v in pauc.items()}, "duplicate_proportion": dup,
                "examples": len(examples), "skipped": skipped, "gold_turns": len(turns),
                "replies": stats["replies"], "judge_calls": calls, "judge_cache_hits": hits,

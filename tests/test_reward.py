@@ -314,8 +314,8 @@ def test_parsers_are_strict():
     assert reward.parse_score("3", 3) == 2
     assert reward.parse_score(" 2. partially", 3) == 1
     assert reward.parse_score("5", 5) == 4
-    for bad in ("4", "0", "35", "Score: 3", "", None, "three"):
-        assert reward.parse_score(bad, 3) is None
+    for bad in ("4", "0", "35", "Score: 3", "", None, "three", "1 3", "3\n1", "3/5", "2.5", "2 or 3"):
+        assert reward.parse_score(bad, 3) is None  # several numbers are not the first of them, 2.5 is off the scale
     assert reward.parse_yes_no("Yes.") is True
     assert reward.parse_yes_no(" no") is False
     for bad in ("Nope", "I think yes", "", None):
@@ -411,11 +411,11 @@ def test_openai_judge_good_garbage_500_timeout_and_cache(server, tmp_path):
     assert judge.score("What?", "gold", "GOOD answer", 3) == 2
     assert judge.score("What?", "gold", "bad answer", 5) == 0  # "1" is a real score of 0
     assert judge.repeats(["A."], "B.") is False
-    assert judge.score("What?", "gold", "GARBAGE", 3) is None  # answered, unparsable: dropped
+    assert judge.score("What?", "gold", "GARBAGE", 3) is None  # answered, unparsable: retried once, then dropped
     assert judge.score("What?", "gold", "ERROR500", 3) is None  # retried once, then dropped
     assert judge.score("What?", "gold", "SLOW", 3) is None  # timed out twice, dropped
     assert (judge.calls, judge.cache_hits, judge.failures) == (6, 0, 3)
-    assert len(server.requests) == 8  # 4 answered + 2 for the 500 + 2 for the timeout
+    assert len(server.requests) == 9  # 3 answered + 2 for the garbage + 2 for the 500 + 2 for the timeout
     path, body = server.requests[0]
     assert path == "/v1/chat/completions" and body["model"] == "judge-m" and body["temperature"] == 0
     assert body["messages"][0]["role"] == "system" and "3 = mostly covered" in body["messages"][0]["content"]
@@ -427,11 +427,29 @@ def test_openai_judge_good_garbage_500_timeout_and_cache(server, tmp_path):
     assert again.score("What?", "gold", "GOOD answer", 3) == 2
     assert again.score("What?", "gold", "bad answer", 5) == 0
     assert again.repeats(["A."], "B.") is False
-    assert again.score("What?", "gold", "GARBAGE", 3) is None  # cached text, still unparsable
-    assert len(server.requests) == before
-    assert (again.calls, again.cache_hits, again.failures) == (0, 4, 1)
-    # failed calls were not cached: a re-run asks them again
-    assert again.score("What?", "gold", "ERROR500", 3) is None and len(server.requests) == before + 2
+    assert len(server.requests) == before and (again.calls, again.cache_hits, again.failures) == (0, 3, 0)
+    # failed calls, unparsable answers included, were not cached: a re-run asks them again
+    assert again.score("What?", "gold", "GARBAGE", 3) is None and len(server.requests) == before + 2
+    assert again.score("What?", "gold", "ERROR500", 3) is None and len(server.requests) == before + 4
+
+
+def test_a_judge_answer_with_several_numbers_is_a_failed_call_never_cached(server, tmp_path):
+    # "1 3" was read as 1 and cached: once the judge was fixed, the rerun made 0 calls and failed again
+    answers = iter(["1 3", "3\n1", "3/5", "2.5"])
+    server.answer = lambda text: next(answers)
+    cache = tmp_path / "judge.jsonl"
+    judge = make_judge(server.url, cache, retries=3)
+    assert judge.score("q", "gold", "pred", 3) is None  # 4 answers, none one number on the scale
+    assert (judge.calls, judge.failures, len(server.requests)) == (1, 1, 4)  # one call, retried 3 times, failed
+    assert "unusable judge answer '2.5'" in judge.last_error and not cache.exists()
+    server.answer = lambda text: "3"  # the judge fixed: the rerun asks again, and caches the score
+    again = make_judge(server.url, cache)
+    assert again.score("q", "gold", "pred", 3) == 2 and (again.calls, again.failures) == (1, 0)
+    assert make_judge(server.url, cache).score("q", "gold", "pred", 3) == 2 and len(server.requests) == 5
+    # an unusable answer an older version cached is asked again too, not served from the cache
+    cache.write_text(cache.read_text().replace('"answer": "3"', '"answer": "1 3"'))
+    old = make_judge(server.url, cache)
+    assert old.score("q", "gold", "pred", 3) == 2 and (old.calls, old.cache_hits) == (1, 0)
 
 
 GARBAGE_200 = {  # what a proxy or a half-broken server may send with status 200
@@ -730,6 +748,14 @@ def test_cli_refuses_a_result_when_too_many_judge_calls_failed(server, tmp_path,
     summary = reward.main(args + ["--max-failures", "1"])
     assert summary["valid"] is True and summary["pauc"]["0.5"] == pytest.approx(25.0)
     assert "NOT A RESULT" not in capsys.readouterr().out
+    # the judge answers, but not one number ("1 3"): as failed, not scored, not cached
+    server.answer = lambda text: "1 3"
+    with pytest.raises(SystemExit, match="5 of 5 judge calls failed.*only the failed calls are asked again"):
+        reward.main(args)
+    # once it is fixed, the message holds: the rerun asks the failed calls again, and they are a result
+    server.answer = lambda text: "3"
+    summary = reward.main(args)
+    assert summary["valid"] is True and summary["judge_calls"] == 5 and summary["judge_failures"] == 0
 
 
 def test_load_predictions_treats_no_reply_as_silence(tmp_path):
