@@ -290,6 +290,13 @@ def main(argv=None):
     missing = [ex["video"] for ex in examples if not os.path.isfile(os.path.join(args.videos, ex["video"]))]
     if missing:
         raise SystemExit(f"grpo.py: {len(missing)} videos missing in {args.videos}, e.g. {missing[0]}")
+    try:  # gold the video cannot reach (reward.gold_warnings): said, one line each; its episodes run as defined
+        warned = [f"gold warning, {ex['question_id']}: {w}" for ex in examples for w in reward.gold_warnings(
+            ex, mmduet2.video_duration(os.path.join(args.videos, ex["video"])), args.interval * args.frames_per_turn)]
+    except (OSError, ValueError) as e:  # an undecodable video: every rank stops here, before any collective
+        raise SystemExit(f"grpo.py: {e}") from None
+    for line in warned:
+        print0(line)
     per_step = args.episodes * world
     total_steps = args.max_steps or args.epochs * len(examples) // per_step
     if total_steps == 0:

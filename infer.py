@@ -39,6 +39,8 @@ What stops, what goes on, what is kept:
   an --out whose folder does not exist, a single-video --out that exists (unless --overwrite),
   a model that cannot be loaded (a hub name without network fails at once: download it and pass
   the folder). A cached hub model loads offline.
+- Warned, never fatal (benchmark): gold its video cannot reach (a span or question after its end,
+  a `duration` off by more than a turn, an empty answer: `reward.gold_warnings`), counted at the end.
 - Skipped, never fatal (benchmark): an example whose video is missing, unreadable, too short or
   fails to decode part-way. Its lines so far are dropped, and the reason is printed and recorded
   in OUT.run.json, so a rerun does not stream it again unless --retry-skipped.
@@ -341,9 +343,11 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
 
 
 def check_video(path, interval):
-    """Fail early (before a 3B model loads) on a missing, corrupt or too-short video: (first frame, frames it gives)."""
+    """Fail early (before a 3B model loads) on a missing, corrupt or too-short video:
+    (first frame, frames it gives, its duration in s)."""
     _, first = next(mmduet2.read_frames(path, interval))  # raises the one-line errors of mmduet2
-    return first, mmduet2.count_frames(mmduet2.video_duration(path), interval)  # read_frames' own count
+    duration = mmduet2.video_duration(path)
+    return first, mmduet2.count_frames(duration, interval), duration  # read_frames' own count
 
 
 def parse_asks(specs, end):
@@ -602,7 +606,7 @@ def main(argv=None):
             if live:  # opened now and again when the model is ready: a wrong URL or camera fails at once
                 first, end = check_live(args.video, args.interval, args.input_format), math.inf  # no end known
             else:
-                first, n_frames = check_video(args.video, args.interval)
+                first, n_frames, _ = check_video(args.video, args.interval)
                 end = n_frames * args.interval  # the last turn's time
             # --question is asked at t=0: it joins the first turn, after that turn's frames (departure 2)
             user_turns = ([(0.0, args.question)] if args.question else []) + parse_asks(args.ask, end)
@@ -615,6 +619,7 @@ def main(argv=None):
                 raise ValueError(f"videos folder not found: {args.videos} (give --videos DIR)")
             # question_id -> (video path, user turns, frames to stream)
             plans = {ex["question_id"]: benchmark_inputs(ex, args.videos, args.interval) for ex in examples}
+            examples_by_id = {ex["question_id"]: ex for ex in examples}
             sidecar = args.out + ".run.json"
             settings = run_settings(args)
             # a resume: the examples already written, and those an earlier run skipped (refused if the
@@ -699,7 +704,7 @@ def main(argv=None):
         write_atomic(sidecar, json.dumps({"settings": settings, "skipped": skipped}, indent=1) + "\n")
     record_run()
 
-    sizes, n_replies, latencies, n_new, n_skipped = {}, 0, [], 0, 0
+    sizes, n_replies, latencies, n_new, n_skipped, n_warned = {}, 0, [], 0, 0, 0
     bar = tqdm(todo, desc="examples", unit="video")
     qid = None
     try:
@@ -707,7 +712,12 @@ def main(argv=None):
             for qid in bar:
                 path, user_turns, rounds = plans[qid]
                 try:  # a missing, unreadable or part-way damaged video is skipped and recorded, never fatal
-                    first, n_frames = check_video(path, args.interval)
+                    first, n_frames, seconds = check_video(path, args.interval)
+                    # gold this video cannot reach (reward.gold_warnings): said, counted, and run as defined
+                    warnings = reward.gold_warnings(examples_by_id[qid], seconds, args.interval * args.frames_per_turn)
+                    for warning in warnings:
+                        tqdm.write(f"gold warning, {qid}: {warning}")
+                    n_warned += bool(warnings)
                     h, w = first.shape[:2]
                     size = f"{w}x{h} -> {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens/frame"
                     sizes[size] = sizes.get(size, 0) + 1
@@ -741,10 +751,12 @@ def main(argv=None):
               f"({len(written)} in all){lost}", file=sys.stderr)
         raise SystemExit(130)
     frames = "".join(f"; {size} ({n} video{'s' * (n > 1)})" for size, n in sizes.items())  # each size once
+    warned = f", {n_warned} with gold warnings (above)" if n_warned else ""
     print(f"done {n_new} examples, skipped {n_skipped}" + (f" (reasons in {sidecar})" if n_skipped else "")
-          + f", replies {n_replies} ({n_replies / max(n_new, 1):.1f} per example); per-turn latency "
+          + f"{warned}, replies {n_replies} ({n_replies / max(n_new, 1):.1f} per example); per-turn latency "
           f"{latency_line(latencies)} over {len(latencies)} turns{frames}")
-    return {"done": n_new, "skipped": [q for q in todo if q in skipped], "replies": n_replies, "latencies": latencies}
+    return {"done": n_new, "skipped": [q for q in todo if q in skipped], "replies": n_replies, "latencies": latencies,
+            "gold_warnings": n_warned}
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ Run:
     python -m pytest tests/test_reward.py -q     # the worked examples of docs/reward.md, offline
 
 What `eval` prints, per predictions file (after a "== LABEL: FILE" line when there are several):
-examples, gold turns and replies; PAUC x100 at w = 0 / 0.5 / 1; the reply duplicate proportion;
+a line per gold warning (`gold_warnings`: gold no model can reach, kept and counted); examples, gold
+turns and replies; PAUC x100 at w = 0 / 0.5 / 1; the reply duplicate proportion;
 the judge's calls, cache hits and failures; extra diagnostics that are not the paper's metric
 (replies per example, replies outside every gold span, mean reply delay); the last judge failure.
 - --json FILE: that summary; with several --pred, {"gold": GOLD, "runs": {LABEL: summary + "pred"}}.
@@ -873,6 +874,38 @@ def load_gold(path):
     return examples
 
 
+def gold_warnings(example, video_seconds=None, turn=0.0):
+    """What in one gold example (as load_gold returns it) no model can be scored on fairly: [sentence], or [].
+
+    From the file alone: an empty gold answer (a reply would be judged against nothing), a reply span
+    or a user turn (question, subtitle) after the example's `duration`. With the video's own length
+    (`video_seconds`), spans and turns are held to it instead, and a `duration` that differs from it by
+    more than `turn` seconds (one user turn) is named: another cut of the video?
+    Such examples are KEPT, warned about and counted, not refused: they are facts of the benchmark, not
+    mistakes in the command, and refusing would stop a whole benchmark over one example; dropping them
+    would change the metric's denominator, and the score would no longer compare with published ones.
+    So an unreachable span scores as silence (0.25), as the benchmark defines it, and the warning says so.
+        duration 30, reply span [31, 33] -> ["reply span 0 [31, 33] starts after the video ends (30 s): ..."]
+    """
+    end = example["duration"] if video_seconds is None else video_seconds
+    out = []
+    if video_seconds is not None and abs(example["duration"] - video_seconds) > turn:
+        out.append(f"'duration' is {example['duration']:g} s but the video lasts {video_seconds:g} s "
+                   "(another cut of it?): spans may not match what it shows")
+    for j, g in enumerate(example["answer"]):
+        if not g["content"].strip():
+            out.append(f"answer {j} is empty: every reply in its span is judged against nothing")
+        s0, s1 = g["reply_timespan"]
+        if s0 > end:
+            out.append(f"reply span {j} [{s0:g}, {s1:g}] starts after the video ends ({end:g} s): no reply can "
+                       "reach it, and it scores as silence")
+    for j, c in enumerate(example["conversation"]):
+        if c.get("time", 0.0) > end:
+            out.append(f"conversation {j} at {c['time']:g} s comes after the video ends ({end:g} s): "
+                       "the model never sees it")
+    return out
+
+
 def load_predictions(path, known_ids=None):
     """preds.jsonl -> {question_id: [(time, text), ...]}, assistant replies only (NO REPLY dropped)."""
     preds = {}
@@ -933,6 +966,8 @@ def evaluate(gold, pred_path, judge, omegas=(0.0, 0.5, 1.0), max_failures=0.01):
     turns = metric_turns(examples, preds, judge)
     if not turns:
         raise ValueError(f"{pred_path}: the gold examples it predicts have no answer turns")
+    # gold the video cannot reach, or empty answers: kept and scored as defined, but said (gold_warnings)
+    warnings = {ex["question_id"]: w for ex in examples if (w := gold_warnings(ex))}
     # the judge scores do not depend on omega, only the areas do: judge once, compute three curves
     pauc = {w: 100 * sum(area_ratio(p, L, METRIC_SCALE - 1, w) for p, L, _ in turns) / len(turns) for w in omegas}
     dup = duplicate_proportion({ex["question_id"]: preds[ex["question_id"]] for ex in examples}, judge)
@@ -940,7 +975,7 @@ def evaluate(gold, pred_path, judge, omegas=(0.0, 0.5, 1.0), max_failures=0.01):
     calls, hits, failures = judge.calls - calls0, judge.cache_hits - hits0, judge.failures - failures0
     share = failures / (calls + hits) if calls + hits else 0.0
     summary = {"pauc": {str(w): v for w, v in pauc.items()}, "duplicate_proportion": dup,
-               "examples": len(examples), "skipped": skipped, "gold_turns": len(turns),
+               "examples": len(examples), "skipped": skipped, "gold_turns": len(turns), "gold_warnings": warnings,
                "replies": stats["replies"], "judge_calls": calls, "judge_cache_hits": hits,
                "judge_failures": failures, "judge_failure_share": share,
                "judge_last_failure": getattr(judge, "last_error", None) if failures else None,
@@ -957,8 +992,11 @@ def format_summary(s):
     d = s["diagnostics"]
     delay = "n/a" if d["mean_reply_delay_s"] is None else f"{d['mean_reply_delay_s']:.2f} s"
     invalid = "" if s["valid"] else "  (NOT A RESULT: too many judge calls failed)"
-    return "\n".join([
-        f"examples {s['examples']}{skipped}, gold turns {s['gold_turns']}, replies {s['replies']}",
+    warned = [f"gold warning, {qid}: {w}" for qid, ws in s["gold_warnings"].items() for w in ws]
+    return "\n".join(warned + [
+        f"examples {s['examples']}{skipped}, gold turns {s['gold_turns']}, replies {s['replies']}"
+        + (f" ({len(s['gold_warnings'])} with gold warnings, above: scored as the benchmark defines them)"
+           if warned else ""),
         "PAUC x100: " + "  ".join(f"w={w} {v:.2f}" for w, v in s["pauc"].items()) + invalid,
         f"reply duplicate proportion (our reconstruction): {100 * s['duplicate_proportion']:.1f}%",
         f"judge: {s['judge_calls']} calls, {s['judge_cache_hits']} cache hits, {s['judge_failures']} failed",

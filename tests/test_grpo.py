@@ -307,6 +307,19 @@ def test_a_second_run_into_the_same_out_is_refused(rl_data, tmp_path):
     assert os.listdir(out) == [".lock"]
 
 
+def test_gold_the_video_cannot_reach_is_said_before_the_model_loads(rl_data, tmp_path, capsys):
+    gold = json.load(open(rl_data / "anno.json"))
+    gold[0]["duration"] = 30.0  # its video lasts 16 s
+    gold[1]["answer"][1]["reply_timespan"] = [17.0, 18.0]  # after its video ends
+    (tmp_path / "anno.json").write_text(json.dumps(gold))
+    with pytest.raises(SystemExit, match="model folder not found"):  # stopped at the model, after the data checks
+        grpo.main(["--anno", str(tmp_path / "anno.json"), "--videos", str(rl_data / "videos"), "--init",
+                   str(tmp_path / "nope"), "--out", str(tmp_path / "run")] + SMALL)
+    printed = capsys.readouterr().out
+    assert "gold warning, q0: 'duration' is 30 s but the video lasts 16 s" in printed
+    assert "gold warning, q1: reply span 1 [17, 18] starts after the video ends (16 s)" in printed
+
+
 def test_bad_setup_is_one_line_before_any_step(rl_data, tmp_path, monkeypatch):
     base = ["--anno", str(rl_data / "anno.json")] + SMALL
     with pytest.raises(SystemExit, match="^grpo.py: model folder not found"):

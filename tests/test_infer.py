@@ -578,6 +578,18 @@ def test_a_second_run_on_the_same_out_is_refused(videos, tmp_path, fast_load, sc
     assert infer.main(argv)["turns"] == 6  # once it is gone (killed: no lock is left behind), the run goes ahead
 
 
+def test_benchmark_says_which_gold_its_video_cannot_reach(videos, tmp_path, fast_load, scripted, capsys):
+    d, _ = videos
+    # a.mp4 lasts 6 s: this gold says 9 s, and its second span starts after the video ends
+    gold = anno(tmp_path, [example("q-a", "a.mp4", 9.0, [[0, 2.0], [7.0, 8.0]]), example("q-b", "b.mp4", 5.0, [[1.0, 2.0]])])
+    summary = infer.main(["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--out", str(tmp_path / "p.jsonl")])
+    printed = capsys.readouterr().out
+    assert "gold warning, q-a: 'duration' is 9 s but the video lasts 6 s (another cut of it?)" in printed
+    assert "gold warning, q-a: reply span 1 [7, 8] starts after the video ends (6 s): no reply can reach it" in printed
+    assert "q-b" not in printed.split("done")[0].split("examples:")[1]  # nothing said about the good one
+    assert summary["done"] == 2 and summary["gold_warnings"] == 1 and "1 with gold warnings (above)" in printed
+
+
 @pytest.mark.parametrize("newline", ["\n", ""])
 def test_benchmark_resumes_after_a_partial_run(videos, tmp_path, fast_load, newline):
     d, _ = videos

@@ -758,6 +758,29 @@ def test_cli_refuses_a_result_when_too_many_judge_calls_failed(server, tmp_path,
     assert summary["valid"] is True and summary["judge_calls"] == 5 and summary["judge_failures"] == 0
 
 
+def test_gold_the_video_cannot_reach_is_said_per_example_kept_and_counted(tmp_path, capsys):
+    ok = example("ok", [(0, 10, 10)], duration=30.0)
+    odd = example("odd", [(0, 10, 10), (31, 33, 32)], duration=30.0)  # a reply span after the end
+    odd["answer"][0]["content"] = "  "  # an empty gold answer
+    odd["conversation"].append({"role": "user", "content": "And now?", "time": 35.0})  # a question after the end
+    assert reward.gold_warnings(ok) == [] and reward.gold_warnings(ok, 30.4, turn=1.0) == []
+    assert reward.gold_warnings(odd) == [
+        "answer 0 is empty: every reply in its span is judged against nothing",
+        "reply span 1 [31, 33] starts after the video ends (30 s): no reply can reach it, and it scores as silence",
+        "conversation 1 at 35 s comes after the video ends (30 s): the model never sees it"]
+    # with the video's own length: a duration off by more than a turn, and the spans held to the video
+    assert reward.gold_warnings(ok, 8.0, turn=2.0) == [
+        "'duration' is 30 s but the video lasts 8 s (another cut of it?): spans may not match what it shows"]
+    # eval (no videos): kept, scored as defined (the unreachable span as silence), each one said and counted
+    g, p = write_files(tmp_path, [ok, odd], [pred_line("ok", [(2, "gold 0")]), pred_line("odd", [(2, "A reply.")])])
+    summary = reward.main(["eval", "--gold", g, "--pred", p, "--json", str(tmp_path / "s.json")])
+    assert summary["examples"] == 2 and summary["gold_turns"] == 3
+    assert summary["gold_warnings"] == {"odd": reward.gold_warnings(odd)}
+    printed = capsys.readouterr().out
+    assert "gold warning, odd: reply span 1 [31, 33] starts after the video ends" in printed
+    assert "replies 2 (1 with gold warnings, above: scored as the benchmark defines them)" in printed
+
+
 def test_load_predictions_treats_no_reply_as_silence(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text(pred_line("v1", [(3, "  NO REPLY "), (1, "Hi. "), (5, "Bye.")]) + "\n\n")
