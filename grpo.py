@@ -278,8 +278,11 @@ def main(argv=None):
             raise SystemExit(f"grpo.py: {e}") from None
     # what a resumed run must share with the checkpoint: the step alone says where it was (the episodes of step s
     # are a function of these); --max-steps / --epochs may grow (the lr is constant)
-    settings = {k: getattr(args, k) for k in ("init", "anno", "seed", "group", "episodes", "interval",
-                                               "frames_per_turn", "segment")} | {"world": world}
+    # anno.json by content (the same file under another spelling is the same run, a changed one is not), a
+    # folder by its real path
+    settings = {k: getattr(args, k) for k in ("seed", "group", "episodes", "interval", "frames_per_turn", "segment")} | {
+        "init": os.path.realpath(args.init) if os.path.isdir(args.init) else args.init,
+        "anno_sha256": mmduet2.file_digest(args.anno), "world": world}
     ckpt, step = mmduet2.start_run(args.out, args.resume, settings, acc.is_main_process)
 
     # -- data: checked before the model loads (a rank failing mid-run would leave the others in a collective)

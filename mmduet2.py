@@ -1136,6 +1136,19 @@ def checkpoints(out):
     return [os.path.join(out, d) for d in sorted(steps)]  # zero-padded step numbers sort as text
 
 
+def file_digest(path):
+    """A file's content as 16 hex digits of its sha256 (None if it cannot be read: its loader says why next).
+
+    What a resume compares for the files a run reads: the same file under another spelling of its path is
+    the same run, and a file changed under the run is not (it would change the episodes or the data order).
+    """
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    except OSError:
+        return None
+
+
 def start_run(out, resume, settings, is_main=True):
     """Where a run starts: (checkpoint folder or None, its step).
 

@@ -169,8 +169,9 @@ def main(argv=None):
         random.Random(args.seed + epoch).shuffle(order)
         plan += order[rank::world][:steps_per_epoch * args.grad_accum]  # drop the ragged tail (deviation 5)
     # a resume must find the same order and schedule: the step alone then says where the run was
-    settings = {k: getattr(args, k) for k in ("data", "seed", "grad_accum", "max_tokens")} | {
-        "world": world, "total_steps": total_steps}
+    # the data by content: the same files under another spelling of their path are the same run, changed ones not
+    settings = {k: getattr(args, k) for k in ("seed", "grad_accum", "max_tokens")} | {
+        "data_sha256": [mmduet2.file_digest(p) for p in args.data], "world": world, "total_steps": total_steps}
     ckpt, start_step = mmduet2.start_run(args.out, args.resume, settings, acc.is_main_process)
 
     def encode_example(i):

@@ -186,8 +186,10 @@ def trained(model):
 
 
 def test_one_step_changes_parameters_and_resumes(rl_data, chatty_ckpt, tmp_path):
-    out = tmp_path / "run"
-    base = ["--init", chatty_ckpt, "--anno", str(rl_data / "anno.json"), "--out", str(out)] + SMALL + ["--episodes", "2"]
+    out, anno = tmp_path / "run", tmp_path / "anno.json"
+    shutil.copy(rl_data / "anno.json", anno)  # a copy, to change under the run below
+    base = ["--init", chatty_ckpt, "--anno", str(anno), "--videos", str(rl_data / "videos"), "--out", str(out)] + \
+        SMALL + ["--episodes", "2"]
     result = grpo.main(base + ["--max-steps", "1"])
     assert result["rewards"].std(-1).max() > 0  # some group had a signal (with these seeds)
     before = mmduet2.load_model(chatty_ckpt)[0]
@@ -209,6 +211,12 @@ def test_one_step_changes_parameters_and_resumes(rl_data, chatty_ckpt, tmp_path)
     # a resume with other settings (another seed: other episodes) is refused
     with pytest.raises(SystemExit, match="other settings"):
         grpo.main(base + ["--max-steps", "3", "--resume", "--seed", "1"])
+    # the anno.json is compared by content: another spelling of its path resumes (nothing left to run here) ...
+    grpo.main(base + ["--max-steps", "3", "--resume", "--anno", str(tmp_path / "." / "anno.json")])
+    # ... and the same path with other gold in it (other episodes) is refused
+    anno.write_text(anno.read_text().replace('"reply_timespan": [3.0, 8.0]', '"reply_timespan": [4.0, 8.0]'))
+    with pytest.raises(SystemExit, match="other settings \\(anno_sha256: '[0-9a-f]{16}' there, '[0-9a-f]{16}' now\\)"):
+        grpo.main(base + ["--max-steps", "3", "--resume"])
 
 
 def test_resume_equals_an_uninterrupted_run(rl_data, chatty_ckpt, tmp_path):

@@ -177,6 +177,14 @@ def test_resume_equals_an_uninterrupted_run(one_rank, data, tmp_path):
     # a run without --resume refuses a folder that holds another run's checkpoints
     p = run_sft(data, out, check=False)
     assert p.returncode != 0 and "pass --resume to continue it" in p.stderr, p.stderr[-2000:]
+    # the data are compared by content: the same files under another spelling of their paths resume
+    # (nothing left to run), other data in them (another order of examples) is refused
+    spelled = [str(data / "." / "ours.jsonl"), str(data / "released.jsonl")]
+    assert "resumed from" in run_sft(data, out, "--resume", "--data", *spelled).stdout
+    changed = tmp_path / "ours.jsonl"
+    changed.write_text(open(data / "ours.jsonl").read().replace(ANSWERS[0], "A pink square appeared on the left."))
+    p = run_sft(data, out, "--resume", "--data", str(changed), spelled[1], check=False)
+    assert p.returncode != 0 and "other settings (data_sha256: [" in p.stderr, p.stderr[-2000:]
 
 
 def test_checkpoints_load_with_mmduet2(one_rank):
