@@ -594,6 +594,7 @@ def load_model(name=DEFAULT_MODEL, dtype=None, device=None, attn=None, frame_tok
     if name == "tiny":
         model, processor = tiny_model()
     elif os.path.isdir(os.path.expanduser(name)):
+        _check_model_folder(os.path.expanduser(name))  # before anything is built
         try:
             model, processor = _from_pretrained(os.path.expanduser(name), dtype, attn)
         except OSError as e:
@@ -611,6 +612,40 @@ def load_model(name=DEFAULT_MODEL, dtype=None, device=None, attn=None, frame_tok
                 raise _hub_error(name, str(e).splitlines()[0][:160]) from None
     set_frame_tokens(processor, frame_tokens)  # the processor's own default would be far larger frames
     return model.to(device, dtype).eval(), processor
+
+
+def _check_model_folder(folder):
+    """A FileNotFoundError naming the first file a checkpoint folder lacks, before anything is built.
+
+    Without config.json, transformers builds a full-size default Qwen2.5-VL (21 GB: killed on a 24 GB
+    machine); without the chat template it fails in a traceback; without tokenizer.json the image tokens
+    go missing, and the error says "Image features and image tokens do not match": the wrong cause.
+    """
+    def has(name):
+        return os.path.isfile(os.path.join(folder, name))
+
+    def says(name, key):  # a JSON file of the folder that holds `key` (older checkpoints keep the template there)
+        try:
+            return key in json.load(open(os.path.join(folder, name)))
+        except (OSError, ValueError):
+            return False
+    index = next((n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if has(n)), None)
+    try:  # a sharded checkpoint: every shard its index names
+        shards = sorted(set(json.load(open(os.path.join(folder, index)))["weight_map"].values())) if index else []
+    except (ValueError, KeyError, TypeError, AttributeError):
+        shards = [index + " (it is not a weight index)"]
+    needs = [("config.json", has("config.json")),
+             ("weights (model.safetensors)", index or has("model.safetensors") or has("pytorch_model.bin")),
+             *((shard, has(shard)) for shard in shards),
+             ("tokenizer.json", has("tokenizer.json") or has("vocab.json") and has("merges.txt")),
+             ("chat template (chat_template.jinja)", has("chat_template.jinja") or has("chat_template.json")
+              or says("tokenizer_config.json", "chat_template") or says("processor_config.json", "chat_template")),
+             ("image processor settings (preprocessor_config.json)",
+              has("preprocessor_config.json") or says("processor_config.json", "image_processor"))]
+    missing = next((what for what, ok in needs if not ok), None)
+    if missing:
+        raise FileNotFoundError(f"model folder {folder} has no {missing}: not a whole checkpoint (give OUT/final, "
+                                "or a folder from `hf download NAME --local-dir DIR`)")
 
 
 def _from_pretrained(name, dtype, attn, **hub):

@@ -1,4 +1,6 @@
 """mmduet2.py: frames, the template deltas, the loss mask, rope positions, models and the streaming engine."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -210,6 +212,29 @@ def test_tiny_model_saves_and_reloads(tiny, tmp_path):
         a = model(**mmduet2.model_inputs(model, seq)).logits
         b = model2(**mmduet2.model_inputs(model2, seq)).logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("remove, named", [
+    ("config.json", "config.json"),  # transformers built a full-size default Qwen2.5-VL: 21 GB
+    ("model.safetensors", "weights (model.safetensors)"),
+    ("chat_template.jinja", "chat template (chat_template.jinja)"),  # a transformers traceback
+    ("tokenizer.json", "tokenizer.json"),  # "Image features and image tokens do not match": the wrong cause
+    ("processor_config.json", "image processor settings (preprocessor_config.json)"),
+    ("shard", "model-00002-of-00002.safetensors"),  # a sharded checkpoint with a shard missing
+])
+def test_a_model_folder_missing_a_file_is_one_line_before_anything_is_built(tiny, tmp_path, monkeypatch, remove, named):
+    for part in tiny:
+        part.save_pretrained(tmp_path)
+    if remove == "shard":  # the index names two shards; only the first is there
+        (tmp_path / "model.safetensors").rename(tmp_path / "model-00001-of-00002.safetensors")
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    else:
+        (tmp_path / remove).unlink()
+    monkeypatch.setattr(mmduet2, "_from_pretrained", lambda *a, **k: pytest.fail("built a model from a broken folder"))
+    with pytest.raises(FileNotFoundError) as e:
+        mmduet2.load_model(str(tmp_path))
+    assert str(e.value).startswith(f"model folder {tmp_path} has no {named}: not a whole checkpoint")
 
 
 # ----------------------------------------------------------------------------
