@@ -48,7 +48,9 @@ What stops, what goes on, what is kept:
   runs only the question_ids it lacks. OUT.run.json, written when --out is created, records the
   settings that made it (model, interval, frames per turn, frame tokens, max new tokens, realtime): a resume
   with other settings, into a file without that record, or into another benchmark's predictions
-  is refused (--overwrite starts over). A last record whose newline is missing gets it back.
+  is refused (--overwrite starts over). Each record is appended whole or not at all (a full disk stops
+  the run with one line); a last line cut by a run killed mid-write is removed, and its example runs
+  again; a whole last record without its newline gets it back.
 - Interrupted or failing part-way: Ctrl-C in a benchmark exits with code 130, saying how many
   examples are written (the one in progress is not, and runs on a rerun). A single video stopped
   by Ctrl-C (code 130), by a frame that fails to decode or by a live stream that breaks off (code 1)
@@ -392,33 +394,60 @@ def done_ids(path, known):
                 try:
                     ids.add(json.loads(line)["question_id"])
                 except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bad UTF-8
-                    raise ValueError(f"{path} line {n} is not a prediction record (an interrupted write?): "
-                                     "delete that line and rerun") from None
+                    raise ValueError(f"{path} line {n} is not a prediction record: delete that line and rerun "
+                                     "(a last line cut by an interrupted write is repaired by itself)") from None
     if ids - known:
         raise ValueError(f"{path} holds question_ids that are not in this benchmark (e.g. {sorted(ids - known)[0]!r}): "
                          "another benchmark's predictions? give another --out")
     return ids
 
 
-def end_last_line(path):
-    """Add the newline a file's last line lacks, so that a record appended next starts a line of its own
-    (a file cut just before its last newline, or written by hand). True if one was added."""
+def repair_last_line(path):
+    """A last line without its newline, before a resumed run appends: a record cut by a run killed
+    mid-write is removed (its example runs again); a whole one (cut just before its newline, or written by
+    hand) gets the newline, so the next record starts a line of its own. Returns what was done, or None."""
     with open(path, "rb+") as f:
-        if f.seek(0, os.SEEK_END) == 0:
-            return False
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return False
+        text = f.read()  # one line per example: small enough to read whole
+        if not text or text.endswith(b"\n"):
+            return None
+        start = text.rfind(b"\n") + 1  # where the last line begins (0: it is the only one)
+        try:
+            json.loads(text[start:])["question_id"]
+        except (ValueError, KeyError, TypeError):  # not a whole record: the rest of it was never written
+            f.truncate(start)
+            return "its last line was cut short (a run stopped mid-write): removed, and its example runs again"
         f.write(b"\n")
-        return True
+        return "its last record lacked a newline: added one, so new records start a line of their own"
+
+
+def append_record(path, line):
+    """Append one line to `path`, whole or not at all: a write that fails part-way (a full disk) is cut back
+    off, so the file holds whole records only, and the error goes on to the caller."""
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:  # a write may take less than all of it (a disk nearly full): the rest goes next
+                data = data[os.write(fd, data):]
+        except OSError:
+            os.ftruncate(fd, end)  # what got in goes again: no half record for the next run to trip on
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path, text):
     """Replace `path` by `text` in one step: an interruption leaves the old file or the new, never half of one."""
     tmp = f"{path}.tmp"  # beside the target: one filesystem, so the rename below is atomic
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:  # a full disk: no half-written .tmp is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def run_settings(args):
@@ -624,6 +653,8 @@ def main(argv=None):
             settings = run_settings(args)
             # a resume: the examples already written, and those an earlier run skipped (refused if the
             # settings differ, so one file never mixes two runs' predictions)
+            if not args.overwrite and os.path.exists(args.out) and (repaired := repair_last_line(args.out)):
+                print(f"{args.out}: {repaired}")
             done, skipped = (set(), {}) if args.overwrite else resume_state(args.out, sidecar, settings, set(plans))
         dtype = getattr(torch, args.dtype) if args.dtype else None
         model, processor = mmduet2.load_model(args.model, dtype, args.device, args.attn, args.frame_tokens)
@@ -672,7 +703,11 @@ def main(argv=None):
         if args.out:  # written when the video ends early too: the turns streamed are not lost
             name = urllib.parse.urlparse(args.video).path if live else args.video  # a URL's query is no name
             qid = os.path.splitext(os.path.basename(name))[0] or "live"
-            write_atomic(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
+            try:
+                write_atomic(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
+            except OSError as e:  # a full disk: the old file, if any, is left as it was
+                raise SystemExit(f"infer.py: cannot write {args.out} ({e.strerror}): the predictions of the "
+                                 f"{len(latencies)} turns streamed are not saved; free some space and rerun") from None
         n_replies = sum(r["role"] == "assistant" for r in responses)
         if feed:
             print(feed.report())
@@ -697,52 +732,54 @@ def main(argv=None):
     print(f"{len(plans)} examples: {len(done)} already in {args.out}{again}, {len(todo)} to run")
     if args.overwrite or not os.path.exists(args.out):  # a new file: its settings are recorded first
         open(args.out, "w").close()
-    elif end_last_line(args.out):
-        print(f"{args.out}: its last record lacked a newline; added one, so new records start their own line")
 
     def record_run():  # the sidecar: this run's settings and the examples skipped so far, with why
         write_atomic(sidecar, json.dumps({"settings": settings, "skipped": skipped}, indent=1) + "\n")
-    record_run()
 
     sizes, n_replies, latencies, n_new, n_skipped, n_warned = {}, 0, [], 0, 0, 0
     bar = tqdm(todo, desc="examples", unit="video")
     qid = None
     try:
-        with open(args.out, "a") as f:
-            for qid in bar:
-                path, user_turns, rounds = plans[qid]
-                try:  # a missing, unreadable or part-way damaged video is skipped and recorded, never fatal
-                    first, n_frames, seconds = check_video(path, args.interval)
-                    # gold this video cannot reach (reward.gold_warnings): said, counted, and run as defined
-                    warnings = reward.gold_warnings(examples_by_id[qid], seconds, args.interval * args.frames_per_turn)
-                    for warning in warnings:
-                        tqdm.write(f"gold warning, {qid}: {warning}")
-                    n_warned += bool(warnings)
-                    h, w = first.shape[:2]
-                    size = f"{w}x{h} -> {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens/frame"
-                    sizes[size] = sizes.get(size, 0) + 1
-                    # frames to the end of the last gold span, or to the video's end if it comes first
-                    n_turns = math.ceil(min(rounds, n_frames) / args.frames_per_turn)
-                    video = Feed(itertools.islice(mmduet2.read_frames(path, args.interval), rounds), args.interval,
-                                 args.frames_per_turn) if args.realtime else path  # --realtime: played as live
-                    with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
-                        # a fresh Stream (a new conversation and KV cache) for every example
-                        responses, lat = stream_video(mmduet2.Stream(model, processor), video, args.interval,
-                                                      args.frames_per_turn, user_turns, rounds,
-                                                      on_turn=turns.update, **decode)
-                except (OSError, ValueError) as e:
-                    tqdm.write(f"skipped {qid}: {e}")
-                    skipped[qid] = str(e)
-                    n_skipped += 1
-                    record_run()  # at once: a rerun does not stream it again (unless --retry-skipped)
-                    continue
-                f.write(json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
-                f.flush()  # one whole line per finished example: an interrupted run resumes cleanly
-                n_new += 1
-                if skipped.pop(qid, None) is not None:  # a retried example that ran this time
-                    record_run()
-                n_replies += sum(r["role"] == "assistant" for r in responses)
-                latencies += lat
+        record_run()
+        for qid in bar:
+            path, user_turns, rounds = plans[qid]
+            try:  # a missing, unreadable or part-way damaged video is skipped and recorded, never fatal
+                first, n_frames, seconds = check_video(path, args.interval)
+                # gold this video cannot reach (reward.gold_warnings): said, counted, and run as defined
+                warnings = reward.gold_warnings(examples_by_id[qid], seconds, args.interval * args.frames_per_turn)
+                for warning in warnings:
+                    tqdm.write(f"gold warning, {qid}: {warning}")
+                n_warned += bool(warnings)
+                h, w = first.shape[:2]
+                size = f"{w}x{h} -> {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens/frame"
+                sizes[size] = sizes.get(size, 0) + 1
+                # frames to the end of the last gold span, or to the video's end if it comes first
+                n_turns = math.ceil(min(rounds, n_frames) / args.frames_per_turn)
+                video = Feed(itertools.islice(mmduet2.read_frames(path, args.interval), rounds), args.interval,
+                             args.frames_per_turn) if args.realtime else path  # --realtime: played as live
+                with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
+                    # a fresh Stream (a new conversation and KV cache) for every example
+                    responses, lat = stream_video(mmduet2.Stream(model, processor), video, args.interval,
+                                                  args.frames_per_turn, user_turns, rounds,
+                                                  on_turn=turns.update, **decode)
+            except (OSError, ValueError) as e:
+                tqdm.write(f"skipped {qid}: {e}")
+                skipped[qid] = str(e)
+                n_skipped += 1
+                record_run()  # at once: a rerun does not stream it again (unless --retry-skipped)
+                continue
+            # one whole line per finished example, or none: an interrupted run resumes cleanly
+            append_record(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
+            n_new += 1
+            if skipped.pop(qid, None) is not None:  # a retried example that ran this time
+                record_run()
+            n_replies += sum(r["role"] == "assistant" for r in responses)
+            latencies += lat
+    except OSError as e:  # a full disk: the record being written was cut back off, the file holds whole ones
+        bar.close()
+        raise SystemExit(f"infer.py: cannot write {e.filename or args.out} ({e.strerror}): {n_new} examples were "
+                         "written in this run, as whole records; free some space and rerun the same command: "
+                         "it resumes") from None
     except KeyboardInterrupt:
         bar.close()
         written = done_ids(args.out, set(plans))  # read back: a record may have landed just before the Ctrl-C

@@ -6,6 +6,7 @@ model rarely says NO REPLY, so model runs check the structure of the output, not
 silence and placement rules are checked exactly with a scripted stand-in for `mmduet2.Stream`.
 """
 import contextlib
+import errno
 import http.server
 import io
 import itertools
@@ -590,21 +591,55 @@ def test_benchmark_says_which_gold_its_video_cannot_reach(videos, tmp_path, fast
     assert summary["done"] == 2 and summary["gold_warnings"] == 1 and "1 with gold warnings (above)" in printed
 
 
-@pytest.mark.parametrize("newline", ["\n", ""])
-def test_benchmark_resumes_after_a_partial_run(videos, tmp_path, fast_load, newline):
+@pytest.mark.parametrize("tail, said", [("\n", None), ("", "its last record lacked a newline: added one"),
+                                        ('\n{"question_id": "q-b", "model_res', "its last line was cut short")])
+def test_benchmark_resumes_after_a_partial_run(videos, tmp_path, fast_load, capsys, tail, said):
     d, _ = videos
     gold = anno(tmp_path, [example("q-a", "a.mp4", 6.0, [[0, 2.0]]), example("q-b", "b.mp4", 5.0, [[0, 2.0]])])
     out = tmp_path / "preds.jsonl"
     # "": a last record without its newline (cut just before it, or written by hand): q-b's record used to
-    # be appended on the same line, and neither could be read back
-    out.write_text(json.dumps({"question_id": "q-a", "model_response_list": []}) + newline)
+    # be appended on the same line, and neither could be read back. A cut record (a run killed mid-write)
+    # stopped the rerun ("delete that line"), although the README said it was repaired
+    out.write_text(json.dumps({"question_id": "q-a", "model_response_list": []}) + tail)
     run_record(out, frames_per_turn=2, max_new_tokens=2)
     summary = infer.main(["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--max-new-tokens", "2",
                           "--frames-per-turn", "2", "--out", str(out)])
+    assert (f"{out}: {said}" in capsys.readouterr().out) if said else "its last" not in capsys.readouterr().out
     assert summary["done"] == 1
     first, second = records(out)
     assert first == {"question_id": "q-a", "model_response_list": []}
     check_record(second, "q-b", turn_times=[2.0])  # 2 frames (span ends at 2 s) = one 2-frame turn
+
+
+def test_a_full_disk_is_one_line_and_the_file_keeps_whole_records(videos, tmp_path, fast_load, scripted, monkeypatch):
+    d, _ = videos
+    gold = anno(tmp_path, [example("q-a", "a.mp4", 6.0, [[0, 2.0]]), example("q-b", "b.mp4", 5.0, [[0, 2.0]])])
+    out = tmp_path / "preds.jsonl"
+    argv = ["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--out", str(out)]
+    write = os.write
+
+    def full_disk(fd, data):  # q-b's record: half of it gets onto the disk, then it is full
+        if bytes(data).startswith(b'{"question_id": "q-b"'):
+            write(fd, data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(fd, data)
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(SystemExit) as e:
+        infer.main(argv)
+    assert str(e.value.code) == (f"infer.py: cannot write {out} (No space left on device): 1 examples were written in "
+                                 "this run, as whole records; free some space and rerun the same command: it resumes")
+    assert [r["question_id"] for r in records(out)] == ["q-a"] and out.read_text().endswith("\n")  # no half of q-b
+    monkeypatch.setattr(os, "write", write)  # space freed: the rerun writes q-b, once
+    assert infer.main(argv)["done"] == 1 and [r["question_id"] for r in records(out)] == ["q-a", "q-b"]
+    # one video: its file is written whole at the end (write_atomic), and a full disk leaves the old one as it was
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(SystemExit) as e:
+        infer.main([str(d / "a.mp4"), "--model", "tiny", "--out", str(out), "--overwrite"])
+    assert str(e.value.code) == (f"infer.py: cannot write {out} (No space left on device): the predictions of the "
+                                 "6 turns streamed are not saved; free some space and rerun")
+    assert [r["question_id"] for r in records(out)] == ["q-a", "q-b"] and not os.path.exists(f"{out}.tmp")
 
 
 def test_benchmark_skips_a_video_that_fails_mid_stream_and_remembers_it(videos, tmp_path, fast_load, scripted,
@@ -742,7 +777,9 @@ def resume_cases(tmp_path, d):
 def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, message):
     d, v = videos
     monkeypatch.setattr(mmduet2, "load_model", lambda *a, **k: pytest.fail("loaded a model for bad input"))
-    (tmp_path / "preds.jsonl").write_text('{"question_id": "q", "model_response_list": []}\n{"question_id": "q2", "mod')
+    # a broken line amid whole ones (a last line cut mid-write is repaired instead: test_benchmark_resumes_...)
+    (tmp_path / "preds.jsonl").write_text('{"question_id": "q", "model_response_list": []}\n{"question_id": "q2", "mod\n'
+                                          '{"question_id": "q3", "model_response_list": []}\n')
     ok_anno = anno(tmp_path, [example("q", "a.mp4", 6.0, [[0, 2]])])
     argv = {
         "missing": [str(d / "nope.mp4")], "junk": [v["junk"]], "short": [v["short"]],
