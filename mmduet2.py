@@ -378,6 +378,45 @@ def load_dialogue(record, root="."):
     return messages, frames
 
 
+def check_dialogue(record, root=".", durations=None):
+    """What `load_dialogue` would fail on, found without decoding a frame: a one-line ValueError.
+
+    The messages are {role, content} texts; the released format has one existing file per "<image>"
+    placeholder; ours names an existing video and a positive interval, and the video gives at least as
+    many frames as the placeholders (its length is read, not its frames: `durations` caches it by path).
+    So bad data stops before the model loads, not when training reaches it. Not checked: an HDF5 index
+    (the file is opened only when its frames are read).
+    """
+    messages = record.get("messages")
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+        raise ValueError("'messages' must be a non-empty list of {role, content} texts")
+    n_images = sum(m["content"].count(IMAGE) for m in messages)
+    if "images" in record:
+        specs = [im["path"] if isinstance(im, dict) else im for im in record["images"]]
+        if len(specs) != n_images:
+            raise ValueError(f"{len(specs)} images for {n_images} {IMAGE} placeholders")
+        for spec in specs:
+            path = os.path.join(root, str(spec).partition(":::")[0])
+            if not os.path.isfile(path):
+                raise ValueError(f"frame file not found: {path}")
+        return
+    interval = record.get("interval")
+    if not (isinstance(interval, (int, float)) and 0 < interval < float("inf")):
+        raise ValueError(f"'interval' must be a number of seconds > 0, got {interval!r}")
+    path = os.path.join(root, str(record.get("video")))
+    durations = {} if durations is None else durations
+    if path not in durations:
+        try:
+            durations[path] = video_duration(path)
+        except OSError as e:  # not found, or a folder: the same one line as a ValueError
+            raise ValueError(str(e)) from None
+    n = count_frames(durations[path], interval)
+    if n < n_images:
+        raise ValueError(f"{record.get('video')} gives {n} frames at a {interval:g} s interval, "
+                         f"the dialogue has {n_images} {IMAGE} placeholders")
+
+
 # ----------------------------------------------------------------------------
 # 4. Token ids in, token ids out
 #

@@ -39,8 +39,8 @@ Where we depart from the paper and its released script:
 6. Gradient clipping 1.0, weight decay 0, AdamW betas (0.9, 0.999): HF Trainer's defaults, assumed; neither the
    paper nor the settings we have state them. Decay: cosine, as the released script.
 7. Truncation at --max-tokens keeps the first tokens and drops an image cut in half (mmduet2.truncate).
-8. A malformed data line is fatal, reported as FILE:LINE: checked for every file at start-up (so nothing is
-   lost), and videos/frames when first read.
+8. A malformed data line is fatal, reported as FILE:LINE: checked for every file at start-up, before the model
+   loads (so nothing is lost), frames included (images vs placeholders, files there, videos long enough).
 """
 import argparse
 import json
@@ -117,16 +117,25 @@ def parse_args(argv=None):
 
 
 def read_records(paths, toy=False):
-    """Every line of every SFT file, checked now, so that a bad line fails before any training: [(file, line, record)]."""
-    records = []
+    """Every line of every SFT file, checked now, before the model loads, so that bad data never stops a run
+    part-way: [(file, line, record)]. Each record's frames are checked too (mmduet2.check_dialogue: images
+    vs placeholders, files there, videos long enough); the first bad line is named, with how many more."""
+    records, bad, durations = [], [], {}  # durations: each video's length, read once
     try:
         for path in paths:
             for line_no, rec in mmduet2.read_jsonl(path):  # raises "FILE:LINE: malformed JSON (...)"
                 if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list) or not ("video" in rec or "images" in rec):
                     raise ValueError(f"{path}:{line_no}: not an SFT dialogue (needs 'messages' and 'video' or 'images')")
+                try:
+                    mmduet2.check_dialogue(rec, os.path.dirname(path), durations)
+                except ValueError as e:
+                    bad.append(f"{path}:{line_no}: {e}")
                 records.append((path, line_no, rec))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"sft.py: {e}" + (" (make the toy world first: python data.py toy --out data/toy)" if toy else ""))
+    if bad:  # all of them counted: one fix of the data, not one rerun per line
+        more = f" (and {len(bad) - 1} more bad line{'s' * (len(bad) > 2)})" if len(bad) > 1 else ""
+        raise SystemExit(f"sft.py: {bad[0]}{more}: fix the data; nothing was trained")
     return records
 
 
