@@ -756,6 +756,7 @@ def placement_arg(text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Scene captions → proactive dialogues + gold spans (paper Sec. 3).")
+    path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     sub = parser.add_subparsers(dest="command", required=True)
 
     def dialogue_flags(p):
@@ -774,8 +775,10 @@ def main(argv=None):
 
     b = sub.add_parser("build", help="scene list → sft.jsonl + anno.json (resumable)")
     # input / output
-    b.add_argument("--scenes", required=True, help="JSONL, one line per video: {video, duration, scenes:[{start,end,caption}]}")
-    b.add_argument("--out", required=True, help="output folder (sft.jsonl, anno.json, ...); a re-run resumes it")
+    b.add_argument("--scenes", required=True, type=path,
+                   help="JSONL, one line per video: {video, duration, scenes:[{start,end,caption}]}")
+    b.add_argument("--out", required=True, type=path,
+                   help="output folder (sft.jsonl, anno.json, ...); a re-run resumes it")
     dialogue_flags(b)
     # the LLM (QA generation and immediate-answer summaries)
     b.add_argument("--llm", choices=("openai", "toy"), default="openai",
@@ -786,13 +789,14 @@ def main(argv=None):
     b.add_argument("--retries", type=int, default=RETRIES, help="re-asks of a malformed LLM answer before skipping the video")
 
     o = sub.add_parser("offline", help="offline video QA / captions → one-turn dialogues (default system prompt)")
-    o.add_argument("--qa", required=True, help="JSONL lines {video, question, answer} (no question: a caption example)")
-    o.add_argument("--out", required=True, help="output JSONL of dialogues")
+    o.add_argument("--qa", required=True, type=path,
+                   help="JSONL lines {video, question, answer} (no question: a caption example)")
+    o.add_argument("--out", required=True, type=path, help="output JSONL of dialogues")
     o.add_argument("--max-frames", type=int, default=OFFLINE_FRAMES, help="frames per example, spread over the video")
 
     t = sub.add_parser("toy", help="the toy world: synthetic videos → train / rl / test splits")
     # output and sizes
-    t.add_argument("--out", required=True, help="output folder; gets train/, rl/ and test/")
+    t.add_argument("--out", required=True, type=path, help="output folder; gets train/, rl/ and test/")
     t.add_argument("--n-train", type=int, default=200, help="videos in the SFT split")
     t.add_argument("--n-rl", type=int, default=50, help="videos held out for GRPO")
     t.add_argument("--n-test", type=int, default=30, help="videos in the test split (anno.json is the benchmark)")

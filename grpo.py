@@ -194,11 +194,14 @@ TOY = dict(init="runs/sft-toy/final", anno="data/toy/rl/anno.json", out="runs/gr
 
 def parse_args(argv=None):
     p = mmduet2.argument_parser("grpo.py", __doc__.split("\n")[0])
+    path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     # model and data
-    p.add_argument("--init", default="runs/sft/final", help="the SFT checkpoint folder to start from")
-    p.add_argument("--anno", default="data/web/rl/anno.json", help="held-out RL videos' gold answers (anno.json)")
-    p.add_argument("--videos", default=None, help="folder of the videos named in --anno (default: videos/ beside it)")
-    p.add_argument("--out", default="runs/grpo", help="checkpoints and metrics.jsonl go here")
+    p.add_argument("--init", default="runs/sft/final", type=path, help="the SFT checkpoint folder to start from")
+    p.add_argument("--anno", default="data/web/rl/anno.json", type=path,
+                   help="held-out RL videos' gold answers (anno.json)")
+    p.add_argument("--videos", default=None, type=path,
+                   help="folder of the videos named in --anno (default: videos/ beside it)")
+    p.add_argument("--out", default="runs/grpo", type=path, help="checkpoints and metrics.jsonl go here")
     p.add_argument("--toy", action="store_true", help=mmduet2.preset_help(TOY))
     # episodes (Sec. 4.3.3)
     p.add_argument("--segment", type=float, default=20.0, help="seconds of video the policy answers per episode (paper: 20)")

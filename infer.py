@@ -34,11 +34,12 @@ answered so far are written to --out), or with Ctrl-C (code 130, the same). A be
 
 What stops, what goes on, what is kept:
 - Fatal, before the model loads, with one line (`infer.py: what, what to do`): a bad flag, a
-  missing/undecodable/too-short single video, a bad --ask, an anno.json that is not the benchmark
-  format (checked by `reward.load_gold`, then each example's video name, subtitle times and span),
-  an --out whose folder does not exist, a single-video --out that exists (unless --overwrite),
-  a model that cannot be loaded (a hub name without network fails at once: download it and pass
-  the folder). A cached hub model loads offline.
+  missing/undecodable/too-short single video, an --interval far below its frame period, a bad --ask,
+  an anno.json that is not the benchmark format (checked by `reward.load_gold`, then each example's
+  video name, subtitle times and span), an --out whose folder does not exist, a single-video --out
+  that exists (unless --overwrite), an --out another run is writing (`reward.hold_output`), a model
+  that cannot be loaded (a folder missing a file; a hub name without network fails at once:
+  download it and pass the folder). A cached hub model loads offline.
 - Warned, never fatal (benchmark): gold its video cannot reach (a span or question after its end,
   a `duration` off by more than a turn, an empty answer: `reward.gold_warnings`), counted at the end.
 - Skipped, never fatal (benchmark): an example whose video is missing, unreadable, too short or
@@ -520,8 +521,9 @@ def parse_args(argv):
     # a bad flag is one line, as every other bad input (argparse would print the whole usage first)
     p = mmduet2.argument_parser("infer.py", "Stream a video, a camera, a network stream (or a ProactiveVideoQA "
                                             "benchmark) through MMDuet2.")
+    path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     # what to watch
-    p.add_argument("video", nargs="?", metavar="SOURCE",
+    p.add_argument("video", nargs="?", metavar="SOURCE", type=path,
                    help="video file, camera (/dev/video0) or network stream (http(s)://, HLS .m3u8, rtsp://) "
                         "to watch; a camera or stream is watched live (or use --benchmark)")
     p.add_argument("--input-format", metavar="FMT",
@@ -532,14 +534,18 @@ def parse_args(argv):
     p.add_argument("--ask", action="append", default=[], metavar="SECONDS:TEXT",
                    help="text put into the first user turn whose time >= SECONDS (of stream time, live); "
                         "repeatable. Live or --realtime, a line typed on stdin joins the turn being fed")
-    p.add_argument("--benchmark", metavar="ANNO_JSON", help="ProactiveVideoQA anno.json: run the benchmark protocol")
-    p.add_argument("--videos", metavar="DIR", help="folder of the benchmark's videos (default: videos/ beside ANNO_JSON)")
+    p.add_argument("--benchmark", metavar="ANNO_JSON", type=path,
+                   help="ProactiveVideoQA anno.json: run the benchmark protocol")
+    p.add_argument("--videos", metavar="DIR", type=path,
+                   help="folder of the benchmark's videos (default: videos/ beside ANNO_JSON)")
     p.add_argument("--demo", type=int, nargs="?", const=0, metavar="SEED",
                    help="write a toy video (data.py toy, seed SEED) and stream it through the shipped toy model")
-    p.add_argument("--html", metavar="FILE", help="with --demo: also write its timeline page (as reward.py eval "
-                                                  "--html): the replies against the gold events, scored offline")
-    p.add_argument("--out", help="prediction JSONL; single video: a new file; benchmark: appended, resumable "
-                                 "(its settings and skipped examples are kept in OUT.run.json)")
+    p.add_argument("--html", metavar="FILE", type=path,
+                   help="with --demo: also write its timeline page (as reward.py eval --html): the replies "
+                        "against the gold events, scored offline")
+    p.add_argument("--out", type=path,
+                   help="prediction JSONL; single video: a new file; benchmark: appended, resumable "
+                        "(its settings and skipped examples are kept in OUT.run.json)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (single video: refused without it; benchmark: start over)")
     p.add_argument("--retry-skipped", action="store_true",

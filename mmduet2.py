@@ -321,13 +321,15 @@ def read_jsonl(path):
         raise ValueError(f"{path} is a folder: give the JSONL file(s) in it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"file not found: {path}")
-    with open(path) as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named below, with its file and line
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield i, json.loads(line)
+                    yield i, json.loads(line.decode())
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+                except UnicodeDecodeError:  # e.g. UTF-16, as some Windows editors save
+                    raise ValueError(f"{path}:{i}: not UTF-8 text (saved as UTF-16?): save it as UTF-8") from None
 
 
 def _load_image(spec, root):

@@ -909,7 +909,11 @@ def gold_warnings(example, video_seconds=None, turn=0.0):
 def load_predictions(path, known_ids=None):
     """preds.jsonl -> {question_id: [(time, text), ...]}, assistant replies only (NO REPLY dropped)."""
     preds = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:  # e.g. UTF-16, as some Windows editors save: the error would name no file
+        raise ValueError(f"{path} is not UTF-8 text (saved as UTF-16?): save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path} line {n}"
@@ -1148,19 +1152,20 @@ def write_html(path, gold_path, gold, runs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Score streaming predictions with the ProactiveVideoQA PAUC.")
+    path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("eval", help="PAUC x100 at w = 0 / 0.5 / 1, duplicate proportion, counts")
     # data
-    ev.add_argument("--gold", required=True, help="benchmark anno.json (a JSON list of examples)")
-    ev.add_argument("--pred", required=True, nargs="+",
+    ev.add_argument("--gold", required=True, type=path, help="benchmark anno.json (a JSON list of examples)")
+    ev.add_argument("--pred", required=True, nargs="+", type=path,
                     help="predictions JSONL from infer.py, one example per line; several files (e.g. an SFT "
                          "and a GRPO run) are each scored, with one summary each")
     ev.add_argument("--label", nargs="+", default=None,
                     help="a name per --pred file, in the same order (default: the file names without .jsonl)")
-    ev.add_argument("--json", default=None,
+    ev.add_argument("--json", default=None, type=path,
                     help="also write the summary to this JSON file; with several --pred: "
                          '{"gold": GOLD, "runs": {LABEL: summary with its "pred" path}}')
-    ev.add_argument("--html", default=None,
+    ev.add_argument("--html", default=None, type=path,
                     help="also write a self-contained timeline page: per video, the gold reply spans and "
                          "every file's replies at their time, with their scores")
     # judge
@@ -1169,7 +1174,7 @@ def main(argv=None):
     ev.add_argument("--model", default=None, help="judge model (default: $JUDGE_MODEL)")
     ev.add_argument("--base-url", default=None, help="endpoint, e.g. http://localhost:8000/v1 (default: $OPENAI_BASE_URL)")
     ev.add_argument("--api-key", default=None, help="key (default: $OPENAI_API_KEY, prefer it: flags show in ps)")
-    ev.add_argument("--cache", default=DEFAULT_CACHE, help="JSONL cache of judge answers ('' to disable)")
+    ev.add_argument("--cache", default=DEFAULT_CACHE, type=path, help="JSONL cache of judge answers ('' to disable)")
     ev.add_argument("--workers", type=int, default=8, help="judge requests in flight at once")
     ev.add_argument("--timeout", type=float, default=60.0, help="seconds per judge request")
     ev.add_argument("--retries", type=int, default=3, help="retries of a timed-out / 429 / 5xx request")
@@ -1192,7 +1197,7 @@ def main(argv=None):
         # two evals at once would ask every judge question twice and write each answer twice
         for out in [args.cache if cached else None, args.json, args.html]:
             if out:
-                hold_output(os.path.expanduser(out))
+                hold_output(out)
         if args.judge == "offline":
             judge = OfflineJudge()
         else:

@@ -67,6 +67,7 @@ TOY = dict(model="tiny", data=["data/toy/train/sft.jsonl"], out="runs/sft-toy", 
 
 def parse_args(argv=None):
     p = mmduet2.argument_parser("sft.py", __doc__.split("\n")[0])
+    path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     # model
     p.add_argument("--model", default="Qwen/Qwen2.5-VL-3B-Instruct",
                    help="initial weights: a hub name, a folder (e.g. OUT/final), or 'tiny' (random, in-process)")
@@ -80,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--mixed-precision", choices=("bf16", "no"), default=None,
                    help="bf16 autocast over fp32 master weights (paper: bf16; default: bf16 on GPU, no on CPU)")
     # data
-    p.add_argument("--data", nargs="+", default=None,
+    p.add_argument("--data", nargs="+", default=None, type=path,
                    help="SFT JSONL files: proactive dialogues (ours or released) + an optional offline mix")
     p.add_argument("--max-tokens", type=int, default=10_000, help="truncate each dialogue to this many tokens (paper: 10,000)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding videos ahead of the GPU (0: in-process)")
@@ -96,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (HF Trainer default: 0)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (HF Trainer default: 1.0)")
     # output
-    p.add_argument("--out", default="runs/sft", help="folder for checkpoints and metrics.jsonl")
+    p.add_argument("--out", default="runs/sft", type=path, help="folder for checkpoints and metrics.jsonl")
     p.add_argument("--save-every", type=int, default=500, help="save OUT/step-N every this many steps (0: only OUT/final)")
     p.add_argument("--keep", type=int, default=2, help="keep the last K step checkpoints, delete older ones (0: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest OUT/step-N (weights, optimizer, schedule, RNG)")

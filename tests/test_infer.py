@@ -813,6 +813,28 @@ def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, messag
     assert text.startswith("infer.py: ") and message in text and "\n" not in text
 
 
+def test_home_in_paths_is_expanded(videos, tmp_path, fast_load, scripted, monkeypatch):
+    # "~" reaches a script unexpanded when typed --out=~/p.jsonl or quoted: "video not found: ~/a.mp4" before
+    d, v = videos
+    home = tmp_path / "home"
+    (home / "videos").mkdir(parents=True)
+    for name in ("a.mp4", "b.mp4"):
+        os.symlink(os.path.join(d, name), home / "videos" / name)
+    anno(home, [example("q-a", "a.mp4", 6.0, [[0, 2.0]])])
+    monkeypatch.setenv("HOME", str(home))
+    assert infer.main(["~/videos/a.mp4", "--model", "tiny", "--out", "~/one.jsonl"])["turns"] == 6
+    summary = infer.main(["--benchmark", "~/anno.json", "--videos", "~/videos", "--model", "tiny", "--out", "~/p.jsonl"])
+    assert summary["done"] == 1
+    assert [r["question_id"] for f in ("one.jsonl", "p.jsonl") for r in records(home / f)] == ["a", "q-a"]
+    import grpo
+    import sft
+    assert sft.parse_args(["--data", "~/a.jsonl", "--out", "~/o"]).data == [str(home / "a.jsonl")]
+    args = grpo.parse_args(["--init", "~/i", "--anno", "~/anno.json", "--out", "~/o"])
+    assert (args.init, args.videos, args.out) == (str(home / "i"), str(home / "videos"), str(home / "o"))
+    with pytest.raises(SystemExit, match=f"scenes file not found: {home}/s.jsonl"):
+        data.main(["build", "--scenes", "~/s.jsonl", "--out", "~/d", "--llm", "toy"])
+
+
 def test_an_empty_or_junk_file_is_one_line_and_nothing_else(videos, tmp_path):
     # decord's C++ logger printed "[12:00:00] .../video_reader.cc:83: ERROR opening: ..." before our line
     (tmp_path / "empty.mp4").write_bytes(b"")

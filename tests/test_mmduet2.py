@@ -108,6 +108,9 @@ def test_bad_input(tmp_path):
         mmduet2.load_model(str(tmp_path / "no-such-model"))
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         mmduet2.load_model("runs/sft/final-that-does-not-exist")
+    (tmp_path / "utf16.jsonl").write_text('{"messages": []}\n', encoding="utf-16")  # as some Windows editors save
+    with pytest.raises(ValueError, match=f"^{tmp_path}/utf16.jsonl:1: not UTF-8 text \\(saved as UTF-16\\?\\)"):
+        list(mmduet2.read_jsonl(str(tmp_path / "utf16.jsonl")))
 
 
 # ----------------------------------------------------------------------------

@@ -628,6 +628,19 @@ def test_cli_refuses_an_output_another_eval_is_writing(tmp_path, what):
     assert not out.exists()  # nothing asked, nothing written
 
 
+def test_cli_names_a_utf16_predictions_file_and_expands_home(tmp_path, monkeypatch):
+    g, p = write_files(tmp_path, [example("v1", [(0, 10, 10)])], [pred_line("v1", [(2, "A reply.")])])
+    Path(p).write_text(Path(p).read_text(), encoding="utf-16")  # as some Windows editors save it
+    with pytest.raises(SystemExit) as err:
+        reward.main(["eval", "--gold", g, "--pred", p])
+    assert str(err.value.code) == f"reward.py: {p} is not UTF-8 text (saved as UTF-16?): save it as UTF-8"
+    # "~" in every path, as typed --json=~/... or quoted (the shell leaves it)
+    Path(p).write_text(pred_line("v1", [(2, "A reply.")]) + "\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    reward.main(["eval", "--gold", "~/anno.json", "--pred", "~/preds.jsonl", "--json", "~/s.json"])
+    assert json.loads((tmp_path / "s.json").read_text())["examples"] == 1
+
+
 def test_cli_unreachable_judge_exits_with_one_line(tmp_path, monkeypatch):
     for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "JUDGE_MODEL"):
         monkeypatch.delenv(var, raising=False)
