@@ -182,7 +182,8 @@ def test_resume_equals_an_uninterrupted_run(one_rank, data, tmp_path):
     spelled = [str(data / "." / "ours.jsonl"), str(data / "released.jsonl")]
     assert "resumed from" in run_sft(data, out, "--resume", "--data", *spelled).stdout
     changed = tmp_path / "ours.jsonl"
-    changed.write_text(open(data / "ours.jsonl").read().replace(ANSWERS[0], "A pink square appeared on the left."))
+    changed.write_text(open(data / "ours.jsonl").read().replace(ANSWERS[0], "A pink square appeared on the left.")
+                       .replace('"videos/', f'"{data}/videos/'))  # (its videos where they are)
     p = run_sft(data, out, "--resume", "--data", str(changed), spelled[1], check=False)
     assert p.returncode != 0 and "other settings (data_sha256: [" in p.stderr, p.stderr[-2000:]
 
