@@ -169,8 +169,8 @@ def _clock(vr):
     constant-rate video (every frame within a tenth of a frame of i / fps) keeps the closed form it always had,
     duration n / fps and frame round(t·fps): exactly the frames, ties and float rounding included, that it
     gave before timestamps were read (the toy world's results rest on them; a test holds it). Otherwise the
-    last frame lasts as long as the gap before it: decord's end times assume the average rate, and the mp4
-    muxer's stream duration can be shorter than the frames it holds.
+    last frame lasts as long as the gap before it: decord's end times assume one fixed frame duration, and
+    the mp4 muxer's stream duration can be shorter than the frames it holds.
         30 fps for 10 s, then 2 fps to 20 s → duration 20.0, frame_at(17.0) = the frame shown at 17.0 s
     """
     n, fps = len(vr), vr.get_avg_fps()

@@ -1027,8 +1027,8 @@ def hold_output(path, folder=False):
     with a run that is opening it) and holds the writer's pid, to name it. Asking again in the same process
     (a test calling main twice) is a no-op.
     """
-    lock = os.path.join(path, ".lock") if folder else os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
-    lock = os.path.realpath(lock)  # another spelling of the same path is the same lock
+    head, name = (path, ".lock") if folder else (os.path.dirname(path), f".{os.path.basename(path)}.lock")
+    lock = os.path.realpath(os.path.join(head, name))  # another spelling of the same path is the same lock
     if lock in _HELD:
         return
     try:
