@@ -422,6 +422,7 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
     if not scenes_path.is_file():
         raise FileNotFoundError(f"scenes file not found: {scenes_path}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    reward.hold_output(str(out_dir), folder=True)  # a second build into it is refused: it would write each video twice
     # everything that shapes a dialogue; --workers is not here: it changes the speed, not the output
     settings = {"interval": interval, "frames_per_turn": frames_per_turn, "random_frac": random_frac,
                 "nqna_frac": nqna_frac, "seed": seed, "llm": llm}
@@ -528,6 +529,7 @@ def build_offline(qa_path, out_path, max_frames=OFFLINE_FRAMES):
     if not qa_path.is_file():
         raise FileNotFoundError(f"offline QA file not found: {qa_path}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    reward.hold_output(str(out_path))
     rows, skipped = [], 0
     lines = qa_path.read_text().splitlines()
     for lineno, line in enumerate(tqdm(lines, desc="offline", unit="example", disable=None), 1):
@@ -735,6 +737,7 @@ def make_toy(out, seed=0, n_train=200, n_rl=50, n_test=30, interval=INTERVAL, fr
             or TOY_LEAD + world["min_event"] + REPLY_TAIL > world["min_len"]):
         raise ValueError(f"toy events: need 0 < --min-event <= --max-event and a {TOY_LEAD + REPLY_TAIL:g} s "
                          f"margin + one --min-event event to fit in --min-len ({world['min_len']} s)")
+    reward.hold_output(str(out), folder=True)  # a second toy run would delete this one's videos as it writes them
     counts = {}
     for split, n in (("train", n_train), ("rl", n_rl), ("test", n_test)):
         split_dir = Path(out) / split
@@ -783,6 +786,7 @@ def placement_arg(text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Scene captions → proactive dialogues + gold spans (paper Sec. 3).")
+    path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     sub = parser.add_subparsers(dest="command", required=True)
 
     def dialogue_flags(p):
@@ -801,8 +805,10 @@ def main(argv=None):
 
     b = sub.add_parser("build", help="scene list → sft.jsonl + anno.json (resumable)")
     # input / output
-    b.add_argument("--scenes", required=True, help="JSONL, one line per video: {video, duration, scenes:[{start,end,caption}]}")
-    b.add_argument("--out", required=True, help="output folder (sft.jsonl, anno.json, ...); a re-run resumes it")
+    b.add_argument("--scenes", required=True, type=path,
+                   help="JSONL, one line per video: {video, duration, scenes:[{start,end,caption}]}")
+    b.add_argument("--out", required=True, type=path,
+                   help="output folder (sft.jsonl, anno.json, ...); a re-run resumes it")
     dialogue_flags(b)
     # the LLM (QA generation and immediate-answer summaries)
     b.add_argument("--llm", choices=("openai", "toy"), default="openai",
@@ -813,13 +819,14 @@ def main(argv=None):
     b.add_argument("--retries", type=int, default=RETRIES, help="re-asks of a malformed LLM answer before skipping the video")
 
     o = sub.add_parser("offline", help="offline video QA / captions → one-turn dialogues (default system prompt)")
-    o.add_argument("--qa", required=True, help="JSONL lines {video, question, answer} (no question: a caption example)")
-    o.add_argument("--out", required=True, help="output JSONL of dialogues")
+    o.add_argument("--qa", required=True, type=path,
+                   help="JSONL lines {video, question, answer} (no question: a caption example)")
+    o.add_argument("--out", required=True, type=path, help="output JSONL of dialogues")
     o.add_argument("--max-frames", type=int, default=OFFLINE_FRAMES, help="frames per example, spread over the video")
 
     t = sub.add_parser("toy", help="the toy world: synthetic videos → train / rl / test splits")
     # output and sizes
-    t.add_argument("--out", required=True, help="output folder; gets train/, rl/ and test/")
+    t.add_argument("--out", required=True, type=path, help="output folder; gets train/, rl/ and test/")
     t.add_argument("--n-train", type=int, default=200, help="videos in the SFT split")
     t.add_argument("--n-rl", type=int, default=50, help="videos held out for GRPO")
     t.add_argument("--n-test", type=int, default=30, help="videos in the test split (anno.json is the benchmark)")
@@ -839,6 +846,7 @@ def main(argv=None):
 
     try:
         if args.command == "build":
+            reward.hold_output(args.out, folder=True)  # before the LLM client opens its cache in it
             if args.llm == "toy":
                 writer, workers = ToyWriter(), 1  # templates: instant, threads would only add overhead
             else:

@@ -194,11 +194,14 @@ TOY = dict(init="runs/sft-toy/final", anno="data/toy/rl/anno.json", out="runs/gr
 
 def parse_args(argv=None):
     p = mmduet2.argument_parser("grpo.py", __doc__.split("\n")[0])
+    path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     # model and data
-    p.add_argument("--init", default="runs/sft/final", help="the SFT checkpoint folder to start from")
-    p.add_argument("--anno", default="data/web/rl/anno.json", help="held-out RL videos' gold answers (anno.json)")
-    p.add_argument("--videos", default=None, help="folder of the videos named in --anno (default: videos/ beside it)")
-    p.add_argument("--out", default="runs/grpo", help="checkpoints and metrics.jsonl go here")
+    p.add_argument("--init", default="runs/sft/final", type=path, help="the SFT checkpoint folder to start from")
+    p.add_argument("--anno", default="data/web/rl/anno.json", type=path,
+                   help="held-out RL videos' gold answers (anno.json)")
+    p.add_argument("--videos", default=None, type=path,
+                   help="folder of the videos named in --anno (default: videos/ beside it)")
+    p.add_argument("--out", default="runs/grpo", type=path, help="checkpoints and metrics.jsonl go here")
     p.add_argument("--toy", action="store_true", help=mmduet2.preset_help(TOY))
     # episodes (Sec. 4.3.3)
     p.add_argument("--segment", type=float, default=20.0, help="seconds of video the policy answers per episode (paper: 20)")
@@ -271,10 +274,18 @@ def main(argv=None):
     acc = Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision,
                       kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
     rank, world, print0 = acc.process_index, acc.num_processes, acc.print
+    if acc.is_main_process:  # one run per OUT: a second would mix its checkpoints and metrics with this one's
+        try:
+            reward.hold_output(args.out, folder=True)
+        except ValueError as e:
+            raise SystemExit(f"grpo.py: {e}") from None
     # what a resumed run must share with the checkpoint: the step alone says where it was (the episodes of step s
     # are a function of these); --max-steps / --epochs may grow (the lr is constant)
-    settings = {k: getattr(args, k) for k in ("init", "anno", "seed", "group", "episodes", "interval",
-                                               "frames_per_turn", "segment")} | {"world": world}
+    # anno.json by content (the same file under another spelling is the same run, a changed one is not), a
+    # folder by its real path
+    settings = {k: getattr(args, k) for k in ("seed", "group", "episodes", "interval", "frames_per_turn", "segment")} | {
+        "init": os.path.realpath(args.init) if os.path.isdir(args.init) else args.init,
+        "anno_sha256": mmduet2.file_digest(args.anno), "world": world}
     ckpt, step = mmduet2.start_run(args.out, args.resume, settings, acc.is_main_process)
 
     # -- data: checked before the model loads (a rank failing mid-run would leave the others in a collective)
@@ -285,6 +296,13 @@ def main(argv=None):
     missing = [ex["video"] for ex in examples if not os.path.isfile(os.path.join(args.videos, ex["video"]))]
     if missing:
         raise SystemExit(f"grpo.py: {len(missing)} videos missing in {args.videos}, e.g. {missing[0]}")
+    try:  # gold the video cannot reach (reward.gold_warnings): said, one line each; its episodes run as defined
+        warned = [f"gold warning, {ex['question_id']}: {w}" for ex in examples for w in reward.gold_warnings(
+            ex, mmduet2.video_duration(os.path.join(args.videos, ex["video"])), args.interval * args.frames_per_turn)]
+    except (OSError, ValueError) as e:  # an undecodable video: every rank stops here, before any collective
+        raise SystemExit(f"grpo.py: {e}") from None
+    for line in warned:
+        print0(line)
     per_step = args.episodes * world
     total_steps = args.max_steps or args.epochs * len(examples) // per_step
     if total_steps == 0:

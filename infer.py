@@ -20,8 +20,9 @@ turn, 128 LLM tokens per frame. Where we depart from the paper / released code:
 
 Live (a camera, a network stream, or a file with --realtime): a camera or stream is read with PyAV
 (a file with decord, as offline) as it plays, a frame every --interval s of stream time (the
-presentation times), with a file's frame sizes and turn times (frame k at k x interval, its turn
-at (k+1) x interval), never ahead of the stream's clock (a served file plays at wall-clock speed).
+presentation times, as for a file: a phone's variable frame rate and its rotation come out alike),
+with a file's frame sizes and turn times (frame k at k x interval, its turn at (k+1) x interval),
+never ahead of the stream's clock (a served file plays at wall-clock speed).
 When a turn takes longer than the interval, the frames that came meanwhile are DROPPED but the
 newest --frames-per-turn, so the model answers the latest frames, about one turn behind, instead
 of falling further behind each turn: each turn's lag (how long after its time the reply came) is
@@ -33,11 +34,14 @@ answered so far are written to --out), or with Ctrl-C (code 130, the same). A be
 
 What stops, what goes on, what is kept:
 - Fatal, before the model loads, with one line (`infer.py: what, what to do`): a bad flag, a
-  missing/undecodable/too-short single video, a bad --ask, an anno.json that is not the benchmark
-  format (checked by `reward.load_gold`, then each example's video name, subtitle times and span),
-  an --out whose folder does not exist, a single-video --out that exists (unless --overwrite),
-  a model that cannot be loaded (a hub name without network fails at once: download it and pass
-  the folder). A cached hub model loads offline.
+  missing/undecodable/too-short single video, an --interval far below its frame period, a bad --ask,
+  an anno.json that is not the benchmark format (checked by `reward.load_gold`, then each example's
+  video name, subtitle times and span), an --out whose folder does not exist, a single-video --out
+  that exists (unless --overwrite), an --out another run is writing (`reward.hold_output`), a model
+  that cannot be loaded (a folder missing a file; a hub name without network fails at once:
+  download it and pass the folder). A cached hub model loads offline.
+- Warned, never fatal (benchmark): gold its video cannot reach (a span or question after its end,
+  a `duration` off by more than a turn, an empty answer: `reward.gold_warnings`), counted at the end.
 - Skipped, never fatal (benchmark): an example whose video is missing, unreadable, too short or
   fails to decode part-way. Its lines so far are dropped, and the reason is printed and recorded
   in OUT.run.json, so a rerun does not stream it again unless --retry-skipped.
@@ -45,7 +49,9 @@ What stops, what goes on, what is kept:
   runs only the question_ids it lacks. OUT.run.json, written when --out is created, records the
   settings that made it (model, interval, frames per turn, frame tokens, max new tokens, realtime): a resume
   with other settings, into a file without that record, or into another benchmark's predictions
-  is refused (--overwrite starts over). A last record whose newline is missing gets it back.
+  is refused (--overwrite starts over). Each record is appended whole or not at all (a full disk stops
+  the run with one line); a last line cut by a run killed mid-write is removed, and its example runs
+  again; a whole last record without its newline gets it back.
 - Interrupted or failing part-way: Ctrl-C in a benchmark exits with code 130, saying how many
   examples are written (the one in progress is not, and runs on a rerun). A single video stopped
   by Ctrl-C (code 130), by a frame that fails to decode or by a live stream that breaks off (code 1)
@@ -77,6 +83,7 @@ import threading
 import time
 import urllib.parse
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -120,10 +127,14 @@ def is_live(source, input_format=None):
 
 def live_frames(source, interval, input_format=None):
     """Yield (t, frame) from a camera or a network stream as it plays, one frame every `interval` s of
-    stream time: frame k is the first whose presentation time, counted from the stream's first frame,
-    reaches t = k·interval (read_frames takes the frame nearest k·interval: on a steady frame rate,
-    the same one). `frame` is (H, W, 3) uint8 RGB at the source's size; the processor resizes it as a
-    file's. A gap in the stream skips the sample times it covers.
+    stream time: for t = k·interval, the frame nearest t by the presentation times, counted from the
+    stream's first frame (ties: the later), as read_frames picks a file's, so a file served as a stream
+    gives the file's frames; a variable frame rate (a phone's) is read right. Choosing between the frames
+    on either side of t means a frame is handed over when the next one arrives. `frame` is (H, W, 3)
+    uint8 RGB at the source's size, turned upright by its display matrix (a phone's portrait video is
+    stored sideways; decord turns a file's for read_frames). A gap in the stream skips the sample times
+    it covers but the latest. A stream's end is not known ahead, so its last sample may be one that a
+    file's frame count leaves out (its turn would end past the video).
 
     A source that cannot be opened is a one-line ValueError; one that breaks off part-way (a dropped
     connection, LIVE_TIMEOUT s without data) a one-line ConnectionError, after the frames before it.
@@ -138,8 +149,9 @@ def live_frames(source, interval, input_format=None):
     with container:  # closed when the stream ends, breaks, or the reader stops (Ctrl-C)
         if not container.streams.video:
             raise ValueError(f"{source} holds no video stream")
-        # first: the stream's clock at its first frame; k: the last sample index taken; t: stream time
-        first, k, t = None, -1, 0.0
+        # first: the stream's clock at its first frame; k: the next sample index; t: stream time;
+        # before: (time, frame) of the frame before this one
+        first, k, t, before = None, 0, 0.0, None
         try:
             for frame in container.decode(container.streams.video[0]):  # frames as they arrive
                 if frame.time is None:  # frame.time: its presentation time in seconds (pts × time base)
@@ -147,12 +159,23 @@ def live_frames(source, interval, input_format=None):
                 first = frame.time if first is None else first  # a network stream's clock rarely starts at 0
                 t = frame.time - first
                 n = int(t / interval + 1e-6)  # the last sample time this frame has reached (epsilon: float error)
-                if n > k:  # the first frame at or past a new sample time; the frames in between are not sampled
-                    k = n  # after a gap, only the latest sample time it skipped to gets a frame
-                    yield k * interval, frame.to_ndarray(format="rgb24")
+                if n >= k:  # the first frame at or past a new sample time n·interval; after a gap, the latest
+                    s = n * interval
+                    # the frame before it lies before s: it is the one taken when it is nearer
+                    nearest = before[1] if before and s - before[0] < t - s else frame
+                    yield s, upright(nearest)
+                    k = n + 1
+                before = (t, frame)
         except (av.FFmpegError, OSError, ValueError) as e:  # a cut connection ends in a truncated packet
             raise ConnectionError(f"{source} broke off after {clock(t)} of stream "
                                   f"({getattr(e, 'strerror', None) or e})") from None
+
+
+def upright(frame):
+    """A PyAV frame as (H, W, 3) uint8 RGB, turned as its display matrix says (a phone's portrait video is
+    stored landscape, with "rotate 90" beside it). frame.rotation is counter-clockwise degrees, as np.rot90's k."""
+    rgb = frame.to_ndarray(format="rgb24")  # (H, W, 3) as stored
+    return np.ascontiguousarray(np.rot90(rgb, round(frame.rotation / 90) % 4))
 
 
 def check_live(source, interval, input_format=None):
@@ -323,9 +346,11 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
 
 
 def check_video(path, interval):
-    """Fail early (before a 3B model loads) on a missing, corrupt or too-short video: (first frame, frames it gives)."""
+    """Fail early (before a 3B model loads) on a missing, corrupt or too-short video:
+    (first frame, frames it gives, its duration in s)."""
     _, first = next(mmduet2.read_frames(path, interval))  # raises the one-line errors of mmduet2
-    return first, mmduet2.count_frames(mmduet2.video_duration(path), interval)  # read_frames' own count
+    duration = mmduet2.video_duration(path)
+    return first, mmduet2.count_frames(duration, interval), duration  # read_frames' own count
 
 
 def parse_asks(specs, end):
@@ -370,33 +395,60 @@ def done_ids(path, known):
                 try:
                     ids.add(json.loads(line)["question_id"])
                 except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bad UTF-8
-                    raise ValueError(f"{path} line {n} is not a prediction record (an interrupted write?): "
-                                     "delete that line and rerun") from None
+                    raise ValueError(f"{path} line {n} is not a prediction record: delete that line and rerun "
+                                     "(a last line cut by an interrupted write is repaired by itself)") from None
     if ids - known:
         raise ValueError(f"{path} holds question_ids that are not in this benchmark (e.g. {sorted(ids - known)[0]!r}): "
                          "another benchmark's predictions? give another --out")
     return ids
 
 
-def end_last_line(path):
-    """Add the newline a file's last line lacks, so that a record appended next starts a line of its own
-    (a file cut just before its last newline, or written by hand). True if one was added."""
+def repair_last_line(path):
+    """A last line without its newline, before a resumed run appends: a record cut by a run killed
+    mid-write is removed (its example runs again); a whole one (cut just before its newline, or written by
+    hand) gets the newline, so the next record starts a line of its own. Returns what was done, or None."""
     with open(path, "rb+") as f:
-        if f.seek(0, os.SEEK_END) == 0:
-            return False
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return False
+        text = f.read()  # one line per example: small enough to read whole
+        if not text or text.endswith(b"\n"):
+            return None
+        start = text.rfind(b"\n") + 1  # where the last line begins (0: it is the only one)
+        try:
+            json.loads(text[start:])["question_id"]
+        except (ValueError, KeyError, TypeError):  # not a whole record: the rest of it was never written
+            f.truncate(start)
+            return "its last line was cut short (a run stopped mid-write): removed, and its example runs again"
         f.write(b"\n")
-        return True
+        return "its last record lacked a newline: added one, so new records start a line of their own"
+
+
+def append_record(path, line):
+    """Append one line to `path`, whole or not at all: a write that fails part-way (a full disk) is cut back
+    off, so the file holds whole records only, and the error goes on to the caller."""
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:  # a write may take less than all of it (a disk nearly full): the rest goes next
+                data = data[os.write(fd, data):]
+        except OSError:
+            os.ftruncate(fd, end)  # what got in goes again: no half record for the next run to trip on
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path, text):
     """Replace `path` by `text` in one step: an interruption leaves the old file or the new, never half of one."""
     tmp = f"{path}.tmp"  # beside the target: one filesystem, so the rename below is atomic
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:  # a full disk: no half-written .tmp is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def run_settings(args):
@@ -469,8 +521,9 @@ def parse_args(argv):
     # a bad flag is one line, as every other bad input (argparse would print the whole usage first)
     p = mmduet2.argument_parser("infer.py", "Stream a video, a camera, a network stream (or a ProactiveVideoQA "
                                             "benchmark) through MMDuet2.")
+    path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     # what to watch
-    p.add_argument("video", nargs="?", metavar="SOURCE",
+    p.add_argument("video", nargs="?", metavar="SOURCE", type=path,
                    help="video file, camera (/dev/video0) or network stream (http(s)://, HLS .m3u8, rtsp://) "
                         "to watch; a camera or stream is watched live (or use --benchmark)")
     p.add_argument("--input-format", metavar="FMT",
@@ -481,14 +534,18 @@ def parse_args(argv):
     p.add_argument("--ask", action="append", default=[], metavar="SECONDS:TEXT",
                    help="text put into the first user turn whose time >= SECONDS (of stream time, live); "
                         "repeatable. Live or --realtime, a line typed on stdin joins the turn being fed")
-    p.add_argument("--benchmark", metavar="ANNO_JSON", help="ProactiveVideoQA anno.json: run the benchmark protocol")
-    p.add_argument("--videos", metavar="DIR", help="folder of the benchmark's videos (default: videos/ beside ANNO_JSON)")
+    p.add_argument("--benchmark", metavar="ANNO_JSON", type=path,
+                   help="ProactiveVideoQA anno.json: run the benchmark protocol")
+    p.add_argument("--videos", metavar="DIR", type=path,
+                   help="folder of the benchmark's videos (default: videos/ beside ANNO_JSON)")
     p.add_argument("--demo", type=int, nargs="?", const=0, metavar="SEED",
                    help="write a toy video (data.py toy, seed SEED) and stream it through the shipped toy model")
-    p.add_argument("--html", metavar="FILE", help="with --demo: also write its timeline page (as reward.py eval "
-                                                  "--html): the replies against the gold events, scored offline")
-    p.add_argument("--out", help="prediction JSONL; single video: a new file; benchmark: appended, resumable "
-                                 "(its settings and skipped examples are kept in OUT.run.json)")
+    p.add_argument("--html", metavar="FILE", type=path,
+                   help="with --demo: also write its timeline page (as reward.py eval --html): the replies "
+                        "against the gold events, scored offline")
+    p.add_argument("--out", type=path,
+                   help="prediction JSONL; single video: a new file; benchmark: appended, resumable "
+                        "(its settings and skipped examples are kept in OUT.run.json)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (single video: refused without it; benchmark: start over)")
     p.add_argument("--retry-skipped", action="store_true",
@@ -576,6 +633,7 @@ def main(argv=None):
     try:  # every bad input is a one-line error, checked before the (slow) model load
         if args.out:
             check_out(args.out, [args.video, args.benchmark])
+            reward.hold_output(args.out)  # a second run on it is refused (its sidecar goes with it)
         if args.video:
             if args.out and os.path.exists(args.out) and not args.overwrite:  # one video's output is never resumed
                 raise ValueError(f"--out {args.out} exists: give another file, or --overwrite to replace it")
@@ -583,7 +641,7 @@ def main(argv=None):
             if live:  # opened now and again when the model is ready: a wrong URL or camera fails at once
                 first, end = check_live(args.video, args.interval, args.input_format), math.inf  # no end known
             else:
-                first, n_frames = check_video(args.video, args.interval)
+                first, n_frames, _ = check_video(args.video, args.interval)
                 end = n_frames * args.interval  # the last turn's time
             # --question is asked at t=0: it joins the first turn, after that turn's frames (departure 2)
             user_turns = ([(0.0, args.question)] if args.question else []) + parse_asks(args.ask, end)
@@ -596,10 +654,13 @@ def main(argv=None):
                 raise ValueError(f"videos folder not found: {args.videos} (give --videos DIR)")
             # question_id -> (video path, user turns, frames to stream)
             plans = {ex["question_id"]: benchmark_inputs(ex, args.videos, args.interval) for ex in examples}
+            examples_by_id = {ex["question_id"]: ex for ex in examples}
             sidecar = args.out + ".run.json"
             settings = run_settings(args)
             # a resume: the examples already written, and those an earlier run skipped (refused if the
             # settings differ, so one file never mixes two runs' predictions)
+            if not args.overwrite and os.path.exists(args.out) and (repaired := repair_last_line(args.out)):
+                print(f"{args.out}: {repaired}")
             done, skipped = (set(), {}) if args.overwrite else resume_state(args.out, sidecar, settings, set(plans))
         dtype = getattr(torch, args.dtype) if args.dtype else None
         model, processor = mmduet2.load_model(args.model, dtype, args.device, args.attn, args.frame_tokens)
@@ -648,7 +709,11 @@ def main(argv=None):
         if args.out:  # written when the video ends early too: the turns streamed are not lost
             name = urllib.parse.urlparse(args.video).path if live else args.video  # a URL's query is no name
             qid = os.path.splitext(os.path.basename(name))[0] or "live"
-            write_atomic(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
+            try:
+                write_atomic(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
+            except OSError as e:  # a full disk: the old file, if any, is left as it was
+                raise SystemExit(f"infer.py: cannot write {args.out} ({e.strerror}): the predictions of the "
+                                 f"{len(latencies)} turns streamed are not saved; free some space and rerun") from None
         n_replies = sum(r["role"] == "assistant" for r in responses)
         if feed:
             print(feed.report())
@@ -673,47 +738,54 @@ def main(argv=None):
     print(f"{len(plans)} examples: {len(done)} already in {args.out}{again}, {len(todo)} to run")
     if args.overwrite or not os.path.exists(args.out):  # a new file: its settings are recorded first
         open(args.out, "w").close()
-    elif end_last_line(args.out):
-        print(f"{args.out}: its last record lacked a newline; added one, so new records start their own line")
 
     def record_run():  # the sidecar: this run's settings and the examples skipped so far, with why
         write_atomic(sidecar, json.dumps({"settings": settings, "skipped": skipped}, indent=1) + "\n")
-    record_run()
 
-    sizes, n_replies, latencies, n_new, n_skipped = {}, 0, [], 0, 0
+    sizes, n_replies, latencies, n_new, n_skipped, n_warned = {}, 0, [], 0, 0, 0
     bar = tqdm(todo, desc="examples", unit="video")
     qid = None
     try:
-        with open(args.out, "a") as f:
-            for qid in bar:
-                path, user_turns, rounds = plans[qid]
-                try:  # a missing, unreadable or part-way damaged video is skipped and recorded, never fatal
-                    first, n_frames = check_video(path, args.interval)
-                    h, w = first.shape[:2]
-                    size = f"{w}x{h} -> {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens/frame"
-                    sizes[size] = sizes.get(size, 0) + 1
-                    # frames to the end of the last gold span, or to the video's end if it comes first
-                    n_turns = math.ceil(min(rounds, n_frames) / args.frames_per_turn)
-                    video = Feed(itertools.islice(mmduet2.read_frames(path, args.interval), rounds), args.interval,
-                                 args.frames_per_turn) if args.realtime else path  # --realtime: played as live
-                    with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
-                        # a fresh Stream (a new conversation and KV cache) for every example
-                        responses, lat = stream_video(mmduet2.Stream(model, processor), video, args.interval,
-                                                      args.frames_per_turn, user_turns, rounds,
-                                                      on_turn=turns.update, **decode)
-                except (OSError, ValueError) as e:
-                    tqdm.write(f"skipped {qid}: {e}")
-                    skipped[qid] = str(e)
-                    n_skipped += 1
-                    record_run()  # at once: a rerun does not stream it again (unless --retry-skipped)
-                    continue
-                f.write(json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
-                f.flush()  # one whole line per finished example: an interrupted run resumes cleanly
-                n_new += 1
-                if skipped.pop(qid, None) is not None:  # a retried example that ran this time
-                    record_run()
-                n_replies += sum(r["role"] == "assistant" for r in responses)
-                latencies += lat
+        record_run()
+        for qid in bar:
+            path, user_turns, rounds = plans[qid]
+            try:  # a missing, unreadable or part-way damaged video is skipped and recorded, never fatal
+                first, n_frames, seconds = check_video(path, args.interval)
+                # gold this video cannot reach (reward.gold_warnings): said, counted, and run as defined
+                warnings = reward.gold_warnings(examples_by_id[qid], seconds, args.interval * args.frames_per_turn)
+                for warning in warnings:
+                    tqdm.write(f"gold warning, {qid}: {warning}")
+                n_warned += bool(warnings)
+                h, w = first.shape[:2]
+                size = f"{w}x{h} -> {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens/frame"
+                sizes[size] = sizes.get(size, 0) + 1
+                # frames to the end of the last gold span, or to the video's end if it comes first
+                n_turns = math.ceil(min(rounds, n_frames) / args.frames_per_turn)
+                video = Feed(itertools.islice(mmduet2.read_frames(path, args.interval), rounds), args.interval,
+                             args.frames_per_turn) if args.realtime else path  # --realtime: played as live
+                with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
+                    # a fresh Stream (a new conversation and KV cache) for every example
+                    responses, lat = stream_video(mmduet2.Stream(model, processor), video, args.interval,
+                                                  args.frames_per_turn, user_turns, rounds,
+                                                  on_turn=turns.update, **decode)
+            except (OSError, ValueError) as e:
+                tqdm.write(f"skipped {qid}: {e}")
+                skipped[qid] = str(e)
+                n_skipped += 1
+                record_run()  # at once: a rerun does not stream it again (unless --retry-skipped)
+                continue
+            # one whole line per finished example, or none: an interrupted run resumes cleanly
+            append_record(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
+            n_new += 1
+            if skipped.pop(qid, None) is not None:  # a retried example that ran this time
+                record_run()
+            n_replies += sum(r["role"] == "assistant" for r in responses)
+            latencies += lat
+    except OSError as e:  # a full disk: the record being written was cut back off, the file holds whole ones
+        bar.close()
+        raise SystemExit(f"infer.py: cannot write {e.filename or args.out} ({e.strerror}): {n_new} examples were "
+                         "written in this run, as whole records; free some space and rerun the same command: "
+                         "it resumes") from None
     except KeyboardInterrupt:
         bar.close()
         written = done_ids(args.out, set(plans))  # read back: a record may have landed just before the Ctrl-C
@@ -722,10 +794,12 @@ def main(argv=None):
               f"({len(written)} in all){lost}", file=sys.stderr)
         raise SystemExit(130)
     frames = "".join(f"; {size} ({n} video{'s' * (n > 1)})" for size, n in sizes.items())  # each size once
+    warned = f", {n_warned} with gold warnings (above)" if n_warned else ""
     print(f"done {n_new} examples, skipped {n_skipped}" + (f" (reasons in {sidecar})" if n_skipped else "")
-          + f", replies {n_replies} ({n_replies / max(n_new, 1):.1f} per example); per-turn latency "
+          + f"{warned}, replies {n_replies} ({n_replies / max(n_new, 1):.1f} per example); per-turn latency "
           f"{latency_line(latencies)} over {len(latencies)} turns{frames}")
-    return {"done": n_new, "skipped": [q for q in todo if q in skipped], "replies": n_replies, "latencies": latencies}
+    return {"done": n_new, "skipped": [q for q in todo if q in skipped], "replies": n_replies, "latencies": latencies,
+            "gold_warnings": n_warned}
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ Try it:
     python -c "import mmduet2; m, p = mmduet2.load_model('tiny'); print(m.num_parameters())"
     python infer.py video.mp4 --model tiny          # the engine on a real file
 """
+import contextlib
 import copy
 import hashlib
 import io
@@ -44,6 +45,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,13 +114,28 @@ def _open_video(path):
     # errors; a frame that fails to decode still raises, and read_frames says which one
     decord.logging.set_level(decord.logging.QUIET)
     try:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        with _quiet_stderr():  # decord's C++ logger prints "video_reader.cc:83: ERROR opening" past QUIET
+            vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
     except Exception as e:  # decord raises its own DECORDError (or a RuntimeError) for anything unreadable
         why = "it holds no video stream" if "cannot find video stream" in str(e) else _decord_reason(e)
         raise ValueError(f"cannot decode video {path}: {why}") from None
     if len(vr) == 0 or vr.get_avg_fps() <= 0:
         raise ValueError(f"video has no frames: {path}")
     return vr
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send what C++ code writes to stderr (file descriptor 2, which Python's sys.stderr cannot catch) to
+    /dev/null for the duration of the block; Python's own stderr output there is lost too, so keep it short."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved), os.close(null)
 
 
 def _decord_reason(error):
@@ -143,10 +160,38 @@ def count_frames(duration, interval):
     return int(duration / interval + 1e-6)  # the epsilon absorbs float error on exact multiples
 
 
+def _clock(vr):
+    """An opened video's clock, from its frames' presentation times: (duration in s, frame_at), where
+    frame_at(t) is the index of the frame nearest t seconds after the first frame (ties: the later one).
+
+    Phones record at a variable frame rate (30 fps, then 2 fps when the scene is dark or still): there a
+    frame's index over the average fps is not its time, and the average fps does not give the length. A
+    constant-rate video (every frame within a tenth of a frame of i / fps) keeps the closed form it always had,
+    duration n / fps and frame round(t·fps): exactly the frames, ties and float rounding included, that it
+    gave before timestamps were read (the toy world's results rest on them; a test holds it). Otherwise the
+    last frame lasts as long as the gap before it: decord's end times assume one fixed frame duration, and
+    the mp4 muxer's stream duration can be shorter than the frames it holds.
+        30 fps for 10 s, then 2 fps to 20 s → duration 20.0, frame_at(17.0) = the frame shown at 17.0 s
+    """
+    n, fps = len(vr), vr.get_avg_fps()
+    starts = vr.get_frame_timestamp(range(n))[:, 0].astype(np.float64)  # (n,) each frame's start, s
+    starts -= starts[0]  # a stream's clock may start anywhere: count from its first frame
+    even = np.abs(starts - np.arange(n) / fps).max() < 0.1 / fps
+    # a stream without usable timestamps (all equal, or out of order) can only be read at its average rate
+    if even or n < 2 or not (np.diff(starts) > 0).all():
+        return n / fps, lambda t: min(round(t * fps), n - 1)  # the nearest frame; the clamp: past the last
+
+    def frame_at(t):
+        j = int(np.searchsorted(starts, t))  # starts[j - 1] < t <= starts[j]
+        if j == n or (j > 0 and t - starts[j - 1] < starts[j] - t):
+            return j - 1
+        return j
+    return float(2 * starts[-1] - starts[-2]), frame_at
+
+
 def video_duration(path):
-    """Length of a video in seconds (frame count / average fps)."""
-    vr = _open_video(path)
-    return len(vr) / vr.get_avg_fps()
+    """Length of a video in seconds, from its frames' presentation times (`_clock`)."""
+    return _clock(_open_video(path))[0]
 
 
 def _rgb(frame):
@@ -166,24 +211,30 @@ def _rgb(frame):
 def read_frames(path, interval):
     """Yield `(t, frame)` for frame k = 0, 1, ... sampled at video time t = k·interval.
 
-    `frame` is an (H, W, 3) uint8 RGB array. A video of duration D gives count_frames(D, interval)
-    frames, so every frame's turn time ((k+1)·interval, see `turn_times`) lies inside the video.
-    Frames are decoded one at a time, so an hour-long video never sits in memory; a frame that
-    fails to decode (a damaged file whose start is fine) is a one-line ValueError saying where.
+    `frame` is an (H, W, 3) uint8 RGB array, upright (decord applies a phone's rotation), the video's
+    frame nearest time t by the presentation times (`_clock`: a variable frame rate is read right). A
+    video of duration D gives count_frames(D, interval) frames, so every frame's turn time
+    ((k+1)·interval, see `turn_times`) lies inside the video. Frames are decoded one at a time, so an
+    hour-long video never sits in memory; a frame that fails to decode (a damaged file whose start is
+    fine) is a one-line ValueError saying where.
         10.5 s video, interval 2 → frames at t = 0, 2, 4, 6, 8 (5 frames)
     """
     if not 0 < interval < float("inf"):  # also refuses nan, which every comparison fails
         raise ValueError(f"frame interval must be > 0 s and finite, got {interval}")
     vr = _open_video(path)
-    fps, n_video = vr.get_avg_fps(), len(vr)
-    n = count_frames(n_video / fps, interval)
+    duration, frame_at = _clock(vr)
+    n = count_frames(duration, interval)
     if n == 0:
-        raise ValueError(f"video {path} ({n_video / fps:.2f} s) is shorter than one frame interval ({interval} s)")
+        raise ValueError(f"video {path} ({duration:.2f} s) is shorter than one frame interval ({interval} s)")
+    period = duration / len(vr)  # the mean time between frames
+    # far below the frame period, every frame would be fed many times over (at 0.001 s: 100 turns per
+    # frame of a 10 fps video), for minutes, without a word
+    if interval < period / 2:
+        raise ValueError(f"frame interval {interval:g} s is far below the frame period of {path} ({period:.3g} s): "
+                         f"each frame would be fed {period / interval:.0f} times; use an interval >= {period:.3g} s")
     for k in range(n):
-        # the video frame nearest time k·interval; the clamp catches a last one rounded past the end
-        idx = min(round(k * interval * fps), n_video - 1)
         try:
-            frame = vr[idx].asnumpy()
+            frame = vr[frame_at(k * interval)].asnumpy()
         except Exception as e:  # decord's DECORDError: damaged bytes after a readable start
             # decord decodes ahead on a thread, so the damage may lie a few frames past this one
             raise ValueError(f"cannot decode video {path} (reading its frame at {k * interval:g} s): "
@@ -270,13 +321,15 @@ def read_jsonl(path):
         raise ValueError(f"{path} is a folder: give the JSONL file(s) in it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"file not found: {path}")
-    with open(path) as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named below, with its file and line
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield i, json.loads(line)
+                    yield i, json.loads(line.decode())
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+                except UnicodeDecodeError:  # e.g. UTF-16, as some Windows editors save
+                    raise ValueError(f"{path}:{i}: not UTF-8 text (saved as UTF-16?): save it as UTF-8") from None
 
 
 def _load_image(spec, root):
@@ -325,6 +378,45 @@ def load_dialogue(record, root="."):
         if len(frames) < n_images:
             raise ValueError(f"{record['video']} has {len(frames)} frames, the dialogue needs {n_images}")
     return messages, frames
+
+
+def check_dialogue(record, root=".", durations=None):
+    """What `load_dialogue` would fail on, found without decoding a frame: a one-line ValueError.
+
+    The messages are {role, content} texts; the released format has one existing file per "<image>"
+    placeholder; ours names an existing video and a positive interval, and the video gives at least as
+    many frames as the placeholders (its length is read, not its frames: `durations` caches it by path).
+    So bad data stops before the model loads, not when training reaches it. Not checked: an HDF5 index
+    (the file is opened only when its frames are read).
+    """
+    messages = record.get("messages")
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+        raise ValueError("'messages' must be a non-empty list of {role, content} texts")
+    n_images = sum(m["content"].count(IMAGE) for m in messages)
+    if "images" in record:
+        specs = [im["path"] if isinstance(im, dict) else im for im in record["images"]]
+        if len(specs) != n_images:
+            raise ValueError(f"{len(specs)} images for {n_images} {IMAGE} placeholders")
+        for spec in specs:
+            path = os.path.join(root, str(spec).partition(":::")[0])
+            if not os.path.isfile(path):
+                raise ValueError(f"frame file not found: {path}")
+        return
+    interval = record.get("interval")
+    if not (isinstance(interval, (int, float)) and 0 < interval < float("inf")):
+        raise ValueError(f"'interval' must be a number of seconds > 0, got {interval!r}")
+    path = os.path.join(root, str(record.get("video")))
+    durations = {} if durations is None else durations
+    if path not in durations:
+        try:
+            durations[path] = video_duration(path)
+        except OSError as e:  # not found, or a folder: the same one line as a ValueError
+            raise ValueError(str(e)) from None
+    n = count_frames(durations[path], interval)
+    if n < n_images:
+        raise ValueError(f"{record.get('video')} gives {n} frames at a {interval:g} s interval, "
+                         f"the dialogue has {n_images} {IMAGE} placeholders")
 
 
 # ----------------------------------------------------------------------------
@@ -543,6 +635,7 @@ def load_model(name=DEFAULT_MODEL, dtype=None, device=None, attn=None, frame_tok
     if name == "tiny":
         model, processor = tiny_model()
     elif os.path.isdir(os.path.expanduser(name)):
+        _check_model_folder(os.path.expanduser(name))  # before anything is built
         try:
             model, processor = _from_pretrained(os.path.expanduser(name), dtype, attn)
         except OSError as e:
@@ -560,6 +653,40 @@ def load_model(name=DEFAULT_MODEL, dtype=None, device=None, attn=None, frame_tok
                 raise _hub_error(name, str(e).splitlines()[0][:160]) from None
     set_frame_tokens(processor, frame_tokens)  # the processor's own default would be far larger frames
     return model.to(device, dtype).eval(), processor
+
+
+def _check_model_folder(folder):
+    """A FileNotFoundError naming the first file a checkpoint folder lacks, before anything is built.
+
+    Without config.json, transformers builds a full-size default Qwen2.5-VL (21 GB: killed on a 24 GB
+    machine); without the chat template it fails in a traceback; without tokenizer.json the image tokens
+    go missing, and the error says "Image features and image tokens do not match": the wrong cause.
+    """
+    def has(name):
+        return os.path.isfile(os.path.join(folder, name))
+
+    def says(name, key):  # a JSON file of the folder that holds `key` (older checkpoints keep the template there)
+        try:
+            return key in json.load(open(os.path.join(folder, name)))
+        except (OSError, ValueError):
+            return False
+    index = next((n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if has(n)), None)
+    try:  # a sharded checkpoint: every shard its index names
+        shards = sorted(set(json.load(open(os.path.join(folder, index)))["weight_map"].values())) if index else []
+    except (ValueError, KeyError, TypeError, AttributeError):
+        shards = [index + " (it is not a weight index)"]
+    needs = [("config.json", has("config.json")),
+             ("weights (model.safetensors)", index or has("model.safetensors") or has("pytorch_model.bin")),
+             *((shard, has(shard)) for shard in shards),
+             ("tokenizer.json", has("tokenizer.json") or has("vocab.json") and has("merges.txt")),
+             ("chat template (chat_template.jinja)", has("chat_template.jinja") or has("chat_template.json")
+              or says("tokenizer_config.json", "chat_template") or says("processor_config.json", "chat_template")),
+             ("image processor settings (preprocessor_config.json)",
+              has("preprocessor_config.json") or says("processor_config.json", "image_processor"))]
+    missing = next((what for what, ok in needs if not ok), None)
+    if missing:
+        raise FileNotFoundError(f"model folder {folder} has no {missing}: not a whole checkpoint (give OUT/final, "
+                                "or a folder from `hf download NAME --local-dir DIR`)")
 
 
 def _from_pretrained(name, dtype, attn, **hub):
@@ -1083,6 +1210,19 @@ def checkpoints(out):
     """The complete step checkpoints in OUT, oldest first (a half-written one is still .tmp-*)."""
     steps = [d for d in os.listdir(out) if d.startswith("step-")] if os.path.isdir(out) else []
     return [os.path.join(out, d) for d in sorted(steps)]  # zero-padded step numbers sort as text
+
+
+def file_digest(path):
+    """A file's content as 16 hex digits of its sha256 (None if it cannot be read: its loader says why next).
+
+    What a resume compares for the files a run reads: the same file under another spelling of its path is
+    the same run, and a file changed under the run is not (it would change the episodes or the data order).
+    """
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    except OSError:
+        return None
 
 
 def start_run(out, resume, settings, is_main=True):

@@ -38,7 +38,8 @@ Run:
     python -m pytest tests/test_reward.py -q     # the worked examples of docs/reward.md, offline
 
 What `eval` prints, per predictions file (after a "== LABEL: FILE" line when there are several):
-examples, gold turns and replies; PAUC x100 at w = 0 / 0.5 / 1; the reply duplicate proportion;
+a line per gold warning (`gold_warnings`: gold no model can reach, kept and counted); examples, gold
+turns and replies; PAUC x100 at w = 0 / 0.5 / 1; the reply duplicate proportion;
 the judge's calls, cache hits and failures; extra diagnostics that are not the paper's metric
 (replies per example, replies outside every gold span, mean reply delay); the last judge failure.
 - --json FILE: that summary; with several --pred, {"gold": GOLD, "runs": {LABEL: summary + "pred"}}.
@@ -60,6 +61,7 @@ import math
 import os
 import queue
 import re
+import socket
 import sys
 import threading
 import time
@@ -143,12 +145,15 @@ class JudgeError(RuntimeError):
 
 
 def parse_score(answer, scale):
-    """The judge's digit - 1, or None. Strict: the stripped answer starts with one digit in 1..scale.
+    """The judge's digit - 1, or None. Strict: the answer is exactly one number, on the 1..scale scale, and
+    it comes first (the rubric asks for the digit alone: no prefix). Words may follow it, another number
+    may not: "1 3" or "3/5" is two scores, not the first of them, and "2.5" is none on the scale.
 
-    Examples (scale 3): "3" -> 2, "2. Partially" -> 1, "0" -> None, "35" -> None, "Score: 3" -> None.
+    Examples (scale 3): "3" -> 2, "2. Partially" -> 1, "0" -> None, "35" -> None, "Score: 3" -> None,
+    "1 3" -> None, "3\n1" -> None, "3/5" -> None, "2.5" -> None.
     """
-    m = re.match(r"\s*([1-9])(?!\d)", answer or "")  # (?!\d): "35" is not the digit 3
-    return int(m.group(1)) - 1 if m and int(m.group(1)) <= scale else None
+    m = re.fullmatch(r"\s*(\d+)\D*", answer or "")  # \D*: nothing after the number may be a digit
+    return int(m.group(1)) - 1 if m and 1 <= int(m.group(1)) <= scale else None
 
 
 def parse_yes_no(answer):
@@ -177,10 +182,11 @@ class LLMClient:
 
     - Cache: an append-only JSONL file keyed by sha256(model, instruction, text), so a re-run asks
       nothing twice and an interrupted run loses nothing. Answers are cached as returned, secrets
-      redacted (even ones a parser will reject: at temperature 0 asking again gives the same text).
-    - Retries: timeouts, 408/409/429, 5xx and an HTTP 200 whose body is no chat completion are
-      retried with exponential backoff, then the call is a failure (None, counted). Other 4xx
-      (e.g. a too-long input) fail at once.
+      redacted; with `accept`, only the answers it accepts: a judge answer its parser rejects is a
+      failed call, and a failed call is never cached, so once the judge is fixed a rerun asks it again.
+    - Retries: timeouts, 408/409/429, 5xx, an HTTP 200 whose body is no chat completion and an
+      answer `accept` rejects are retried with exponential backoff, then the call is a failure
+      (None, counted). Other 4xx (e.g. a too-long input) fail at once.
     - Fatal: an unreachable endpoint (after the retries), a bad key or an unknown model raise one
       JudgeError; every later ask raises it at once, so a thread pool stops without a storm.
     - Counters: `calls` (questions sent to the endpoint, retries not counted), `cache_hits`,
@@ -220,23 +226,27 @@ class LLMClient:
                 with self.cache_path.open("a") as f:
                     f.write("\n")  # close the cut line so the next append starts clean
 
-    def ask(self, instruction, text):
-        """The model's answer to `text` under the system `instruction`, or None if the call failed."""
+    def ask(self, instruction, text, accept=None):
+        """The model's answer to `text` under the system `instruction`, or None if the call failed.
+
+        accept(answer) -> bool: whether an answer is usable (e.g. a score on the scale); one it rejects is
+        a failed attempt, retried, then a failed call, and never cached. None: every answer is usable.
+        """
         # at temperature 0 these three decide the answer; json.dumps of a list keeps them apart
         # ("a" + "bc" and "ab" + "c" give different keys)
         key = hashlib.sha256(json.dumps([self.model, instruction, text]).encode()).hexdigest()
         with self._lock:
             if self._fatal:  # another thread found the endpoint unusable: do not send one more request
                 raise JudgeError(self._fatal)
-            if key in self._cache:
+            # a cached answer `accept` rejects (written before answers were checked) is asked again
+            if key in self._cache and (accept is None or accept(self._cache[key])):
                 self.cache_hits += 1
                 return self._cache[key]
             self.calls += 1
-        answer = self._request(instruction, text)  # outside the lock: requests run concurrently
+        answer = self._request(instruction, text, accept)  # outside the lock: requests run concurrently
         with self._lock:
             if answer is None:
                 return None  # _request has counted the failure; nothing cached, so a re-run asks again
-            answer = self._redact(answer)  # before it is cached, parsed or printed
             self._cache[key] = answer
             if self.cache_path:  # written at once, so Ctrl-C a second later loses nothing
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,8 +254,8 @@ class LLMClient:
                     f.write(json.dumps({"key": key, "answer": answer}) + "\n")
         return answer
 
-    def _request(self, instruction, text):
-        """One question to the endpoint, with our retries: the answer text, or None (failure counted)."""
+    def _request(self, instruction, text, accept=None):
+        """One question to the endpoint, with our retries: the answer text (redacted), or None (failure counted)."""
         messages = [{"role": "system", "content": instruction}, {"role": "user", "content": text}]
         # error: what the last attempt got; fatal: whether it means the endpoint itself is unusable
         error, fatal = None, False
@@ -261,7 +271,13 @@ class LLMClient:
                     model=self.model, messages=messages, temperature=0.0, max_tokens=self.max_tokens)
                 answer = completion_text(raw.http_response.text)
                 if answer is not None:
-                    return answer
+                    answer = self._redact(answer)  # before it is checked, cached or printed
+                    if accept is None or accept(answer):
+                        return answer
+                    # answered, but not in the format asked for ("1 3", "3/5"): retried like a 5xx (a
+                    # server may answer otherwise the next time), then a failed call
+                    error, fatal = f"unusable judge answer {answer[:60]!r}", False
+                    continue
                 # HTTP 200 but garbage (a proxy's error page, a cut body): retried like a 5xx
                 body = self._redact(raw.http_response.text)[:200]
                 error, fatal = f"HTTP 200 but not a chat completion: {body!r}", False
@@ -291,7 +307,7 @@ class LLMClient:
         raise JudgeError(self._fatal)
 
     def count_failure(self, error):
-        """Count one call that produced no usable answer (also used by parsers on top of ask)."""
+        """Count one call that produced no usable answer."""
         with self._lock:
             self.failures += 1
             self.last_error = self._redact(f"{self.base_url}: {error}")  # which endpoint, when several are in use
@@ -329,7 +345,8 @@ REPEAT_INSTRUCTION = (
 class OpenAIJudge(LLMClient):
     """The LLM judge: our rubric prompts on top of LLMClient, answers parsed strictly.
 
-    An answer the parser rejects counts as a failure (None), like a timeout: dropped, never 0.
+    An answer the parser rejects is a failed call (None), like a timeout: retried, then dropped and
+    counted, never read as 0 and never cached.
     """
 
     def __init__(self, *args, max_tokens=16, **kwargs):  # a digit or yes/no needs a few tokens
@@ -340,18 +357,15 @@ class OpenAIJudge(LLMClient):
             raise ValueError(f"judge scale must be 3 or 5, got {scale}")
         # the question goes along: "Red." is a full answer to "what colour?" and half of "what appeared?"
         answer = self.ask(SCORE_INSTRUCTIONS[scale],
-                          f"Question: {question}\nReference answer: {gold}\nAssistant's answer: {pred}")
-        return self._parsed(answer, parse_score(answer, scale))
+                          f"Question: {question}\nReference answer: {gold}\nAssistant's answer: {pred}",
+                          accept=lambda a: parse_score(a, scale) is not None)
+        return None if answer is None else parse_score(answer, scale)
 
     def repeats(self, previous, new):
         earlier = "\n".join(f"- {p}" for p in previous)  # one reply a line: the judge sees where each ends
-        answer = self.ask(REPEAT_INSTRUCTION, f"Earlier replies:\n{earlier}\nNew reply: {new}")
-        return self._parsed(answer, parse_yes_no(answer))
-
-    def _parsed(self, answer, value):
-        if answer is not None and value is None:  # answered, but not in the format we asked for
-            self.count_failure(f"unparsable judge answer {answer[:60]!r}")
-        return value
+        answer = self.ask(REPEAT_INSTRUCTION, f"Earlier replies:\n{earlier}\nNew reply: {new}",
+                          accept=lambda a: parse_yes_no(a) is not None)
+        return None if answer is None else parse_yes_no(answer)
 
 
 # words that carry no attribute: in "A red circle appeared on the left." only red/circle/left count
@@ -860,10 +874,46 @@ def load_gold(path):
     return examples
 
 
+def gold_warnings(example, video_seconds=None, turn=0.0):
+    """What in one gold example (as load_gold returns it) no model can be scored on fairly: [sentence], or [].
+
+    From the file alone: an empty gold answer (a reply would be judged against nothing), a reply span
+    or a user turn (question, subtitle) after the example's `duration`. With the video's own length
+    (`video_seconds`), spans and turns are held to it instead, and a `duration` that differs from it by
+    more than `turn` seconds (one user turn) is named: another cut of the video?
+    Such examples are KEPT, warned about and counted, not refused: they are facts of the benchmark, not
+    mistakes in the command, and refusing would stop a whole benchmark over one example; dropping them
+    would change the metric's denominator, and the score would no longer compare with published ones.
+    So an unreachable span scores as silence (0.25), as the benchmark defines it, and the warning says so.
+        duration 30, reply span [31, 33] -> ["reply span 0 [31, 33] starts after the video ends (30 s): ..."]
+    """
+    end = example["duration"] if video_seconds is None else video_seconds
+    out = []
+    if video_seconds is not None and abs(example["duration"] - video_seconds) > turn:
+        out.append(f"'duration' is {example['duration']:g} s but the video lasts {video_seconds:g} s "
+                   "(another cut of it?): spans may not match what it shows")
+    for j, g in enumerate(example["answer"]):
+        if not g["content"].strip():
+            out.append(f"answer {j} is empty: every reply in its span is judged against nothing")
+        s0, s1 = g["reply_timespan"]
+        if s0 > end:
+            out.append(f"reply span {j} [{s0:g}, {s1:g}] starts after the video ends ({end:g} s): no reply can "
+                       "reach it, and it scores as silence")
+    for j, c in enumerate(example["conversation"]):
+        if c.get("time", 0.0) > end:
+            out.append(f"conversation {j} at {c['time']:g} s comes after the video ends ({end:g} s): "
+                       "the model never sees it")
+    return out
+
+
 def load_predictions(path, known_ids=None):
     """preds.jsonl -> {question_id: [(time, text), ...]}, assistant replies only (NO REPLY dropped)."""
     preds = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:  # e.g. UTF-16, as some Windows editors save: the error would name no file
+        raise ValueError(f"{path} is not UTF-8 text (saved as UTF-16?): save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path} line {n}"
@@ -920,14 +970,16 @@ def evaluate(gold, pred_path, judge, omegas=(0.0, 0.5, 1.0), max_failures=0.01):
     turns = metric_turns(examples, preds, judge)
     if not turns:
         raise ValueError(f"{pred_path}: the gold examples it predicts have no answer turns")
+    # gold the video cannot reach, or empty answers: kept and scored as defined, but said (gold_warnings)
+    warnings = {ex["question_id"]: w for ex in examples if (w := gold_warnings(ex))}
     # the judge scores do not depend on omega, only the areas do: judge once, compute three curves
     pauc = {w: 100 * sum(area_ratio(p, L, METRIC_SCALE - 1, w) for p, L, _ in turns) / len(turns) for w in omegas}
     dup = duplicate_proportion({ex["question_id"]: preds[ex["question_id"]] for ex in examples}, judge)
     stats = reply_stats(examples, preds)
     calls, hits, failures = judge.calls - calls0, judge.cache_hits - hits0, judge.failures - failures0
-    share = failures / (calls + hits) if calls + hits else 0.0  # a cached answer can fail to parse, too
+    share = failures / (calls + hits) if calls + hits else 0.0
     summary = {"pauc": {str(w): v for w, v in pauc.items()}, "duplicate_proportion": dup,
-               "examples": len(examples), "skipped": skipped, "gold_turns": len(turns),
+               "examples": len(examples), "skipped": skipped, "gold_turns": len(turns), "gold_warnings": warnings,
                "replies": stats["replies"], "judge_calls": calls, "judge_cache_hits": hits,
                "judge_failures": failures, "judge_failure_share": share,
                "judge_last_failure": getattr(judge, "last_error", None) if failures else None,
@@ -944,8 +996,11 @@ def format_summary(s):
     d = s["diagnostics"]
     delay = "n/a" if d["mean_reply_delay_s"] is None else f"{d['mean_reply_delay_s']:.2f} s"
     invalid = "" if s["valid"] else "  (NOT A RESULT: too many judge calls failed)"
-    return "\n".join([
-        f"examples {s['examples']}{skipped}, gold turns {s['gold_turns']}, replies {s['replies']}",
+    warned = [f"gold warning, {qid}: {w}" for qid, ws in s["gold_warnings"].items() for w in ws]
+    return "\n".join(warned + [
+        f"examples {s['examples']}{skipped}, gold turns {s['gold_turns']}, replies {s['replies']}"
+        + (f" ({len(s['gold_warnings'])} with gold warnings, above: scored as the benchmark defines them)"
+           if warned else ""),
         "PAUC x100: " + "  ".join(f"w={w} {v:.2f}" for w, v in s["pauc"].items()) + invalid,
         f"reply duplicate proportion (our reconstruction): {100 * s['duplicate_proportion']:.1f}%",
         f"judge: {s['judge_calls']} calls, {s['judge_cache_hits']} cache hits, {s['judge_failures']} failed",
@@ -953,6 +1008,47 @@ def format_summary(s):
         f"({d['replies_outside_spans']} of {s['replies']} outside every gold span), "
         f"mean reply delay {delay} after s0 ({d['gold_turns_with_reply']} of {s['gold_turns']} gold turns replied in span)",
     ] + ([f"last judge failure: {s['judge_last_failure']}"] if s["judge_last_failure"] else []))
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs: one writer at a time (every script's --out, eval's cache and --json)
+
+_HELD = {}  # lock file -> its open file: held, and so locked, until this process exits
+
+
+def hold_output(path, folder=False):
+    """Make this process the one writer of `path` (a file, or a run's folder) until it exits; if another
+    process writes it, a one-line ValueError naming the path and that process (two runs on one output
+    would write every record twice, or interleave two runs' records).
+
+    An advisory lock (flock) on a lock file: FOLDER/.lock, or .NAME.lock beside a file. The kernel drops
+    it when the process's files close, which every exit does: a crash, a kill -9 or an out-of-memory kill
+    leaves no stale lock to refuse the rerun (a pid file would). The lock file stays (deleting it would race
+    with a run that is opening it) and holds the writer's pid, to name it. Asking again in the same process
+    (a test calling main twice) is a no-op.
+    """
+    head, name = (path, ".lock") if folder else (os.path.dirname(path), f".{os.path.basename(path)}.lock")
+    lock = os.path.realpath(os.path.join(head, name))  # another spelling of the same path is the same lock
+    if lock in _HELD:
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; two runs on one output are not caught there
+        return
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    f = open(lock, "a+")  # "a+": open without emptying what a holder wrote
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # NB: refuse at once, never wait for the other run
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "its pid not written yet"
+        f.close()
+        raise ValueError(f"{path} is being written by another run ({holder}): wait for it to end, "
+                         "or give this one another output") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")  # the host too: a run folder may be shared by nodes
+    f.flush()
+    _HELD[lock] = f
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1056,19 +1152,20 @@ def write_html(path, gold_path, gold, runs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Score streaming predictions with the ProactiveVideoQA PAUC.")
+    path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("eval", help="PAUC x100 at w = 0 / 0.5 / 1, duplicate proportion, counts")
     # data
-    ev.add_argument("--gold", required=True, help="benchmark anno.json (a JSON list of examples)")
-    ev.add_argument("--pred", required=True, nargs="+",
+    ev.add_argument("--gold", required=True, type=path, help="benchmark anno.json (a JSON list of examples)")
+    ev.add_argument("--pred", required=True, nargs="+", type=path,
                     help="predictions JSONL from infer.py, one example per line; several files (e.g. an SFT "
                          "and a GRPO run) are each scored, with one summary each")
     ev.add_argument("--label", nargs="+", default=None,
                     help="a name per --pred file, in the same order (default: the file names without .jsonl)")
-    ev.add_argument("--json", default=None,
+    ev.add_argument("--json", default=None, type=path,
                     help="also write the summary to this JSON file; with several --pred: "
                          '{"gold": GOLD, "runs": {LABEL: summary with its "pred" path}}')
-    ev.add_argument("--html", default=None,
+    ev.add_argument("--html", default=None, type=path,
                     help="also write a self-contained timeline page: per video, the gold reply spans and "
                          "every file's replies at their time, with their scores")
     # judge
@@ -1077,7 +1174,7 @@ def main(argv=None):
     ev.add_argument("--model", default=None, help="judge model (default: $JUDGE_MODEL)")
     ev.add_argument("--base-url", default=None, help="endpoint, e.g. http://localhost:8000/v1 (default: $OPENAI_BASE_URL)")
     ev.add_argument("--api-key", default=None, help="key (default: $OPENAI_API_KEY, prefer it: flags show in ps)")
-    ev.add_argument("--cache", default=DEFAULT_CACHE, help="JSONL cache of judge answers ('' to disable)")
+    ev.add_argument("--cache", default=DEFAULT_CACHE, type=path, help="JSONL cache of judge answers ('' to disable)")
     ev.add_argument("--workers", type=int, default=8, help="judge requests in flight at once")
     ev.add_argument("--timeout", type=float, default=60.0, help="seconds per judge request")
     ev.add_argument("--retries", type=int, default=3, help="retries of a timed-out / 429 / 5xx request")
@@ -1097,6 +1194,10 @@ def main(argv=None):
 
     judge, runs = None, []  # judge stays None if Ctrl-C comes before it is built (see below)
     try:
+        # two evals at once would ask every judge question twice and write each answer twice
+        for out in [args.cache if cached else None, args.json, args.html]:
+            if out:
+                hold_output(out)
         if args.judge == "offline":
             judge = OfflineJudge()
         else:

@@ -39,8 +39,8 @@ Where we depart from the paper and its released script:
 6. Gradient clipping 1.0, weight decay 0, AdamW betas (0.9, 0.999): HF Trainer's defaults, assumed; neither the
    paper nor the settings we have state them. Decay: cosine, as the released script.
 7. Truncation at --max-tokens keeps the first tokens and drops an image cut in half (mmduet2.truncate).
-8. A malformed data line is fatal, reported as FILE:LINE: checked for every file at start-up (so nothing is
-   lost), and videos/frames when first read.
+8. A malformed data line is fatal, reported as FILE:LINE: checked for every file at start-up, before the model
+   loads (so nothing is lost), frames included (images vs placeholders, files there, videos long enough).
 """
 import argparse
 import json
@@ -55,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 import mmduet2
+import reward
 
 # ----------------------------------------------------------------------------------------------
 # Arguments (defaults = the released recipe; --toy = a CPU-sized run)
@@ -66,6 +67,7 @@ TOY = dict(model="tiny", data=["data/toy/train/sft.jsonl"], out="runs/sft-toy", 
 
 def parse_args(argv=None):
     p = mmduet2.argument_parser("sft.py", __doc__.split("\n")[0])
+    path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     # model
     p.add_argument("--model", default="Qwen/Qwen2.5-VL-3B-Instruct",
                    help="initial weights: a hub name, a folder (e.g. OUT/final), or 'tiny' (random, in-process)")
@@ -79,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--mixed-precision", choices=("bf16", "no"), default=None,
                    help="bf16 autocast over fp32 master weights (paper: bf16; default: bf16 on GPU, no on CPU)")
     # data
-    p.add_argument("--data", nargs="+", default=None,
+    p.add_argument("--data", nargs="+", default=None, type=path,
                    help="SFT JSONL files: proactive dialogues (ours or released) + an optional offline mix")
     p.add_argument("--max-tokens", type=int, default=10_000, help="truncate each dialogue to this many tokens (paper: 10,000)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding videos ahead of the GPU (0: in-process)")
@@ -95,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (HF Trainer default: 0)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (HF Trainer default: 1.0)")
     # output
-    p.add_argument("--out", default="runs/sft", help="folder for checkpoints and metrics.jsonl")
+    p.add_argument("--out", default="runs/sft", type=path, help="folder for checkpoints and metrics.jsonl")
     p.add_argument("--save-every", type=int, default=500, help="save OUT/step-N every this many steps (0: only OUT/final)")
     p.add_argument("--keep", type=int, default=2, help="keep the last K step checkpoints, delete older ones (0: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest OUT/step-N (weights, optimizer, schedule, RNG)")
@@ -116,16 +118,25 @@ def parse_args(argv=None):
 
 
 def read_records(paths, toy=False):
-    """Every line of every SFT file, checked now, so that a bad line fails before any training: [(file, line, record)]."""
-    records = []
+    """Every line of every SFT file, checked now, before the model loads, so that bad data never stops a run
+    part-way: [(file, line, record)]. Each record's frames are checked too (mmduet2.check_dialogue: images
+    vs placeholders, files there, videos long enough); the first bad line is named, with how many more."""
+    records, bad, durations = [], [], {}  # durations: each video's length, read once
     try:
         for path in paths:
             for line_no, rec in mmduet2.read_jsonl(path):  # raises "FILE:LINE: malformed JSON (...)"
                 if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list) or not ("video" in rec or "images" in rec):
                     raise ValueError(f"{path}:{line_no}: not an SFT dialogue (needs 'messages' and 'video' or 'images')")
+                try:
+                    mmduet2.check_dialogue(rec, os.path.dirname(path), durations)
+                except ValueError as e:
+                    bad.append(f"{path}:{line_no}: {e}")
                 records.append((path, line_no, rec))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"sft.py: {e}" + (" (make the toy world first: python data.py toy --out data/toy)" if toy else ""))
+    if bad:  # all of them counted: one fix of the data, not one rerun per line
+        more = f" (and {len(bad) - 1} more bad line{'s' * (len(bad) > 2)})" if len(bad) > 1 else ""
+        raise SystemExit(f"sft.py: {bad[0]}{more}: fix the data; nothing was trained")
     return records
 
 
@@ -149,6 +160,11 @@ def main(argv=None):
                       kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
     rank, world, device, print0 = acc.process_index, acc.num_processes, acc.device, acc.print
     torch.manual_seed(args.seed)
+    if acc.is_main_process:  # one run per OUT: a second would mix its checkpoints and metrics with this one's
+        try:
+            reward.hold_output(args.out, folder=True)
+        except ValueError as e:
+            raise SystemExit(f"sft.py: {e}") from None
 
     # -- Data. Order: one seeded permutation per epoch, the same on every rank; rank r takes every world-th
     # example of it. So 1 rank × accumulation 2 and 2 ranks × accumulation 1 see the same pairs per step.
@@ -163,8 +179,9 @@ def main(argv=None):
         random.Random(args.seed + epoch).shuffle(order)
         plan += order[rank::world][:steps_per_epoch * args.grad_accum]  # drop the ragged tail (deviation 5)
     # a resume must find the same order and schedule: the step alone then says where the run was
-    settings = {k: getattr(args, k) for k in ("data", "seed", "grad_accum", "max_tokens")} | {
-        "world": world, "total_steps": total_steps}
+    # the data by content: the same files under another spelling of their path are the same run, changed ones not
+    settings = {k: getattr(args, k) for k in ("seed", "grad_accum", "max_tokens")} | {
+        "data_sha256": [mmduet2.file_digest(p) for p in args.data], "world": world, "total_steps": total_steps}
     ckpt, start_step = mmduet2.start_run(args.out, args.resume, settings, acc.is_main_process)
 
     def encode_example(i):

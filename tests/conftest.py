@@ -1,5 +1,7 @@
 """Shared test fixtures: synthetic mp4s and the tiny Qwen2.5-VL, all built offline."""
+import contextlib
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -61,3 +63,58 @@ def chatty():
         opt.step()
     model.eval()
     return model, processor, frames, replies
+
+
+def write_timed_video(path, times, size=(96, 128), rotation=0):
+    """An mp4 whose frame i is shown at times[i] seconds (a variable frame rate, as phones record), its
+    index written in its pixels (`frame_index` reads it back); rotation: the display matrix's
+    counter-clockwise degrees (a portrait phone video is stored landscape, with "rotate 90" beside it).
+    Its top-left quarter is white, so a test can see which way up a frame comes."""
+    import fractions
+
+    import av
+    tb = fractions.Fraction(1, 1000)  # pts in milliseconds
+    h, w = size
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.codec_context.time_base = tb
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i, t in enumerate(times):
+            img = np.zeros((h, w, 3), np.uint8)
+            img[h // 2:, :, 0], img[h // 2:, :, 2] = 8 * (i // 32), 8 * (i % 32)  # the index, in the bottom half
+            img[:h // 2, :w // 2] = 255
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), tb  # explicit presentation times
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+def frame_index(frame, rotation=0):
+    """The index write_timed_video wrote into a frame (turned back to how it was stored)."""
+    stored = np.rot90(frame, -round(rotation / 90))
+    h = stored.shape[0]
+    bottom = stored[h // 2 + 4:].reshape(-1, 3).mean(0)  # away from the white quarter's edge
+    return int(round(bottom[0] / 8)) * 32 + int(round(bottom[2] / 8))
+
+
+@contextlib.contextmanager
+def another_run_writing(path, folder=False):
+    """A second real process that holds `path` as its output (reward.hold_output), as a run writing it would,
+    until the block ends, when it is killed with SIGKILL (no clean exit: the kernel must drop its lock).
+    Yields its pid."""
+    code = ("import sys, reward; reward.hold_output(sys.argv[1], folder=sys.argv[2] == '1'); "
+            "print('held', flush=True); sys.stdin.read()")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(int(folder))], cwd=root,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"  # blocks until it holds the lock: no sleep, no race
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()

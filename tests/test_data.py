@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import mmduet2  # noqa: E402
+from conftest import another_run_writing  # noqa: E402
 from mmduet2 import IMAGE, SILENCE  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -292,6 +293,16 @@ def test_build_writes_both_formats_and_resumes(tmp_path):
         data.build(scenes, out, writer, random_frac=1.0, nqna_frac=0.5, seed=3)
 
 
+def test_a_second_build_into_the_same_folder_is_refused(tmp_path):
+    scenes = write_scenes(tmp_path, [record(0)])
+    out = tmp_path / "out"
+    with another_run_writing(out, folder=True) as pid:
+        with pytest.raises(SystemExit) as e:
+            data.main(["build", "--scenes", str(scenes), "--out", str(out), "--llm", "toy"])
+    assert str(e.value.code).startswith(f"data.py: {out} is being written by another run (pid {pid} on ")
+    assert os.listdir(out) == [".lock"]  # nothing written (the lock file holds the other run's pid)
+
+
 def test_build_nqna_fraction_is_respected(tmp_path):
     scenes = write_scenes(tmp_path, [record(i) for i in range(5)])
     qas = [{"question": "Q?", "answers": ["a1", "a2", "a3"]}, {"question": "R?", "answers": ["b1", "b2", "b3"]}]
@@ -346,7 +357,8 @@ def decode(path):
 
 
 def files(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under root but the lock files (reward.hold_output: the writer's pid, not data)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 @pytest.fixture(scope="module")

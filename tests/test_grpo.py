@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import write_video
+from conftest import another_run_writing, write_video
 
 import data
 import grpo
@@ -186,8 +186,10 @@ def trained(model):
 
 
 def test_one_step_changes_parameters_and_resumes(rl_data, chatty_ckpt, tmp_path):
-    out = tmp_path / "run"
-    base = ["--init", chatty_ckpt, "--anno", str(rl_data / "anno.json"), "--out", str(out)] + SMALL + ["--episodes", "2"]
+    out, anno = tmp_path / "run", tmp_path / "anno.json"
+    shutil.copy(rl_data / "anno.json", anno)  # a copy, to change under the run below
+    base = ["--init", chatty_ckpt, "--anno", str(anno), "--videos", str(rl_data / "videos"), "--out", str(out)] + \
+        SMALL + ["--episodes", "2"]
     result = grpo.main(base + ["--max-steps", "1"])
     assert result["rewards"].std(-1).max() > 0  # some group had a signal (with these seeds)
     before = mmduet2.load_model(chatty_ckpt)[0]
@@ -209,6 +211,12 @@ def test_one_step_changes_parameters_and_resumes(rl_data, chatty_ckpt, tmp_path)
     # a resume with other settings (another seed: other episodes) is refused
     with pytest.raises(SystemExit, match="other settings"):
         grpo.main(base + ["--max-steps", "3", "--resume", "--seed", "1"])
+    # the anno.json is compared by content: another spelling of its path resumes (nothing left to run here) ...
+    grpo.main(base + ["--max-steps", "3", "--resume", "--anno", str(tmp_path / "." / "anno.json")])
+    # ... and the same path with other gold in it (other episodes) is refused
+    anno.write_text(anno.read_text().replace('"reply_timespan": [3.0, 8.0]', '"reply_timespan": [4.0, 8.0]'))
+    with pytest.raises(SystemExit, match="other settings \\(anno_sha256: '[0-9a-f]{16}' there, '[0-9a-f]{16}' now\\)"):
+        grpo.main(base + ["--max-steps", "3", "--resume"])
 
 
 def test_resume_equals_an_uninterrupted_run(rl_data, chatty_ckpt, tmp_path):
@@ -296,6 +304,28 @@ def test_bad_flags_are_one_line(argv, message, capsys):
         grpo.parse_args(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("grpo.py: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_second_run_into_the_same_out_is_refused(rl_data, tmp_path):
+    out = tmp_path / "run"
+    with another_run_writing(out, folder=True) as pid:
+        with pytest.raises(SystemExit) as e:
+            grpo.main(["--init", "tiny", "--anno", str(rl_data / "anno.json"), "--out", str(out)] + SMALL)
+    assert str(e.value.code).startswith(f"grpo.py: {out} is being written by another run (pid {pid} on ")
+    assert os.listdir(out) == [".lock"]
+
+
+def test_gold_the_video_cannot_reach_is_said_before_the_model_loads(rl_data, tmp_path, capsys):
+    gold = json.load(open(rl_data / "anno.json"))
+    gold[0]["duration"] = 30.0  # its video lasts 16 s
+    gold[1]["answer"][1]["reply_timespan"] = [17.0, 18.0]  # after its video ends
+    (tmp_path / "anno.json").write_text(json.dumps(gold))
+    with pytest.raises(SystemExit, match="model folder not found"):  # stopped at the model, after the data checks
+        grpo.main(["--anno", str(tmp_path / "anno.json"), "--videos", str(rl_data / "videos"), "--init",
+                   str(tmp_path / "nope"), "--out", str(tmp_path / "run")] + SMALL)
+    printed = capsys.readouterr().out
+    assert "gold warning, q0: 'duration' is 30 s but the video lasts 16 s" in printed
+    assert "gold warning, q1: reply span 1 [17, 18] starts after the video ends (16 s)" in printed
 
 
 def test_bad_setup_is_one_line_before_any_step(rl_data, tmp_path, monkeypatch):

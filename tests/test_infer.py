@@ -6,6 +6,7 @@ model rarely says NO REPLY, so model runs check the structure of the output, not
 silence and placement rules are checked exactly with a scripted stand-in for `mmduet2.Stream`.
 """
 import contextlib
+import errno
 import http.server
 import io
 import itertools
@@ -27,7 +28,7 @@ import data  # noqa: E402
 import infer  # noqa: E402
 import mmduet2  # noqa: E402
 import reward  # noqa: E402
-from conftest import write_video  # noqa: E402
+from conftest import another_run_writing, frame_index, write_timed_video, write_video  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -379,6 +380,24 @@ def test_a_network_stream_gives_the_files_frames(videos):
     assert not infer.is_live(v["seven"])
 
 
+@pytest.mark.parametrize("kind", ["variable frame rate", "portrait"])
+def test_a_phone_video_gives_the_same_frames_from_a_file_and_a_stream(tmp_path, kind):
+    # a phone's: 30 fps, then 2 fps to 20 s; or 3 s stored sideways with "rotate 90" in its display matrix
+    times = [i / 30 for i in range(300)] + [10 + i / 2 for i in range(20)] if kind == "variable frame rate" \
+        else [i / 10 for i in range(30)]
+    rotation = 90 if kind == "portrait" else 0
+    path = write_timed_video(tmp_path / "phone.mp4", times, rotation=rotation)
+    for interval in (1.0, 0.5):
+        offline = list(mmduet2.read_frames(path, interval))
+        with http_video(path) as url:
+            live = list(infer.live_frames(url, interval))
+        assert [t for t, _ in live] == [t for t, _ in offline]  # the same sample times, to the video's end
+        for (t, a), (_, b) in zip(live, offline):
+            assert a.shape == b.shape == ((128, 96, 3) if rotation else (96, 128, 3))  # upright, both
+            assert np.array_equal(a, b)  # the same frame, decoded alike
+            assert frame_index(a, rotation) == min(range(len(times)), key=lambda i: abs(times[i] - t))
+
+
 def test_a_slow_model_drops_frames_and_answers_as_offline_on_the_frames_kept(tmp_path, tiny):
     model, processor = tiny
     video = write_video(tmp_path / "v.mp4", 3)  # 30 frames at 10 fps, all taken at a 0.1 s interval
@@ -543,21 +562,84 @@ def test_benchmark_runs_skips_and_resumes(videos, tmp_path, fast_load, capsys, m
            "--retry-skipped runs them), 0 to run" in printed
 
 
-@pytest.mark.parametrize("newline", ["\n", ""])
-def test_benchmark_resumes_after_a_partial_run(videos, tmp_path, fast_load, newline):
+def test_a_second_run_on_the_same_out_is_refused(videos, tmp_path, fast_load, scripted):
+    # two benchmark runs on one --out both wrote every record (or interleaved two settings' records)
+    d, v = videos
+    gold = anno(tmp_path, [example("q-a", "a.mp4", 6.0, [[0, 2.0]])])
+    out = tmp_path / "preds.jsonl"
+    out.write_text('{"question_id": "q-a"')  # the other run's record, half written
+    spelled = str(tmp_path / "." / "preds.jsonl")  # another spelling of the same file
+    for argv in (["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--out", spelled],
+                 [v["a"], "--model", "tiny", "--overwrite", "--out", spelled]):
+        with another_run_writing(out) as pid:
+            with pytest.raises(SystemExit) as e:
+                infer.main(argv)
+        assert str(e.value.code).startswith(f"infer.py: {spelled} is being written by another run (pid {pid} on ")
+        assert out.read_text() == '{"question_id": "q-a"' and not os.path.exists(f"{out}.run.json")  # untouched
+    assert infer.main(argv)["turns"] == 6  # once it is gone (killed: no lock is left behind), the run goes ahead
+
+
+def test_benchmark_says_which_gold_its_video_cannot_reach(videos, tmp_path, fast_load, scripted, capsys):
+    d, _ = videos
+    # a.mp4 lasts 6 s: this gold says 9 s, and its second span starts after the video ends
+    gold = anno(tmp_path, [example("q-a", "a.mp4", 9.0, [[0, 2.0], [7.0, 8.0]]), example("q-b", "b.mp4", 5.0, [[1.0, 2.0]])])
+    summary = infer.main(["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--out", str(tmp_path / "p.jsonl")])
+    printed = capsys.readouterr().out
+    assert "gold warning, q-a: 'duration' is 9 s but the video lasts 6 s (another cut of it?)" in printed
+    assert "gold warning, q-a: reply span 1 [7, 8] starts after the video ends (6 s): no reply can reach it" in printed
+    assert "q-b" not in printed.split("done")[0].split("examples:")[1]  # nothing said about the good one
+    assert summary["done"] == 2 and summary["gold_warnings"] == 1 and "1 with gold warnings (above)" in printed
+
+
+@pytest.mark.parametrize("tail, said", [("\n", None), ("", "its last record lacked a newline: added one"),
+                                        ('\n{"question_id": "q-b", "model_res', "its last line was cut short")])
+def test_benchmark_resumes_after_a_partial_run(videos, tmp_path, fast_load, capsys, tail, said):
     d, _ = videos
     gold = anno(tmp_path, [example("q-a", "a.mp4", 6.0, [[0, 2.0]]), example("q-b", "b.mp4", 5.0, [[0, 2.0]])])
     out = tmp_path / "preds.jsonl"
     # "": a last record without its newline (cut just before it, or written by hand): q-b's record used to
-    # be appended on the same line, and neither could be read back
-    out.write_text(json.dumps({"question_id": "q-a", "model_response_list": []}) + newline)
+    # be appended on the same line, and neither could be read back. A cut record (a run killed mid-write)
+    # stopped the rerun ("delete that line"), although the README said it was repaired
+    out.write_text(json.dumps({"question_id": "q-a", "model_response_list": []}) + tail)
     run_record(out, frames_per_turn=2, max_new_tokens=2)
     summary = infer.main(["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--max-new-tokens", "2",
                           "--frames-per-turn", "2", "--out", str(out)])
+    assert (f"{out}: {said}" in capsys.readouterr().out) if said else "its last" not in capsys.readouterr().out
     assert summary["done"] == 1
     first, second = records(out)
     assert first == {"question_id": "q-a", "model_response_list": []}
     check_record(second, "q-b", turn_times=[2.0])  # 2 frames (span ends at 2 s) = one 2-frame turn
+
+
+def test_a_full_disk_is_one_line_and_the_file_keeps_whole_records(videos, tmp_path, fast_load, scripted, monkeypatch):
+    d, _ = videos
+    gold = anno(tmp_path, [example("q-a", "a.mp4", 6.0, [[0, 2.0]]), example("q-b", "b.mp4", 5.0, [[0, 2.0]])])
+    out = tmp_path / "preds.jsonl"
+    argv = ["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--out", str(out)]
+    write = os.write
+
+    def full_disk(fd, data):  # q-b's record: half of it gets onto the disk, then it is full
+        if bytes(data).startswith(b'{"question_id": "q-b"'):
+            write(fd, data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(fd, data)
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(SystemExit) as e:
+        infer.main(argv)
+    assert str(e.value.code) == (f"infer.py: cannot write {out} (No space left on device): 1 examples were written in "
+                                 "this run, as whole records; free some space and rerun the same command: it resumes")
+    assert [r["question_id"] for r in records(out)] == ["q-a"] and out.read_text().endswith("\n")  # no half of q-b
+    monkeypatch.setattr(os, "write", write)  # space freed: the rerun writes q-b, once
+    assert infer.main(argv)["done"] == 1 and [r["question_id"] for r in records(out)] == ["q-a", "q-b"]
+    # one video: its file is written whole at the end (write_atomic), and a full disk leaves the old one as it was
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(SystemExit) as e:
+        infer.main([str(d / "a.mp4"), "--model", "tiny", "--out", str(out), "--overwrite"])
+    assert str(e.value.code) == (f"infer.py: cannot write {out} (No space left on device): the predictions of the "
+                                 "6 turns streamed are not saved; free some space and rerun")
+    assert [r["question_id"] for r in records(out)] == ["q-a", "q-b"] and not os.path.exists(f"{out}.tmp")
 
 
 def test_benchmark_skips_a_video_that_fails_mid_stream_and_remembers_it(videos, tmp_path, fast_load, scripted,
@@ -682,6 +764,7 @@ def resume_cases(tmp_path, d):
     ("device-missing", "CUDA GPUs (use --device cpu)"),
     ("interval-nan", "--interval must be > 0 (and finite)"),
     ("interval-past-the-video", "shorter than one frame interval"),
+    ("interval-far-below-the-frame-period", "interval 0.001 s is far below the frame period of"),
     ("binary", "is not UTF-8 text"),
     ("novideo", "example 0 (q): 'video' must be a file name, got None"),
     ("badtime", "example 0 (q) conversation 1: 'time' must be seconds >= 0, got 'soon'"),
@@ -694,7 +777,9 @@ def resume_cases(tmp_path, d):
 def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, message):
     d, v = videos
     monkeypatch.setattr(mmduet2, "load_model", lambda *a, **k: pytest.fail("loaded a model for bad input"))
-    (tmp_path / "preds.jsonl").write_text('{"question_id": "q", "model_response_list": []}\n{"question_id": "q2", "mod')
+    # a broken line amid whole ones (a last line cut mid-write is repaired instead: test_benchmark_resumes_...)
+    (tmp_path / "preds.jsonl").write_text('{"question_id": "q", "model_response_list": []}\n{"question_id": "q2", "mod\n'
+                                          '{"question_id": "q3", "model_response_list": []}\n')
     ok_anno = anno(tmp_path, [example("q", "a.mp4", 6.0, [[0, 2]])])
     argv = {
         "missing": [str(d / "nope.mp4")], "junk": [v["junk"]], "short": [v["short"]],
@@ -713,6 +798,7 @@ def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, messag
         "benchmark-is-a-video": ["--benchmark", v["a"], "--videos", str(d), "--out", str(tmp_path / "p.jsonl")],
         "device-unknown": [v["a"], "--device", "gpu"], "device-missing": [v["a"], "--device", "cuda:99"],
         "interval-nan": [v["a"], "--interval", "nan"], "interval-past-the-video": [v["a"], "--interval", "60"],
+        "interval-far-below-the-frame-period": [v["a"], "--interval", "0.001"],
         "stream-refused": ["http://127.0.0.1:9/v.mp4"], "camera-missing": ["/dev/video99"],  # port 9: nothing listens
         "input-format-unknown": ["0", "--input-format", "nosuch"],
         "benchmark-input-format": ["--benchmark", ok_anno, "--input-format", "v4l2", "--out", str(tmp_path / "p")],
@@ -725,6 +811,37 @@ def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, messag
         infer.main(argv)
     text = str(e.value.code)
     assert text.startswith("infer.py: ") and message in text and "\n" not in text
+
+
+def test_home_in_paths_is_expanded(videos, tmp_path, fast_load, scripted, monkeypatch):
+    # "~" reaches a script unexpanded when typed --out=~/p.jsonl or quoted: "video not found: ~/a.mp4" before
+    d, v = videos
+    home = tmp_path / "home"
+    (home / "videos").mkdir(parents=True)
+    for name in ("a.mp4", "b.mp4"):
+        os.symlink(os.path.join(d, name), home / "videos" / name)
+    anno(home, [example("q-a", "a.mp4", 6.0, [[0, 2.0]])])
+    monkeypatch.setenv("HOME", str(home))
+    assert infer.main(["~/videos/a.mp4", "--model", "tiny", "--out", "~/one.jsonl"])["turns"] == 6
+    summary = infer.main(["--benchmark", "~/anno.json", "--videos", "~/videos", "--model", "tiny", "--out", "~/p.jsonl"])
+    assert summary["done"] == 1
+    assert [r["question_id"] for f in ("one.jsonl", "p.jsonl") for r in records(home / f)] == ["a", "q-a"]
+    import grpo
+    import sft
+    assert sft.parse_args(["--data", "~/a.jsonl", "--out", "~/o"]).data == [str(home / "a.jsonl")]
+    args = grpo.parse_args(["--init", "~/i", "--anno", "~/anno.json", "--out", "~/o"])
+    assert (args.init, args.videos, args.out) == (str(home / "i"), str(home / "videos"), str(home / "o"))
+    with pytest.raises(SystemExit, match=f"scenes file not found: {home}/s.jsonl"):
+        data.main(["build", "--scenes", "~/s.jsonl", "--out", "~/d", "--llm", "toy"])
+
+
+def test_an_empty_or_junk_file_is_one_line_and_nothing_else(videos, tmp_path):
+    # decord's C++ logger printed "[12:00:00] .../video_reader.cc:83: ERROR opening: ..." before our line
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    for path in (str(tmp_path / "empty.mp4"), videos[1]["junk"]):
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), path, "--model", "tiny"],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and run.stderr == f"infer.py: cannot decode video {path}: Error reading {path}\n"
 
 
 def test_a_bad_flag_is_one_line(capsys):

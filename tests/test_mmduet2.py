@@ -1,8 +1,10 @@
 """mmduet2.py: frames, the template deltas, the loss mask, rope positions, models and the streaming engine."""
+import json
+
 import numpy as np
 import pytest
 import torch
-from conftest import random_frames, write_video
+from conftest import frame_index, random_frames, write_timed_video, write_video
 
 import mmduet2
 from mmduet2 import IMAGE, SILENCE, Chunk, Stream
@@ -29,6 +31,48 @@ def test_frame_times_and_counts(tmp_path, seconds, interval, expected):
     for t, frame in frames:  # frame i of the video is filled with red = 7·i: check we sampled index t·fps
         assert frame.shape == (84, 84, 3) and frame.dtype == np.uint8
         assert abs(int(frame[..., 0].mean()) - round(t * 10) * 7 % 256) <= 6
+
+
+@pytest.mark.parametrize("fps, intervals", [(10, [0.05, 0.1, 0.15, 0.25, 0.3, 1 / 3, 0.5, 0.7, 1.0, 2.0]),
+                                             (25, [0.1, 0.3, 0.5, 1.0])])
+def test_a_constant_frame_rate_video_gives_the_frames_it_always_gave(tmp_path, fps, intervals):
+    # the rule before presentation times were read: frame round(k·interval·fps), duration n / fps. The toy
+    # world's results rest on it, ties (0.25 s at 10 fps: frame 2.5 -> 2) and float rounding included
+    import decord
+    path = write_video(tmp_path / "v.mp4", 12, fps=fps, size=16)
+    vr = decord.VideoReader(path, num_threads=1)
+    n, rate = len(vr), vr.get_avg_fps()
+    assert mmduet2.video_duration(path) == n / rate
+    for interval in intervals:
+        frames = list(mmduet2.read_frames(path, interval))
+        before = [min(round(k * interval * rate), n - 1) for k in range(mmduet2.count_frames(n / rate, interval))]
+        assert len(frames) == len(before)
+        assert all(np.array_equal(frame, mmduet2._rgb(vr[i].asnumpy())) for (_, frame), i in zip(frames, before)), interval
+
+
+def vfr_times():
+    """A phone's variable frame rate: 30 fps for 10 s, then 2 fps (a still or dark scene) to 20 s."""
+    return [i / 30 for i in range(300)] + [10 + i / 2 for i in range(20)]
+
+
+def test_a_variable_frame_rate_video_is_read_by_its_presentation_times(tmp_path):
+    times = vfr_times()
+    path = write_timed_video(tmp_path / "vfr.mp4", times)
+    # by index / average fps (17.2): 18.6 s, the frame labelled 17 s showed 9.6 s, the last 10 s never came
+    assert mmduet2.video_duration(path) == 20.0  # the last frame lasts as long as the gap before it
+    frames = list(mmduet2.read_frames(path, 1.0))
+    assert [t for t, _ in frames] == list(range(20))
+    shown = [frame_index(frame) for _, frame in frames]
+    assert shown == [min(range(len(times)), key=lambda i: abs(times[i] - t)) for t, _ in frames]
+    assert times[shown[17]] == 17.0 and times[shown[9]] == 9.0
+
+
+def test_a_portrait_phone_video_comes_upright(tmp_path):
+    # stored 128 wide × 96 high with "rotate 90" (counter-clockwise) in its display matrix: shown 96 × 128
+    path = write_timed_video(tmp_path / "portrait.mp4", [i / 10 for i in range(30)], rotation=90)
+    (_, frame), *_ = mmduet2.read_frames(path, 1.0)
+    assert frame.shape == (128, 96, 3)
+    assert frame[:64, :48].min() < 100 and frame[64:, :48].min() > 200  # the stored top-left is now bottom-left
 
 
 def test_turn_times():
@@ -64,6 +108,9 @@ def test_bad_input(tmp_path):
         mmduet2.load_model(str(tmp_path / "no-such-model"))
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         mmduet2.load_model("runs/sft/final-that-does-not-exist")
+    (tmp_path / "utf16.jsonl").write_text('{"messages": []}\n', encoding="utf-16")  # as some Windows editors save
+    with pytest.raises(ValueError, match=f"^{tmp_path}/utf16.jsonl:1: not UTF-8 text \\(saved as UTF-16\\?\\)"):
+        list(mmduet2.read_jsonl(str(tmp_path / "utf16.jsonl")))
 
 
 # ----------------------------------------------------------------------------
@@ -168,6 +215,29 @@ def test_tiny_model_saves_and_reloads(tiny, tmp_path):
         a = model(**mmduet2.model_inputs(model, seq)).logits
         b = model2(**mmduet2.model_inputs(model2, seq)).logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("remove, named", [
+    ("config.json", "config.json"),  # transformers built a full-size default Qwen2.5-VL: 21 GB
+    ("model.safetensors", "weights (model.safetensors)"),
+    ("chat_template.jinja", "chat template (chat_template.jinja)"),  # a transformers traceback
+    ("tokenizer.json", "tokenizer.json"),  # "Image features and image tokens do not match": the wrong cause
+    ("processor_config.json", "image processor settings (preprocessor_config.json)"),
+    ("shard", "model-00002-of-00002.safetensors"),  # a sharded checkpoint with a shard missing
+])
+def test_a_model_folder_missing_a_file_is_one_line_before_anything_is_built(tiny, tmp_path, monkeypatch, remove, named):
+    for part in tiny:
+        part.save_pretrained(tmp_path)
+    if remove == "shard":  # the index names two shards; only the first is there
+        (tmp_path / "model.safetensors").rename(tmp_path / "model-00001-of-00002.safetensors")
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    else:
+        (tmp_path / remove).unlink()
+    monkeypatch.setattr(mmduet2, "_from_pretrained", lambda *a, **k: pytest.fail("built a model from a broken folder"))
+    with pytest.raises(FileNotFoundError) as e:
+        mmduet2.load_model(str(tmp_path))
+    assert str(e.value).startswith(f"model folder {tmp_path} has no {named}: not a whole checkpoint")
 
 
 # ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # reward.py lives in the repo root
 import reward  # noqa: E402
+from conftest import another_run_writing  # noqa: E402
 from reward import (SILENCE, JudgeError, OfflineJudge, OpenAIJudge, area_ratio,  # noqa: E402
                     duplicate_proportion, mmduet2_reward, pauc_metric, prune_late)
 
@@ -313,8 +314,8 @@ def test_parsers_are_strict():
     assert reward.parse_score("3", 3) == 2
     assert reward.parse_score(" 2. partially", 3) == 1
     assert reward.parse_score("5", 5) == 4
-    for bad in ("4", "0", "35", "Score: 3", "", None, "three"):
-        assert reward.parse_score(bad, 3) is None
+    for bad in ("4", "0", "35", "Score: 3", "", None, "three", "1 3", "3\n1", "3/5", "2.5", "2 or 3"):
+        assert reward.parse_score(bad, 3) is None  # several numbers are not the first of them, 2.5 is off the scale
     assert reward.parse_yes_no("Yes.") is True
     assert reward.parse_yes_no(" no") is False
     for bad in ("Nope", "I think yes", "", None):
@@ -410,11 +411,11 @@ def test_openai_judge_good_garbage_500_timeout_and_cache(server, tmp_path):
     assert judge.score("What?", "gold", "GOOD answer", 3) == 2
     assert judge.score("What?", "gold", "bad answer", 5) == 0  # "1" is a real score of 0
     assert judge.repeats(["A."], "B.") is False
-    assert judge.score("What?", "gold", "GARBAGE", 3) is None  # answered, unparsable: dropped
+    assert judge.score("What?", "gold", "GARBAGE", 3) is None  # answered, unparsable: retried once, then dropped
     assert judge.score("What?", "gold", "ERROR500", 3) is None  # retried once, then dropped
     assert judge.score("What?", "gold", "SLOW", 3) is None  # timed out twice, dropped
     assert (judge.calls, judge.cache_hits, judge.failures) == (6, 0, 3)
-    assert len(server.requests) == 8  # 4 answered + 2 for the 500 + 2 for the timeout
+    assert len(server.requests) == 9  # 3 answered + 2 for the garbage + 2 for the 500 + 2 for the timeout
     path, body = server.requests[0]
     assert path == "/v1/chat/completions" and body["model"] == "judge-m" and body["temperature"] == 0
     assert body["messages"][0]["role"] == "system" and "3 = mostly covered" in body["messages"][0]["content"]
@@ -426,11 +427,29 @@ def test_openai_judge_good_garbage_500_timeout_and_cache(server, tmp_path):
     assert again.score("What?", "gold", "GOOD answer", 3) == 2
     assert again.score("What?", "gold", "bad answer", 5) == 0
     assert again.repeats(["A."], "B.") is False
-    assert again.score("What?", "gold", "GARBAGE", 3) is None  # cached text, still unparsable
-    assert len(server.requests) == before
-    assert (again.calls, again.cache_hits, again.failures) == (0, 4, 1)
-    # failed calls were not cached: a re-run asks them again
-    assert again.score("What?", "gold", "ERROR500", 3) is None and len(server.requests) == before + 2
+    assert len(server.requests) == before and (again.calls, again.cache_hits, again.failures) == (0, 3, 0)
+    # failed calls, unparsable answers included, were not cached: a re-run asks them again
+    assert again.score("What?", "gold", "GARBAGE", 3) is None and len(server.requests) == before + 2
+    assert again.score("What?", "gold", "ERROR500", 3) is None and len(server.requests) == before + 4
+
+
+def test_a_judge_answer_with_several_numbers_is_a_failed_call_never_cached(server, tmp_path):
+    # "1 3" was read as 1 and cached: once the judge was fixed, the rerun made 0 calls and failed again
+    answers = iter(["1 3", "3\n1", "3/5", "2.5"])
+    server.answer = lambda text: next(answers)
+    cache = tmp_path / "judge.jsonl"
+    judge = make_judge(server.url, cache, retries=3)
+    assert judge.score("q", "gold", "pred", 3) is None  # 4 answers, none one number on the scale
+    assert (judge.calls, judge.failures, len(server.requests)) == (1, 1, 4)  # one call, retried 3 times, failed
+    assert "unusable judge answer '2.5'" in judge.last_error and not cache.exists()
+    server.answer = lambda text: "3"  # the judge fixed: the rerun asks again, and caches the score
+    again = make_judge(server.url, cache)
+    assert again.score("q", "gold", "pred", 3) == 2 and (again.calls, again.failures) == (1, 0)
+    assert make_judge(server.url, cache).score("q", "gold", "pred", 3) == 2 and len(server.requests) == 5
+    # an unusable answer an older version cached is asked again too, not served from the cache
+    cache.write_text(cache.read_text().replace('"answer": "3"', '"answer": "1 3"'))
+    old = make_judge(server.url, cache)
+    assert old.score("q", "gold", "pred", 3) == 2 and (old.calls, old.cache_hits) == (1, 0)
 
 
 GARBAGE_200 = {  # what a proxy or a half-broken server may send with status 200
@@ -584,6 +603,44 @@ def test_cli_bad_input_exits_with_one_line(tmp_path, gold_text, pred_text, messa
     assert text.startswith("reward.py: ") and message in text and "\n" not in text
 
 
+def test_an_output_has_one_writer_and_a_killed_writer_leaves_no_lock(tmp_path):
+    out = tmp_path / "scores.json"
+    with another_run_writing(out) as pid:
+        with pytest.raises(ValueError) as err:
+            reward.hold_output(str(tmp_path / "." / "scores.json"))  # another spelling of the same file
+        assert str(err.value) == (f"{tmp_path / '.' / 'scores.json'} is being written by another run (pid {pid} on "
+                                  f"{socket.gethostname()}): wait for it to end, or give this one another output")
+    reward.hold_output(str(out))  # the holder died by SIGKILL: the kernel dropped its lock, no stale file refuses
+    reward.hold_output(str(out))  # asking again in the same process is fine
+    assert not out.exists()  # the lock lives beside it, in .scores.json.lock
+
+
+@pytest.mark.parametrize("what", ["--json", "--cache"])
+def test_cli_refuses_an_output_another_eval_is_writing(tmp_path, what):
+    g, p = write_files(tmp_path, [example("v1", [(0, 10, 10)])], [pred_line("v1", [(2, "A reply.")])])
+    out = tmp_path / "out.jsonl"
+    argv = ["eval", "--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--base-url", "http://127.0.0.1:9/v1",
+            "--cache", str(out) if what == "--cache" else "", *(["--json", str(out)] if what == "--json" else [])]
+    with another_run_writing(out) as pid:
+        with pytest.raises(SystemExit) as err:
+            reward.main(argv)
+    assert str(err.value.code).startswith(f"reward.py: {out} is being written by another run (pid {pid} on ")
+    assert not out.exists()  # nothing asked, nothing written
+
+
+def test_cli_names_a_utf16_predictions_file_and_expands_home(tmp_path, monkeypatch):
+    g, p = write_files(tmp_path, [example("v1", [(0, 10, 10)])], [pred_line("v1", [(2, "A reply.")])])
+    Path(p).write_text(Path(p).read_text(), encoding="utf-16")  # as some Windows editors save it
+    with pytest.raises(SystemExit) as err:
+        reward.main(["eval", "--gold", g, "--pred", p])
+    assert str(err.value.code) == f"reward.py: {p} is not UTF-8 text (saved as UTF-16?): save it as UTF-8"
+    # "~" in every path, as typed --json=~/... or quoted (the shell leaves it)
+    Path(p).write_text(pred_line("v1", [(2, "A reply.")]) + "\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    reward.main(["eval", "--gold", "~/anno.json", "--pred", "~/preds.jsonl", "--json", "~/s.json"])
+    assert json.loads((tmp_path / "s.json").read_text())["examples"] == 1
+
+
 def test_cli_unreachable_judge_exits_with_one_line(tmp_path, monkeypatch):
     for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "JUDGE_MODEL"):
         monkeypatch.delenv(var, raising=False)
@@ -704,6 +761,37 @@ def test_cli_refuses_a_result_when_too_many_judge_calls_failed(server, tmp_path,
     summary = reward.main(args + ["--max-failures", "1"])
     assert summary["valid"] is True and summary["pauc"]["0.5"] == pytest.approx(25.0)
     assert "NOT A RESULT" not in capsys.readouterr().out
+    # the judge answers, but not one number ("1 3"): as failed, not scored, not cached
+    server.answer = lambda text: "1 3"
+    with pytest.raises(SystemExit, match="5 of 5 judge calls failed.*only the failed calls are asked again"):
+        reward.main(args)
+    # once it is fixed, the message holds: the rerun asks the failed calls again, and they are a result
+    server.answer = lambda text: "3"
+    summary = reward.main(args)
+    assert summary["valid"] is True and summary["judge_calls"] == 5 and summary["judge_failures"] == 0
+
+
+def test_gold_the_video_cannot_reach_is_said_per_example_kept_and_counted(tmp_path, capsys):
+    ok = example("ok", [(0, 10, 10)], duration=30.0)
+    odd = example("odd", [(0, 10, 10), (31, 33, 32)], duration=30.0)  # a reply span after the end
+    odd["answer"][0]["content"] = "  "  # an empty gold answer
+    odd["conversation"].append({"role": "user", "content": "And now?", "time": 35.0})  # a question after the end
+    assert reward.gold_warnings(ok) == [] and reward.gold_warnings(ok, 30.4, turn=1.0) == []
+    assert reward.gold_warnings(odd) == [
+        "answer 0 is empty: every reply in its span is judged against nothing",
+        "reply span 1 [31, 33] starts after the video ends (30 s): no reply can reach it, and it scores as silence",
+        "conversation 1 at 35 s comes after the video ends (30 s): the model never sees it"]
+    # with the video's own length: a duration off by more than a turn, and the spans held to the video
+    assert reward.gold_warnings(ok, 8.0, turn=2.0) == [
+        "'duration' is 30 s but the video lasts 8 s (another cut of it?): spans may not match what it shows"]
+    # eval (no videos): kept, scored as defined (the unreachable span as silence), each one said and counted
+    g, p = write_files(tmp_path, [ok, odd], [pred_line("ok", [(2, "gold 0")]), pred_line("odd", [(2, "A reply.")])])
+    summary = reward.main(["eval", "--gold", g, "--pred", p, "--json", str(tmp_path / "s.json")])
+    assert summary["examples"] == 2 and summary["gold_turns"] == 3
+    assert summary["gold_warnings"] == {"odd": reward.gold_warnings(odd)}
+    printed = capsys.readouterr().out
+    assert "gold warning, odd: reply span 1 [31, 33] starts after the video ends" in printed
+    assert "replies 2 (1 with gold warnings, above: scored as the benchmark defines them)" in printed
 
 
 def test_load_predictions_treats_no_reply_as_silence(tmp_path):

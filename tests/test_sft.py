@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import mmduet2
-from conftest import write_video
+from conftest import another_run_writing, write_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "Tell me whenever a new shape appears."
@@ -177,6 +177,15 @@ def test_resume_equals_an_uninterrupted_run(one_rank, data, tmp_path):
     # a run without --resume refuses a folder that holds another run's checkpoints
     p = run_sft(data, out, check=False)
     assert p.returncode != 0 and "pass --resume to continue it" in p.stderr, p.stderr[-2000:]
+    # the data are compared by content: the same files under another spelling of their paths resume
+    # (nothing left to run), other data in them (another order of examples) is refused
+    spelled = [str(data / "." / "ours.jsonl"), str(data / "released.jsonl")]
+    assert "resumed from" in run_sft(data, out, "--resume", "--data", *spelled).stdout
+    changed = tmp_path / "ours.jsonl"
+    changed.write_text(open(data / "ours.jsonl").read().replace(ANSWERS[0], "A pink square appeared on the left.")
+                       .replace('"videos/', f'"{data}/videos/'))  # (its videos where they are)
+    p = run_sft(data, out, "--resume", "--data", str(changed), spelled[1], check=False)
+    assert p.returncode != 0 and "other settings (data_sha256: [" in p.stderr, p.stderr[-2000:]
 
 
 def test_checkpoints_load_with_mmduet2(one_rank):
@@ -200,12 +209,26 @@ def test_malformed_lines_name_file_and_line(data, tmp_path):
     bad.write_text(good + '{"messages": [oops\n')
     p = run_sft(data, tmp_path / "out", "--data", str(bad), check=False)
     assert p.returncode != 0 and f"{bad}:2: malformed JSON" in p.stderr, p.stderr[-2000:]
-    # a well-formed line whose video is missing fails when it is read, with the same FILE:LINE
-    missing = tmp_path / "missing.jsonl"
-    missing.write_text(good.replace("videos/v0.mp4", "videos/nope.mp4") * 2)
-    p = run_sft(data, tmp_path / "out2", "--data", str(missing), check=False)
-    found = re.search(rf"{re.escape(str(missing))}:[12]: FileNotFoundError: video not found", p.stderr)
-    assert p.returncode != 0 and found, p.stderr[-2000:]
+    # well-formed lines whose data do not fit their placeholders: found at start-up, before the model loads
+    # (it used to be when training reached them, the output folder then refusing a plain rerun)
+    # (paths made absolute: these files live elsewhere than the data)
+    good = good.replace('"videos/', f'"{data}/videos/')
+    released = open(data / "released.jsonl").readline().replace('"frames/', f'"{data}/frames/')
+    lines = {"missing video": good.replace("videos/v0.mp4", "videos/nope.mp4"),
+             "short video": good.replace('"interval": 2.0', '"interval": 3.0'),  # 8 s at 3 s: 2 frames for 4
+             "images": released.replace(f', {{"path": "{data}/frames/3.jpg"}}', ""),  # 3 images for 4 placeholders
+             "missing image": released.replace("frames/3.jpg", "frames/9.jpg")}
+    for i, (what, line) in enumerate(lines.items()):
+        broken = tmp_path / f"broken{i}.jsonl"
+        broken.write_text(good + line + line)  # two bad lines, after a good one
+        p = run_sft(data, tmp_path / f"out{i}", "--data", str(data / "released.jsonl"), str(broken), check=False)
+        message = {"missing video": f"video not found: {data / 'videos' / 'nope.mp4'}",
+                   "short video": f"{data}/videos/v0.mp4 gives 2 frames at a 3 s interval, the dialogue has 4 <image> placeholders",
+                   "images": "3 images for 4 <image> placeholders",
+                   "missing image": f"frame file not found: {data / 'frames' / '9.jpg'}"}[what]
+        assert p.returncode == 1 and p.stderr.splitlines()[-1] == (
+            f"sft.py: {broken}:2: {message} (and 1 more bad line): fix the data; nothing was trained"), p.stderr[-2000:]
+        assert "tokens per frame" not in p.stdout + p.stderr and not os.path.exists(tmp_path / f"out{i}" / "metrics.jsonl")
 
 
 def test_released_layout_jpg_and_hdf5_frames(tmp_path):
@@ -256,6 +279,15 @@ def test_released_layout_jpg_and_hdf5_frames(tmp_path):
         last = p.stderr.strip().splitlines()[-1]
         assert p.returncode != 0 and last.startswith(f"sft.py: {bad}:2: ") and message in last, p.stderr[-1500:]
         shutil.rmtree(tmp_path / "x", ignore_errors=True)
+
+
+def test_a_second_run_into_the_same_out_is_refused(tmp_path):
+    out = tmp_path / "run"
+    with another_run_writing(out, folder=True) as pid:
+        p = subprocess.run([sys.executable, "sft.py", "--model", "tiny", "--data", "x.jsonl", "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.startswith(f"sft.py: {out} is being written by another run (pid {pid} on ")
+    assert os.listdir(out) == [".lock"]
 
 
 @pytest.mark.parametrize("argv, message", [
