@@ -372,7 +372,7 @@ def test_toy_is_deterministic_by_seed(toy):
     data.make_toy(toy / "b", seed=5, **SMALL)
     data.make_toy(toy / "c", seed=6, **SMALL)
     a, b, c = files(toy / "a"), files(toy / "b"), files(toy / "c")
-    assert len(a) == 3 * 5 + 4  # per split: scenes/sft/anno jsonl, anno.json, build.json + 4 videos
+    assert len(a) == 3 * 6 + 4  # per split: scenes/sft/anno/offline jsonl, anno.json, build.json + 4 videos
     assert a == b  # same seed: same annotations, dialogues and video bytes
     assert a["train/anno.json"] != c["train/anno.json"] and a["train/videos/train_0000.mp4"] != c["train/videos/train_0000.mp4"]
 
@@ -385,7 +385,7 @@ def test_toy_written_twice_at_once_is_byte_identical(tmp_path):
     runs = [subprocess.Popen(cmd + ["--out", str(tmp_path / name)], stdout=subprocess.DEVNULL) for name in "ab"]
     assert [r.wait(timeout=600) for r in runs] == [0, 0]
     a, b = files(tmp_path / "a"), files(tmp_path / "b")
-    assert len(a) == 3 * 5 + 20  # per split: scenes/sft/anno jsonl, anno.json, build.json; 20 videos in all
+    assert len(a) == 3 * 6 + 20  # per split: scenes/sft/anno/offline jsonl, anno.json, build.json; 20 videos
     assert {k: hashlib.sha256(v).hexdigest() for k, v in a.items()} == {k: hashlib.sha256(v).hexdigest() for k, v in b.items()}
 
 
@@ -468,6 +468,19 @@ def test_toy_writer_goes_through_the_same_construction(toy):
     assert writer.summarise("?", ["Red.", "Blue."]) == "So far: Red. Blue."
     anno = json.loads((toy / "a" / "train" / "anno.json").read_text())
     assert all(a["conversation"][0]["content"] in data.TOY_QUESTIONS for a in anno)
+
+
+def test_toy_offline_questions_name_the_colours_in_order(toy):
+    split = toy / "a" / "test"
+    scenes = [json.loads(line) for line in (split / "scenes.jsonl").read_text().splitlines()]
+    offline = [json.loads(line) for line in (split / "offline.jsonl").read_text().splitlines()]
+    assert len(offline) == len(scenes) >= 1
+    for rec, video in zip(offline, scenes):
+        messages, frames = mmduet2.load_dialogue(rec, split)
+        colours = [s["colour"] for s in video["scenes"]]
+        # Qwen's default system prompt: an offline task, not the proactive one (Sec. 4.1)
+        assert messages[0]["content"] == mmduet2.DEFAULT_SYSTEM_PROMPT and len(frames) == data.OFFLINE_FRAMES
+        assert messages[-1]["content"].lower().rstrip(".").split(", ") == colours
 
 
 # ----------------------------------------------------------------------------------------------
