@@ -170,6 +170,22 @@ def test_tiny_model_saves_and_reloads(tiny, tmp_path):
     assert torch.equal(a, b)
 
 
+def test_bf16_loading_keeps_fp32_buffers_exact(tiny, tmp_path):
+    """dtype=bf16 casts the weights, never the buffers: rope's inverse frequencies stay the fp32 values they were
+    made as (rounded to bf16, 0.4217 becomes 0.4219: at position 10,000 a rotation is off by radians). Both ways
+    a model loads: the tiny one built here, and a folder through from_pretrained."""
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    want = dict(model.named_buffers())
+    assert want and all(b.dtype == torch.float32 for b in want.values())
+    for name in ("tiny", str(tmp_path)):
+        bf16 = mmduet2.load_model(name, dtype=torch.bfloat16, device="cpu")[0]
+        assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+        for key, buffer in bf16.named_buffers():
+            assert buffer.dtype == torch.float32 and torch.equal(buffer, want[key]), (name, key)
+
+
 # ----------------------------------------------------------------------------
 # the streaming engine
 
