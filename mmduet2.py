@@ -49,6 +49,29 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+
+def _check_transformers(needed="5.23"):
+    """Stop with one line when the installed transformers is older than `needed`.
+
+    An older one runs wrong without an error: 5.17 takes `mm_encoder_outputs` (our cached vision features)
+    into **kwargs, so cached turns go without their frames. Checked here, at import, rather than in
+    load_model: every script and every path (the 3B architecture built by bench.py, the tests) passes
+    through the import, before any data or model work, and the message is the same wherever it fires.
+    The version is read from the package's metadata: importing transformers would cost ~2 s here.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+    from packaging.version import Version  # a dependency of transformers, so present wherever it is
+    try:
+        found = version("transformers")
+    except PackageNotFoundError:
+        found = None
+    if found is None or Version(found) < Version(needed):  # a dev build of 5.23 is older than 5.23
+        have = f"transformers {found} is installed" if found else "transformers is not installed"
+        raise SystemExit(f"mmduet2.py: {have}; this code needs transformers >= {needed} (pip install -r requirements.txt)")
+
+
+_check_transformers()
+
 # ----------------------------------------------------------------------------
 # 1. Constants
 

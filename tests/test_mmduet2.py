@@ -170,6 +170,27 @@ def test_tiny_model_saves_and_reloads(tiny, tmp_path):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("version, ok", [("5.17.0", False), ("5.23.0.dev0", False), ("5.23.0", True), ("6.0.1", True)])
+def test_transformers_older_than_needed_is_one_line_at_import(tmp_path, version, ok):
+    """transformers 5.17 (the GPU image's) takes `mm_encoder_outputs` into **kwargs and ignores it: cached turns
+    would run without their frames, silently. So `import mmduet2` checks the installed version first. The version
+    is faked with a dist-info folder ahead of the real one on the path (importlib.metadata finds it first)."""
+    import os
+    import subprocess
+    import sys
+    info = tmp_path / f"transformers-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: transformers\nVersion: {version}\n")
+    root = os.path.dirname(os.path.abspath(mmduet2.__file__))
+    p = subprocess.run([sys.executable, "-c", "import mmduet2"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": f"{tmp_path}:{root}"})
+    if ok:
+        assert p.returncode == 0, p.stderr
+    else:
+        assert p.returncode == 1 and p.stderr == (f"mmduet2.py: transformers {version} is installed; this code needs "
+                                                  "transformers >= 5.23 (pip install -r requirements.txt)\n"), p.stderr
+
+
 def test_bf16_loading_keeps_fp32_buffers_exact(tiny, tmp_path):
     """dtype=bf16 casts the weights, never the buffers: rope's inverse frequencies stay the fp32 values they were
     made as (rounded to bf16, 0.4217 becomes 0.4219: at position 10,000 a rotation is off by radians). Both ways
