@@ -992,15 +992,22 @@ class Group:
             row.cache = None
 
     def turn(self, frames=(), text=None, config=None):
-        """Stream.turn for every row at once (always with fast silence); returns the G Replies."""
+        """Stream.turn for every row at once, with fast silence where Stream.turn takes it; returns the G Replies."""
         row0 = self.rows[0]
         config = config or decoding(row0.processor)
         user = encode_user(row0.processor, text, frames, row0.system)  # tokenized once for all rows
-        draft = Chunk(row0.draft, [0] * len(row0.draft), [0] * len(row0.draft))
         for row in self.rows:
             row.seq = row.seq + user
         # each row's pending tokens differ ("<|im_end|>\n" after a reply, "\n" after an accepted draft)
-        logits = self._forward([row._pending() + draft for row in self.rows], len(draft.ids) + 1)  # (G, len(draft)+1, V)
+        pending = [row._pending() for row in self.rows]
+        if config.max_new_tokens < len(row0.draft):
+            # Stream.turn's plain path: a draft longer than the budget would overrun it. All but each row's last
+            # pending token into the cache, then `generate` from that token.
+            self._forward([p.head(-1) for p in pending], 1)
+            outs, logps = self._generate([[] for _ in pending], [[] for _ in pending], config, [p.ids[-1] for p in pending])
+            return [row._close(out, lp) for row, out, lp in zip(self.rows, outs, logps)]
+        draft = Chunk(row0.draft, [0] * len(row0.draft), [0] * len(row0.draft))
+        logits = self._forward([p + draft for p in pending], len(draft.ids) + 1)  # (G, len(draft)+1, V)
         outs, logps = [], []
         for b, row in enumerate(self.rows):
             out, lp, rejected = row._check_draft(logits[b], config)
@@ -1039,17 +1046,21 @@ class Group:
             kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
         return self.model(**kw, past_key_values=self.cache, use_cache=True, logits_to_keep=keep).logits
 
-    def _generate(self, outs, logps, config):
-        """One `generate` call continues every row whose reply is still open; the others may only end."""
+    def _generate(self, outs, logps, config, unfed=None):
+        """One `generate` call continues every row whose reply is still open; the others may only end.
+
+        unfed: each row's token not in the cache yet, fed first (default: the last one the row produced).
+        """
+        unfed = unfed or [out[-1] for out in outs]
         budget = [config.max_new_tokens - len(out) for out in outs]  # what each row has left
-        live = [out[-1] != self.im_end and left > 0 for out, left in zip(outs, budget)]
+        live = [(not out or out[-1] != self.im_end) and left > 0 for out, left in zip(outs, budget)]
         if not any(live):
             return outs, logps  # every row silent (or out of budget): no `generate` at all
         dev, G = self.model.device, len(self.rows)
         # `generate` feeds every row every step, so rows that already ended get columns they never
         # produced: _OnlyEnd ends them at once, and their columns are masked out below
         gen = self.model.generate(
-            input_ids=torch.tensor([[out[-1]] for out in outs], device=dev),  # (G, 1): each row's unfed token
+            input_ids=torch.tensor([[token] for token in unfed], device=dev),  # (G, 1): each row's unfed token
             past_key_values=self.cache, attention_mask=torch.cat([self.mask, self.mask.new_ones(G, 1)], 1),
             # each row from its own position, the three rope axes together (text only)
             position_ids=torch.tensor([row.pos for row in self.rows], device=dev).view(1, G, 1).expand(3, G, 1),

@@ -307,6 +307,26 @@ def test_group_rows_equal_full_forwards(chatty, monkeypatch):
     assert len({len(row.seq.ids) for row in group.rows}) > 1
 
 
+@pytest.mark.parametrize("budget", [1, 2])
+def test_group_row_keeps_a_budget_shorter_than_the_draft_as_its_stream(chatty, budget):
+    """max_new_tokens below the 3 tokens of the NO REPLY draft: a Stream then decodes without the draft, and a
+    Group row must too (not emit the whole accepted draft): the same ids, the same forced end, the same mask."""
+    model, processor, frames, replies = chatty
+    config = mmduet2.decoding(processor, max_new_tokens=budget)  # greedy: every row equals the stream
+    stream = Stream(model, processor)
+    stream.feed(QUESTION, frames[0:1])
+    stream.feed(replies[0], role="assistant")
+    group = mmduet2.Group(stream.fork(), 2)
+    for k in range(1, 6):
+        want = stream.turn(frames[k:k + 1], config=config)
+        for row, got in zip(group.rows, group.turn(frames[k:k + 1], config=config)):
+            assert (got.ids, got.forced_end, got.logprobs) == (want.ids, want.forced_end, pytest.approx(want.logprobs, abs=1e-4))
+            assert row.seq.ids == stream.seq.ids and row.seq.mask == stream.seq.mask
+    assert len(want.ids) <= budget + 1 and any(m for m in stream.seq.mask)  # a cut reply + its appended <|im_end|>
+    for b, row in enumerate(group.rows):
+        assert int(group.mask[b].sum()) == row.cached == stream.cached
+
+
 def test_fast_silence_greedy_identical(chatty):
     """Greedy with and without fast silence: the same replies, ids and log-probs, silent or not."""
     model, processor, frames, replies = chatty
