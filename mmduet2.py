@@ -731,6 +731,25 @@ def decoding(processor, temperature=0.0, top_k=None, max_new_tokens=100):
         return_dict_in_generate=True, output_logits=True)  # raw logits: the log-probs of what was sampled
 
 
+def kv_cache(model):
+    """An empty KV cache whose keys and values are kept in the dtype attention computes in.
+
+    That is the model's dtype, or the autocast dtype when the cache is made under autocast (GRPO's rollouts:
+    bf16 autocast over fp32 weights). There a plain DynamicCache would hold fp32: rope multiplies the bf16 keys
+    by fp32 cos/sin, and the values are promoted to the keys' dtype when concatenated. That is twice the
+    memory, and every decoding step would cast the whole cache back to bf16 for attention (sdpa is a bf16 op
+    under autocast). Storing bf16 rounds exactly what attention rounds anyway.
+    """
+    from transformers import DynamicCache
+    device = model.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.dtype
+
+    class Cache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(key_states.to(dtype), value_states.to(dtype), layer_idx, *args, **kwargs)
+    return Cache(config=model.config)
+
+
 def _budget(config, max_new_tokens):
     """A copy of `config` that stops after `max_new_tokens` (what is left of a turn's budget)."""
     config = copy.copy(config)
@@ -754,14 +773,13 @@ class Stream:
     """
 
     def __init__(self, model, processor, system=SYSTEM_PROMPT):
-        from transformers import DynamicCache
         self.model, self.processor, self.system = model, processor, system
         self.im_end = processor.tokenizer.convert_tokens_to_ids(IM_END)
         self.draft = _tokenize(processor, SILENCE + IM_END).ids  # "NO REPLY<|im_end|>", for fast silence
         self.seq = encode_system(processor, system)  # the system turn: pending until the first turn feeds it
         # cached: how many of seq.ids the cache holds; pos: not the same count, as an image's tokens
         # advance the rope position by its grid, not by its length
-        self.cache, self.cached, self.pos = DynamicCache(config=model.config), 0, 0
+        self.cache, self.cached, self.pos = kv_cache(model), 0, 0
         self.vision = {}  # frames' vision-encoder outputs by pixel content (shared by forks and a Group's rows)
 
     # -- the plain path ------------------------------------------------------------------------

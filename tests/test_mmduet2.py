@@ -327,6 +327,40 @@ def test_group_row_keeps_a_budget_shorter_than_the_draft_as_its_stream(chatty, b
         assert int(group.mask[b].sum()) == row.cached == stream.cached
 
 
+def test_rollout_cache_under_bf16_autocast_is_bf16_and_costs_nothing(chatty, monkeypatch):
+    """GRPO rolls out under bf16 autocast over fp32 weights. The KV cache is kept in bf16 there (a plain
+    DynamicCache holds fp32: rope's fp32 cos/sin promote the keys, the values follow), and that changes no
+    sampled id and no log-prob: attention casts its inputs to bf16 under autocast anyway."""
+    from transformers import DynamicCache
+    model, processor, frames, replies = chatty
+    config = mmduet2.decoding(processor, temperature=1.2, top_k=10, max_new_tokens=10)
+
+    def rollout():
+        torch.manual_seed(0)
+        with torch.autocast("cpu", torch.bfloat16):
+            base = Stream(model, processor)
+            base.feed(QUESTION, frames[0:1])
+            base.feed(replies[0], role="assistant")
+            group, lps = mmduet2.Group(base, 2), [[], []]
+            for k in range(1, 5):
+                for b, reply in enumerate(group.turn(frames[k:k + 1], config=config)):
+                    lps[b] += reply.logprobs
+        return group, lps
+    group, lps = rollout()
+    assert {t.dtype for layer in group.cache.layers for t in (layer.keys, layer.values)} == {torch.bfloat16}
+    monkeypatch.setattr(mmduet2, "kv_cache", lambda model: DynamicCache(config=model.config))  # as before the fix
+    group32, lps32 = rollout()
+    assert {t.dtype for layer in group32.cache.layers for t in (layer.keys, layer.values)} == {torch.float32}
+    assert [r.seq.ids for r in group.rows] == [r.seq.ids for r in group32.rows] and lps == lps32
+    for b, row in enumerate(group.rows):  # and they are the training forward's under the same autocast, to bf16's precision
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            full = mmduet2.forward_logprobs(model, row.seq, temperature=1.2)
+        assert (full - torch.tensor(lps[b])).abs().mean() < 0.02
+    s = Stream(model, processor)  # outside autocast the cache takes the weights' dtype: fp32, as the golden tests run
+    s.turn(frames[0:1], QUESTION, mmduet2.decoding(processor, max_new_tokens=4))
+    assert s.cache.layers[0].keys.dtype == torch.float32
+
+
 def test_fast_silence_greedy_identical(chatty):
     """Greedy with and without fast silence: the same replies, ids and log-probs, silent or not."""
     model, processor, frames, replies = chatty
