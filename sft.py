@@ -145,8 +145,13 @@ def main(argv=None):
     # run as independent processes and never synchronise (docs/streaming.md, "Multi-process on CPU").
     # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule once per rank.
     # gradient_as_bucket_view: DDP's all-reduce buckets hold the gradients themselves, not a second copy.
+    # find_unused_parameters: a dialogue without frames (offline text-only data) leaves the vision merger without a
+    # gradient on its rank; DDP then has to know, or the ranks reduce different sets of gradients and crash. It costs
+    # one walk of the autograd graph per optimizer step, spares DDP its one-time bucket rebuild, and makes DDP say once
+    # per rank that a step had no unused parameter (expected: most dialogues have frames).
     acc = Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision, step_scheduler_with_optimizer=False,
-                      kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
+                      kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True,
+                                                                     find_unused_parameters=True)])
     rank, world, device, print0 = acc.process_index, acc.num_processes, acc.device, acc.print
     torch.manual_seed(args.seed)
 

@@ -194,6 +194,29 @@ def test_checkpoints_load_with_mmduet2(one_rank):
     assert torch.equal(trained[frozen], init[frozen]) and not torch.equal(trained[merger], init[merger])
 
 
+def test_two_ranks_train_on_records_without_images(data, tmp_path):
+    """The released layout with LLaVA-style offline data mixed in: every second record has no image. A rank whose
+    micro-batch has no frame gives the vision merger no gradient; DDP must expect it (it crashed: "Expected to have
+    finished reduction..."). 2 ranks × accumulation 2 stay in sync and equal 1 rank × accumulation 4."""
+    def text_only(k):
+        return [{"role": "system", "content": mmduet2.DEFAULT_SYSTEM_PROMPT},
+                {"role": "user", "content": f"What is {k} plus {k}?"}, {"role": "assistant", "content": f"{2 * k}."}]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"messages": dialogue(k, ANSWERS[k]), "images": [
+        {"path": str(data / "frames" / f"{j}.jpg")} for j in range(4)]} if k % 2 == 0 else
+        {"messages": text_only(k), "images": []}) + "\n" for k in range(4)))
+    steps = ["--data", str(mixed), "--max-steps", "6", "--dump-rank-params"]
+    run_sft(data, tmp_path / "two", *steps, nproc=2, grad_accum=2)
+    run_sft(data, tmp_path / "one", *steps, grad_accum=4)
+    r0, r1, one = (params(tmp_path / run / f"params-rank{r}.pt") for run, r in (("two", 0), ("two", 1), ("one", 0)))
+    tiny = dict(mmduet2.load_model("tiny")[0].named_parameters())
+    for name, value in r0.items():
+        assert torch.equal(value, r1[name]), name
+        torch.testing.assert_close(value, one[name], rtol=1e-4, atol=1e-5, msg=name)  # as in the test above
+    merger = "model.visual.merger.mlp.0.weight"
+    assert not torch.equal(r0[merger], tiny[merger])  # the merger learned from the records that have frames
+
+
 def test_malformed_lines_name_file_and_line(data, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = open(data / "ours.jsonl").readline()
