@@ -303,9 +303,11 @@ def main(argv=None):
     ref = mmduet2.load_model(args.init, device=acc.device)[0].requires_grad_(False) if args.kl else None
     if args.grad_checkpointing:  # active in train mode only: the update, not the rollouts
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:  # before DDP wraps the model, so that they become views of its buckets at once (as in sft.py)
+        p.grad = torch.zeros_like(p)
     # fused AdamW on a GPU: one kernel, none of foreach's temporary copies of the parameters
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=0.0, fused=cuda)
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0, fused=cuda)
     wrapped, optimizer = acc.prepare(model, optimizer)
     if ckpt:
         acc.load_state(os.path.join(ckpt, "state"))  # weights and optimizer (every step's randomness is re-seeded)
@@ -379,7 +381,7 @@ def main(argv=None):
                 loss_sum += loss.item()
             grad_norm = acc.clip_grad_norm_(wrapped.parameters(), args.grad_clip)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)  # in place: the gradients stay DDP's bucket views (sft.py says why)
         step += 1
         t_end = time.time()
 

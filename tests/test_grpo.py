@@ -285,6 +285,29 @@ def test_two_cpu_ranks_synchronise_and_share_rewards(rl_data, chatty_ckpt, tmp_p
     assert torch.allclose(r0["adv"], adv[0:1]) and torch.allclose(r1["adv"], adv[1:2])
 
 
+def launch_two_ranks(program, argv, timeout=600):
+    """`accelerate launch` of a Python file on 2 gloo ranks (explicit flags: no accelerate config is read)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), *program, *argv]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_update_gradients_stay_views_of_ddp_buckets(rl_data, chatty_ckpt, tmp_path):
+    """The update accumulates over a rank's rollouts (DDP's no_sync on all but the last backward). After every backward
+    the gradients are views into DDP's few buckets, never one fresh tensor per parameter (tests/test_sft.py says why)."""
+    out = tmp_path / "run"
+    run = launch_two_ranks([os.path.join("tests", "ddp_probe.py"), "grpo"], ["--init", chatty_ckpt, "--anno",
+                           str(rl_data / "anno.json"), "--out", str(out), "--max-steps", "2"] + SMALL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):
+        counts = json.load(open(out / f"grad-storages-rank{rank}.json"))
+        assert len(counts) == 2 * 2 and max(counts) <= 3, counts  # 2 steps × G = 2 rollouts; the tiny model: 31 tensors
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--group", "1"], "--group must be >= 2"), (["--segment", "0"], "--segment and --interval must be > 0"),
     (["--interval", "-2"], "--segment and --interval must be > 0"), (["--max-frames", "1"], "--max-frames must hold"),
