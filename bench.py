@@ -459,7 +459,7 @@ def bench_grpo(args):
                "--out", os.path.join(work, "run"), "--judge", "offline", "--max-steps", str(args.steps),
                "--group", str(args.group), "--segment", str(args.segment), "--interval", str(args.interval),
                "--frames-per-turn", str(args.frames_per_turn), "--frame-tokens", str(args.frame_tokens),
-               "--max-new-tokens", str(args.max_new_tokens), "--save-every", "1000000", "--lr", str(args.lr),
+               "--max-new-tokens", str(args.max_new_tokens), "--save-every", "0", "--lr", str(args.lr),
                "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing"]
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
         run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

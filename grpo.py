@@ -234,7 +234,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in the update (needed at 3B; rollouts are unaffected)")
     # running it
-    p.add_argument("--save-every", type=int, default=50, help="save OUT/step-N every N steps")
+    p.add_argument("--save-every", type=int, default=50, help="save OUT/step-N every N steps (0: only OUT/final)")
     p.add_argument("--keep", type=int, default=2, help="keep the last K step checkpoints (0: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="episode order and sampling seed")
@@ -242,12 +242,12 @@ def parse_args(argv=None):
     for bad, message in ((args.group < 2, "--group must be >= 2: a group's advantages compare its rollouts with each other"),
                          (not (args.segment > 0 and args.interval > 0), "--segment and --interval must be > 0 seconds"),
                          (args.max_frames < args.frames_per_turn, "--max-frames must hold at least one turn"),
-                         (min(args.episodes, args.max_new_tokens, args.inner_epochs, args.epochs, args.save_every) < 1,
-                          "--episodes, --max-new-tokens, --inner-epochs, --epochs, --save-every must be >= 1"),
+                         (min(args.episodes, args.max_new_tokens, args.inner_epochs, args.epochs) < 1,
+                          "--episodes, --max-new-tokens, --inner-epochs, --epochs must be >= 1"),
                          (not (args.temperature > 0 and args.clip > 0 and 0 < args.lr < 1),
                           "--temperature and --clip must be > 0, --lr in (0, 1)"),
-                         (min(args.top_k, args.kl, args.max_steps, args.keep) < 0 or args.frame_tokens < 4,
-                          "--top-k, --kl, --max-steps, --keep must be >= 0, --frame-tokens >= 4")):
+                         (min(args.top_k, args.kl, args.max_steps, args.keep, args.save_every) < 0 or args.frame_tokens < 4,
+                          "--top-k, --kl, --max-steps, --keep, --save-every must be >= 0, --frame-tokens >= 4")):
         if bad:
             p.error(message)
     args.videos = args.videos or os.path.join(os.path.dirname(args.anno), "videos")
@@ -404,7 +404,9 @@ def main(argv=None):
             metrics.flush()
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", replies=f"{row['replies_per_rollout']:.2f}")
-        if step % args.save_every == 0 or step == total_steps:
+        # --save-every alone writes step checkpoints (~55 GB each at 3B: weights, optimizer, state); the run's end
+        # is OUT/final below, so a last step-N beside it would only double the disk a run needs
+        if args.save_every and step % args.save_every == 0:
             mmduet2.save_checkpoint(acc, wrapped, processor, args.out, f"step-{step:06d}", step, settings, args.keep)
     bar.close()
     mmduet2.save_checkpoint(acc, wrapped, processor, args.out, "final", step, settings)

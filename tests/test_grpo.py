@@ -211,6 +211,16 @@ def test_one_step_changes_parameters_and_resumes(rl_data, chatty_ckpt, tmp_path)
         grpo.main(base + ["--max-steps", "3", "--resume", "--seed", "1"])
 
 
+def test_save_every_alone_writes_step_checkpoints(rl_data, tmp_path):
+    """A step checkpoint (~55 GB at 3B) is written every --save-every steps and at no other time: the last step wrote
+    one too, whatever --save-every said, and bench.py gpu's GRPO stage ran out of its disk. The end is `final`."""
+    base = ["--init", "tiny", "--anno", str(rl_data / "anno.json")] + SMALL + ["--max-steps", "3"]
+    for every, steps in (("2", ["step-000002"]), ("0", [])):
+        out = tmp_path / every
+        grpo.main(base + ["--save-every", every, "--out", str(out)])
+        assert sorted(d.name for d in out.iterdir() if d.is_dir()) == ["final"] + steps, every
+
+
 def test_resume_equals_an_uninterrupted_run(rl_data, chatty_ckpt, tmp_path):
     """Killed after step 2 of 3 (the later checkpoint lost), resumed: the same weights and the same log."""
     base = ["--init", chatty_ckpt, "--anno", str(rl_data / "anno.json")] + SMALL + ["--max-steps", "3", "--keep", "0"]
@@ -311,7 +321,8 @@ def test_update_gradients_stay_views_of_ddp_buckets(rl_data, chatty_ckpt, tmp_pa
 @pytest.mark.parametrize("argv, message", [
     (["--group", "1"], "--group must be >= 2"), (["--segment", "0"], "--segment and --interval must be > 0"),
     (["--interval", "-2"], "--segment and --interval must be > 0"), (["--max-frames", "1"], "--max-frames must hold"),
-    (["--episodes", "0"], "--episodes, --max-new-tokens"), (["--temperature", "0"], "--temperature and --clip"),
+    (["--episodes", "0"], "--episodes, --max-new-tokens"), (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--temperature", "0"], "--temperature and --clip"),
     (["--lr", "0"], "--lr in (0, 1)"), (["--top-k", "-1"], "--top-k, --kl"), (["--judge", "gpt"], "invalid choice"),
 ])
 def test_bad_flags_are_one_line(argv, message, capsys):
