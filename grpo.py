@@ -40,12 +40,12 @@ Departures from the paper / released code (verl + SGLang):
   7. Tied groups get an advantage of exactly 0 (a float32 mean over equal rewards is not always exact).
 """
 import argparse
+import datetime
 import json
 import os
 import random
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -259,7 +259,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from transformers.utils import logging as hf_logging
     args = parse_args(argv)
     hf_logging.disable_progress_bar()  # loading/saving bars would break up the training bar
@@ -268,8 +268,10 @@ def main(argv=None):
     # cpu=True on a machine without GPU: otherwise `--multi_gpu` ranks run unsynchronised (docs/streaming.md).
     # gradient_as_bucket_view: DDP's all-reduce buckets hold the gradients themselves, not a second copy
     # (11.6 GiB at 3B: docs/full-scale.md).
+    # timeout: a healthy rank waits longest while rank 0 writes a step checkpoint (sft.py says more)
     acc = Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision,
-                      kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
+                      kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+                                       InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=30))])
     rank, world, print0 = acc.process_index, acc.num_processes, acc.print
     # what a resumed run must share with the checkpoint: the step alone says where it was (the episodes of step s
     # are a function of these); --max-steps / --epochs may grow (the lr is constant)
@@ -331,7 +333,11 @@ def main(argv=None):
         rng = random.Random(f"{args.seed}:{step}:{rank}")
         torch.manual_seed(rng.randrange(2**62))  # sampling uses torch's default generators (mmduet2.Stream)
         mine = [examples[order[(k + rank * args.episodes + e) % len(examples)]] for e in range(args.episodes)]
-        episodes = [make_episode(ex, args, rng) for ex in mine]
+        episodes, error = [], None
+        try:
+            episodes = [make_episode(ex, args, rng) for ex in mine]
+        except (OSError, ValueError) as e:  # an unreadable video: said below, by every rank at once
+            error = str(e)
 
         # 2. Rollouts: G per episode, from the current policy (no collective in here: ranks go at their own pace)
         model.eval()
@@ -344,13 +350,19 @@ def main(argv=None):
         def score(ep, r):
             return reward.mmduet2_reward(r.turns, ep.answers, judge, ep.context_replies, tuple(args.weights))
         calls, failures = judge.calls, judge.failures
-        try:
-            with ThreadPoolExecutor(getattr(judge, "max_workers", 1)) as pool:
-                for (_, r), parts in zip(flat, pool.map(score, *zip(*flat))):
-                    r.reward = parts
+        try:  # run_all leaves at once on an error: a request in flight is not waited for
+            for (_, r), parts in zip(flat, reward.run_all(judge, score, flat)):
+                r.reward = parts
         except reward.JudgeError as e:  # the endpoint went away: no reward can be trusted from here on
-            raise SystemExit(f"grpo.py: {e}; {mmduet2.resume_hint(args.out)}") from None
+            error = str(e)
         t_judge = time.time()
+
+        # A rank that failed above stops every rank here, before the first collective of the step: alone, it would
+        # leave the others waiting in it until its timeout (mmduet2.first_failure)
+        failure = mmduet2.first_failure(acc, error)
+        if failure:
+            bar.close()
+            raise SystemExit(f"grpo.py: {failure}; {mmduet2.resume_hint(args.out)}" if acc.is_main_process else 1)
 
         # 4. Advantages: normalised within each group, over the rewards gathered from every rank
         rewards = torch.tensor([[r.reward["total"] for r in g] for g in groups])  # (episodes, G)

@@ -1182,6 +1182,20 @@ def resume_hint(out):
         "no checkpoint was written yet"
 
 
+def first_failure(accelerator, error):
+    """Every rank calls this at the same point of a step with its own one-line error or None; all get back the
+    first failure of any rank ("rank 1: cannot decode video ..."), or None.
+
+    A rank that failed alone (an unreadable video, a judge that went away) and exited alone would leave the
+    others in their next collective until its timeout: NCCL does not notice a peer that is gone, nor does a
+    launcher on another node. Said here, every rank stops within a step, with one line from rank 0.
+    """
+    from accelerate.utils import gather_object
+    errors = gather_object([error]) if accelerator.num_processes > 1 else [error]  # [rank 0's, rank 1's, ...]
+    failed = [f"rank {rank}: {e}" if len(errors) > 1 else e for rank, e in enumerate(errors) if e]
+    return failed[0] if failed else None
+
+
 def save_checkpoint(accelerator, model, processor, out, name, step, settings, keep=2):
     """Write OUT/name (step-NNNNNN with its state/, or final without) atomically; keep the last `keep` steps."""
     tmp, dst = os.path.join(out, f".tmp-{name}"), os.path.join(out, name)

@@ -43,6 +43,7 @@ Where we depart from the paper and its released script:
    lost), and videos/frames when first read.
 """
 import argparse
+import datetime
 import json
 import math
 import os
@@ -133,7 +134,7 @@ def read_records(paths, toy=False):
 
 
 def main(argv=None):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
     from transformers.utils import logging as hf_logging
     args = parse_args(argv)
@@ -149,9 +150,12 @@ def main(argv=None):
     # gradient on its rank; DDP then has to know, or the ranks reduce different sets of gradients and crash. It costs
     # one walk of the autograd graph per optimizer step, spares DDP its one-time bucket rebuild, and makes DDP say once
     # per rank that a step had no unused parameter (expected: most dialogues have frames).
+    # timeout: the longest a healthy rank waits in a collective is while rank 0 writes a step checkpoint (55 GB at 3B:
+    # past NCCL's 10-minute default to a shared filesystem at 2 nodes). A failed rank is not waited for: first_failure.
     acc = Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision, step_scheduler_with_optimizer=False,
                       kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True,
-                                                                     find_unused_parameters=True)])
+                                                                     find_unused_parameters=True),
+                                       InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=30))])
     rank, world, device, print0 = acc.process_index, acc.num_processes, acc.device, acc.print
     torch.manual_seed(args.seed)
 
@@ -233,11 +237,15 @@ def main(argv=None):
     bar = tqdm(total=total_steps, initial=start_step, disable=not acc.is_main_process, desc="sft", dynamic_ncols=True)
     for step in range(start_step, total_steps):
         t_step = time.time()
+        chunks, error = [], None
         try:
             chunks = [next(batches) for _ in range(args.grad_accum)]
         except ValueError as e:  # "FILE:LINE: what went wrong" (a missing video, an unreadable frame...)
+            error = str(e).strip().splitlines()[-1]  # a worker's error carries its traceback
+        failure = mmduet2.first_failure(acc, error)  # every rank stops if one failed, not just that one
+        if failure:
             bar.close()
-            raise SystemExit(f"sft.py: {str(e).strip().splitlines()[-1]}")  # a worker's error carries its traceback
+            raise SystemExit(f"sft.py: {failure}" if acc.is_main_process else 1)
         if step == start_step and chunks[0].grids and acc.is_main_process:
             _, h, w = chunks[0].grids[0]
             bar.write(f"tokens per frame: {h * w // 4} ({h * 14}×{w * 14} px after resizing; cap {args.frame_tokens})")

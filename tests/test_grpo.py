@@ -3,6 +3,7 @@ real steps (precision, checkpointing, resume, refusals) and 2 CPU ranks."""
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -316,6 +317,48 @@ def test_update_gradients_stay_views_of_ddp_buckets(rl_data, chatty_ckpt, tmp_pa
     for rank in (0, 1):
         counts = json.load(open(out / f"grad-storages-rank{rank}.json"))
         assert len(counts) == 2 * 2 and max(counts) <= 3, counts  # 2 steps × G = 2 rollouts; the tiny model: 31 tensors
+        assert json.load(open(out / f"timeout-rank{rank}.json")) == [30 * 60]  # as sft.py: a checkpoint's write
+
+
+RANK_1_JUDGE_FAILS = """
+import itertools, os, sys, time
+import grpo, reward
+calls = itertools.count()
+
+class Judge(reward.OfflineJudge):
+    max_workers = 4  # requests in flight at once, as with an LLM judge
+
+    def score(self, *args):
+        if os.environ["RANK"] == "1":
+            if next(calls) == 0:
+                raise reward.JudgeError("the judge endpoint went away")
+            time.sleep(600)  # the other requests in flight wait on a judge that will never answer
+        return super().score(*args)
+
+reward.OfflineJudge = Judge
+grpo.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("failure", ["judge", "video"])
+def test_one_rank_failing_stops_every_rank_with_one_line(rl_data, tmp_path, failure):
+    """2 gloo ranks; one fails on its own: its judge goes away (while its other requests hang), or its episode's video
+    is unreadable. Every rank stops at the step's first collective, with one line from rank 0 naming the rank and
+    the reason. Before, the failing rank waited for its requests in flight (~10 min here) while the other waited
+    in the reward gather; an unreadable video was a traceback on each rank."""
+    anno = rl_data / "anno.json"
+    if failure == "video":  # v1 is unreadable: read by whichever rank draws it (v0 is read by all at start-up)
+        shutil.copytree(rl_data, tmp_path / "data")
+        (tmp_path / "data" / "videos" / "v1.mp4").write_bytes(b"not a video" * 500)
+        anno = tmp_path / "data" / "anno.json"
+    program = tmp_path / "judge.py"
+    program.write_text(RANK_1_JUDGE_FAILS if failure == "judge" else "import sys, grpo\ngrpo.main(sys.argv[1:])\n")
+    run = launch_two_ranks([str(program)], ["--init", "tiny", "--anno", str(anno), "--out", str(tmp_path / "run"),
+                                            "--max-steps", "2"] + SMALL + ["--group", "4"], timeout=300)
+    ours = [line for line in run.stderr.splitlines() if line.startswith("grpo.py: ")]
+    reason = "rank 1: the judge endpoint went away" if failure == "judge" else "rank [01]: cannot decode video .*v1.mp4"
+    assert run.returncode != 0 and len(ours) == 1 and re.match(f"grpo.py: {reason}", ours[0]), run.stderr[-3000:]
+    assert "Traceback" not in "".join(line for line in run.stderr.splitlines() if line.startswith("[rank"))
 
 
 @pytest.mark.parametrize("argv, message", [

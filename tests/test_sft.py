@@ -217,6 +217,20 @@ def test_two_ranks_train_on_records_without_images(data, tmp_path):
     assert not torch.equal(r0[merger], tiny[merger])  # the merger learned from the records that have frames
 
 
+def test_one_rank_failing_stops_every_rank_with_one_line(data, tmp_path):
+    """2 gloo ranks, one of which meets a dialogue whose video is missing: every rank stops at that step, with one
+    line from rank 0 naming the rank, the file and the line (the other rank used to die in its next collective)."""
+    lines = open(data / "ours.jsonl").read().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([lines[0].replace("videos/v0.mp4", str(data / "videos" / "v0.mp4")),
+                              lines[1].replace("videos/v1.mp4", "videos/nope.mp4")]) + "\n")
+    p = run_sft(data, tmp_path / "out", "--data", str(bad), nproc=2, grad_accum=1, check=False)
+    ours = [line for line in p.stderr.splitlines() if line.startswith("sft.py: ")]
+    assert p.returncode != 0 and len(ours) == 1, p.stderr[-3000:]
+    assert re.match(rf"sft.py: rank [01]: {re.escape(str(bad))}:2: FileNotFoundError: video not found", ours[0]), ours
+    assert "Traceback" not in "".join(line for line in p.stderr.splitlines() if line.startswith("[rank"))
+
+
 def test_gradients_stay_views_of_ddp_buckets_under_accumulation(data, tmp_path):
     """2 ranks × accumulation 2: after every backward, the no_sync one included, the gradients are views into DDP's
     few buckets. Gradients set to None between steps (zero_grad's default) or before the first one are allocated
@@ -228,6 +242,8 @@ def test_gradients_stay_views_of_ddp_buckets_under_accumulation(data, tmp_path):
     for rank in (0, 1):
         counts = json.load(open(out / f"grad-storages-rank{rank}.json"))
         assert len(counts) == 3 * 2 and max(counts) <= 3 < n_trained, counts  # 3 steps × 2 backwards; the buckets
+        # and its collectives wait 30 min: rank 0 writing a 55 GB checkpoint can outlast the 10-minute default
+        assert json.load(open(out / f"timeout-rank{rank}.json")) == [30 * 60]
 
 
 def test_malformed_lines_name_file_and_line(data, tmp_path):
