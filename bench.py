@@ -469,18 +469,19 @@ def bench_grpo(args):
         moved = moved_fraction(init, os.path.join(work, "run", "final")) if args.model == "3b" or os.path.isdir(init) else None
     timed = steps[1:] or steps  # the first step pays one-time costs (allocator, kernels)
     n_turns = max(1, round(args.segment / (args.interval * args.frames_per_turn))) * args.group  # 1 episode per step
-    total = [s["time_rollout"] + s["time_judge"] + s["time_update"] for s in timed]
+    parts = ("episodes", "rollout", "judge", "update")  # episodes: the wait for frames read ahead on a thread
+    total = [sum(s[f"time_{k}"] for k in parts) for s in timed]
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what grpo.py picks
     args.compute = torch.bfloat16 if args.device.type == "cuda" else torch.float32  # mmduet2.load_model's default
-    share = {k: float(np.mean([s[f"time_{k}"] / t for s, t in zip(timed, total)])) for k in ("rollout", "judge", "update")}
+    share = {k: float(np.mean([s[f"time_{k}"] / t for s, t in zip(timed, total)])) for k in parts}
     result = dict(command="grpo", machine=machine(args), step_s=float(np.mean(total)), share=share,
                   rollout_turns_per_s=float(np.mean([n_turns / s["time_rollout"] for s in timed])),
                   generated_tokens=float(np.mean([s["tokens"] for s in timed])), moved_fraction=moved,
                   logprob_gap=float(np.mean([s["logprob_gap"] for s in timed])),
                   config=dict(steps=len(steps), timed_steps=len(timed), group=args.group, segment_s=args.segment,
                               turns_per_step=n_turns, max_new_tokens=args.max_new_tokens))
-    lines = md_table(["step s", "rollout turns/s", "generated tokens", "rollout", "judge", "update", "weights moved",
-                      "log p gap"],
+    lines = md_table(["step s", "rollout turns/s", "generated tokens", "episodes", "rollout", "judge", "update",
+                      "weights moved", "log p gap"],
                      [[f"{result['step_s']:.2f}", f"{result['rollout_turns_per_s']:.1f}", f"{result['generated_tokens']:.0f}"]
                       + [f"{share[k]:.0%}" for k in share] + ["-" if moved is None else f"{moved:.2%}",
                                                                f"{result['logprob_gap']:.2e}"]])

@@ -46,6 +46,7 @@ import os
 import random
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -318,6 +319,21 @@ def main(argv=None):
     print0(f"{len(examples)} videos, {total_steps} steps of {per_step} episodes × {args.group} rollouts on {world} "
            f"rank(s), {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens per frame, {args.mixed_precision} precision")
 
+    def episodes_of(step):
+        """This rank's episodes of `step` and the seed of its sampling: its share of one fixed permutation per
+        epoch, drawn with (seed, step, rank), so a resumed run replays the same episodes and samples."""
+        epoch, k = divmod(step * per_step, len(examples))
+        order = list(range(len(examples)))
+        random.Random(args.seed + epoch).shuffle(order)
+        rng = random.Random(f"{args.seed}:{step}:{rank}")
+        seed = rng.randrange(2**62)
+        mine = [examples[order[(k + rank * args.episodes + e) % len(examples)]] for e in range(args.episodes)]
+        return seed, [make_episode(ex, args, rng) for ex in mine]
+
+    # The frames of the next step's episodes (up to 90 each) are decoded on a thread while this step rolls out and
+    # updates, instead of on the main thread while the GPU waits (decord and numpy release the GIL).
+    reader = ThreadPoolExecutor(1)
+    upcoming = reader.submit(episodes_of, step)
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if acc.is_main_process else None
     everything = adv = None
     flat = []  # the last step's rewards, advantages and rollouts are returned (for the tests)
@@ -325,19 +341,16 @@ def main(argv=None):
     while step < total_steps:
         t0 = time.time()
 
-        # 1. Episodes: this rank's share of the step, from one fixed permutation per epoch; every step's
-        # randomness is seeded by (seed, step, rank), so a resumed run replays the same episodes and samples.
-        epoch, k = divmod(step * per_step, len(examples))
-        order = list(range(len(examples)))
-        random.Random(args.seed + epoch).shuffle(order)
-        rng = random.Random(f"{args.seed}:{step}:{rank}")
-        torch.manual_seed(rng.randrange(2**62))  # sampling uses torch's default generators (mmduet2.Stream)
-        mine = [examples[order[(k + rank * args.episodes + e) % len(examples)]] for e in range(args.episodes)]
+        # 1. Episodes: this rank's share of the step, read ahead; then the next step's are started
         episodes, error = [], None
         try:
-            episodes = [make_episode(ex, args, rng) for ex in mine]
+            seed, episodes = upcoming.result()
+            torch.manual_seed(seed)  # sampling uses torch's default generators (mmduet2.Stream)
         except (OSError, ValueError) as e:  # an unreadable video: said below, by every rank at once
             error = str(e)
+        if step + 1 < total_steps:
+            upcoming = reader.submit(episodes_of, step + 1)
+        t_episodes = time.time()
 
         # 2. Rollouts: G per episode, from the current policy (no collective in here: ranks go at their own pace)
         model.eval()
@@ -409,8 +422,8 @@ def main(argv=None):
                    judge_calls=judge.calls - calls, judge_failures=judge.failures - failures,
                    clip_ratio=clipped / max(1, n_local * args.inner_epochs), loss=loss_sum, grad_norm=float(grad_norm),
                    logprob_gap=gap / max(1, n_local),  # |rollout − training| log p per token: 0 in fp32, small in bf16
-                   tokens=n_global, tokens_per_s=n_global / (t_end - t0), time_rollout=t_rollout - t0,
-                   time_judge=t_judge - t_rollout, time_update=t_end - t_judge)
+                   tokens=n_global, tokens_per_s=n_global / (t_end - t0), time_episodes=t_episodes - t0,  # the wait
+                   time_rollout=t_rollout - t_episodes, time_judge=t_judge - t_rollout, time_update=t_end - t_judge)
         if metrics:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
@@ -421,6 +434,7 @@ def main(argv=None):
         if args.save_every and step % args.save_every == 0:
             mmduet2.save_checkpoint(acc, wrapped, processor, args.out, f"step-{step:06d}", step, settings, args.keep)
     bar.close()
+    reader.shutdown()
     mmduet2.save_checkpoint(acc, wrapped, processor, args.out, "final", step, settings)
     print0(f"saved {os.path.join(args.out, 'final')} after {step} steps")
     return dict(model=model, rewards=everything, advantages=adv, rollouts=[r for _, r in flat])  # the last step

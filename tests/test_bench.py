@@ -107,7 +107,7 @@ def test_grpo_tiny(tmp_path):
     check_report(tmp_path, "grpo", r)
     assert r["config"]["turns_per_step"] == 3 * 4 and r["config"]["timed_steps"] == 1
     assert r["step_s"] > 0 and r["rollout_turns_per_s"] > 0 and r["generated_tokens"] > 0
-    assert set(r["share"]) == {"rollout", "judge", "update"}
+    assert set(r["share"]) == {"episodes", "rollout", "judge", "update"}
     assert sum(r["share"].values()) == pytest.approx(1.0) and all(0 <= v <= 1 for v in r["share"].values())
 
 
