@@ -222,6 +222,23 @@ def test_save_every_alone_writes_step_checkpoints(rl_data, tmp_path):
         assert sorted(d.name for d in out.iterdir() if d.is_dir()) == ["final"] + steps, every
 
 
+def test_episode_frames_are_read_off_the_main_thread(rl_data, tmp_path, monkeypatch):
+    """Every episode's frames are decoded on the reader thread (the next step's while this one rolls out and
+    updates), never on the main thread that drives the model; the metrics say how long a step waited for them."""
+    import threading
+    threads, make_episode = [], grpo.make_episode
+
+    def recorded(*args):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return make_episode(*args)
+    monkeypatch.setattr(grpo, "make_episode", recorded)
+    out = tmp_path / "run"
+    grpo.main(["--init", "tiny", "--anno", str(rl_data / "anno.json"), "--out", str(out), "--max-steps", "3"] + SMALL)
+    assert threads == [False] * 3  # one episode per step, none read on the main thread
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert all(r["time_episodes"] >= 0 and r["time_rollout"] > 0 for r in rows)
+
+
 def test_resume_equals_an_uninterrupted_run(rl_data, chatty_ckpt, tmp_path):
     """Killed after step 2 of 3 (the later checkpoint lost), resumed: the same weights and the same log."""
     base = ["--init", chatty_ckpt, "--anno", str(rl_data / "anno.json")] + SMALL + ["--max-steps", "3", "--keep", "0"]
