@@ -50,6 +50,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -451,10 +452,21 @@ def bench_grpo(args):
         init = args.model
         if args.model == "3b":  # grpo.py loads a folder: save Qwen2.5-VL-3B's architecture with random weights first
             model, processor, _ = setup(args, weights_dtype=torch.bfloat16)
+            # What the run writes: this bf16 folder (2 B per parameter) and grpo.py's fp32 `final` (4 B); no step-N.
+            need, free = 6 * model.num_parameters() * 1.05, shutil.disk_usage(work).free
+            if need > free:
+                raise SystemExit(f"bench.py grpo: {need / 1e9:.0f} GB needed in {work}, {free / 1e9:.0f} GB free")
+            # The random model speaks the tokenizer's ids only. With all 151,936 rows random it samples ids the tiny
+            # tokenizer does not have, its replies decode to "", every rollout of a group ties and the update is 0.
+            # Rows past the tokenizer zeroed (tied with lm_head), their logits are 0 while the top-10 of the
+            # tokenizer's ~500 random logits lie ~2 standard deviations above: replies are text the judge tells apart.
+            with torch.no_grad():
+                model.get_input_embeddings().weight[len(processor.tokenizer):] = 0
             init = os.path.join(work, "init")
             model.save_pretrained(init)
             processor.save_pretrained(init)
-            del model
+            del model  # and its memory back from torch's caching allocator: grpo.py runs in another process
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
         cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--init", init, "--anno", write_rl_set(work, args),
                "--out", os.path.join(work, "run"), "--judge", "offline", "--max-steps", str(args.steps),
                "--group", str(args.group), "--segment", str(args.segment), "--interval", str(args.interval),
@@ -466,7 +478,11 @@ def bench_grpo(args):
         if run.returncode:
             raise SystemExit(f"bench.py grpo: grpo.py failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
         steps = [json.loads(line) for line in open(os.path.join(work, "run", "metrics.jsonl"))]
-        moved = moved_fraction(init, os.path.join(work, "run", "final")) if args.model == "3b" or os.path.isdir(init) else None
+        # A step whose groups all tied (reward spread 0) has advantages 0 and moves nothing, by construction: the
+        # share of weights moved says something about precision only where some group had a spread
+        signal = any(s["reward_std"] > 0 for s in steps)
+        moved = moved_fraction(init, os.path.join(work, "run", "final")) if signal and (
+            args.model == "3b" or os.path.isdir(init)) else None
     timed = steps[1:] or steps  # the first step pays one-time costs (allocator, kernels)
     n_turns = max(1, round(args.segment / (args.interval * args.frames_per_turn))) * args.group  # 1 episode per step
     parts = ("episodes", "rollout", "judge", "update")  # episodes: the wait for frames read ahead on a thread
@@ -477,18 +493,22 @@ def bench_grpo(args):
     result = dict(command="grpo", machine=machine(args), step_s=float(np.mean(total)), share=share,
                   rollout_turns_per_s=float(np.mean([n_turns / s["time_rollout"] for s in timed])),
                   generated_tokens=float(np.mean([s["tokens"] for s in timed])), moved_fraction=moved,
+                  reward_std=[s["reward_std"] for s in steps], frac_reward_zero_std=[s["frac_reward_zero_std"] for s in steps],
                   logprob_gap=float(np.mean([s["logprob_gap"] for s in timed])),
                   config=dict(steps=len(steps), timed_steps=len(timed), group=args.group, segment_s=args.segment,
                               turns_per_step=n_turns, max_new_tokens=args.max_new_tokens))
+    spread = ", ".join(f"{x:.3f}" for x in result["reward_std"])
     lines = md_table(["step s", "rollout turns/s", "generated tokens", "episodes", "rollout", "judge", "update",
-                      "weights moved", "log p gap"],
+                      "reward spread", "weights moved", "log p gap"],
                      [[f"{result['step_s']:.2f}", f"{result['rollout_turns_per_s']:.1f}", f"{result['generated_tokens']:.0f}"]
-                      + [f"{share[k]:.0%}" for k in share] + ["-" if moved is None else f"{moved:.2%}",
-                                                               f"{result['logprob_gap']:.2e}"]])
+                      + [f"{share[k]:.0%}" for k in share] + [spread, "-" if moved is None else f"{moved:.2%}",
+                                                              f"{result['logprob_gap']:.2e}"]])
     lines += ["", f"{len(timed)} of {len(steps)} steps timed; {n_turns} turns per step ({args.group} rollouts × "
               f"{n_turns // args.group} turns), offline judge, at most {args.max_new_tokens} new tokens per turn, "
-              f"lr {args.lr:g}. Weights moved: the share of trained weights that differ after {len(steps)} step(s); "
-              "log p gap: |rollout − training| log-prob per generated token."]
+              f"lr {args.lr:g}. Episodes: the step's wait for frames read ahead on a thread. Reward spread: the std of "
+              "a group's rewards, per step. Weights moved: the share of trained weights that differ after "
+              f"{len(steps)} step(s), for a checkpoint and only where some group had a spread (a step whose groups all "
+              "tie has advantages 0 and moves nothing); log p gap: |rollout − training| log-prob per generated token."]
     return report(args, "grpo", result, lines)
 
 
@@ -867,8 +887,8 @@ def bench_gpu(args):
     def grpo():
         r = bench_grpo(sub(steps=steps, group=4, segment=segment, interval=2.0, max_new_tokens=32, lr=1e-6,
                            grad_checkpointing=True))
-        return {k: r[k] for k in ("step_s", "share", "rollout_turns_per_s", "generated_tokens", "moved_fraction",
-                                  "logprob_gap", "config")}
+        return {k: r[k] for k in ("step_s", "share", "rollout_turns_per_s", "generated_tokens", "reward_std",
+                                  "frac_reward_zero_std", "moved_fraction", "logprob_gap", "config")}
 
     for name, run in (("tests", tests), ("latency", latency), ("sft", sft), ("grpo", grpo)):
         if name != "tests" or not args.no_tests:
@@ -902,10 +922,14 @@ def gpu_lines(result):
     if "grpo" in st and "error" not in st["grpo"]:
         v = st["grpo"]
         split = ", ".join(f"{k} {x:.0%}" for k, x in v["share"].items())
-        lines += [f"GRPO step (grpo.py, G = 4, 20 s segments, ≤ 32 new tokens, lr 1e-6): {v['step_s']:.1f} s ({split}); "
-                  f"{v['rollout_turns_per_s']:.1f} rollout turns/s; the update moved "
-                  f"{'-' if v['moved_fraction'] is None else format(v['moved_fraction'], '.2%')} of the trained weights; "
-                  f"log-prob gap rollout/training {v['logprob_gap']:.1e} per token.", ""]
+        spread = ", ".join(f"{x:.3f}" for x in v["reward_std"])
+        moved = "no group's rewards differed (spread 0): advantages 0, no update to measure" if max(v["reward_std"]) == 0 \
+            else "-" if v["moved_fraction"] is None else f"the update moved {v['moved_fraction']:.2%} of the trained weights"
+        lines += [f"GRPO step (grpo.py, G = 4, ≤ 32 new tokens, lr 1e-6): {v['step_s']:.1f} s ({split}); "
+                  f"{v['rollout_turns_per_s']:.1f} rollout turns/s; reward spread (std within a group) per step: {spread}; "
+                  f"{moved}; log-prob gap rollout/training {v['logprob_gap']:.1e} per token.", ""]
+    failed = [name for name, v in st.items() if "error" in v or v.get("returncode")]
+    lines += [f"**Failed stage{'s' * (len(failed) > 1)}: {', '.join(failed)}**" if failed else "No stage failed."]
     lines += [f"- {name}: {v['error']}" for name, v in st.items() if "error" in v]
     lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v['seconds']}" for k, v in st.items())]
     return lines
@@ -987,8 +1011,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    return {"stream": bench_stream, "sft": bench_sft, "grpo": bench_grpo, "memory": bench_memory,
-            "gpu": bench_gpu}[args.command](args)
+    result = {"stream": bench_stream, "sft": bench_sft, "grpo": bench_grpo, "memory": bench_memory,
+              "gpu": bench_gpu}[args.command](args)
+    failed = [name for name, v in result.get("stages", {}).items() if "error" in v or v.get("returncode")]
+    if failed:  # the GPU check's report is written; its exit status says it did not pass
+        raise SystemExit(f"bench.py gpu: failed stage(s): {', '.join(failed)} (see {os.path.join(args.out, 'gpu.md')})")
+    return result
 
 
 if __name__ == "__main__":

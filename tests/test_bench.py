@@ -232,4 +232,54 @@ def test_gpu_check_dry_run(tmp_path):
         assert st["latency"][fpt]["replying"]["new_tokens"] == 8 and st["latency"][fpt]["replying"]["silent_fraction"] == 0
     assert st["sft"]["tokens_per_s"] > 0 and st["grpo"]["step_s"] > 0 and st["grpo"]["logprob_gap"] >= 0
     assert json.load(open(tmp_path / "gpu.json"))["stages"]["grpo"]["step_s"] == st["grpo"]["step_s"]
-    assert "Per-turn latency of tiny" in (tmp_path / "gpu.md").read_text()
+    assert len(st["grpo"]["reward_std"]) == 1 and st["grpo"]["reward_std"][0] >= 0  # the spread of its one step
+    md = (tmp_path / "gpu.md").read_text()
+    assert "Per-turn latency of tiny" in md and "reward spread (std within a group) per step: " in md
+    assert "No stage failed." in md
+
+
+def test_gpu_check_names_a_failed_stage_and_fails(tmp_path, monkeypatch):
+    """A stage that fails is named in the report, and the command's exit status says so (the others still run)."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+    monkeypatch.setattr(bench, "setup", broken)  # the latency stage
+    monkeypatch.setattr(bench, "bench_sft", broken)
+    monkeypatch.setattr(bench, "bench_grpo", lambda a: dict(
+        step_s=1.0, share={"rollout": 1.0}, rollout_turns_per_s=1.0, generated_tokens=1.0, reward_std=[0.0],
+        frac_reward_zero_std=[1.0], moved_fraction=None, logprob_gap=0.0, config={}))
+    with pytest.raises(SystemExit, match=r"^bench.py gpu: failed stage\(s\): latency, sft \(see "):
+        run("gpu", "--device", "cpu", "--model", "tiny", "--quick", "--no-tests", "--out", str(tmp_path))
+    md = (tmp_path / "gpu.md").read_text()
+    assert "**Failed stages: latency, sft**" in md and "- sft: RuntimeError: CUDA error: out of memory" in md
+    assert "no group's rewards differed (spread 0): advantages 0, no update to measure" in md  # not "moved 0.00%"
+
+
+def test_grpo_3b_frees_its_model_and_the_gpu_cache_before_grpo_runs(tmp_path, monkeypatch):
+    """The 3B init checkpoint is written from a model on the GPU; before grpo.py starts in its own process the model
+    is gone and the caching allocator has given its memory back (7.5 GB of bf16 weights would sit there unused)."""
+    import subprocess
+    import weakref
+    built = [mmduet2.tiny_model()]  # handed over, so that bench_grpo holds the only reference
+    alive, emptied, seen = weakref.ref(built[0][0]), [], {}
+    monkeypatch.setattr(bench, "setup", lambda a, weights_dtype=None: (*built.pop(), {}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(alive() is None))
+
+    def grpo_run(cmd, **kwargs):  # what grpo.py would meet: is the model gone, was the cache emptied after?
+        seen.update(gone=alive() is None, emptied=emptied)
+        return subprocess.CompletedProcess(cmd, 1, "", "stopped by the test")
+    monkeypatch.setattr(bench.subprocess, "run", grpo_run)
+    args = bench.parse_args(["grpo", "--model", "3b", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="stopped by the test"):
+        bench.bench_grpo(args)
+    assert seen == dict(gone=True, emptied=[True])
+
+
+def test_grpo_3b_refuses_a_disk_too_small_for_what_it_writes(tmp_path, monkeypatch):
+    """The 3B GRPO stage writes a bf16 init folder and grpo.py's fp32 `final` (~23 GB at 3B, no step checkpoint):
+    where the disk has less free, it stops before writing anything, instead of filling it."""
+    import types
+    monkeypatch.setattr(bench, "setup", lambda a, weights_dtype=None: (*mmduet2.tiny_model(), {}))
+    monkeypatch.setattr(bench.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=10**6))
+    with pytest.raises(SystemExit, match=r"^bench.py grpo: .* GB needed in .*, 0 GB free$"):
+        bench.bench_grpo(bench.parse_args(["grpo", "--model", "3b", "--out", str(tmp_path)]))
