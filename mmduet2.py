@@ -989,8 +989,9 @@ class _OnlyEnd:
 class Group:
     """Optimisation 2: the G rollouts of a GRPO episode decoded as one batch (grpo.py's rollouts).
 
-    The rows share the context the base stream has encoded. From there every user turn is one forward for
-    all rows and every reply one `generate` call. Each row is a Stream without a cache of its own (its
+    The rows share the context the base stream has encoded (the group takes the base's cache over: fork a
+    base to keep it). From there every user turn is one forward for all rows and every reply one `generate`
+    call. Each row is a Stream without a cache of its own (its
     `seq`, `cached`, `pos` are its own); the group holds one KV cache of batch G and an attention mask
     (G, cache length) that is 0 where a column is not the row's own token. Positions are per row and
     count only the row's own tokens, so each row computes exactly what its own Stream would;
@@ -1001,7 +1002,9 @@ class Group:
         base.prefill()  # the shared context, encoded once before it is copied
         self.model, self.im_end = base.model, base.im_end
         self.rows = [copy.copy(base) for _ in range(n)]  # share the encoded context and the vision features
-        self.cache = copy.deepcopy(base.cache)
+        # the base's cache is taken over, not copied: the base is not used after its group is made, and a copy would
+        # keep a row of context beside the G (0.4 GiB at 3B for a 90-frame episode)
+        self.cache, base.cache = base.cache, None
         self.cache.batch_repeat_interleave(n)  # (1, heads, C, d) → (G, heads, C, d) per layer
         self.mask = torch.ones(n, base.cached, dtype=torch.long, device=base.model.device)  # (G, C)
         for row in self.rows:

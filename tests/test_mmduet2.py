@@ -342,6 +342,7 @@ def test_rollout_cache_under_bf16_autocast_is_bf16_and_costs_nothing(chatty, mon
             base.feed(QUESTION, frames[0:1])
             base.feed(replies[0], role="assistant")
             group, lps = mmduet2.Group(base, 2), [[], []]
+            assert base.cache is None  # taken over by the group, not copied beside its rows
             for k in range(1, 5):
                 for b, reply in enumerate(group.turn(frames[k:k + 1], config=config)):
                     lps[b] += reply.logprobs
