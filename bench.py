@@ -618,8 +618,9 @@ class Probe(TorchDispatchMode):
         return out
 
 
-def step_bytes(model, shape, backward=True):
+def step_bytes(model, shape, backward=True, grad=True):
     """One training forward (+ backward) of a fake model on a sequence of `shape`: the Probe that counted it.
+    grad=False: a rollout's forward instead (no autograd, eval mode: nothing saved, nothing recomputed).
 
     As mmduet2.forward_logprobs under sft.py's accelerate: bf16 autocast around the model's forward,
     its outputs converted to fp32 after it (accelerate's convert_outputs_to_fp32), log p of the
@@ -651,11 +652,15 @@ def step_bytes(model, shape, backward=True):
         del out
         return mmduet2.token_logprobs(logits[0], ids[0, keep], 1.0)  # (supervised,)
 
-    with next(model.parameters()).fake_mode, probe, torch.autograd.graph.saved_tensors_hooks(probe.pack, lambda t: t):
+    training = model.training
+    model.train(grad)  # eval mode for a rollout: transformers checkpoints layers in train mode only
+    with next(model.parameters()).fake_mode, probe, torch.autograd.graph.saved_tensors_hooks(probe.pack, lambda t: t), \
+            torch.set_grad_enabled(grad):
         loss = -forward_logprobs().sum()
-        if backward:
+        if backward and grad:
             probe.part = probe.phase = "backward"
             loss.backward()
+    model.train(training)
     for h in hooks:
         h.remove()
     return probe
@@ -698,14 +703,19 @@ def bench_memory(args):
     grpo = dialogue(args.rollout_frames // fpt)
     grpo["tokens"] += args.generated_tokens
     grpo["supervised"] = args.generated_tokens
+    # A rollout's largest forwards: the context's prefill (1 row; here as long as all the rollout's frames, an upper
+    # bound) and one turn of the G rows (its frames, then the NO REPLY draft checked in the same forward)
+    turn = len(mmduet2.encode_user(processor, None, frame_pool(args)(0)).ids) + 3  # + "NO REPLY<|im_end|>"
+    prefill = dict(tokens=grpo["tokens"] - args.generated_tokens, patches=grpo["patches"], supervised=4)
+    group_turn = dict(tokens=args.group * turn, patches=merge * fpt * tpf, supervised=4 * args.group)
 
     # Arithmetic on the parameters of the model itself (model.parameters() lists the tied embedding once)
     params = list(model.parameters())
     trained = [p for p in params if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for p in trained)  # gradients have their parameter's dtype
-    kv = args.group * grpo["tokens"] * text.num_hidden_layers * 2 * text.num_key_value_heads * \
-        (text.hidden_size // text.num_attention_heads) * 2  # G rows × L × layers × (K, V) × heads × dims × bf16
+    kv_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    kv = lambda rows, tokens, nbytes=2: rows * tokens * kv_token * nbytes  # noqa: E731  rows × L × layers × (K, V) × heads × dims
     features = grpo["image_tokens"] * text.hidden_size * 2  # the merger's bf16 output, shared by the G rows
 
     # Measured: what one training step saves and holds alive, per sequence; then SFT without checkpointing
@@ -716,26 +726,44 @@ def bench_memory(args):
                     logits_peak=probe.peak["logits"], forward_peak=probe.peak["forward"],
                     backward_peak=probe.peak["backward"])
     measured = {name: measure(shape, layer_bytes(model, shape["tokens"])) for name, shape in (("sft", sft), ("grpo", grpo))}
+    # the rollouts: forwards without autograd in one autocast region, so autocast's bf16 copy of every trained weight
+    # it casts lives through all of them (a 1-token forward holds little else: that copy, measured)
+    for name, shape in (("prefill", prefill), ("turn", group_turn), ("cast", dict(tokens=1, patches=4, supervised=1))):
+        probe = step_bytes(model, shape, grad=False)
+        measured[name] = dict(logits_peak=probe.peak["logits"], forward_peak=probe.peak["forward"], backward_peak=0)
     model.activation_checkpointing_disable()
     measured["sft_no_ckpt"] = measure(sft, 0)  # nothing is recomputed
 
-    # The columns: the recipe for SFT and GRPO, then the alternatives it rejected, one change each
-    def column(m, kv_bytes=0, feature_bytes=0, bucket_view=True, fused=True):
-        row = dict(weights=weights, gradients=grads, adam=2 * grads, ddp_copy=0 if bucket_view else grads,
-                   kv_cache=kv_bytes, vision_features=feature_bytes, **m,
-                   optimizer_temporaries=0 if fused else grads)  # foreach: sqrt(v) of every parameter at once
+    # The columns: the recipe for SFT and GRPO (its update, then its rollouts), then the alternatives it rejected,
+    # one change each. Under accumulation the gradients sit in DDP's buckets from one micro-batch to the next;
+    # "fresh gradients" is a no_sync micro-batch whose gradients were None (zero_grad's default, or bucket view off).
+    def column(m, kv_bytes=0, feature_bytes=0, fresh_grads=False, fused=True):
+        row = dict(weights=weights, gradients=grads, adam=2 * grads, ddp_copy=grads if fresh_grads else 0,
+                   kv_cache=kv_bytes, vision_features=feature_bytes, autocast_cache=measured["cast"]["forward_peak"],
+                   **dict.fromkeys(("saved_layers", "saved_outside", "saved_logits", "one_layer", "saved_plus_layer"), 0))
+        row.update(m, optimizer_temporaries=0 if fused else grads)  # foreach: sqrt(v) of every parameter at once
         row["held"] = sum(row[k] for k in ("weights", "gradients", "adam", "ddp_copy", "kv_cache", "vision_features"))
         row["peak"] = row["held"] + max(m["forward_peak"], m["backward_peak"], row["optimizer_temporaries"])
         row["headroom"] = round(args.card_gib * GIB) - row["peak"]
         return row
-    columns = {"SFT": column(measured["sft"]), "GRPO": column(measured["grpo"], kv, features),
-               "SFT, bucket view off": column(measured["sft"], bucket_view=False),
+
+    def rollouts(nbytes=2):
+        """The larger of a rollout's two moments: the context's prefill (its cache: 1 row), or the G rows' last turn
+        (their caches at full length). The update's KV cache is 0: the group's cache is freed when its rollouts end."""
+        start = column(measured["prefill"], kv(1, prefill["tokens"], nbytes), features)
+        end = column(measured["turn"], kv(args.group, grpo["tokens"], nbytes), features)
+        return dict(max((start, end), key=lambda c: c["peak"]), moment="prefill" if start["peak"] > end["peak"] else "last turn")
+    columns = {"SFT": column(measured["sft"]), "GRPO, update": column(measured["grpo"], 0, features),
+               "GRPO, rollouts": rollouts(),
+               "SFT, fresh gradients": column(measured["sft"], fresh_grads=True),
                "SFT, foreach AdamW": column(measured["sft"], fused=False),
-               "SFT, no checkpointing": column(measured["sft_no_ckpt"])}
+               "SFT, no checkpointing": column(measured["sft_no_ckpt"]),
+               "GRPO rollouts, fp32 KV cache": rollouts(nbytes=4)}
     result = dict(command="memory", machine=machine(args, sum(p.numel() for p in params)), columns=columns,
                   params=dict(all=sum(p.numel() for p in params), trained=sum(p.numel() for p in trained),
                               frozen=sum(p.numel() for p in params if not p.requires_grad)),
-                  config=dict(sft=sft, grpo=grpo, layers=text.num_hidden_layers, frame_size=list(args.frame_size),
+                  config=dict(sft=sft, grpo=grpo, prefill=prefill, group_turn=group_turn, layers=text.num_hidden_layers,
+                              frame_size=list(args.frame_size),
                               tokens_per_frame=tpf, frames_per_turn=fpt, supervised_fraction=args.supervised,
                               group=args.group, card_gib=args.card_gib))
     return report(args, "memory", result, memory_lines(result))
@@ -745,9 +773,12 @@ MEMORY_ROWS = [  # (key in each JSON column, label, where the number comes from)
     ("weights", "weights: fp32, {all:.2f} B params", "4 B × all params"),
     ("gradients", "gradients: fp32, {trained:.2f} B trained params, in DDP's buckets", "4 B × trained"),
     ("adam", "AdamW: 2 fp32 moments per trained param", "8 B × trained"),
-    ("ddp_copy", "DDP: gradients outside the buckets (bucket view off)", "4 B × trained"),
-    ("kv_cache", "GRPO: KV cache of the G = {group} rollouts, bf16", "G × L × layers × (K, V) × 2 heads × 128 × 2 B"),
-    ("vision_features", "GRPO: the group's vision features, bf16", "image tokens × 2048 × 2 B"),
+    ("ddp_copy", "DDP: fresh gradients beside the buckets (a no_sync micro-batch after zero_grad(set_to_none=True), "
+                 "or bucket view off)", "4 B × trained"),
+    ("kv_cache", "GRPO rollouts: KV cache, bf16 (1 row at the prefill, G = {group} at the last turn)",
+     "rows × L × layers × (K, V) × 2 heads × 128 × 2 B"),
+    ("vision_features", "GRPO: the episode's vision features, bf16 (the rows keep them into the update)",
+     "image tokens × 2048 × 2 B"),
     ("held", "**held through the step**", "sum of the above"),
     ("saved_layers", "saved: the {layers} decoder layers (checkpointed: each one's fp32 input)", "measured"),
     ("saved_outside", "saved: embeddings, merger, final norm", "measured"),
@@ -755,6 +786,8 @@ MEMORY_ROWS = [  # (key in each JSON column, label, where the number comes from)
     ("one_layer", "saved by the one layer that backward recomputes", "measured"),
     ("saved_plus_layer", "all saved + one layer (the usual estimate)", "sum of the above"),
     ("logits_peak", "lm_head + logits + loss at their peak", "measured (live)"),
+    ("autocast_cache", "autocast's bf16 copies of the trained weights (part of every forward peak below; a "
+                       "rollout's last through all of a step's rollouts)", "measured (live)"),
     ("forward_peak", "activations at the forward's peak", "measured (live)"),
     ("backward_peak", "activations at the backward's peak", "measured (live)"),
     ("optimizer_temporaries", "optimizer step: temporaries (foreach: √v of all params)", "4 B × trained"),
@@ -771,33 +804,42 @@ def memory_lines(result):
     lines = md_table(["GiB per GPU", "how", *cols], [[label.format(**fields), how, *(f"{col[key] / GIB:.2f}" for col in cols.values())]
                                                       for key, label, how in MEMORY_ROWS])
     gib = lambda name: f"{name} {cols[name]['peak'] / GIB:.1f} GiB (headroom {cols[name]['headroom'] / GIB:+.1f})"  # noqa: E731
-    fits = all(cols[name]["headroom"] >= 0 for name in ("SFT", "GRPO"))
+    recipe = ("SFT", "GRPO, update", "GRPO, rollouts")
+    fits = all(cols[name]["headroom"] >= 0 for name in recipe)
+    pre, turn, ro = c["prefill"], c["group_turn"], cols["GRPO, rollouts"]
     lines += [
         "",
         f"Per GPU under DDP (every GPU a full replica), {p['trained'] / 1e9:.2f} B trained (LLM + merger) and "
         f"{p['frozen'] / 1e9:.2f} B frozen (ViT) parameters, fp32 weights with bf16 autocast, {c['layers']} LLM layers. "
         f"SFT: one dialogue of {s['tokens']:,} tokens ({s['frames']} frames of {c['frame_size'][1]}×{c['frame_size'][0]} px = "
         f"{c['tokens_per_frame']} tokens, {c['frames_per_turn']} per turn), logits at {s['supervised']:,} supervised "
-        f"positions ({c['supervised_fraction']:.0%}, assumed). GRPO: one rollout of {g['tokens']:,} tokens "
-        f"({g['frames']} frames + {g['supervised']} generated tokens, the supervised ones) in the update, "
-        f"while the group's KV cache and vision features are held.",
+        f"positions ({c['supervised_fraction']:.0%}, assumed); under accumulation the gradients stay in DDP's buckets "
+        f"between micro-batches. GRPO update: one rollout of {g['tokens']:,} tokens ({g['frames']} frames + "
+        f"{g['supervised']} generated tokens, the supervised ones) while the episode's vision features are held (the "
+        f"group's KV cache is freed when its rollouts end). GRPO rollouts: no autograd, one autocast region for all of "
+        f"a step's rollouts; the larger of two moments, here the {ro['moment']}: the context's prefill ({pre['tokens']:,} "
+        f"tokens, 1 row of cache) or the G = {c['group']} rows' last turn ({turn['tokens'] // c['group']} tokens each, "
+        f"their caches at {g['tokens']:,} tokens).",
         "",
         "- arithmetic: parameter counts of the model itself × bytes per element (all parameters are fp32).",
         "- measured: one training step on fake tensors (meta tensors: shapes, dtypes, storages, no data) through "
-        "bf16 autocast, non-reentrant checkpointing and autograd, attention as the flash kernel. CPU autocast "
-        "stands for CUDA's: on this model both cast the same ops (a fake-GPU forward saves the same bytes). "
-        "saved = unique storages packed by saved_tensors_hooks; live = every op's outputs until their storage "
-        "is freed; a peak is the most alive at once.",
-        "- forward: on top of what is saved, autocast keeps a bf16 copy of every trained weight it casts until "
-        "the forward returns (its cast cache). backward: what is still saved, the layer being recomputed and "
-        "the gradients in flight.",
-        "- The KV cache is bf16, as the recipe keeps it. Rolled out under autocast over the fp32 weights, the "
-        "cache would hold fp32 keys (rope multiplies the bf16 keys by fp32 cos/sin), 1.5× the bytes.",
-        "- Not counted: the CUDA context and NCCL buffers, the allocator's free cached blocks (fragmentation), "
-        "and the frozen ViT's transient forward (it runs before the LLM's activations pile up; not run here).",
+        "bf16 autocast, non-reentrant checkpointing and autograd, attention as the flash kernel; a rollout's forward "
+        "the same without autograd. CPU autocast stands for CUDA's: on this model both cast the same ops (a fake-GPU "
+        "forward saves the same bytes). saved = unique storages packed by saved_tensors_hooks; live = every op's "
+        "outputs until their storage is freed; a peak is the most alive at once.",
+        "- forward: on top of what is saved, autocast keeps a bf16 copy of every trained weight it casts until its "
+        "region ends (its cast cache): one forward in training, all of a step's rollouts in GRPO. backward: what is "
+        "still saved, the layer being recomputed and the gradients in flight.",
+        "- The KV cache is bf16 (mmduet2.kv_cache). A plain DynamicCache under autocast over fp32 weights holds fp32 "
+        "(rope's fp32 cos/sin promote the keys, the values follow): the last column, 2× the cache.",
+        "- Not counted: the CUDA context and NCCL buffers, the allocator's free cached blocks (fragmentation), the "
+        "frozen ViT's transient forward (it runs before the LLM's activations pile up; not run here), and GRPO's one-time "
+        "DDP bucket rebuild before its second update's forward, when the old and new buckets may briefly overlap "
+        "(SFT looks for unused parameters, which keeps its first buckets).",
         "",
-        f"**The recipe {'fits' if fits else 'does not fit'} on {c['card_gib']} GiB**: {gib('SFT')}, {gib('GRPO')}. "
-        "One change each: " + "; ".join(gib(name) for name in cols if name not in ("SFT", "GRPO")) + ".",
+        f"**The recipe {'fits' if fits else 'does not fit'} on {c['card_gib']} GiB**: "
+        + ", ".join(gib(name) for name in recipe) + ". One change each: "
+        + "; ".join(gib(name) for name in cols if name not in recipe) + ".",
     ]
     return lines
 

@@ -131,16 +131,24 @@ def test_memory_rows_are_parameter_arithmetic(memory_2k):
     check_report(out, "memory", r)
     p, cols = r["params"], r["columns"]
     assert p["all"] == p["trained"] + p["frozen"] and 0 < p["frozen"] < p["trained"]  # the ViT frozen, LLM + merger trained
-    sft, grpo = cols["SFT"], cols["GRPO"]
+    sft, update, rollouts = cols["SFT"], cols["GRPO, update"], cols["GRPO, rollouts"]
     for col in cols.values():  # fp32 weights, fp32 gradients, two fp32 Adam moments
         assert (col["weights"], col["gradients"], col["adam"]) == (4 * p["all"], 4 * p["trained"], 8 * p["trained"])
     assert sft["ddp_copy"] == sft["optimizer_temporaries"] == sft["kv_cache"] == sft["vision_features"] == 0
-    off, foreach = cols["SFT, bucket view off"], cols["SFT, foreach AdamW"]
-    assert off["ddp_copy"] == 4 * p["trained"] and off["peak"] - sft["peak"] == 4 * p["trained"]  # one gradient copy
+    fresh, foreach = cols["SFT, fresh gradients"], cols["SFT, foreach AdamW"]
+    assert fresh["ddp_copy"] == 4 * p["trained"] and fresh["peak"] - sft["peak"] == 4 * p["trained"]  # one gradient copy
     assert foreach["optimizer_temporaries"] == 4 * p["trained"]  # torch's _multi_tensor_adam: sqrt of every exp_avg_sq
     g = r["config"]["grpo"]
-    assert grpo["kv_cache"] == 4 * g["tokens"] * 2 * 2 * 2 * 128 * 2  # G × L × 2 layers × (K, V) × 2 heads × 128 × bf16
-    assert grpo["vision_features"] == g["image_tokens"] * 2048 * 2 and g["image_tokens"] == 8 * 128
+    assert update["kv_cache"] == 0 and update["vision_features"] == g["image_tokens"] * 2048 * 2  # the cache is freed
+    assert g["image_tokens"] == 8 * 128 and rollouts["vision_features"] == update["vision_features"]
+    # the rollouts' moment here is the last turn: G rows of cache at the rollout's full length, bf16 (fp32: twice)
+    assert rollouts["moment"] == "last turn"
+    assert rollouts["kv_cache"] == 4 * g["tokens"] * 2 * 2 * 2 * 128 * 2  # G × L × 2 layers × (K, V) × 2 heads × 128 × bf16
+    assert cols["GRPO rollouts, fp32 KV cache"]["kv_cache"] == 2 * rollouts["kv_cache"]
+    assert rollouts["backward_peak"] == rollouts["saved_plus_layer"] == 0  # no autograd in a rollout
+    # autocast's cast cache: a bf16 copy of (almost) every trained weight, inside every forward's peak
+    assert rollouts["autocast_cache"] == pytest.approx(2 * p["trained"], rel=0.03)
+    assert all(col["forward_peak"] >= col["autocast_cache"] for col in cols.values())
     for col in cols.values():  # the peak: what is held + the worst of the three moments; headroom on 79.1 GiB
         transient = max(col["forward_peak"], col["backward_peak"], col["optimizer_temporaries"])
         assert col["peak"] == col["held"] + transient and col["headroom"] == round(79.1 * GIB) - col["peak"]
