@@ -27,12 +27,14 @@ How it measures:
      vision encoder frozen except its merger and bf16 autocast over fp32 weights on GPU (as sft.py).
   3. grpo: grpo.py itself (`--judge offline`) on a small synthetic RL set, as a subprocess (scripts
      never import each other); the time shares come from its metrics.jsonl.
-  4. memory: what one GPU holds in an SFT and a GRPO step of the full-scale recipe under DDP (fp32
-     weights and fused AdamW, bf16 autocast, non-reentrant checkpointing of every LLM layer), and in
-     the alternatives it rejected. Weights, gradients, Adam state, DDP buckets, optimizer temporaries
-     and the GRPO group's KV cache are arithmetic on the model's own parameter counts. Activations are
-     measured: a training step runs on fake tensors (meta tensors: shapes and dtypes, no data, no
-     memory), counting what autograd saves (saved_tensors_hooks) and what is alive at the peak.
+  4. memory: what one GPU holds in an SFT step, a GRPO update and GRPO's rollouts of the full-scale
+     recipe under DDP (fp32 weights and fused AdamW, bf16 autocast, non-reentrant checkpointing of every
+     LLM layer, gradients in DDP's buckets across accumulation, a bf16 rollout cache), and in the
+     alternatives it rejected. Weights, gradients, Adam state, DDP buckets, optimizer temporaries and
+     the GRPO group's KV cache are arithmetic on the model's own parameter counts. Activations are
+     measured: a training step and a rollout's forwards run on fake tensors (meta tensors: shapes and
+     dtypes, no data, no memory), counting what autograd saves (saved_tensors_hooks) and what is alive
+     at the peak (autocast's bf16 weight copies included).
 
 Choices a reader should know:
   1. `--model 3b` is Qwen2.5-VL-3B-Instruct's architecture with random weights (no download) and the
