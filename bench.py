@@ -27,12 +27,14 @@ How it measures:
      vision encoder frozen except its merger and bf16 autocast over fp32 weights on GPU (as sft.py).
   3. grpo: grpo.py itself (`--judge offline`) on a small synthetic RL set, as a subprocess (scripts
      never import each other); the time shares come from its metrics.jsonl.
-  4. memory: what one GPU holds in an SFT and a GRPO step of the full-scale recipe under DDP (fp32
-     weights and fused AdamW, bf16 autocast, non-reentrant checkpointing of every LLM layer), and in
-     the alternatives it rejected. Weights, gradients, Adam state, DDP buckets, optimizer temporaries
-     and the GRPO group's KV cache are arithmetic on the model's own parameter counts. Activations are
-     measured: a training step runs on fake tensors (meta tensors: shapes and dtypes, no data, no
-     memory), counting what autograd saves (saved_tensors_hooks) and what is alive at the peak.
+  4. memory: what one GPU holds in an SFT step, a GRPO update and GRPO's rollouts of the full-scale
+     recipe under DDP (fp32 weights and fused AdamW, bf16 autocast, non-reentrant checkpointing of every
+     LLM layer, gradients in DDP's buckets across accumulation, a bf16 rollout cache), and in the
+     alternatives it rejected. Weights, gradients, Adam state, DDP buckets, optimizer temporaries and
+     the GRPO group's KV cache are arithmetic on the model's own parameter counts. Activations are
+     measured: a training step and a rollout's forwards run on fake tensors (meta tensors: shapes and
+     dtypes, no data, no memory), counting what autograd saves (saved_tensors_hooks) and what is alive
+     at the peak (autocast's bf16 weight copies included).
 
 Choices a reader should know:
   1. `--model 3b` is Qwen2.5-VL-3B-Instruct's architecture with random weights (no download) and the
@@ -50,6 +52,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -451,43 +454,63 @@ def bench_grpo(args):
         init = args.model
         if args.model == "3b":  # grpo.py loads a folder: save Qwen2.5-VL-3B's architecture with random weights first
             model, processor, _ = setup(args, weights_dtype=torch.bfloat16)
+            # What the run writes: this bf16 folder (2 B per parameter) and grpo.py's fp32 `final` (4 B); no step-N.
+            need, free = 6 * model.num_parameters() * 1.05, shutil.disk_usage(work).free
+            if need > free:
+                raise SystemExit(f"bench.py grpo: {need / 1e9:.0f} GB needed in {work}, {free / 1e9:.0f} GB free")
+            # The random model speaks the tokenizer's ids only. With all 151,936 rows random it samples ids the tiny
+            # tokenizer does not have, its replies decode to "", every rollout of a group ties and the update is 0.
+            # Rows past the tokenizer zeroed (tied with lm_head), their logits are 0 while the top-10 of the
+            # tokenizer's ~500 random logits lie ~2 standard deviations above: replies are text the judge tells apart.
+            with torch.no_grad():
+                model.get_input_embeddings().weight[len(processor.tokenizer):] = 0
             init = os.path.join(work, "init")
             model.save_pretrained(init)
             processor.save_pretrained(init)
-            del model
+            del model  # and its memory back from torch's caching allocator: grpo.py runs in another process
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
         cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--init", init, "--anno", write_rl_set(work, args),
                "--out", os.path.join(work, "run"), "--judge", "offline", "--max-steps", str(args.steps),
                "--group", str(args.group), "--segment", str(args.segment), "--interval", str(args.interval),
                "--frames-per-turn", str(args.frames_per_turn), "--frame-tokens", str(args.frame_tokens),
-               "--max-new-tokens", str(args.max_new_tokens), "--save-every", "1000000", "--lr", str(args.lr),
+               "--max-new-tokens", str(args.max_new_tokens), "--save-every", "0", "--lr", str(args.lr),
                "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing"]
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
         run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if run.returncode:
             raise SystemExit(f"bench.py grpo: grpo.py failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
         steps = [json.loads(line) for line in open(os.path.join(work, "run", "metrics.jsonl"))]
-        moved = moved_fraction(init, os.path.join(work, "run", "final")) if args.model == "3b" or os.path.isdir(init) else None
+        # A step whose groups all tied (reward spread 0) has advantages 0 and moves nothing, by construction: the
+        # share of weights moved says something about precision only where some group had a spread
+        signal = any(s["reward_std"] > 0 for s in steps)
+        moved = moved_fraction(init, os.path.join(work, "run", "final")) if signal and (
+            args.model == "3b" or os.path.isdir(init)) else None
     timed = steps[1:] or steps  # the first step pays one-time costs (allocator, kernels)
     n_turns = max(1, round(args.segment / (args.interval * args.frames_per_turn))) * args.group  # 1 episode per step
-    total = [s["time_rollout"] + s["time_judge"] + s["time_update"] for s in timed]
+    parts = ("episodes", "rollout", "judge", "update")  # episodes: the wait for frames read ahead on a thread
+    total = [sum(s[f"time_{k}"] for k in parts) for s in timed]
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what grpo.py picks
     args.compute = torch.bfloat16 if args.device.type == "cuda" else torch.float32  # mmduet2.load_model's default
-    share = {k: float(np.mean([s[f"time_{k}"] / t for s, t in zip(timed, total)])) for k in ("rollout", "judge", "update")}
+    share = {k: float(np.mean([s[f"time_{k}"] / t for s, t in zip(timed, total)])) for k in parts}
     result = dict(command="grpo", machine=machine(args), step_s=float(np.mean(total)), share=share,
                   rollout_turns_per_s=float(np.mean([n_turns / s["time_rollout"] for s in timed])),
                   generated_tokens=float(np.mean([s["tokens"] for s in timed])), moved_fraction=moved,
+                  reward_std=[s["reward_std"] for s in steps], frac_reward_zero_std=[s["frac_reward_zero_std"] for s in steps],
                   logprob_gap=float(np.mean([s["logprob_gap"] for s in timed])),
                   config=dict(steps=len(steps), timed_steps=len(timed), group=args.group, segment_s=args.segment,
                               turns_per_step=n_turns, max_new_tokens=args.max_new_tokens))
-    lines = md_table(["step s", "rollout turns/s", "generated tokens", "rollout", "judge", "update", "weights moved",
-                      "log p gap"],
+    spread = ", ".join(f"{x:.3f}" for x in result["reward_std"])
+    lines = md_table(["step s", "rollout turns/s", "generated tokens", "episodes", "rollout", "judge", "update",
+                      "reward spread", "weights moved", "log p gap"],
                      [[f"{result['step_s']:.2f}", f"{result['rollout_turns_per_s']:.1f}", f"{result['generated_tokens']:.0f}"]
-                      + [f"{share[k]:.0%}" for k in share] + ["-" if moved is None else f"{moved:.2%}",
-                                                               f"{result['logprob_gap']:.2e}"]])
+                      + [f"{share[k]:.0%}" for k in share] + [spread, "-" if moved is None else f"{moved:.2%}",
+                                                              f"{result['logprob_gap']:.2e}"]])
     lines += ["", f"{len(timed)} of {len(steps)} steps timed; {n_turns} turns per step ({args.group} rollouts × "
               f"{n_turns // args.group} turns), offline judge, at most {args.max_new_tokens} new tokens per turn, "
-              f"lr {args.lr:g}. Weights moved: the share of trained weights that differ after {len(steps)} step(s); "
-              "log p gap: |rollout − training| log-prob per generated token."]
+              f"lr {args.lr:g}. Episodes: the step's wait for frames read ahead on a thread. Reward spread: the std of "
+              "a group's rewards, per step. Weights moved: the share of trained weights that differ after "
+              f"{len(steps)} step(s), for a checkpoint and only where some group had a spread (a step whose groups all "
+              "tie has advantages 0 and moves nothing); log p gap: |rollout − training| log-prob per generated token."]
     return report(args, "grpo", result, lines)
 
 
@@ -597,8 +620,9 @@ class Probe(TorchDispatchMode):
         return out
 
 
-def step_bytes(model, shape, backward=True):
+def step_bytes(model, shape, backward=True, grad=True):
     """One training forward (+ backward) of a fake model on a sequence of `shape`: the Probe that counted it.
+    grad=False: a rollout's forward instead (no autograd, eval mode: nothing saved, nothing recomputed).
 
     As mmduet2.forward_logprobs under sft.py's accelerate: bf16 autocast around the model's forward,
     its outputs converted to fp32 after it (accelerate's convert_outputs_to_fp32), log p of the
@@ -630,11 +654,15 @@ def step_bytes(model, shape, backward=True):
         del out
         return mmduet2.token_logprobs(logits[0], ids[0, keep], 1.0)  # (supervised,)
 
-    with next(model.parameters()).fake_mode, probe, torch.autograd.graph.saved_tensors_hooks(probe.pack, lambda t: t):
+    training = model.training
+    model.train(grad)  # eval mode for a rollout: transformers checkpoints layers in train mode only
+    with next(model.parameters()).fake_mode, probe, torch.autograd.graph.saved_tensors_hooks(probe.pack, lambda t: t), \
+            torch.set_grad_enabled(grad):
         loss = -forward_logprobs().sum()
-        if backward:
+        if backward and grad:
             probe.part = probe.phase = "backward"
             loss.backward()
+    model.train(training)
     for h in hooks:
         h.remove()
     return probe
@@ -677,14 +705,19 @@ def bench_memory(args):
     grpo = dialogue(args.rollout_frames // fpt)
     grpo["tokens"] += args.generated_tokens
     grpo["supervised"] = args.generated_tokens
+    # A rollout's largest forwards: the context's prefill (1 row; here as long as all the rollout's frames, an upper
+    # bound) and one turn of the G rows (its frames, then the NO REPLY draft checked in the same forward)
+    turn = len(mmduet2.encode_user(processor, None, frame_pool(args)(0)).ids) + 3  # + "NO REPLY<|im_end|>"
+    prefill = dict(tokens=grpo["tokens"] - args.generated_tokens, patches=grpo["patches"], supervised=4)
+    group_turn = dict(tokens=args.group * turn, patches=merge * fpt * tpf, supervised=4 * args.group)
 
     # Arithmetic on the parameters of the model itself (model.parameters() lists the tied embedding once)
     params = list(model.parameters())
     trained = [p for p in params if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for p in trained)  # gradients have their parameter's dtype
-    kv = args.group * grpo["tokens"] * text.num_hidden_layers * 2 * text.num_key_value_heads * \
-        (text.hidden_size // text.num_attention_heads) * 2  # G rows × L × layers × (K, V) × heads × dims × bf16
+    kv_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    kv = lambda rows, tokens, nbytes=2: rows * tokens * kv_token * nbytes  # noqa: E731  rows × L × layers × (K, V) × heads × dims
     features = grpo["image_tokens"] * text.hidden_size * 2  # the merger's bf16 output, shared by the G rows
 
     # Measured: what one training step saves and holds alive, per sequence; then SFT without checkpointing
@@ -695,26 +728,44 @@ def bench_memory(args):
                     logits_peak=probe.peak["logits"], forward_peak=probe.peak["forward"],
                     backward_peak=probe.peak["backward"])
     measured = {name: measure(shape, layer_bytes(model, shape["tokens"])) for name, shape in (("sft", sft), ("grpo", grpo))}
+    # the rollouts: forwards without autograd in one autocast region, so autocast's bf16 copy of every trained weight
+    # it casts lives through all of them (a 1-token forward holds little else: that copy, measured)
+    for name, shape in (("prefill", prefill), ("turn", group_turn), ("cast", dict(tokens=1, patches=4, supervised=1))):
+        probe = step_bytes(model, shape, grad=False)
+        measured[name] = dict(logits_peak=probe.peak["logits"], forward_peak=probe.peak["forward"], backward_peak=0)
     model.activation_checkpointing_disable()
     measured["sft_no_ckpt"] = measure(sft, 0)  # nothing is recomputed
 
-    # The columns: the recipe for SFT and GRPO, then the alternatives it rejected, one change each
-    def column(m, kv_bytes=0, feature_bytes=0, bucket_view=True, fused=True):
-        row = dict(weights=weights, gradients=grads, adam=2 * grads, ddp_copy=0 if bucket_view else grads,
-                   kv_cache=kv_bytes, vision_features=feature_bytes, **m,
-                   optimizer_temporaries=0 if fused else grads)  # foreach: sqrt(v) of every parameter at once
+    # The columns: the recipe for SFT and GRPO (its update, then its rollouts), then the alternatives it rejected,
+    # one change each. Under accumulation the gradients sit in DDP's buckets from one micro-batch to the next;
+    # "fresh gradients" is a no_sync micro-batch whose gradients were None (zero_grad's default, or bucket view off).
+    def column(m, kv_bytes=0, feature_bytes=0, fresh_grads=False, fused=True):
+        row = dict(weights=weights, gradients=grads, adam=2 * grads, ddp_copy=grads if fresh_grads else 0,
+                   kv_cache=kv_bytes, vision_features=feature_bytes, autocast_cache=measured["cast"]["forward_peak"],
+                   **dict.fromkeys(("saved_layers", "saved_outside", "saved_logits", "one_layer", "saved_plus_layer"), 0))
+        row.update(m, optimizer_temporaries=0 if fused else grads)  # foreach: sqrt(v) of every parameter at once
         row["held"] = sum(row[k] for k in ("weights", "gradients", "adam", "ddp_copy", "kv_cache", "vision_features"))
         row["peak"] = row["held"] + max(m["forward_peak"], m["backward_peak"], row["optimizer_temporaries"])
         row["headroom"] = round(args.card_gib * GIB) - row["peak"]
         return row
-    columns = {"SFT": column(measured["sft"]), "GRPO": column(measured["grpo"], kv, features),
-               "SFT, bucket view off": column(measured["sft"], bucket_view=False),
+
+    def rollouts(nbytes=2):
+        """The larger of a rollout's two moments: the context's prefill (its cache: 1 row), or the G rows' last turn
+        (their caches at full length). The update's KV cache is 0: the group's cache is freed when its rollouts end."""
+        start = column(measured["prefill"], kv(1, prefill["tokens"], nbytes), features)
+        end = column(measured["turn"], kv(args.group, grpo["tokens"], nbytes), features)
+        return dict(max((start, end), key=lambda c: c["peak"]), moment="prefill" if start["peak"] > end["peak"] else "last turn")
+    columns = {"SFT": column(measured["sft"]), "GRPO, update": column(measured["grpo"], 0, features),
+               "GRPO, rollouts": rollouts(),
+               "SFT, fresh gradients": column(measured["sft"], fresh_grads=True),
                "SFT, foreach AdamW": column(measured["sft"], fused=False),
-               "SFT, no checkpointing": column(measured["sft_no_ckpt"])}
+               "SFT, no checkpointing": column(measured["sft_no_ckpt"]),
+               "GRPO rollouts, fp32 KV cache": rollouts(nbytes=4)}
     result = dict(command="memory", machine=machine(args, sum(p.numel() for p in params)), columns=columns,
                   params=dict(all=sum(p.numel() for p in params), trained=sum(p.numel() for p in trained),
                               frozen=sum(p.numel() for p in params if not p.requires_grad)),
-                  config=dict(sft=sft, grpo=grpo, layers=text.num_hidden_layers, frame_size=list(args.frame_size),
+                  config=dict(sft=sft, grpo=grpo, prefill=prefill, group_turn=group_turn, layers=text.num_hidden_layers,
+                              frame_size=list(args.frame_size),
                               tokens_per_frame=tpf, frames_per_turn=fpt, supervised_fraction=args.supervised,
                               group=args.group, card_gib=args.card_gib))
     return report(args, "memory", result, memory_lines(result))
@@ -724,9 +775,12 @@ MEMORY_ROWS = [  # (key in each JSON column, label, where the number comes from)
     ("weights", "weights: fp32, {all:.2f} B params", "4 B × all params"),
     ("gradients", "gradients: fp32, {trained:.2f} B trained params, in DDP's buckets", "4 B × trained"),
     ("adam", "AdamW: 2 fp32 moments per trained param", "8 B × trained"),
-    ("ddp_copy", "DDP: gradients outside the buckets (bucket view off)", "4 B × trained"),
-    ("kv_cache", "GRPO: KV cache of the G = {group} rollouts, bf16", "G × L × layers × (K, V) × 2 heads × 128 × 2 B"),
-    ("vision_features", "GRPO: the group's vision features, bf16", "image tokens × 2048 × 2 B"),
+    ("ddp_copy", "DDP: fresh gradients beside the buckets (a no_sync micro-batch after zero_grad(set_to_none=True), "
+                 "or bucket view off)", "4 B × trained"),
+    ("kv_cache", "GRPO rollouts: KV cache, bf16 (1 row at the prefill, G = {group} at the last turn)",
+     "rows × L × layers × (K, V) × 2 heads × 128 × 2 B"),
+    ("vision_features", "GRPO: the episode's vision features, bf16 (the rows keep them into the update)",
+     "image tokens × 2048 × 2 B"),
     ("held", "**held through the step**", "sum of the above"),
     ("saved_layers", "saved: the {layers} decoder layers (checkpointed: each one's fp32 input)", "measured"),
     ("saved_outside", "saved: embeddings, merger, final norm", "measured"),
@@ -734,6 +788,8 @@ MEMORY_ROWS = [  # (key in each JSON column, label, where the number comes from)
     ("one_layer", "saved by the one layer that backward recomputes", "measured"),
     ("saved_plus_layer", "all saved + one layer (the usual estimate)", "sum of the above"),
     ("logits_peak", "lm_head + logits + loss at their peak", "measured (live)"),
+    ("autocast_cache", "autocast's bf16 copies of the trained weights (part of every forward peak below; a "
+                       "rollout's last through all of a step's rollouts)", "measured (live)"),
     ("forward_peak", "activations at the forward's peak", "measured (live)"),
     ("backward_peak", "activations at the backward's peak", "measured (live)"),
     ("optimizer_temporaries", "optimizer step: temporaries (foreach: √v of all params)", "4 B × trained"),
@@ -750,33 +806,42 @@ def memory_lines(result):
     lines = md_table(["GiB per GPU", "how", *cols], [[label.format(**fields), how, *(f"{col[key] / GIB:.2f}" for col in cols.values())]
                                                       for key, label, how in MEMORY_ROWS])
     gib = lambda name: f"{name} {cols[name]['peak'] / GIB:.1f} GiB (headroom {cols[name]['headroom'] / GIB:+.1f})"  # noqa: E731
-    fits = all(cols[name]["headroom"] >= 0 for name in ("SFT", "GRPO"))
+    recipe = ("SFT", "GRPO, update", "GRPO, rollouts")
+    fits = all(cols[name]["headroom"] >= 0 for name in recipe)
+    pre, turn, ro = c["prefill"], c["group_turn"], cols["GRPO, rollouts"]
     lines += [
         "",
         f"Per GPU under DDP (every GPU a full replica), {p['trained'] / 1e9:.2f} B trained (LLM + merger) and "
         f"{p['frozen'] / 1e9:.2f} B frozen (ViT) parameters, fp32 weights with bf16 autocast, {c['layers']} LLM layers. "
         f"SFT: one dialogue of {s['tokens']:,} tokens ({s['frames']} frames of {c['frame_size'][1]}×{c['frame_size'][0]} px = "
         f"{c['tokens_per_frame']} tokens, {c['frames_per_turn']} per turn), logits at {s['supervised']:,} supervised "
-        f"positions ({c['supervised_fraction']:.0%}, assumed). GRPO: one rollout of {g['tokens']:,} tokens "
-        f"({g['frames']} frames + {g['supervised']} generated tokens, the supervised ones) in the update, "
-        f"while the group's KV cache and vision features are held.",
+        f"positions ({c['supervised_fraction']:.0%}, assumed); under accumulation the gradients stay in DDP's buckets "
+        f"between micro-batches. GRPO update: one rollout of {g['tokens']:,} tokens ({g['frames']} frames + "
+        f"{g['supervised']} generated tokens, the supervised ones) while the episode's vision features are held (the "
+        f"group's KV cache is freed when its rollouts end). GRPO rollouts: no autograd, one autocast region for all of "
+        f"a step's rollouts; the larger of two moments, here the {ro['moment']}: the context's prefill ({pre['tokens']:,} "
+        f"tokens, 1 row of cache) or the G = {c['group']} rows' last turn ({turn['tokens'] // c['group']} tokens each, "
+        f"their caches at {g['tokens']:,} tokens).",
         "",
         "- arithmetic: parameter counts of the model itself × bytes per element (all parameters are fp32).",
         "- measured: one training step on fake tensors (meta tensors: shapes, dtypes, storages, no data) through "
-        "bf16 autocast, non-reentrant checkpointing and autograd, attention as the flash kernel. CPU autocast "
-        "stands for CUDA's: on this model both cast the same ops (a fake-GPU forward saves the same bytes). "
-        "saved = unique storages packed by saved_tensors_hooks; live = every op's outputs until their storage "
-        "is freed; a peak is the most alive at once.",
-        "- forward: on top of what is saved, autocast keeps a bf16 copy of every trained weight it casts until "
-        "the forward returns (its cast cache). backward: what is still saved, the layer being recomputed and "
-        "the gradients in flight.",
-        "- The KV cache is bf16, as the recipe keeps it. Rolled out under autocast over the fp32 weights, the "
-        "cache would hold fp32 keys (rope multiplies the bf16 keys by fp32 cos/sin), 1.5× the bytes.",
-        "- Not counted: the CUDA context and NCCL buffers, the allocator's free cached blocks (fragmentation), "
-        "and the frozen ViT's transient forward (it runs before the LLM's activations pile up; not run here).",
+        "bf16 autocast, non-reentrant checkpointing and autograd, attention as the flash kernel; a rollout's forward "
+        "the same without autograd. CPU autocast stands for CUDA's: on this model both cast the same ops (a fake-GPU "
+        "forward saves the same bytes). saved = unique storages packed by saved_tensors_hooks; live = every op's "
+        "outputs until their storage is freed; a peak is the most alive at once.",
+        "- forward: on top of what is saved, autocast keeps a bf16 copy of every trained weight it casts until its "
+        "region ends (its cast cache): one forward in training, all of a step's rollouts in GRPO. backward: what is "
+        "still saved, the layer being recomputed and the gradients in flight.",
+        "- The KV cache is bf16 (mmduet2.kv_cache). A plain DynamicCache under autocast over fp32 weights holds fp32 "
+        "(rope's fp32 cos/sin promote the keys, the values follow): the last column, 2× the cache.",
+        "- Not counted: the CUDA context and NCCL buffers, the allocator's free cached blocks (fragmentation), the "
+        "frozen ViT's transient forward (it runs before the LLM's activations pile up; not run here), and GRPO's one-time "
+        "DDP bucket rebuild before its second update's forward, when the old and new buckets may briefly overlap "
+        "(SFT looks for unused parameters, which keeps its first buckets).",
         "",
-        f"**The recipe {'fits' if fits else 'does not fit'} on {c['card_gib']} GiB**: {gib('SFT')}, {gib('GRPO')}. "
-        "One change each: " + "; ".join(gib(name) for name in cols if name not in ("SFT", "GRPO")) + ".",
+        f"**The recipe {'fits' if fits else 'does not fit'} on {c['card_gib']} GiB**: "
+        + ", ".join(gib(name) for name in recipe) + ". One change each: "
+        + "; ".join(gib(name) for name in cols if name not in recipe) + ".",
     ]
     return lines
 
@@ -866,8 +931,8 @@ def bench_gpu(args):
     def grpo():
         r = bench_grpo(sub(steps=steps, group=4, segment=segment, interval=2.0, max_new_tokens=32, lr=1e-6,
                            grad_checkpointing=True))
-        return {k: r[k] for k in ("step_s", "share", "rollout_turns_per_s", "generated_tokens", "moved_fraction",
-                                  "logprob_gap", "config")}
+        return {k: r[k] for k in ("step_s", "share", "rollout_turns_per_s", "generated_tokens", "reward_std",
+                                  "frac_reward_zero_std", "moved_fraction", "logprob_gap", "config")}
 
     for name, run in (("tests", tests), ("latency", latency), ("sft", sft), ("grpo", grpo)):
         if name != "tests" or not args.no_tests:
@@ -901,10 +966,14 @@ def gpu_lines(result):
     if "grpo" in st and "error" not in st["grpo"]:
         v = st["grpo"]
         split = ", ".join(f"{k} {x:.0%}" for k, x in v["share"].items())
-        lines += [f"GRPO step (grpo.py, G = 4, 20 s segments, ≤ 32 new tokens, lr 1e-6): {v['step_s']:.1f} s ({split}); "
-                  f"{v['rollout_turns_per_s']:.1f} rollout turns/s; the update moved "
-                  f"{'-' if v['moved_fraction'] is None else format(v['moved_fraction'], '.2%')} of the trained weights; "
-                  f"log-prob gap rollout/training {v['logprob_gap']:.1e} per token.", ""]
+        spread = ", ".join(f"{x:.3f}" for x in v["reward_std"])
+        moved = "no group's rewards differed (spread 0): advantages 0, no update to measure" if max(v["reward_std"]) == 0 \
+            else "-" if v["moved_fraction"] is None else f"the update moved {v['moved_fraction']:.2%} of the trained weights"
+        lines += [f"GRPO step (grpo.py, G = 4, ≤ 32 new tokens, lr 1e-6): {v['step_s']:.1f} s ({split}); "
+                  f"{v['rollout_turns_per_s']:.1f} rollout turns/s; reward spread (std within a group) per step: {spread}; "
+                  f"{moved}; log-prob gap rollout/training {v['logprob_gap']:.1e} per token.", ""]
+    failed = [name for name, v in st.items() if "error" in v or v.get("returncode")]
+    lines += [f"**Failed stage{'s' * (len(failed) > 1)}: {', '.join(failed)}**" if failed else "No stage failed."]
     lines += [f"- {name}: {v['error']}" for name, v in st.items() if "error" in v]
     lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v['seconds']}" for k, v in st.items())]
     return lines
@@ -986,8 +1055,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    return {"stream": bench_stream, "sft": bench_sft, "grpo": bench_grpo, "memory": bench_memory,
-            "gpu": bench_gpu}[args.command](args)
+    result = {"stream": bench_stream, "sft": bench_sft, "grpo": bench_grpo, "memory": bench_memory,
+              "gpu": bench_gpu}[args.command](args)
+    failed = [name for name, v in result.get("stages", {}).items() if "error" in v or v.get("returncode")]
+    if failed:  # the GPU check's report is written; its exit status says it did not pass
+        raise SystemExit(f"bench.py gpu: failed stage(s): {', '.join(failed)} (see {os.path.join(args.out, 'gpu.md')})")
+    return result
 
 
 if __name__ == "__main__":

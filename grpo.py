@@ -40,6 +40,7 @@ Departures from the paper / released code (verl + SGLang):
   7. Tied groups get an advantage of exactly 0 (a float32 mean over equal rewards is not always exact).
 """
 import argparse
+import datetime
 import json
 import os
 import random
@@ -237,7 +238,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in the update (needed at 3B; rollouts are unaffected)")
     # running it
-    p.add_argument("--save-every", type=int, default=50, help="save OUT/step-N every N steps")
+    p.add_argument("--save-every", type=int, default=50, help="save OUT/step-N every N steps (0: only OUT/final)")
     p.add_argument("--keep", type=int, default=2, help="keep the last K step checkpoints (0: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="episode order and sampling seed")
@@ -245,12 +246,12 @@ def parse_args(argv=None):
     for bad, message in ((args.group < 2, "--group must be >= 2: a group's advantages compare its rollouts with each other"),
                          (not (args.segment > 0 and args.interval > 0), "--segment and --interval must be > 0 seconds"),
                          (args.max_frames < args.frames_per_turn, "--max-frames must hold at least one turn"),
-                         (min(args.episodes, args.max_new_tokens, args.inner_epochs, args.epochs, args.save_every) < 1,
-                          "--episodes, --max-new-tokens, --inner-epochs, --epochs, --save-every must be >= 1"),
+                         (min(args.episodes, args.max_new_tokens, args.inner_epochs, args.epochs) < 1,
+                          "--episodes, --max-new-tokens, --inner-epochs, --epochs must be >= 1"),
                          (not (args.temperature > 0 and args.clip > 0 and 0 < args.lr < 1),
                           "--temperature and --clip must be > 0, --lr in (0, 1)"),
-                         (min(args.top_k, args.kl, args.max_steps, args.keep) < 0 or args.frame_tokens < 4,
-                          "--top-k, --kl, --max-steps, --keep must be >= 0, --frame-tokens >= 4")):
+                         (min(args.top_k, args.kl, args.max_steps, args.keep, args.save_every) < 0 or args.frame_tokens < 4,
+                          "--top-k, --kl, --max-steps, --keep, --save-every must be >= 0, --frame-tokens >= 4")):
         if bad:
             p.error(message)
     args.videos = args.videos or os.path.join(os.path.dirname(args.anno), "videos")
@@ -262,7 +263,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from transformers.utils import logging as hf_logging
     args = parse_args(argv)
     hf_logging.disable_progress_bar()  # loading/saving bars would break up the training bar
@@ -271,8 +272,10 @@ def main(argv=None):
     # cpu=True on a machine without GPU: otherwise `--multi_gpu` ranks run unsynchronised (docs/streaming.md).
     # gradient_as_bucket_view: DDP's all-reduce buckets hold the gradients themselves, not a second copy
     # (11.6 GiB at 3B: docs/full-scale.md).
+    # timeout: a healthy rank waits longest while rank 0 writes a step checkpoint (sft.py says more)
     acc = Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision,
-                      kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
+                      kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+                                       InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=30))])
     rank, world, print0 = acc.process_index, acc.num_processes, acc.print
     if acc.is_main_process:  # one run per OUT: a second would mix its checkpoints and metrics with this one's
         try:
@@ -321,9 +324,11 @@ def main(argv=None):
     ref = mmduet2.load_model(args.init, device=acc.device)[0].requires_grad_(False) if args.kl else None
     if args.grad_checkpointing:  # active in train mode only: the update, not the rollouts
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:  # before DDP wraps the model, so that they become views of its buckets at once (as in sft.py)
+        p.grad = torch.zeros_like(p)
     # fused AdamW on a GPU: one kernel, none of foreach's temporary copies of the parameters
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=0.0, fused=cuda)
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0, fused=cuda)
     wrapped, optimizer = acc.prepare(model, optimizer)
     if ckpt:
         acc.load_state(os.path.join(ckpt, "state"))  # weights and optimizer (every step's randomness is re-seeded)
@@ -332,6 +337,21 @@ def main(argv=None):
     print0(f"{len(examples)} videos, {total_steps} steps of {per_step} episodes × {args.group} rollouts on {world} "
            f"rank(s), {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens per frame, {args.mixed_precision} precision")
 
+    def episodes_of(step):
+        """This rank's episodes of `step` and the seed of its sampling: its share of one fixed permutation per
+        epoch, drawn with (seed, step, rank), so a resumed run replays the same episodes and samples."""
+        epoch, k = divmod(step * per_step, len(examples))
+        order = list(range(len(examples)))
+        random.Random(args.seed + epoch).shuffle(order)
+        rng = random.Random(f"{args.seed}:{step}:{rank}")
+        seed = rng.randrange(2**62)
+        mine = [examples[order[(k + rank * args.episodes + e) % len(examples)]] for e in range(args.episodes)]
+        return seed, [make_episode(ex, args, rng) for ex in mine]
+
+    # The frames of the next step's episodes (up to 90 each) are decoded on a thread while this step rolls out and
+    # updates, instead of on the main thread while the GPU waits (decord and numpy release the GIL).
+    reader = ThreadPoolExecutor(1)
+    upcoming = reader.submit(episodes_of, step)
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if acc.is_main_process else None
     everything = adv = None
     flat = []  # the last step's rewards, advantages and rollouts are returned (for the tests)
@@ -339,15 +359,16 @@ def main(argv=None):
     while step < total_steps:
         t0 = time.time()
 
-        # 1. Episodes: this rank's share of the step, from one fixed permutation per epoch; every step's
-        # randomness is seeded by (seed, step, rank), so a resumed run replays the same episodes and samples.
-        epoch, k = divmod(step * per_step, len(examples))
-        order = list(range(len(examples)))
-        random.Random(args.seed + epoch).shuffle(order)
-        rng = random.Random(f"{args.seed}:{step}:{rank}")
-        torch.manual_seed(rng.randrange(2**62))  # sampling uses torch's default generators (mmduet2.Stream)
-        mine = [examples[order[(k + rank * args.episodes + e) % len(examples)]] for e in range(args.episodes)]
-        episodes = [make_episode(ex, args, rng) for ex in mine]
+        # 1. Episodes: this rank's share of the step, read ahead; then the next step's are started
+        episodes, error = [], None
+        try:
+            seed, episodes = upcoming.result()
+            torch.manual_seed(seed)  # sampling uses torch's default generators (mmduet2.Stream)
+        except (OSError, ValueError) as e:  # an unreadable video: said below, by every rank at once
+            error = str(e)
+        if step + 1 < total_steps:
+            upcoming = reader.submit(episodes_of, step + 1)
+        t_episodes = time.time()
 
         # 2. Rollouts: G per episode, from the current policy (no collective in here: ranks go at their own pace)
         model.eval()
@@ -360,13 +381,19 @@ def main(argv=None):
         def score(ep, r):
             return reward.mmduet2_reward(r.turns, ep.answers, judge, ep.context_replies, tuple(args.weights))
         calls, failures = judge.calls, judge.failures
-        try:
-            with ThreadPoolExecutor(getattr(judge, "max_workers", 1)) as pool:
-                for (_, r), parts in zip(flat, pool.map(score, *zip(*flat))):
-                    r.reward = parts
+        try:  # run_all leaves at once on an error: a request in flight is not waited for
+            for (_, r), parts in zip(flat, reward.run_all(judge, score, flat)):
+                r.reward = parts
         except reward.JudgeError as e:  # the endpoint went away: no reward can be trusted from here on
-            raise SystemExit(f"grpo.py: {e}; {mmduet2.resume_hint(args.out)}") from None
+            error = str(e)
         t_judge = time.time()
+
+        # A rank that failed above stops every rank here, before the first collective of the step: alone, it would
+        # leave the others waiting in it until its timeout (mmduet2.first_failure)
+        failure = mmduet2.first_failure(acc, error)
+        if failure:
+            bar.close()
+            raise SystemExit(f"grpo.py: {failure}; {mmduet2.resume_hint(args.out)}" if acc.is_main_process else 1)
 
         # 4. Advantages: normalised within each group, over the rewards gathered from every rank
         rewards = torch.tensor([[r.reward["total"] for r in g] for g in groups])  # (episodes, G)
@@ -397,7 +424,7 @@ def main(argv=None):
                 loss_sum += loss.item()
             grad_norm = acc.clip_grad_norm_(wrapped.parameters(), args.grad_clip)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)  # in place: the gradients stay DDP's bucket views (sft.py says why)
         step += 1
         t_end = time.time()
 
@@ -413,16 +440,19 @@ def main(argv=None):
                    judge_calls=judge.calls - calls, judge_failures=judge.failures - failures,
                    clip_ratio=clipped / max(1, n_local * args.inner_epochs), loss=loss_sum, grad_norm=float(grad_norm),
                    logprob_gap=gap / max(1, n_local),  # |rollout − training| log p per token: 0 in fp32, small in bf16
-                   tokens=n_global, tokens_per_s=n_global / (t_end - t0), time_rollout=t_rollout - t0,
-                   time_judge=t_judge - t_rollout, time_update=t_end - t_judge)
+                   tokens=n_global, tokens_per_s=n_global / (t_end - t0), time_episodes=t_episodes - t0,  # the wait
+                   time_rollout=t_rollout - t_episodes, time_judge=t_judge - t_rollout, time_update=t_end - t_judge)
         if metrics:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", replies=f"{row['replies_per_rollout']:.2f}")
-        if step % args.save_every == 0 or step == total_steps:
+        # --save-every alone writes step checkpoints (~55 GB each at 3B: weights, optimizer, state); the run's end
+        # is OUT/final below, so a last step-N beside it would only double the disk a run needs
+        if args.save_every and step % args.save_every == 0:
             mmduet2.save_checkpoint(acc, wrapped, processor, args.out, f"step-{step:06d}", step, settings, args.keep)
     bar.close()
+    reader.shutdown()
     mmduet2.save_checkpoint(acc, wrapped, processor, args.out, "final", step, settings)
     print0(f"saved {os.path.join(args.out, 'final')} after {step} steps")
     return dict(model=model, rewards=everything, advantages=adv, rollouts=[r for _, r in flat])  # the last step

@@ -51,6 +51,29 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+
+def _check_transformers(needed="5.23"):
+    """Stop with one line when the installed transformers is older than `needed`.
+
+    An older one runs wrong without an error: 5.17 takes `mm_encoder_outputs` (our cached vision features)
+    into **kwargs, so cached turns go without their frames. Checked here, at import, rather than in
+    load_model: every script and every path (the 3B architecture built by bench.py, the tests) passes
+    through the import, before any data or model work, and the message is the same wherever it fires.
+    The version is read from the package's metadata: importing transformers would cost ~2 s here.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+    from packaging.version import Version  # a dependency of transformers, so present wherever it is
+    try:
+        found = version("transformers")
+    except PackageNotFoundError:
+        found = None
+    if found is None or Version(found) < Version(needed):  # a dev build of 5.23 is older than 5.23
+        have = f"transformers {found} is installed" if found else "transformers is not installed"
+        raise SystemExit(f"mmduet2.py: {have}; this code needs transformers >= {needed} (pip install -r requirements.txt)")
+
+
+_check_transformers()
+
 # ----------------------------------------------------------------------------
 # 1. Constants
 
@@ -634,6 +657,8 @@ def load_model(name=DEFAULT_MODEL, dtype=None, device=None, attn=None, frame_tok
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if name == "tiny":
         model, processor = tiny_model()
+        for p in model.parameters():  # the weights only, as from_pretrained(dtype=...) casts them (see below)
+            p.data = p.data.to(dtype)
     elif os.path.isdir(os.path.expanduser(name)):
         _check_model_folder(os.path.expanduser(name))  # before anything is built
         try:
@@ -652,7 +677,10 @@ def load_model(name=DEFAULT_MODEL, dtype=None, device=None, attn=None, frame_tok
             except OSError as e:
                 raise _hub_error(name, str(e).splitlines()[0][:160]) from None
     set_frame_tokens(processor, frame_tokens)  # the processor's own default would be far larger frames
-    return model.to(device, dtype).eval(), processor
+    # the device only: a module-wide .to(dtype) would also round the buffers made in fp32 on purpose. Rope's
+    # inverse frequencies in bf16 (0.4217 -> 0.4219) turn a stream's rotations wrong by radians past position
+    # 10,000 (4-12 minutes of video), while the weights in bf16 lose nothing we use.
+    return model.to(device).eval(), processor
 
 
 def _check_model_folder(folder):
@@ -830,6 +858,25 @@ def decoding(processor, temperature=0.0, top_k=None, max_new_tokens=100):
         return_dict_in_generate=True, output_logits=True)  # raw logits: the log-probs of what was sampled
 
 
+def kv_cache(model):
+    """An empty KV cache whose keys and values are kept in the dtype attention computes in.
+
+    That is the model's dtype, or the autocast dtype when the cache is made under autocast (GRPO's rollouts:
+    bf16 autocast over fp32 weights). There a plain DynamicCache would hold fp32: rope multiplies the bf16 keys
+    by fp32 cos/sin, and the values are promoted to the keys' dtype when concatenated. That is twice the
+    memory, and every decoding step would cast the whole cache back to bf16 for attention (sdpa is a bf16 op
+    under autocast). Storing bf16 rounds exactly what attention rounds anyway.
+    """
+    from transformers import DynamicCache
+    device = model.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.dtype
+
+    class Cache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(key_states.to(dtype), value_states.to(dtype), layer_idx, *args, **kwargs)
+    return Cache(config=model.config)
+
+
 def _budget(config, max_new_tokens):
     """A copy of `config` that stops after `max_new_tokens` (what is left of a turn's budget)."""
     config = copy.copy(config)
@@ -853,14 +900,13 @@ class Stream:
     """
 
     def __init__(self, model, processor, system=SYSTEM_PROMPT):
-        from transformers import DynamicCache
         self.model, self.processor, self.system = model, processor, system
         self.im_end = processor.tokenizer.convert_tokens_to_ids(IM_END)
         self.draft = _tokenize(processor, SILENCE + IM_END).ids  # "NO REPLY<|im_end|>", for fast silence
         self.seq = encode_system(processor, system)  # the system turn: pending until the first turn feeds it
         # cached: how many of seq.ids the cache holds; pos: not the same count, as an image's tokens
         # advance the rope position by its grid, not by its length
-        self.cache, self.cached, self.pos = DynamicCache(config=model.config), 0, 0
+        self.cache, self.cached, self.pos = kv_cache(model), 0, 0
         self.vision = {}  # frames' vision-encoder outputs by pixel content (shared by forks and a Group's rows)
 
     # -- the plain path ------------------------------------------------------------------------
@@ -1070,8 +1116,9 @@ class _OnlyEnd:
 class Group:
     """Optimisation 2: the G rollouts of a GRPO episode decoded as one batch (grpo.py's rollouts).
 
-    The rows share the context the base stream has encoded. From there every user turn is one forward for
-    all rows and every reply one `generate` call. Each row is a Stream without a cache of its own (its
+    The rows share the context the base stream has encoded (the group takes the base's cache over: fork a
+    base to keep it). From there every user turn is one forward for all rows and every reply one `generate`
+    call. Each row is a Stream without a cache of its own (its
     `seq`, `cached`, `pos` are its own); the group holds one KV cache of batch G and an attention mask
     (G, cache length) that is 0 where a column is not the row's own token. Positions are per row and
     count only the row's own tokens, so each row computes exactly what its own Stream would;
@@ -1082,7 +1129,9 @@ class Group:
         base.prefill()  # the shared context, encoded once before it is copied
         self.model, self.im_end = base.model, base.im_end
         self.rows = [copy.copy(base) for _ in range(n)]  # share the encoded context and the vision features
-        self.cache = copy.deepcopy(base.cache)
+        # the base's cache is taken over, not copied: the base is not used after its group is made, and a copy would
+        # keep a row of context beside the G (0.4 GiB at 3B for a 90-frame episode)
+        self.cache, base.cache = base.cache, None
         self.cache.batch_repeat_interleave(n)  # (1, heads, C, d) → (G, heads, C, d) per layer
         self.mask = torch.ones(n, base.cached, dtype=torch.long, device=base.model.device)  # (G, C)
         for row in self.rows:
@@ -1091,15 +1140,22 @@ class Group:
             row.cache = None
 
     def turn(self, frames=(), text=None, config=None):
-        """Stream.turn for every row at once (always with fast silence); returns the G Replies."""
+        """Stream.turn for every row at once, with fast silence where Stream.turn takes it; returns the G Replies."""
         row0 = self.rows[0]
         config = config or decoding(row0.processor)
         user = encode_user(row0.processor, text, frames, row0.system)  # tokenized once for all rows
-        draft = Chunk(row0.draft, [0] * len(row0.draft), [0] * len(row0.draft))
         for row in self.rows:
             row.seq = row.seq + user
         # each row's pending tokens differ ("<|im_end|>\n" after a reply, "\n" after an accepted draft)
-        logits = self._forward([row._pending() + draft for row in self.rows], len(draft.ids) + 1)  # (G, len(draft)+1, V)
+        pending = [row._pending() for row in self.rows]
+        if config.max_new_tokens < len(row0.draft):
+            # Stream.turn's plain path: a draft longer than the budget would overrun it. All but each row's last
+            # pending token into the cache, then `generate` from that token.
+            self._forward([p.head(-1) for p in pending], 1)
+            outs, logps = self._generate([[] for _ in pending], [[] for _ in pending], config, [p.ids[-1] for p in pending])
+            return [row._close(out, lp) for row, out, lp in zip(self.rows, outs, logps)]
+        draft = Chunk(row0.draft, [0] * len(row0.draft), [0] * len(row0.draft))
+        logits = self._forward([p + draft for p in pending], len(draft.ids) + 1)  # (G, len(draft)+1, V)
         outs, logps = [], []
         for b, row in enumerate(self.rows):
             out, lp, rejected = row._check_draft(logits[b], config)
@@ -1138,17 +1194,21 @@ class Group:
             kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
         return self.model(**kw, past_key_values=self.cache, use_cache=True, logits_to_keep=keep).logits
 
-    def _generate(self, outs, logps, config):
-        """One `generate` call continues every row whose reply is still open; the others may only end."""
+    def _generate(self, outs, logps, config, unfed=None):
+        """One `generate` call continues every row whose reply is still open; the others may only end.
+
+        unfed: each row's token not in the cache yet, fed first (default: the last one the row produced).
+        """
+        unfed = unfed or [out[-1] for out in outs]
         budget = [config.max_new_tokens - len(out) for out in outs]  # what each row has left
-        live = [out[-1] != self.im_end and left > 0 for out, left in zip(outs, budget)]
+        live = [(not out or out[-1] != self.im_end) and left > 0 for out, left in zip(outs, budget)]
         if not any(live):
             return outs, logps  # every row silent (or out of budget): no `generate` at all
         dev, G = self.model.device, len(self.rows)
         # `generate` feeds every row every step, so rows that already ended get columns they never
         # produced: _OnlyEnd ends them at once, and their columns are masked out below
         gen = self.model.generate(
-            input_ids=torch.tensor([[out[-1]] for out in outs], device=dev),  # (G, 1): each row's unfed token
+            input_ids=torch.tensor([[token] for token in unfed], device=dev),  # (G, 1): each row's unfed token
             past_key_values=self.cache, attention_mask=torch.cat([self.mask, self.mask.new_ones(G, 1)], 1),
             # each row from its own position, the three rope axes together (text only)
             position_ids=torch.tensor([row.pos for row in self.rows], device=dev).view(1, G, 1).expand(3, G, 1),
@@ -1263,6 +1323,20 @@ def resume_hint(out):
     kept = checkpoints(out)
     return f"the newest checkpoint is {kept[-1]}: the same command + --resume continues" if kept else \
         "no checkpoint was written yet"
+
+
+def first_failure(accelerator, error):
+    """Every rank calls this at the same point of a step with its own one-line error or None; all get back the
+    first failure of any rank ("rank 1: cannot decode video ..."), or None.
+
+    A rank that failed alone (an unreadable video, a judge that went away) and exited alone would leave the
+    others in their next collective until its timeout: NCCL does not notice a peer that is gone, nor does a
+    launcher on another node. Said here, every rank stops within a step, with one line from rank 0.
+    """
+    from accelerate.utils import gather_object
+    errors = gather_object([error]) if accelerator.num_processes > 1 else [error]  # [rank 0's, rank 1's, ...]
+    failed = [f"rank {rank}: {e}" if len(errors) > 1 else e for rank, e in enumerate(errors) if e]
+    return failed[0] if failed else None
 
 
 def save_checkpoint(accelerator, model, processor, out, name, step, settings, keep=2):

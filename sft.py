@@ -43,6 +43,7 @@ Where we depart from the paper and its released script:
    loads (so nothing is lost), frames included (images vs placeholders, files there, videos long enough).
 """
 import argparse
+import datetime
 import json
 import math
 import os
@@ -144,7 +145,7 @@ def read_records(paths, toy=False):
 
 
 def main(argv=None):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
     from transformers.utils import logging as hf_logging
     args = parse_args(argv)
@@ -156,8 +157,16 @@ def main(argv=None):
     # run as independent processes and never synchronise (docs/streaming.md, "Multi-process on CPU").
     # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule once per rank.
     # gradient_as_bucket_view: DDP's all-reduce buckets hold the gradients themselves, not a second copy.
+    # find_unused_parameters: a dialogue without frames (offline text-only data) leaves the vision merger without a
+    # gradient on its rank; DDP then has to know, or the ranks reduce different sets of gradients and crash. It costs
+    # one walk of the autograd graph per optimizer step, spares DDP its one-time bucket rebuild, and makes DDP say once
+    # per rank that a step had no unused parameter (expected: most dialogues have frames).
+    # timeout: the longest a healthy rank waits in a collective is while rank 0 writes a step checkpoint (55 GB at 3B:
+    # past NCCL's 10-minute default to a shared filesystem at 2 nodes). A failed rank is not waited for: first_failure.
     acc = Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision, step_scheduler_with_optimizer=False,
-                      kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
+                      kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True,
+                                                                     find_unused_parameters=True),
+                                       InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=30))])
     rank, world, device, print0 = acc.process_index, acc.num_processes, acc.device, acc.print
     torch.manual_seed(args.seed)
     if acc.is_main_process:  # one run per OUT: a second would mix its checkpoints and metrics with this one's
@@ -211,6 +220,12 @@ def main(argv=None):
     model.config.use_cache = False
     model.train()  # load_model returns eval mode
     trained = [p for p in model.parameters() if p.requires_grad]
+    # The gradients exist before DDP wraps the model, so that DDP turns each one into a view of its all-reduce buckets
+    # at once, and zero_grad(set_to_none=False) keeps them so. A gradient that is None when a no_sync micro-batch
+    # runs is allocated afresh beside the buckets: a second copy of every gradient (+11.6 GiB at 3B). (Zeros, not None:
+    # a step in which no rank saw a frame still moves the merger by AdamW's momentum, as in any loop that zeroes.)
+    for p in trained:
+        p.grad = torch.zeros_like(p)
     # fused AdamW on a GPU: one kernel, none of foreach's temporary copies of the parameters (deviation 6: betas assumed)
     optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=cuda)
     warmup_steps = math.ceil(args.warmup * total_steps)  # HF Trainer rounds the warm-up up too
@@ -239,11 +254,15 @@ def main(argv=None):
     bar = tqdm(total=total_steps, initial=start_step, disable=not acc.is_main_process, desc="sft", dynamic_ncols=True)
     for step in range(start_step, total_steps):
         t_step = time.time()
+        chunks, error = [], None
         try:
             chunks = [next(batches) for _ in range(args.grad_accum)]
         except ValueError as e:  # "FILE:LINE: what went wrong" (a missing video, an unreadable frame...)
+            error = str(e).strip().splitlines()[-1]  # a worker's error carries its traceback
+        failure = mmduet2.first_failure(acc, error)  # every rank stops if one failed, not just that one
+        if failure:
             bar.close()
-            raise SystemExit(f"sft.py: {str(e).strip().splitlines()[-1]}")  # a worker's error carries its traceback
+            raise SystemExit(f"sft.py: {failure}" if acc.is_main_process else 1)
         if step == start_step and chunks[0].grids and acc.is_main_process:
             _, h, w = chunks[0].grids[0]
             bar.write(f"tokens per frame: {h * w // 4} ({h * 14}×{w * 14} px after resizing; cap {args.frame_tokens})")
@@ -269,7 +288,7 @@ def main(argv=None):
         lr = scheduler.get_last_lr()[0]  # the lr this step used
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)  # zeroed in place: they stay DDP's bucket views (see the model setup)
 
         # Log: the step's loss per supervised token over all ranks, and throughput in all tokens.
         totals = acc.reduce(torch.tensor([loss_sum, sum(len(c.ids) for c in chunks)], device=device,

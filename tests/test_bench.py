@@ -107,7 +107,7 @@ def test_grpo_tiny(tmp_path):
     check_report(tmp_path, "grpo", r)
     assert r["config"]["turns_per_step"] == 3 * 4 and r["config"]["timed_steps"] == 1
     assert r["step_s"] > 0 and r["rollout_turns_per_s"] > 0 and r["generated_tokens"] > 0
-    assert set(r["share"]) == {"rollout", "judge", "update"}
+    assert set(r["share"]) == {"episodes", "rollout", "judge", "update"}
     assert sum(r["share"].values()) == pytest.approx(1.0) and all(0 <= v <= 1 for v in r["share"].values())
 
 
@@ -131,16 +131,24 @@ def test_memory_rows_are_parameter_arithmetic(memory_2k):
     check_report(out, "memory", r)
     p, cols = r["params"], r["columns"]
     assert p["all"] == p["trained"] + p["frozen"] and 0 < p["frozen"] < p["trained"]  # the ViT frozen, LLM + merger trained
-    sft, grpo = cols["SFT"], cols["GRPO"]
+    sft, update, rollouts = cols["SFT"], cols["GRPO, update"], cols["GRPO, rollouts"]
     for col in cols.values():  # fp32 weights, fp32 gradients, two fp32 Adam moments
         assert (col["weights"], col["gradients"], col["adam"]) == (4 * p["all"], 4 * p["trained"], 8 * p["trained"])
     assert sft["ddp_copy"] == sft["optimizer_temporaries"] == sft["kv_cache"] == sft["vision_features"] == 0
-    off, foreach = cols["SFT, bucket view off"], cols["SFT, foreach AdamW"]
-    assert off["ddp_copy"] == 4 * p["trained"] and off["peak"] - sft["peak"] == 4 * p["trained"]  # one gradient copy
+    fresh, foreach = cols["SFT, fresh gradients"], cols["SFT, foreach AdamW"]
+    assert fresh["ddp_copy"] == 4 * p["trained"] and fresh["peak"] - sft["peak"] == 4 * p["trained"]  # one gradient copy
     assert foreach["optimizer_temporaries"] == 4 * p["trained"]  # torch's _multi_tensor_adam: sqrt of every exp_avg_sq
     g = r["config"]["grpo"]
-    assert grpo["kv_cache"] == 4 * g["tokens"] * 2 * 2 * 2 * 128 * 2  # G × L × 2 layers × (K, V) × 2 heads × 128 × bf16
-    assert grpo["vision_features"] == g["image_tokens"] * 2048 * 2 and g["image_tokens"] == 8 * 128
+    assert update["kv_cache"] == 0 and update["vision_features"] == g["image_tokens"] * 2048 * 2  # the cache is freed
+    assert g["image_tokens"] == 8 * 128 and rollouts["vision_features"] == update["vision_features"]
+    # the rollouts' moment here is the last turn: G rows of cache at the rollout's full length, bf16 (fp32: twice)
+    assert rollouts["moment"] == "last turn"
+    assert rollouts["kv_cache"] == 4 * g["tokens"] * 2 * 2 * 2 * 128 * 2  # G × L × 2 layers × (K, V) × 2 heads × 128 × bf16
+    assert cols["GRPO rollouts, fp32 KV cache"]["kv_cache"] == 2 * rollouts["kv_cache"]
+    assert rollouts["backward_peak"] == rollouts["saved_plus_layer"] == 0  # no autograd in a rollout
+    # autocast's cast cache: a bf16 copy of (almost) every trained weight, inside every forward's peak
+    assert rollouts["autocast_cache"] == pytest.approx(2 * p["trained"], rel=0.03)
+    assert all(col["forward_peak"] >= col["autocast_cache"] for col in cols.values())
     for col in cols.values():  # the peak: what is held + the worst of the three moments; headroom on 79.1 GiB
         transient = max(col["forward_peak"], col["backward_peak"], col["optimizer_temporaries"])
         assert col["peak"] == col["held"] + transient and col["headroom"] == round(79.1 * GIB) - col["peak"]
@@ -232,4 +240,54 @@ def test_gpu_check_dry_run(tmp_path):
         assert st["latency"][fpt]["replying"]["new_tokens"] == 8 and st["latency"][fpt]["replying"]["silent_fraction"] == 0
     assert st["sft"]["tokens_per_s"] > 0 and st["grpo"]["step_s"] > 0 and st["grpo"]["logprob_gap"] >= 0
     assert json.load(open(tmp_path / "gpu.json"))["stages"]["grpo"]["step_s"] == st["grpo"]["step_s"]
-    assert "Per-turn latency of tiny" in (tmp_path / "gpu.md").read_text()
+    assert len(st["grpo"]["reward_std"]) == 1 and st["grpo"]["reward_std"][0] >= 0  # the spread of its one step
+    md = (tmp_path / "gpu.md").read_text()
+    assert "Per-turn latency of tiny" in md and "reward spread (std within a group) per step: " in md
+    assert "No stage failed." in md
+
+
+def test_gpu_check_names_a_failed_stage_and_fails(tmp_path, monkeypatch):
+    """A stage that fails is named in the report, and the command's exit status says so (the others still run)."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+    monkeypatch.setattr(bench, "setup", broken)  # the latency stage
+    monkeypatch.setattr(bench, "bench_sft", broken)
+    monkeypatch.setattr(bench, "bench_grpo", lambda a: dict(
+        step_s=1.0, share={"rollout": 1.0}, rollout_turns_per_s=1.0, generated_tokens=1.0, reward_std=[0.0],
+        frac_reward_zero_std=[1.0], moved_fraction=None, logprob_gap=0.0, config={}))
+    with pytest.raises(SystemExit, match=r"^bench.py gpu: failed stage\(s\): latency, sft \(see "):
+        run("gpu", "--device", "cpu", "--model", "tiny", "--quick", "--no-tests", "--out", str(tmp_path))
+    md = (tmp_path / "gpu.md").read_text()
+    assert "**Failed stages: latency, sft**" in md and "- sft: RuntimeError: CUDA error: out of memory" in md
+    assert "no group's rewards differed (spread 0): advantages 0, no update to measure" in md  # not "moved 0.00%"
+
+
+def test_grpo_3b_frees_its_model_and_the_gpu_cache_before_grpo_runs(tmp_path, monkeypatch):
+    """The 3B init checkpoint is written from a model on the GPU; before grpo.py starts in its own process the model
+    is gone and the caching allocator has given its memory back (7.5 GB of bf16 weights would sit there unused)."""
+    import subprocess
+    import weakref
+    built = [mmduet2.tiny_model()]  # handed over, so that bench_grpo holds the only reference
+    alive, emptied, seen = weakref.ref(built[0][0]), [], {}
+    monkeypatch.setattr(bench, "setup", lambda a, weights_dtype=None: (*built.pop(), {}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(alive() is None))
+
+    def grpo_run(cmd, **kwargs):  # what grpo.py would meet: is the model gone, was the cache emptied after?
+        seen.update(gone=alive() is None, emptied=emptied)
+        return subprocess.CompletedProcess(cmd, 1, "", "stopped by the test")
+    monkeypatch.setattr(bench.subprocess, "run", grpo_run)
+    args = bench.parse_args(["grpo", "--model", "3b", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="stopped by the test"):
+        bench.bench_grpo(args)
+    assert seen == dict(gone=True, emptied=[True])
+
+
+def test_grpo_3b_refuses_a_disk_too_small_for_what_it_writes(tmp_path, monkeypatch):
+    """The 3B GRPO stage writes a bf16 init folder and grpo.py's fp32 `final` (~23 GB at 3B, no step checkpoint):
+    where the disk has less free, it stops before writing anything, instead of filling it."""
+    import types
+    monkeypatch.setattr(bench, "setup", lambda a, weights_dtype=None: (*mmduet2.tiny_model(), {}))
+    monkeypatch.setattr(bench.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=10**6))
+    with pytest.raises(SystemExit, match=r"^bench.py grpo: .* GB needed in .*, 0 GB free$"):
+        bench.bench_grpo(bench.parse_args(["grpo", "--model", "3b", "--out", str(tmp_path)]))

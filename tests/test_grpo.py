@@ -3,6 +3,7 @@ real steps (precision, checkpointing, resume, refusals) and 2 CPU ranks."""
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -219,6 +220,33 @@ def test_one_step_changes_parameters_and_resumes(rl_data, chatty_ckpt, tmp_path)
         grpo.main(base + ["--max-steps", "3", "--resume"])
 
 
+def test_save_every_alone_writes_step_checkpoints(rl_data, tmp_path):
+    """A step checkpoint (~55 GB at 3B) is written every --save-every steps and at no other time: the last step wrote
+    one too, whatever --save-every said, and bench.py gpu's GRPO stage ran out of its disk. The end is `final`."""
+    base = ["--init", "tiny", "--anno", str(rl_data / "anno.json")] + SMALL + ["--max-steps", "3"]
+    for every, steps in (("2", ["step-000002"]), ("0", [])):
+        out = tmp_path / every
+        grpo.main(base + ["--save-every", every, "--out", str(out)])
+        assert sorted(d.name for d in out.iterdir() if d.is_dir()) == ["final"] + steps, every
+
+
+def test_episode_frames_are_read_off_the_main_thread(rl_data, tmp_path, monkeypatch):
+    """Every episode's frames are decoded on the reader thread (the next step's while this one rolls out and
+    updates), never on the main thread that drives the model; the metrics say how long a step waited for them."""
+    import threading
+    threads, make_episode = [], grpo.make_episode
+
+    def recorded(*args):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return make_episode(*args)
+    monkeypatch.setattr(grpo, "make_episode", recorded)
+    out = tmp_path / "run"
+    grpo.main(["--init", "tiny", "--anno", str(rl_data / "anno.json"), "--out", str(out), "--max-steps", "3"] + SMALL)
+    assert threads == [False] * 3  # one episode per step, none read on the main thread
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert all(r["time_episodes"] >= 0 and r["time_rollout"] > 0 for r in rows)
+
+
 def test_resume_equals_an_uninterrupted_run(rl_data, chatty_ckpt, tmp_path):
     """Killed after step 2 of 3 (the later checkpoint lost), resumed: the same weights and the same log."""
     base = ["--init", chatty_ckpt, "--anno", str(rl_data / "anno.json")] + SMALL + ["--max-steps", "3", "--keep", "0"]
@@ -293,10 +321,76 @@ def test_two_cpu_ranks_synchronise_and_share_rewards(rl_data, chatty_ckpt, tmp_p
     assert torch.allclose(r0["adv"], adv[0:1]) and torch.allclose(r1["adv"], adv[1:2])
 
 
+def launch_two_ranks(program, argv, timeout=600):
+    """`accelerate launch` of a Python file on 2 gloo ranks (explicit flags: no accelerate config is read)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), *program, *argv]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_update_gradients_stay_views_of_ddp_buckets(rl_data, chatty_ckpt, tmp_path):
+    """The update accumulates over a rank's rollouts (DDP's no_sync on all but the last backward). After every backward
+    the gradients are views into DDP's few buckets, never one fresh tensor per parameter (tests/test_sft.py says why)."""
+    out = tmp_path / "run"
+    run = launch_two_ranks([os.path.join("tests", "ddp_probe.py"), "grpo"], ["--init", chatty_ckpt, "--anno",
+                           str(rl_data / "anno.json"), "--out", str(out), "--max-steps", "2"] + SMALL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):
+        counts = json.load(open(out / f"grad-storages-rank{rank}.json"))
+        assert len(counts) == 2 * 2 and max(counts) <= 3, counts  # 2 steps × G = 2 rollouts; the tiny model: 31 tensors
+        assert json.load(open(out / f"timeout-rank{rank}.json")) == [30 * 60]  # as sft.py: a checkpoint's write
+
+
+RANK_1_JUDGE_FAILS = """
+import itertools, os, sys, time
+import grpo, reward
+calls = itertools.count()
+
+class Judge(reward.OfflineJudge):
+    max_workers = 4  # requests in flight at once, as with an LLM judge
+
+    def score(self, *args):
+        if os.environ["RANK"] == "1":
+            if next(calls) == 0:
+                raise reward.JudgeError("the judge endpoint went away")
+            time.sleep(600)  # the other requests in flight wait on a judge that will never answer
+        return super().score(*args)
+
+reward.OfflineJudge = Judge
+grpo.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("failure", ["judge", "video"])
+def test_one_rank_failing_stops_every_rank_with_one_line(rl_data, tmp_path, failure):
+    """2 gloo ranks; one fails on its own: its judge goes away (while its other requests hang), or its episode's video
+    is unreadable. Every rank stops at the step's first collective, with one line from rank 0 naming the rank and
+    the reason. Before, the failing rank waited for its requests in flight (~10 min here) while the other waited
+    in the reward gather; an unreadable video was a traceback on each rank."""
+    anno = rl_data / "anno.json"
+    if failure == "video":  # v1 is unreadable: read by whichever rank draws it (v0 is read by all at start-up)
+        shutil.copytree(rl_data, tmp_path / "data")
+        (tmp_path / "data" / "videos" / "v1.mp4").write_bytes(b"not a video" * 500)
+        anno = tmp_path / "data" / "anno.json"
+    program = tmp_path / "judge.py"
+    program.write_text(RANK_1_JUDGE_FAILS if failure == "judge" else "import sys, grpo\ngrpo.main(sys.argv[1:])\n")
+    run = launch_two_ranks([str(program)], ["--init", "tiny", "--anno", str(anno), "--out", str(tmp_path / "run"),
+                                            "--max-steps", "2"] + SMALL + ["--group", "4"], timeout=300)
+    ours = [line for line in run.stderr.splitlines() if line.startswith("grpo.py: ")]
+    reason = "rank 1: the judge endpoint went away" if failure == "judge" else "rank [01]: cannot decode video .*v1.mp4"
+    assert run.returncode != 0 and len(ours) == 1 and re.match(f"grpo.py: {reason}", ours[0]), run.stderr[-3000:]
+    assert "Traceback" not in "".join(line for line in run.stderr.splitlines() if line.startswith("[rank"))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--group", "1"], "--group must be >= 2"), (["--segment", "0"], "--segment and --interval must be > 0"),
     (["--interval", "-2"], "--segment and --interval must be > 0"), (["--max-frames", "1"], "--max-frames must hold"),
-    (["--episodes", "0"], "--episodes, --max-new-tokens"), (["--temperature", "0"], "--temperature and --clip"),
+    (["--episodes", "0"], "--episodes, --max-new-tokens"), (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--temperature", "0"], "--temperature and --clip"),
     (["--lr", "0"], "--lr in (0, 1)"), (["--top-k", "-1"], "--top-k, --kl"), (["--judge", "gpt"], "invalid choice"),
 ])
 def test_bad_flags_are_one_line(argv, message, capsys):

@@ -240,6 +240,43 @@ def test_a_model_folder_missing_a_file_is_one_line_before_anything_is_built(tiny
     assert str(e.value).startswith(f"model folder {tmp_path} has no {named}: not a whole checkpoint")
 
 
+@pytest.mark.parametrize("version, ok", [("5.17.0", False), ("5.23.0.dev0", False), ("5.23.0", True), ("6.0.1", True)])
+def test_transformers_older_than_needed_is_one_line_at_import(tmp_path, version, ok):
+    """transformers 5.17 (the GPU image's) takes `mm_encoder_outputs` into **kwargs and ignores it: cached turns
+    would run without their frames, silently. So `import mmduet2` checks the installed version first. The version
+    is faked with a dist-info folder ahead of the real one on the path (importlib.metadata finds it first)."""
+    import os
+    import subprocess
+    import sys
+    info = tmp_path / f"transformers-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: transformers\nVersion: {version}\n")
+    root = os.path.dirname(os.path.abspath(mmduet2.__file__))
+    p = subprocess.run([sys.executable, "-c", "import mmduet2"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": f"{tmp_path}:{root}"})
+    if ok:
+        assert p.returncode == 0, p.stderr
+    else:
+        assert p.returncode == 1 and p.stderr == (f"mmduet2.py: transformers {version} is installed; this code needs "
+                                                  "transformers >= 5.23 (pip install -r requirements.txt)\n"), p.stderr
+
+
+def test_bf16_loading_keeps_fp32_buffers_exact(tiny, tmp_path):
+    """dtype=bf16 casts the weights, never the buffers: rope's inverse frequencies stay the fp32 values they were
+    made as (rounded to bf16, 0.4217 becomes 0.4219: at position 10,000 a rotation is off by radians). Both ways
+    a model loads: the tiny one built here, and a folder through from_pretrained."""
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    want = dict(model.named_buffers())
+    assert want and all(b.dtype == torch.float32 for b in want.values())
+    for name in ("tiny", str(tmp_path)):
+        bf16 = mmduet2.load_model(name, dtype=torch.bfloat16, device="cpu")[0]
+        assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+        for key, buffer in bf16.named_buffers():
+            assert buffer.dtype == torch.float32 and torch.equal(buffer, want[key]), (name, key)
+
+
 # ----------------------------------------------------------------------------
 # the streaming engine
 
@@ -338,6 +375,61 @@ def test_group_rows_equal_full_forwards(chatty, monkeypatch):
             full = mmduet2.forward_logprobs(model, row.seq, temperature=1.2)
         assert torch.allclose(full, torch.tensor(lps[b]), atol=1e-4)
     assert len({len(row.seq.ids) for row in group.rows}) > 1
+
+
+@pytest.mark.parametrize("budget", [1, 2])
+def test_group_row_keeps_a_budget_shorter_than_the_draft_as_its_stream(chatty, budget):
+    """max_new_tokens below the 3 tokens of the NO REPLY draft: a Stream then decodes without the draft, and a
+    Group row must too (not emit the whole accepted draft): the same ids, the same forced end, the same mask."""
+    model, processor, frames, replies = chatty
+    config = mmduet2.decoding(processor, max_new_tokens=budget)  # greedy: every row equals the stream
+    stream = Stream(model, processor)
+    stream.feed(QUESTION, frames[0:1])
+    stream.feed(replies[0], role="assistant")
+    group = mmduet2.Group(stream.fork(), 2)
+    for k in range(1, 6):
+        want = stream.turn(frames[k:k + 1], config=config)
+        for row, got in zip(group.rows, group.turn(frames[k:k + 1], config=config)):
+            assert (got.ids, got.forced_end, got.logprobs) == (want.ids, want.forced_end, pytest.approx(want.logprobs, abs=1e-4))
+            assert row.seq.ids == stream.seq.ids and row.seq.mask == stream.seq.mask
+    assert len(want.ids) <= budget + 1 and any(m for m in stream.seq.mask)  # a cut reply + its appended <|im_end|>
+    for b, row in enumerate(group.rows):
+        assert int(group.mask[b].sum()) == row.cached == stream.cached
+
+
+def test_rollout_cache_under_bf16_autocast_is_bf16_and_costs_nothing(chatty, monkeypatch):
+    """GRPO rolls out under bf16 autocast over fp32 weights. The KV cache is kept in bf16 there (a plain
+    DynamicCache holds fp32: rope's fp32 cos/sin promote the keys, the values follow), and that changes no
+    sampled id and no log-prob: attention casts its inputs to bf16 under autocast anyway."""
+    from transformers import DynamicCache
+    model, processor, frames, replies = chatty
+    config = mmduet2.decoding(processor, temperature=1.2, top_k=10, max_new_tokens=10)
+
+    def rollout():
+        torch.manual_seed(0)
+        with torch.autocast("cpu", torch.bfloat16):
+            base = Stream(model, processor)
+            base.feed(QUESTION, frames[0:1])
+            base.feed(replies[0], role="assistant")
+            group, lps = mmduet2.Group(base, 2), [[], []]
+            assert base.cache is None  # taken over by the group, not copied beside its rows
+            for k in range(1, 5):
+                for b, reply in enumerate(group.turn(frames[k:k + 1], config=config)):
+                    lps[b] += reply.logprobs
+        return group, lps
+    group, lps = rollout()
+    assert {t.dtype for layer in group.cache.layers for t in (layer.keys, layer.values)} == {torch.bfloat16}
+    monkeypatch.setattr(mmduet2, "kv_cache", lambda model: DynamicCache(config=model.config))  # as before the fix
+    group32, lps32 = rollout()
+    assert {t.dtype for layer in group32.cache.layers for t in (layer.keys, layer.values)} == {torch.float32}
+    assert [r.seq.ids for r in group.rows] == [r.seq.ids for r in group32.rows] and lps == lps32
+    for b, row in enumerate(group.rows):  # and they are the training forward's under the same autocast, to bf16's precision
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            full = mmduet2.forward_logprobs(model, row.seq, temperature=1.2)
+        assert (full - torch.tensor(lps[b])).abs().mean() < 0.02
+    s = Stream(model, processor)  # outside autocast the cache takes the weights' dtype: fp32, as the golden tests run
+    s.turn(frames[0:1], QUESTION, mmduet2.decoding(processor, max_new_tokens=4))
+    assert s.cache.layers[0].keys.dtype == torch.float32
 
 
 def test_fast_silence_greedy_identical(chatty):

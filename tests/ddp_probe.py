@@ -1,0 +1,37 @@
+"""Run by the tests under `accelerate launch` (2 gloo ranks): `python tests/ddp_probe.py sft|grpo FLAGS...` runs that
+script's main and records, after every backward, how many storages the trained parameters' gradients live in.
+
+With DDP's gradient_as_bucket_view they are views into a few all-reduce buckets, one storage per bucket. A gradient
+that was None when a no_sync micro-batch ran is allocated afresh, one storage per parameter: a second copy of every
+gradient beside the buckets. The counts go to OUT/grad-storages-rankR.json, the timeout to OUT/timeout-rankR.json.
+"""
+import json
+import os
+import sys
+
+import accelerate
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the scripts
+backward, counts = accelerate.Accelerator.backward, []
+
+
+def recorded(self, loss, **kwargs):
+    backward(self, loss, **kwargs)
+    grads = [p.grad for p in self._models[0].parameters() if p.requires_grad and p.grad is not None]
+    counts.append(len({g.untyped_storage().data_ptr() for g in grads}))
+
+
+def init_recorded(*args, **kwargs):
+    timeouts.append(kwargs["timeout"].total_seconds() if "timeout" in kwargs else None)
+    return init_process_group(*args, **kwargs)
+
+
+accelerate.Accelerator.backward = recorded
+init_process_group, timeouts = torch.distributed.init_process_group, []
+torch.distributed.init_process_group = init_recorded
+script, argv = sys.argv[1], sys.argv[2:]
+__import__(script).main(argv)
+out, rank = argv[argv.index("--out") + 1], accelerate.PartialState().process_index
+json.dump(counts, open(os.path.join(out, f"grad-storages-rank{rank}.json"), "w"))
+json.dump(timeouts, open(os.path.join(out, f"timeout-rank{rank}.json"), "w"))
