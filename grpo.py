@@ -292,33 +292,34 @@ def main(argv=None):
     ckpt, step = mmduet2.start_run(args.out, args.resume, settings, acc.is_main_process)
 
     # -- data: checked before the model loads (a rank failing mid-run would leave the others in a collective)
-    try:
-        examples = reward.load_gold(args.anno)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"grpo.py: {e}") from None
-    missing = [ex["video"] for ex in examples if not os.path.isfile(os.path.join(args.videos, ex["video"]))]
-    if missing:
-        raise SystemExit(f"grpo.py: {len(missing)} videos missing in {args.videos}, e.g. {missing[0]}")
-    try:  # gold the video cannot reach (reward.gold_warnings): said, one line each; its episodes run as defined
-        warned = [f"gold warning, {ex['question_id']}: {w}" for ex in examples for w in reward.gold_warnings(
-            ex, mmduet2.video_duration(os.path.join(args.videos, ex["video"])), args.interval * args.frames_per_turn)]
-    except (OSError, ValueError) as e:  # an undecodable video: every rank stops here, before any collective
-        raise SystemExit(f"grpo.py: {e}") from None
-    for line in warned:
-        print0(line)
-    per_step = args.episodes * world
-    total_steps = args.max_steps or args.epochs * len(examples) // per_step
-    if total_steps == 0:
-        raise SystemExit(f"grpo.py: {len(examples)} examples cannot fill one step of {per_step} episodes")
-    try:
-        judge = reward.OfflineJudge() if args.judge == "offline" else reward.OpenAIJudge(
-            model=args.judge_model, max_workers=args.judge_workers)
-        # -- model: the policy in fp32 (the optimizer's master copy; bf16 compute comes from autocast), and,
-        # only with --kl, a frozen reference
-        model, processor = mmduet2.load_model(args.init, dtype=torch.float32, device=acc.device,
-                                              frame_tokens=args.frame_tokens)
-    except (OSError, reward.JudgeError) as e:
-        raise SystemExit(f"grpo.py: {e}") from None
+    with mmduet2.said_once(acc):  # these checks fail alike on every rank
+        try:
+            examples = reward.load_gold(args.anno)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"grpo.py: {e}") from None
+        missing = [ex["video"] for ex in examples if not os.path.isfile(os.path.join(args.videos, ex["video"]))]
+        if missing:
+            raise SystemExit(f"grpo.py: {len(missing)} videos missing in {args.videos}, e.g. {missing[0]}")
+        try:  # gold the video cannot reach (reward.gold_warnings): said, one line each; its episodes run as defined
+            warned = [f"gold warning, {ex['question_id']}: {w}" for ex in examples for w in reward.gold_warnings(
+                ex, mmduet2.video_duration(os.path.join(args.videos, ex["video"])), args.interval * args.frames_per_turn)]
+        except (OSError, ValueError) as e:  # an undecodable video: every rank stops here, before any collective
+            raise SystemExit(f"grpo.py: {e}") from None
+        for line in warned:
+            print0(line)
+        per_step = args.episodes * world
+        total_steps = args.max_steps or args.epochs * len(examples) // per_step
+        if total_steps == 0:
+            raise SystemExit(f"grpo.py: {len(examples)} examples cannot fill one step of {per_step} episodes")
+        try:
+            judge = reward.OfflineJudge() if args.judge == "offline" else reward.OpenAIJudge(
+                model=args.judge_model, max_workers=args.judge_workers)
+            # -- model: the policy in fp32 (the optimizer's master copy; bf16 compute comes from autocast), and,
+            # only with --kl, a frozen reference
+            model, processor = mmduet2.load_model(args.init, dtype=torch.float32, device=acc.device,
+                                                  frame_tokens=args.frame_tokens)
+        except (OSError, reward.JudgeError) as e:
+            raise SystemExit(f"grpo.py: {e}") from None
     model.model.visual.requires_grad_(False)  # the vision encoder stays frozen (as in SFT), its merger learns
     model.model.visual.merger.requires_grad_(True)
     ref = mmduet2.load_model(args.init, device=acc.device)[0].requires_grad_(False) if args.kl else None

@@ -1325,6 +1325,16 @@ def resume_hint(out):
         "no checkpoint was written yet"
 
 
+@contextlib.contextmanager
+def said_once(accelerator):
+    """Start-up checks (the data, the model folder) fail alike on every rank: rank 0 says why, the others exit 1
+    quietly, so a two-rank run does not print each line twice, interleaved."""
+    try:
+        yield
+    except SystemExit as e:
+        raise SystemExit(e.code if accelerator.is_main_process else 1) from None
+
+
 def first_failure(accelerator, error):
     """Every rank calls this at the same point of a step with its own one-line error or None; all get back the
     first failure of any rank ("rank 1: cannot decode video ..."), or None.

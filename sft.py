@@ -177,10 +177,11 @@ def main(argv=None):
 
     # -- Data. Order: one seeded permutation per epoch, the same on every rank; rank r takes every world-th
     # example of it. So 1 rank × accumulation 2 and 2 ranks × accumulation 1 see the same pairs per step.
-    records = read_records(args.data, args.toy)
-    steps_per_epoch = len(records) // (world * args.grad_accum)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"sft.py: {len(records)} examples cannot fill one step of {world} ranks × {args.grad_accum} accumulation")
+    with mmduet2.said_once(acc):
+        records = read_records(args.data, args.toy)
+        steps_per_epoch = len(records) // (world * args.grad_accum)
+        if steps_per_epoch == 0:
+            raise SystemExit(f"sft.py: {len(records)} examples cannot fill one step of {world} ranks × {args.grad_accum} accumulation")
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     plan = []  # this rank's example indices, in training order, epoch after epoch
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):

@@ -227,17 +227,31 @@ def test_two_ranks_train_on_records_without_images(data, tmp_path):
 
 
 def test_one_rank_failing_stops_every_rank_with_one_line(data, tmp_path):
-    """2 gloo ranks, one of which meets a dialogue whose video is missing: every rank stops at that step, with one
-    line from rank 0 naming the rank, the file and the line (the other rank used to die in its next collective)."""
-    lines = open(data / "ours.jsonl").read().splitlines()
+    """2 gloo ranks, one of which meets a frame file that is there but is not an image (the up-front check sees files,
+    not pixels): every rank stops at that step, with one line from rank 0 naming the rank, the file and the line
+    (the other rank used to die in its next collective)."""
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "0.jpg").write_bytes(b"not a jpeg" * 100)
+    for j in range(1, 4):
+        shutil.copy(data / "frames" / f"{j}.jpg", tmp_path / "frames")
+    good = open(data / "ours.jsonl").readline().replace("videos/v0.mp4", str(data / "videos" / "v0.mp4"))
     bad = tmp_path / "bad.jsonl"
-    bad.write_text("\n".join([lines[0].replace("videos/v0.mp4", str(data / "videos" / "v0.mp4")),
-                              lines[1].replace("videos/v1.mp4", "videos/nope.mp4")]) + "\n")
+    bad.write_text(good + open(data / "released.jsonl").readline())
     p = run_sft(data, tmp_path / "out", "--data", str(bad), nproc=2, grad_accum=1, check=False)
     ours = [line for line in p.stderr.splitlines() if line.startswith("sft.py: ")]
     assert p.returncode != 0 and len(ours) == 1, p.stderr[-3000:]
-    assert re.match(rf"sft.py: rank [01]: {re.escape(str(bad))}:2: FileNotFoundError: video not found", ours[0]), ours
+    assert re.match(rf"sft.py: rank [01]: {re.escape(str(bad))}:2: UnidentifiedImageError: ", ours[0]), ours
     assert "Traceback" not in "".join(line for line in p.stderr.splitlines() if line.startswith("[rank"))
+
+
+def test_bad_data_is_said_once_by_rank_0(data, tmp_path):
+    """Data that fail the up-front check fail it on every rank alike: one line, from rank 0, nothing trained."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(data / "ours.jsonl").readline().replace("videos/v0.mp4", "videos/nope.mp4"))
+    p = run_sft(data, tmp_path / "out", "--data", str(bad), nproc=2, grad_accum=1, check=False)
+    ours = [line for line in p.stderr.splitlines() if line.startswith("sft.py: ")]
+    assert p.returncode != 0 and ours == [f"sft.py: {bad}:1: video not found: {tmp_path / 'videos' / 'nope.mp4'}: "
+                                          "fix the data; nothing was trained"], p.stderr[-3000:]
 
 
 def test_gradients_stay_views_of_ddp_buckets_under_accumulation(data, tmp_path):
