@@ -339,7 +339,9 @@ def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames
                 continue  # after the next question (or after the last turn): no longer asked for
             # Sec. 4.2: the answer is spoken at the end of its span (or, with --placement, maybe earlier)
             t_say = place(times, s0, s1, random_frac, rng)
-            earlier = [t for t in times if s0 <= t < t_say]
+            # a turn whose last frame (at t - interval) shows the square: an early reply there is one a
+            # model can learn; at a turn that saw the square only in its first frame, it cannot tell
+            earlier = [t for t in times if s0 <= t < t_say and s["start"] <= t - interval < s["end"]]
             if earlier and history_frac > 0 and rng.random() < history_frac:
                 # --history-frac: the dialogue already holds this answer, said early in its span, as history
                 # the model is not trained to say; what it learns is the NO REPLY of the turns after it,
@@ -573,6 +575,9 @@ TOY_BACKGROUND = 24      # dark grey
 TOY_NOISE = 6            # ± grey levels of static per-video noise (static: it costs the encoder nothing)
 TOY_CRF = 18             # x264 quality: colours survive yuv420p round trips within a few levels
 TOY_LEAD = 1.0           # no event in the first second
+# ... and none in the last 4 s: the benchmark's last turn (often one frame) is then never an answer's
+# turn. Where it was, GRPO learnt to say answers again there, and ~half its duplicates sat at that turn.
+TOY_QUIET_END = 4.0
 # 84 px = 3x3 patches of 28 = 9 LLM tokens per frame. Events last at least 5 s = one 4 s turn + one
 # 2 s frame - the 1 s reply tail: then, at the paper's frame settings, the end-of-span turn always
 # shows the square in its last frame (with 4 s events, ~4% of answers sat at a turn none of whose
@@ -617,14 +622,14 @@ def toy_scenes(rng, size=84, fps=10, min_len=20, max_len=40, min_events=2, max_e
     """(duration, scenes) of one toy video: non-overlapping events at frame-exact times.
 
     Times are whole frames (k / fps), so "visible" is exact: frame k shows the event iff
-    start <= k / fps < end. Events start after TOY_LEAD, keep `gap` seconds apart, end REPLY_TAIL
-    before the video ends (so their reply spans fit), and have distinct colours (a second red
+    start <= k / fps < end. Events start after TOY_LEAD, keep `gap` seconds apart, end TOY_QUIET_END
+    before the video ends (so their reply spans fit, short of the last turn), and have distinct colours (a second red
     square would read as a repeat to the judge). `size` comes along with the rest of the world dict.
     """
     duration = rng.randint(min_len, max_len)  # whole seconds, so the video is a whole number of frames
     # everything below counts frames (integers), not seconds: no float drift between the scene list
     # and the frames render_toy_video draws
-    total, lead, tail, gap_f = duration * fps, round(TOY_LEAD * fps), round(REPLY_TAIL * fps), round(gap * fps)
+    total, lead, tail, gap_f = duration * fps, round(TOY_LEAD * fps), round(TOY_QUIET_END * fps), round(gap * fps)
     lo, hi = round(min_event * fps), round(max_event * fps)
     k = rng.randint(min_events, max_events)
     while k > 1 and lead + tail + k * lo + (k - 1) * gap_f > total:
@@ -717,8 +722,8 @@ class ToyWriter:
         return "So far: " + " ".join(answers)
 
 
-def make_toy(out, seed=0, n_train=200, n_rl=50, n_test=30, interval=INTERVAL, frames_per_turn=FRAMES_PER_TURN,
-             random_frac=0.0, nqna_frac=NQNA_FRAC, history_frac=0.0, **world):
+def make_toy(out, seed=0, n_train=400, n_rl=100, n_test=30, interval=INTERVAL, frames_per_turn=FRAMES_PER_TURN,
+             random_frac=0.0, nqna_frac=0.0, history_frac=TOY_HISTORY_FRAC, **world):
     """Write out/{train,rl,test}/{videos/*.mp4, scenes.jsonl, sft.jsonl, anno.json}; deterministic by seed.
 
     Each video draws from its own generator (seed, split, index): adding videos to a split does not
@@ -732,10 +737,10 @@ def make_toy(out, seed=0, n_train=200, n_rl=50, n_test=30, interval=INTERVAL, fr
                          f"got {world['min_len']}, {world['max_len']}")
     if not 1 <= world["min_events"] <= world["max_events"] <= len(TOY_COLOURS):
         raise ValueError(f"toy events: need 1 <= --min-events <= --max-events <= {len(TOY_COLOURS)} (one colour each)")
-    # the shortest video must hold the lead, one shortest event and its reply tail
+    # the shortest video must hold the lead, one shortest event and the quiet end
     if (not 0 < world["min_event"] <= world["max_event"]
-            or TOY_LEAD + world["min_event"] + REPLY_TAIL > world["min_len"]):
-        raise ValueError(f"toy events: need 0 < --min-event <= --max-event and a {TOY_LEAD + REPLY_TAIL:g} s "
+            or TOY_LEAD + world["min_event"] + TOY_QUIET_END > world["min_len"]):
+        raise ValueError(f"toy events: need 0 < --min-event <= --max-event and a {TOY_LEAD + TOY_QUIET_END:g} s "
                          f"margin + one --min-event event to fit in --min-len ({world['min_len']} s)")
     reward.hold_output(str(out), folder=True)  # a second toy run would delete this one's videos as it writes them
     counts = {}
@@ -827,11 +832,12 @@ def main(argv=None):
     t = sub.add_parser("toy", help="the toy world: synthetic videos → train / rl / test splits")
     # output and sizes
     t.add_argument("--out", required=True, type=path, help="output folder; gets train/, rl/ and test/")
-    t.add_argument("--n-train", type=int, default=200, help="videos in the SFT split")
-    t.add_argument("--n-rl", type=int, default=50, help="videos held out for GRPO")
+    t.add_argument("--n-train", type=int, default=400, help="videos in the SFT split")
+    t.add_argument("--n-rl", type=int, default=100, help="videos held out for GRPO")
     t.add_argument("--n-test", type=int, default=30, help="videos in the test split (anno.json is the benchmark)")
     dialogue_flags(t)
-    t.set_defaults(history_frac=TOY_HISTORY_FRAC)  # the toy world's default (TOY_HISTORY_FRAC's comment)
+    # the toy world's defaults, the quick start's: history (TOY_HISTORY_FRAC's comment), 1QnA only (docs/toy.md)
+    t.set_defaults(history_frac=TOY_HISTORY_FRAC, nqna_frac=0.0)
     # the world
     t.add_argument("--size", type=int, default=TOY_WORLD["size"], help="frame side in pixels (84 = 9 LLM tokens)")
     t.add_argument("--fps", type=int, default=TOY_WORLD["fps"], help="frames per second of the mp4")

@@ -3,10 +3,10 @@ mix and the toy world. Hermetic: no network; videos are tiny mp4s made in-proces
 
     .venv/bin/python -m pytest tests/test_data.py -q
 """
-import hashlib
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -115,8 +115,15 @@ def test_history_answers_are_said_early_untrained_and_then_silent():
     end = {a["content"]: a["sft_time"] for a in plain[2]}  # the paper's end-of-span turns
     moved = [a for a in gold if a["sft_time"] < end[a["content"]]]
     times = mmduet2.turn_times(15, 2.0, 2)
-    movable = [a for a in gold if any(a["reply_timespan"][0] <= t < end[a["content"]] for t in times)]
-    assert moved == movable and moved  # with --history-frac 1, every answer whose span holds an earlier turn
+    # an earlier turn of the span whose last frame (at t - 2 s) shows the event
+    movable = [a for a in gold if any(a["reply_timespan"][0] <= t < end[a["content"]]
+                                      and a["related_timespan"][0] <= t - 2 < a["related_timespan"][1] for t in times)]
+    assert moved == movable and moved  # with --history-frac 1, every answer that has such a turn
+    # a square from 7.5 s: turn 8 is in its span, but its last frame (6 s) has not shown it, so the answer stays at 12
+    late = [{"start": 7.5, "end": 13.0, "caption": "c"}]
+    _, _, late_gold = data.make_dialogue(DURATION, late, [(0.0, {"question": "q", "answers": ["a"]})], FakeWriter(),
+                                         random.Random(0), history_frac=1.0)
+    assert [a["sft_time"] for a in late_gold] == [12.0]
     for a in moved:
         s0, s1 = a["reply_timespan"]
         m = said[a["sft_time"]]
@@ -386,7 +393,7 @@ def test_toy_written_twice_at_once_is_byte_identical(tmp_path):
     assert [r.wait(timeout=600) for r in runs] == [0, 0]
     a, b = files(tmp_path / "a"), files(tmp_path / "b")
     assert len(a) == 3 * 6 + 20  # per split: scenes/sft/anno/offline jsonl, anno.json, build.json; 20 videos
-    assert {k: hashlib.sha256(v).hexdigest() for k, v in a.items()} == {k: hashlib.sha256(v).hexdigest() for k, v in b.items()}
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []  # the names of the files that differ
 
 
 def test_yuv_frame_sets_every_byte_the_encoder_reads():
@@ -445,18 +452,26 @@ def test_toy_frames_through_the_hub_reader_match_the_dialogue(toy):
             assert on == (s["start"] <= t < s["end"]), (t, s)
 
 
-def test_toy_end_placement_always_follows_a_frame_that_shows_the_event(toy):
-    # toy.md's exploration trap: the reply turn must show the square (not one that has not appeared yet)
+def test_toy_answers_follow_a_frame_that_shows_the_event_and_never_sit_at_the_last_turn(toy):
+    # toy.md's exploration trap: a reply turn (end-of-span or history) must show the square in its last frame, not
+    # one that has not appeared yet; and the quiet end (data.TOY_QUIET_END) keeps every answer off the last turn
+    said = 0
     for split in ("train", "rl", "test"):
         root = toy / "a" / split
         scenes = {json.loads(l)["id"]: json.loads(l)["scenes"] for l in (root / "scenes.jsonl").read_text().splitlines()}
         for line in (root / "sft.jsonl").read_text().splitlines():
             d = json.loads(line)
+            last_turn = d["messages"][-1]["time"]
             for m in d["messages"]:
                 for s in scenes[d["id"]]:
-                    if m["role"] == "assistant" and m["content"] == s["caption"]:
+                    # either question's answer: the caption, or the colour alone ("Red.")
+                    said_here = {p.strip() for p in re.findall(r"[^.]+\.", m["content"])}  # its sentences
+                    if m["role"] == "assistant" and {s["caption"], s["colour"].capitalize() + "."} & said_here:
                         last_frame = m["time"] - d["interval"]
-                        assert s["start"] <= last_frame < s["end"], (d["id"], m)
+                        assert s["start"] <= last_frame < s["end"] and m["time"] < last_turn, (d["id"], m)
+                        said += 1
+            assert d["messages"][-1]["content"] == SILENCE
+    assert said >= 8  # 4 videos of 2-4 events (count guard: the loop above asserted something)
 
 
 def test_toy_writer_goes_through_the_same_construction(toy):
