@@ -61,9 +61,9 @@ import reward
 # ----------------------------------------------------------------------------------------------
 # Arguments (defaults = the released recipe; --toy = a CPU-sized run)
 
-# the random 0.6M-parameter tiny model needs a far larger step than 1e-5; 20 epochs of 400 toy videos = 4,000 steps
-# the toy recipe (docs/toy.md): a random-init model needs a larger step than 1e-5; at 2e-3 × 20 epochs one seed in
-# a few ignored a question type, at 1e-3 × 10 with the offline mix (Sec. 4.2) none did (chosen on validation worlds)
+# the toy recipe (docs/toy.md): the random 0.6M-parameter tiny model needs a larger step than 1e-5; at 2e-3 × 20
+# epochs one seed in a few ignored a question type, at 1e-3 × 10 with the offline mix (Sec. 4.2) none did (chosen
+# on validation worlds)
 TOY = dict(model="tiny", data=["data/toy/train/sft.jsonl", "data/toy/train/offline.jsonl"], out="runs/sft-toy",
            lr=1e-3, epochs=10, grad_checkpointing=False, mixed_precision="no", workers=0, save_every=250)
 
