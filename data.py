@@ -2,7 +2,7 @@
 
 Role in the pipeline: the first step.
 
-    scene captions ──data.py──▶ sft.jsonl + anno.json ──sft.py──▶ SFT ──grpo.py──▶ RL ──infer.py──▶ reward.py eval
+    scene captions ──data.py──▶ sft.jsonl + anno.json ──sft.py──▶ SFT ──grpo.py──▶ RL ──infer.py──▶ evaluate.py
 
 What it does (paper Sec. 3, "Dataset construction"; SFT placement from Sec. 4.2):
 
@@ -31,7 +31,7 @@ shows the square and never precedes it (why: the comment above TOY_WORLD).
 
 Where we depart from the paper (each also noted beside its line):
 
-1. The prompts are our own; the LLM is any OpenAI-compatible endpoint (reward.LLMClient).
+1. The prompts are our own; the LLM is any OpenAI-compatible endpoint (llm.LLMClient).
 2. A 1QnA dialogue uses one question per video, drawn at random among those some scene answers.
 3. nQnA: the first question is asked at t = 0. An answer is due only if its (end-of-span) turn
    comes before the next question is asked; a scene under way when its question arrives gets its
@@ -61,7 +61,6 @@ import os
 import random
 import re
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -70,6 +69,7 @@ from tqdm import tqdm
 
 import mmduet2
 import reward
+from llm import LLMClient, imap  # by name: build's `llm` argument is the writer's kind
 from mmduet2 import IMAGE, SILENCE
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def parse_questions(text, n, n_scenes):
 
 
 class LLMWriter:
-    """The two LLM steps through an OpenAI-compatible client (`reward.LLMClient`: cache, retries).
+    """The two LLM steps through an OpenAI-compatible client (`llm.LLMClient`: cache, retries).
 
     The client caches answers by prompt (a bad one too), so a re-ask must change the prompt: it
     appends what was wrong, which also helps the model fix it.
@@ -462,20 +462,24 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
                 todo.append(rec)
 
     # LLM calls are the slow part at full scale: run videos concurrently, write results in input order
-    pool = ThreadPoolExecutor(max(1, workers))
+    def build_one(rec):  # a bad video is a result (None, its error), so the other videos go on
+        try:
+            # a string seed is hashed by random.Random itself (SHA-512), not by hash(): the same every run
+            return build_example(rec, writer, random.Random(f"{seed}:{rec['id']}"), out_dir, interval,
+                                 frames_per_turn, random_frac, nqna_frac, history_frac), None
+        except ValueError as e:
+            return None, e
+
+    results = imap(build_one, [(rec,) for rec in todo], workers, desc=f"build {out_dir}", unit="video", leave=True)
     try:
-        # a string seed is hashed by random.Random itself (SHA-512), not by hash(): the same every run
-        futures = [pool.submit(build_example, rec, writer, random.Random(f"{seed}:{rec['id']}"), out_dir,
-                               interval, frames_per_turn, random_frac, nqna_frac, history_frac) for rec in todo]
         with open(sft_path, "a") as f_sft, open(journal, "a") as f_gold:
-            # results taken in submission order: a slow video holds back the writing, not the LLM calls
-            for rec, future in zip(todo, tqdm(futures, desc=f"build {out_dir}", unit="video", disable=None)):
-                try:
-                    dialogue, example = future.result()
-                except ValueError as e:
-                    _report(f"{scenes_path} line {rec['line']} ({rec['id']}): {e}; skipped, a re-run tries it again")
+            # results come in input order: a slow video holds back the writing, not the LLM calls
+            for rec, (built, error) in zip(todo, results):
+                if error is not None:
+                    _report(f"{scenes_path} line {rec['line']} ({rec['id']}): {error}; skipped, a re-run tries it again")
                     counts["failed"] += 1
                     continue
+                dialogue, example = built
                 # gold first: a video counts as done only once its dialogue is written, so a cut
                 # between the two leaves a gold line that the resumed build writes again (the later
                 # line wins below), never a dialogue without gold
@@ -487,7 +491,7 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
                 counts["nqna"] += len(example["conversation"]) > 1
                 counts["answers"] += len(example["answer"])
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C must not wait for thousands of queued calls
+        results.close()  # no worker starts another video: Ctrl-C must not wait for thousands of queued calls
 
     # anno.json = the journal in sft.jsonl order (a gold line whose dialogue was cut off is dropped)
     gold = {g["question_id"]: g for g in _journal(journal)}
@@ -858,8 +862,8 @@ def main(argv=None):
             else:
                 # the cache lives with the dataset, so a resumed build re-asks nothing; 4096 tokens: a
                 # QA list (4 questions x one answer per scene) is long JSON, and a cut one cannot parse
-                client = reward.LLMClient(model=args.model, base_url=args.base_url, max_workers=args.workers,
-                                          cache_path=Path(args.out) / "llm_cache.jsonl", max_tokens=4096)
+                client = LLMClient(model=args.model, base_url=args.base_url, max_workers=args.workers,
+                                   cache_path=Path(args.out) / "llm_cache.jsonl", max_tokens=4096)
                 writer, workers = LLMWriter(client, args.retries), args.workers
             c = build(args.scenes, args.out, writer, args.interval, args.frames_per_turn, args.placement,
                       args.nqna_frac, args.seed, workers, args.llm, args.history_frac)

@@ -1,6 +1,6 @@
 """Multi-turn GRPO with the MMDuet2 reward: teach a proactive model to reply early, without reply-time labels.
 
-Pipeline:  data.py ──▶ sft.py ──▶ **grpo.py** ──▶ infer.py ──▶ reward.py eval          (paper Sec. 4.3)
+Pipeline:  data.py ──▶ sft.py ──▶ **grpo.py** ──▶ infer.py ──▶ evaluate.py          (paper Sec. 4.3)
 
 SFT puts every reply at the end of its event, so the model learns *what* to say but replies late. Nobody
 knows the exact frame at which a fact becomes visible, so there is no label for "the right time". GRPO
@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+import llm
 import mmduet2
 import reward
 
@@ -312,7 +313,7 @@ def main(argv=None):
         if total_steps == 0:
             raise SystemExit(f"grpo.py: {len(examples)} examples cannot fill one step of {per_step} episodes")
         try:
-            judge = reward.OfflineJudge() if args.judge == "offline" else reward.OpenAIJudge(
+            judge = reward.OfflineJudge() if args.judge == "offline" else llm.OpenAIJudge(
                 model=args.judge_model, max_workers=args.judge_workers)
             # -- model: the policy in fp32 (the optimizer's master copy; bf16 compute comes from autocast), and,
             # only with --kl, a frozen reference
@@ -382,8 +383,8 @@ def main(argv=None):
         def score(ep, r):
             return reward.mmduet2_reward(r.turns, ep.answers, judge, ep.context_replies, tuple(args.weights))
         calls, failures = judge.calls, judge.failures
-        try:  # run_all leaves at once on an error: a request in flight is not waited for
-            for (_, r), parts in zip(flat, reward.run_all(judge, score, flat)):
+        try:  # llm.imap leaves at once on an error: a request in flight is not waited for
+            for (_, r), parts in zip(flat, llm.imap(score, flat, judge.max_workers, desc="judge")):
                 r.reward = parts
         except reward.JudgeError as e:  # the endpoint went away: no reward can be trusted from here on
             error = str(e)

@@ -68,7 +68,7 @@ Run:
     python infer.py rtsp://camera.local/stream --out pred.jsonl   # network stream (also http(s)://, HLS .m3u8)
     python infer.py --benchmark WEB/anno.json --videos WEB/videos --out preds.jsonl
     python infer.py --benchmark EGO/anno.json --videos EGO/videos --frames-per-turn 2 --out preds.jsonl
-    python reward.py eval --gold WEB/anno.json --pred preds.jsonl --judge openai
+    python evaluate.py --gold WEB/anno.json --pred preds.jsonl --judge openai
 """
 import collections
 import itertools
@@ -541,7 +541,7 @@ def parse_args(argv):
     p.add_argument("--demo", type=int, nargs="?", const=0, metavar="SEED",
                    help="write a toy video (data.py toy, seed SEED) and stream it through the shipped toy model")
     p.add_argument("--html", metavar="FILE", type=path,
-                   help="with --demo: also write its timeline page (as reward.py eval --html): the replies "
+                   help="with --demo: also write its timeline page (as evaluate.py --html): the replies "
                         "against the gold events, scored offline")
     p.add_argument("--out", type=path,
                    help="prediction JSONL; single video: a new file; benchmark: appended, resumable "
@@ -596,17 +596,18 @@ def demo(seed, out_dir):
 def main(argv=None):
     args = parse_args(argv)
     if args.html and args.demo is None:
-        raise SystemExit("infer.py: --html is for --demo; for a benchmark run: reward.py eval ... --html FILE")
+        raise SystemExit("infer.py: --html is for --demo; for a benchmark run: evaluate.py ... --html FILE")
     if args.demo is not None:  # the demo is a normal run on the arguments it makes up
         with tempfile.TemporaryDirectory(prefix="mmduet2-demo-") as tmp:
             preds = os.path.join(tmp, "pred.jsonl")
             result = main(demo(args.demo, tmp) + ["--out", preds])
-            if args.html:  # the page reward.py eval --html writes, for this one video
+            if args.html:  # the page evaluate.py --html writes, for this one video
+                import evaluate  # here, not on top: only this page needs the evaluation script (and openai)
                 anno = os.path.join(tmp, "test", "anno.json")
                 gold = reward.load_gold(anno)
-                summary, marks = reward.evaluate(gold, preds, reward.OfflineJudge())
-                reward.write_html(args.html, f"infer.py --demo {args.demo}", gold,
-                                  [("toy-model", "infer.py --demo", summary, marks)])
+                summary, marks = evaluate.evaluate(gold, preds, reward.OfflineJudge())
+                evaluate.write_html(args.html, f"infer.py --demo {args.demo}", gold,
+                                    [("toy-model", "infer.py --demo", summary, marks)])
                 print(f"timeline page: {args.html}")
             return result
     # ---- refusals: flags that contradict each other, one line each, before anything is opened

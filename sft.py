@@ -1,6 +1,6 @@
 """SFT: teach Qwen2.5-VL to watch a stream and answer every turn, with a reply or NO REPLY (paper Sec. 4.2).
 
-Pipeline:  data.py ──▶ **sft.py** ──▶ grpo.py ──▶ infer.py ──▶ reward.py eval
+Pipeline:  data.py ──▶ **sft.py** ──▶ grpo.py ──▶ infer.py ──▶ evaluate.py
 
 One training example is one whole dialogue (our SFT JSONL from data.py, or the released MMDuet2-data SFT
 JSONL, plus any offline JSONL in the same format): a system prompt, then user turns that each bring 1–2

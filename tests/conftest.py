@@ -1,8 +1,12 @@
-"""Shared test fixtures: synthetic mp4s and the tiny Qwen2.5-VL, all built offline."""
+"""Shared test fixtures: synthetic mp4s and the tiny Qwen2.5-VL, gold examples and a fake OpenAI-compatible
+endpoint on 127.0.0.1, all built offline."""
 import contextlib
+import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -118,3 +122,76 @@ def another_run_writing(path, folder=False):
     finally:
         proc.kill()
         proc.wait()
+
+
+# ----------------------------------------------------------------------------------------------
+# Gold examples and a fake judge endpoint (test_reward.py, test_llm.py, test_evaluate.py)
+
+def example(qid, spans, question="What happens?", duration=60.0):
+    """An anno.json example; spans = [(s0, s1, r1)], related span [s0, r1], gold text 'gold i'."""
+    return {"video": f"{qid}.mp4", "question_id": qid, "duration": duration,
+            "conversation": [{"role": "user", "content": question, "time": 0}],
+            "answer": [{"role": "assistant", "content": f"gold {i}", "related_timespan": [s0, r1],
+                        "reply_timespan": [s0, s1]} for i, (s0, s1, r1) in enumerate(spans)]}
+
+
+class FakeServer:
+    """An OpenAI-compatible /v1/chat/completions. `answer(user_text)` returns the answer text, an int
+    (an HTTP error status), ('sleep', s) (answer after s seconds) or ('raw', content_type, body)
+    (an HTTP 200 with exactly that body, e.g. a proxy's HTML page). With `echo_auth` the answers and
+    error messages repeat the request's Authorization header, as some proxies do."""
+
+    def __init__(self):
+        self.requests = []
+        self.answer = lambda text: "3"
+        self.echo_auth = False
+        self.release = threading.Event()  # set at teardown: a slow answer stops waiting
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append((self.path, body))
+                out = fake.answer(body["messages"][-1]["content"])
+                if isinstance(out, tuple) and out[0] == "sleep":  # a slow server: answer after the client gave up
+                    fake.release.wait(out[1])
+                    out = "3"
+                echo = f" (Authorization: {self.headers['Authorization']})" if fake.echo_auth else ""
+                status, content_type = 200, "application/json"
+                if isinstance(out, tuple) and out[0] == "raw":
+                    _, content_type, data = out
+                elif isinstance(out, int):
+                    data = json.dumps({"error": {"message": "boom" + echo, "type": "server_error"}}).encode()
+                    status = out
+                else:
+                    data = json.dumps({
+                        "id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": out + echo}}]}).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client timed out and closed the connection
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "JUDGE_MODEL", "HTTP_PROXY", "HTTPS_PROXY",
+                "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    fake = FakeServer()
+    yield fake
+    fake.release.set()
+    fake.httpd.shutdown()
+    fake.httpd.server_close()

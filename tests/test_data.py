@@ -9,6 +9,8 @@ import random
 import re
 import subprocess
 import sys
+import threading
+import time
 
 import av
 import numpy as np
@@ -221,7 +223,7 @@ def test_parse_questions_is_strict():
 
 
 class FakeClient:
-    """reward.LLMClient's interface: ask(instruction, text) -> str | None, answers given in order."""
+    """llm.LLMClient's interface: ask(instruction, text) -> str | None, answers given in order."""
 
     def __init__(self, answers):
         self.answers, self.prompts = list(answers), []
@@ -298,6 +300,35 @@ def test_build_writes_both_formats_and_resumes(tmp_path):
 
     with pytest.raises(ValueError, match="built with other settings"):
         data.build(scenes, out, writer, random_frac=1.0, nqna_frac=0.5, seed=3)
+
+
+def test_build_with_workers_writes_what_one_worker_writes_in_input_order(tmp_path, capsys):
+    """Videos built concurrently (llm.imap) finish in any order; the files keep the input order, byte for byte
+    what one worker writes, and a video whose LLM step fails is reported and skipped, not fatal."""
+    bad = [dict(SCENES[0], caption="FAIL")] + SCENES[1:3]
+    scenes = write_scenes(tmp_path, [record(0), record(1, bad), record(2), record(3)])
+    qas = [{"question": "Q?", "answers": ["a1", "a2", "a3"]}]
+    lock = threading.Lock()
+
+    class SlowWriter(FakeWriter):  # the first video asked answers last
+        def questions(self, captions, n):
+            if captions[0] == "FAIL":
+                raise ValueError("LLM answer still malformed")
+            with lock:
+                self.question_calls += 1
+                first = self.question_calls == 1
+            time.sleep(0.3 if first else 0.0)
+            return self.qas
+
+    files = {}
+    for workers in (1, 4):
+        out = tmp_path / f"out{workers}"
+        counts = data.build(scenes, out, SlowWriter(qas), nqna_frac=0.5, seed=3, workers=workers)
+        assert (counts["built"], counts["failed"]) == (3, 1)
+        assert "line 2 (v1): LLM answer still malformed; skipped" in capsys.readouterr().err
+        files[workers] = [(out / name).read_bytes() for name in ("sft.jsonl", "anno.json")]
+    assert [json.loads(line)["id"] for line in files[4][0].decode().splitlines()] == ["v0", "v2", "v3"]
+    assert files[4] == files[1]
 
 
 def test_a_second_build_into_the_same_folder_is_refused(tmp_path):

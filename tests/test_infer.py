@@ -25,9 +25,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import evaluate  # noqa: E402
 import infer  # noqa: E402
 import mmduet2  # noqa: E402
-import reward  # noqa: E402
 from conftest import another_run_writing, frame_index, write_timed_video, write_video  # noqa: E402
 
 
@@ -248,7 +248,7 @@ def test_single_video_cli(videos, tmp_path, fast_load, capsys):
     assert users == [(2.0, "What changes?"), (4.0, "And now?")]
     replies = [r for r in rec["model_response_list"] if r["role"] == "assistant"]
     assert len(replies) == summary["replies"] and printed.count("] ") >= len(replies)  # printed as "[00:02] ..."
-    assert reward.load_predictions(str(out)) == {"a": [(r["time"], r["content"].strip()) for r in replies]}
+    assert evaluate.load_predictions(str(out)) == {"a": [(r["time"], r["content"].strip()) for r in replies]}
 
 
 def test_single_video_out_is_never_overwritten_unasked(videos, tmp_path, fast_load, scripted):
@@ -551,7 +551,7 @@ def test_benchmark_runs_skips_and_resumes(videos, tmp_path, fast_load, capsys, m
     # q-b: the span runs past the video, so the whole 5 s video is streamed
     check_record(rec_b, "q-b", turn_times=[1.0, 2.0, 3.0, 4.0, 5.0])
     assert max(r["time"] for r in rec_b["model_response_list"]) <= 5.0
-    assert reward.load_predictions(str(out)).keys() == {"q-a", "q-b"}
+    assert evaluate.load_predictions(str(out)).keys() == {"q-a", "q-b"}
 
     # a second run does no new model work and keeps the first run's lines
     monkeypatch.setattr(mmduet2.Stream, "turn", lambda *a, **k: pytest.fail("resumed run streamed again"))

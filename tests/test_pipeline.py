@@ -1,5 +1,5 @@
 """The whole toy pipeline, scaled down, as a user runs it: data.py toy → sft.py → grpo.py → infer.py
---benchmark → reward.py eval, each a real subprocess with the project's own commands. It checks that
+--benchmark → evaluate.py, each a real subprocess with the project's own commands. It checks that
 every stage wrote what the next one reads, not that the model learned (that takes minutes: README).
 And the shipped toy checkpoint: `infer.py --demo` loads it offline and it replies on a new toy video."""
 import json
@@ -38,7 +38,7 @@ def test_toy_pipeline_end_to_end(tmp_path):
         lines = [json.loads(line) for line in open(preds)]
         assert sorted(p["question_id"] for p in lines) == ["test_0000", "test_0001"]
         report = tmp_path / f"eval-{name}.json"
-        run("reward.py", "eval", "--gold", str(data / "test" / "anno.json"), "--pred", str(preds),
+        run("evaluate.py", "--gold", str(data / "test" / "anno.json"), "--pred", str(preds),
             "--judge", "offline", "--json", str(report))
         r = json.load(open(report))
         assert r["examples"] == 2 and not r["skipped"] and r["judge_failures"] == 0

@@ -1,30 +1,23 @@
 """Tests for reward.py: every worked example of docs/reward.md, checked by hand, plus the rules
-around it (monotonicity, inclusive spans, pruning, truncated rollouts), the file loaders and the
-CLI (bad input, judge failures, Ctrl-C, several prediction files, the timeline page), and the
-OpenAI judge driven through the real `openai` client against a tiny OpenAI-compatible server
-that the test starts on 127.0.0.1 (garbage bodies, echoed secrets, slow answers). No network,
-about ten seconds in all.
+around it (monotonicity, inclusive spans, pruning, truncated rollouts), the offline judge and the
+parsers of an LLM judge's answers, the gold loader, and that reward.py imports without openai, tqdm,
+torch or transformers. No network, a few seconds in all. The LLM judge: tests/test_llm.py; the
+evaluation script: tests/test_evaluate.py.
 
 Run: python -m pytest tests/test_reward.py -q
 """
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
-from html.parser import HTMLParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # reward.py lives in the repo root
 import reward  # noqa: E402
-from conftest import another_run_writing  # noqa: E402
-from reward import (SILENCE, JudgeError, OfflineJudge, OpenAIJudge, area_ratio,  # noqa: E402
+from conftest import another_run_writing, example  # noqa: E402
+from reward import (SILENCE, OfflineJudge, area_ratio,  # noqa: E402
                     duplicate_proportion, mmduet2_reward, pauc_metric, prune_late)
 
 
@@ -45,14 +38,6 @@ class ScriptedJudge:
         self.repeat_calls.append((list(previous), new))
         self.calls += 1
         return self.repeat_map.get(new, False)
-
-
-def example(qid, spans, question="What happens?", duration=60.0):
-    """An anno.json example; spans = [(s0, s1, r1)], related span [s0, r1], gold text 'gold i'."""
-    return {"video": f"{qid}.mp4", "question_id": qid, "duration": duration,
-            "conversation": [{"role": "user", "content": question, "time": 0}],
-            "answer": [{"role": "assistant", "content": f"gold {i}", "related_timespan": [s0, r1],
-                        "reply_timespan": [s0, s1]} for i, (s0, s1, r1) in enumerate(spans)]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +266,41 @@ def test_reward_rejects_an_empty_span():
         mmduet2_reward([(5, "Hi.")], bad, ScriptedJudge())
 
 
+STANDALONE = """
+import sys
+from pathlib import Path
+for name in ("openai", "tqdm", "torch", "transformers"):
+    sys.modules[name] = None  # `import openai` (or openai.x) now raises ImportError
+import reward
+
+class Judge:  # the worked example's judge: "poured" scores 4, "stirs" 3, a repeat never
+    calls = cache_hits = failures = 0
+    def score(self, question, gold, pred, scale):
+        return {FISH: 4, SUGAR: 3, "A reply.": 2}[pred]
+    def repeats(self, previous, new):
+        return False
+
+r = reward.mmduet2_reward(ROLLOUT, GOLD, Judge())
+ex = {"video": "v1.mp4", "question_id": "v1", "duration": 60.0,
+      "conversation": [{"role": "user", "content": "What happens?", "time": 0}],
+      "answer": [{"content": "gold", "related_timespan": [10, 19], "reply_timespan": [10, 20]},
+                 {"content": "gold", "related_timespan": [30, 39], "reply_timespan": [30, 40]}]}
+metric = reward.pauc_metric([ex], {"v1": [(14, "A reply.")]}, Judge())
+ours = {p.stem for p in Path(reward.__file__).parent.glob("*.py")} - {"reward"}
+print(round(r["total"], 6), round(metric, 6), sorted(ours & set(sys.modules)))
+"""
+
+
+def test_reward_imports_only_the_standard_library():
+    """reward.py loads and computes the worked examples (docs/reward.md: the reward, the metric's docstring)
+    in a process where openai, tqdm, torch and transformers cannot be imported, and imports no file of ours."""
+    code = f"FISH, SUGAR, SILENCE = {FISH!r}, {SUGAR!r}, {SILENCE!r}\nGOLD = {GOLD!r}\nROLLOUT = {ROLLOUT!r}\n"
+    run = subprocess.run([sys.executable, "-c", code + STANDALONE], cwd=Path(reward.__file__).parent,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["1.421875", "0.55", "[]"]
+
+
 # ----------------------------------------------------------------------------------------------
 # the offline judge and the parsers
 
@@ -322,287 +342,6 @@ def test_parsers_are_strict():
         assert reward.parse_yes_no(bad) is None
 
 
-# ----------------------------------------------------------------------------------------------
-# the OpenAI judge through the real `openai` client, against a fake server on 127.0.0.1
-
-class FakeServer:
-    """An OpenAI-compatible /v1/chat/completions. `answer(user_text)` returns the answer text, an int
-    (an HTTP error status), ('sleep', s) (answer after s seconds) or ('raw', content_type, body)
-    (an HTTP 200 with exactly that body, e.g. a proxy's HTML page). With `echo_auth` the answers and
-    error messages repeat the request's Authorization header, as some proxies do."""
-
-    def __init__(self):
-        self.requests = []
-        self.answer = lambda text: "3"
-        self.echo_auth = False
-        self.release = threading.Event()  # set at teardown: a slow answer stops waiting
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append((self.path, body))
-                out = fake.answer(body["messages"][-1]["content"])
-                if isinstance(out, tuple) and out[0] == "sleep":  # a slow server: answer after the client gave up
-                    fake.release.wait(out[1])
-                    out = "3"
-                echo = f" (Authorization: {self.headers['Authorization']})" if fake.echo_auth else ""
-                status, content_type = 200, "application/json"
-                if isinstance(out, tuple) and out[0] == "raw":
-                    _, content_type, data = out
-                elif isinstance(out, int):
-                    data = json.dumps({"error": {"message": "boom" + echo, "type": "server_error"}}).encode()
-                    status = out
-                else:
-                    data = json.dumps({
-                        "id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": out + echo}}]}).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", content_type)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:
-                    pass  # the client timed out and closed the connection
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-
-@pytest.fixture
-def server(monkeypatch):
-    for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "JUDGE_MODEL", "HTTP_PROXY", "HTTPS_PROXY",
-                "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    fake = FakeServer()
-    yield fake
-    fake.release.set()
-    fake.httpd.shutdown()
-    fake.httpd.server_close()
-
-
-def make_judge(url, cache, **kw):
-    # short timeout and backoff so the failure cases take well under a second each
-    return OpenAIJudge(model="judge-m", base_url=url, api_key="test", cache_path=cache,
-                       timeout=kw.pop("timeout", 0.3), retries=kw.pop("retries", 1), backoff=0.01, **kw)
-
-
-def test_openai_judge_good_garbage_500_timeout_and_cache(server, tmp_path):
-    def answer(text):
-        if "GARBAGE" in text:
-            return "The answer is three."
-        if "ERROR500" in text:
-            return 500
-        if "SLOW" in text:
-            return ("sleep", 1.0)
-        if "New reply:" in text:
-            return "No."
-        return "3" if "GOOD" in text else "1"
-
-    server.answer = answer
-    cache = tmp_path / "judge.jsonl"
-    judge = make_judge(server.url, cache)
-    assert judge.score("What?", "gold", "GOOD answer", 3) == 2
-    assert judge.score("What?", "gold", "bad answer", 5) == 0  # "1" is a real score of 0
-    assert judge.repeats(["A."], "B.") is False
-    assert judge.score("What?", "gold", "GARBAGE", 3) is None  # answered, unparsable: retried once, then dropped
-    assert judge.score("What?", "gold", "ERROR500", 3) is None  # retried once, then dropped
-    assert judge.score("What?", "gold", "SLOW", 3) is None  # timed out twice, dropped
-    assert (judge.calls, judge.cache_hits, judge.failures) == (6, 0, 3)
-    assert len(server.requests) == 9  # 3 answered + 2 for the garbage + 2 for the 500 + 2 for the timeout
-    path, body = server.requests[0]
-    assert path == "/v1/chat/completions" and body["model"] == "judge-m" and body["temperature"] == 0
-    assert body["messages"][0]["role"] == "system" and "3 = mostly covered" in body["messages"][0]["content"]
-    assert "Assistant's answer: GOOD answer" in body["messages"][1]["content"]
-
-    # a re-run with a fresh judge on the same cache file: answered calls make no HTTP request
-    before = len(server.requests)
-    again = make_judge(server.url, cache)
-    assert again.score("What?", "gold", "GOOD answer", 3) == 2
-    assert again.score("What?", "gold", "bad answer", 5) == 0
-    assert again.repeats(["A."], "B.") is False
-    assert len(server.requests) == before and (again.calls, again.cache_hits, again.failures) == (0, 3, 0)
-    # failed calls, unparsable answers included, were not cached: a re-run asks them again
-    assert again.score("What?", "gold", "GARBAGE", 3) is None and len(server.requests) == before + 2
-    assert again.score("What?", "gold", "ERROR500", 3) is None and len(server.requests) == before + 4
-
-
-def test_a_judge_answer_with_several_numbers_is_a_failed_call_never_cached(server, tmp_path):
-    # "1 3" was read as 1 and cached: once the judge was fixed, the rerun made 0 calls and failed again
-    answers = iter(["1 3", "3\n1", "3/5", "2.5"])
-    server.answer = lambda text: next(answers)
-    cache = tmp_path / "judge.jsonl"
-    judge = make_judge(server.url, cache, retries=3)
-    assert judge.score("q", "gold", "pred", 3) is None  # 4 answers, none one number on the scale
-    assert (judge.calls, judge.failures, len(server.requests)) == (1, 1, 4)  # one call, retried 3 times, failed
-    assert "unusable judge answer '2.5'" in judge.last_error and not cache.exists()
-    server.answer = lambda text: "3"  # the judge fixed: the rerun asks again, and caches the score
-    again = make_judge(server.url, cache)
-    assert again.score("q", "gold", "pred", 3) == 2 and (again.calls, again.failures) == (1, 0)
-    assert make_judge(server.url, cache).score("q", "gold", "pred", 3) == 2 and len(server.requests) == 5
-    # an unusable answer an older version cached is asked again too, not served from the cache
-    cache.write_text(cache.read_text().replace('"answer": "3"', '"answer": "1 3"'))
-    old = make_judge(server.url, cache)
-    assert old.score("q", "gold", "pred", 3) == 2 and (old.calls, old.cache_hits) == (1, 0)
-
-
-GARBAGE_200 = {  # what a proxy or a half-broken server may send with status 200
-    "not JSON": ("application/json", b'{"id": "c1", "choi'),
-    "HTML": ("text/html", b"<html><body>502 Bad Gateway</body></html>"),
-    "no choices": ("application/json", b'{"id": "c1", "object": "chat.completion"}'),
-    "empty choices": ("application/json", b'{"id": "c1", "choices": []}'),
-    "null message": ("application/json", b'{"id": "c1", "choices": [{"index": 0, "message": null}]}'),
-}
-
-
-@pytest.mark.parametrize("body", GARBAGE_200.values(), ids=list(GARBAGE_200))
-def test_openai_judge_treats_a_garbage_200_as_a_failed_call(server, tmp_path, body):
-    server.answer = lambda text: ("raw", *body)
-    cache = tmp_path / "judge.jsonl"
-    judge = make_judge(server.url, cache)
-    assert judge.score("q", "gold", "pred", 3) is None  # dropped, not a crash of the run
-    assert len(server.requests) == 2  # retried once, like a 5xx
-    assert (judge.calls, judge.failures) == (1, 1)
-    assert judge.last_error.startswith(server.url) and "not a chat completion" in judge.last_error
-    assert not cache.exists()  # nothing cached: a rerun asks again
-    # in a concurrent run (the path `reward.py eval` takes) the failure is counted, not raised
-    exs = [example(f"v{i}", [(0, 10, 10)]) for i in range(3)]
-    assert pauc_metric(exs, {f"v{i}": [(2, "A reply.")] for i in range(3)}, judge) == pytest.approx(0.25)
-    assert judge.failures == 4
-
-
-def test_openai_judge_recovers_from_a_transient_500_and_survives_a_cut_cache_line(server, tmp_path):
-    seen = []
-
-    def answer(text):
-        seen.append(text)
-        return 500 if len(seen) == 1 else "2"
-
-    server.answer = answer
-    cache = tmp_path / "judge.jsonl"
-    cache.write_text('{"key": "abc", "answer": "3"}\n{"key": "cut sho')  # an interrupted earlier run
-    judge = make_judge(server.url, cache)
-    assert judge.score("q", "gold", "pred", 3) == 1  # second attempt succeeded
-    assert (judge.calls, judge.failures) == (1, 0)
-    lines = cache.read_text().splitlines()
-    assert json.loads(lines[-1])["answer"] == "2" and len(lines) == 3  # the cut line was closed first
-
-
-def test_pauc_metric_with_openai_judge_concurrently(server, tmp_path):
-    server.answer = lambda text: "3" if "right" in text else "2"
-    exs = [example(f"v{i}", [(0, 10, 10), (20, 30, 30)], question=f"Question {i}?") for i in range(6)]
-    preds = {f"v{i}": [(4, "right"), (24, "meh")] for i in range(6)}
-    judge = make_judge(server.url, tmp_path / "c.jsonl", max_workers=4)
-    value = pauc_metric(exs, preds, judge, omega=0)
-    assert value == pytest.approx(((4 * 0.5 + 6 * 2) / 20 + (4 * 0.5 + 6 * 1) / 20) / 2)
-    assert judge.calls == 12 and len(server.requests) == 12  # 12 distinct inputs: the questions differ
-    assert judge.failures == 0
-
-
-def test_unreachable_endpoint_is_one_clear_error(monkeypatch, tmp_path):
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    with socket.socket() as s:  # a port that nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    judge = OpenAIJudge(model="m", base_url=f"http://127.0.0.1:{port}/v1", api_key="k",
-                        cache_path=None, retries=1, backoff=0.01, timeout=1)
-    with pytest.raises(JudgeError) as err:
-        judge.score("q", "gold", "pred", 3)
-    assert f"127.0.0.1:{port}" in str(err.value) and "unreachable" in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(JudgeError):  # later calls stop at once
-        judge.repeats(["a"], "b")
-    assert judge.calls == 1
-
-
-def test_openai_judge_needs_a_model(monkeypatch):
-    monkeypatch.delenv("JUDGE_MODEL", raising=False)
-    with pytest.raises(JudgeError, match="JUDGE_MODEL"):
-        OpenAIJudge(base_url="http://127.0.0.1:1/v1", api_key="k", cache_path=None)
-
-
-# ----------------------------------------------------------------------------------------------
-# files and the CLI
-
-def write_files(tmp_path, gold, pred_lines):
-    g, p = tmp_path / "anno.json", tmp_path / "preds.jsonl"
-    g.write_text(json.dumps(gold, indent=1))
-    p.write_text("".join(line + "\n" for line in pred_lines))
-    return str(g), str(p)
-
-
-def pred_line(qid, turns):
-    rows = [{"role": "user", "content": "<image>", "time": 0}]
-    rows += [{"role": "assistant", "content": text, "time": t} for t, text in turns]
-    return json.dumps({"question_id": qid, "model_response_list": rows})
-
-
-def test_cli_eval_offline(tmp_path, capsys):
-    gold = [example("v1", [(10, 20, 19), (30, 40, 39)]), example("v2", [(0, 10, 9)]), example("gone", [(0, 5, 5)])]
-    gold[0]["answer"][0]["content"] = "A red circle appeared on the left."
-    gold[1]["answer"][0]["content"] = "A blue square appeared."
-    g, p = write_files(tmp_path, gold, [
-        pred_line("v1", [(14, "A red circle on the left."), (16, "A red circle on the left."), (18, SILENCE)]),
-        pred_line("v2", [(2, "A blue square.")])])
-    out = tmp_path / "s.json"
-    summary = reward.main(["eval", "--gold", g, "--pred", p, "--judge", "offline", "--json", str(out)])
-    # v1 turn 1: full marks at x=4 (the t=16 repeat is skipped); turn 2 silent; v2: full marks at x=2
-    expect = {"0.0": (14 / 20 + 0.25 + 17 / 20) / 3, "0.5": (17 / 20 + 0.25 + 18.5 / 20) / 3, "1.0": (1 + 0.25 + 1) / 3}
-    for w, v in expect.items():
-        assert summary["pauc"][w] == pytest.approx(100 * v)
-    assert summary["duplicate_proportion"] == pytest.approx(1 / 3)  # the t=16 exact repeat
-    assert (summary["examples"], summary["gold_turns"], summary["replies"]) == (2, 3, 3)
-    assert summary["skipped"] == ["gone"]
-    assert summary["judge_calls"] == 2 and summary["judge_failures"] == 0  # exact repeats need no call
-    assert summary["diagnostics"]["mean_reply_delay_s"] == pytest.approx(3.0)
-    assert summary["valid"] is True and summary["judge_failure_share"] == 0.0
-    assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
-    text = capsys.readouterr().out
-    assert "no prediction: gone" in text and "w=0.5 " in text and "our reconstruction" in text
-    assert "not the paper's metric" in text
-
-
-@pytest.mark.parametrize("gold_text, pred_text, message", [
-    (None, '{"question_id": "v1", "model_response_list": []}\n{not json', "preds.jsonl line 2: not valid JSON"),
-    (None, "", "no predictions"),
-    (None, '{"question_id": "nope", "model_response_list": []}', "line 1: question_id 'nope' is not in the gold"),
-    (None, '{"question_id": "v1"}', "line 1: expected"),
-    (None, '{"question_id": "v1", "model_response_list": [{"role": "assistant", "content": "x"}]}', "numeric 'time'"),
-    ("[]", None, "non-empty JSON list"),
-    ('[\n{"question_id": 1,\n', None, "anno.json line 3: not valid JSON"),
-    (json.dumps([example("v1", [(12, 10, 12)])]), None, "example 0 (v1) answer 0: reply_timespan [12, 10] has s1 <= s0"),
-    (json.dumps([{"question_id": "v1"}]), None, "example 0: missing duration, conversation, answer"),
-    # an unhashable question_id, or numbers that are not a time (Python's json reads NaN and Infinity)
-    (None, '{"question_id": ["v1"], "model_response_list": []}', "preds.jsonl line 1: 'question_id' must be a string or an integer"),
-    (None, '{"question_id": {"v": 1}, "model_response_list": []}', "preds.jsonl line 1: 'question_id' must be"),
-    (json.dumps([dict(example("v1", [(0, 10, 10)]), question_id=["v1"])]), None, "anno.json example 0: 'question_id' must be"),
-    (None, pred_line("v1", [(float("nan"), "x")]), "preds.jsonl line 1: an assistant turn needs a numeric 'time'"),
-    (None, pred_line("v1", [(float("inf"), "x")]), "line 1: an assistant turn needs a numeric 'time'"),
-    (None, pred_line("v1", [(-5, "x")]), "line 1: an assistant turn needs a numeric 'time'"),
-    (None, pred_line("v1", [(True, "x")]), "line 1: an assistant turn needs a numeric 'time'"),
-    (None, '{"question_id": "v1", "model_response_list": [{"content": "x", "time": 2}]}', "line 1: turn 0 needs a 'role'"),
-    (None, '{"question_id": "v1", "model_response_list": ["A reply."]}', "line 1: turn 0 needs a 'role'"),
-    (json.dumps([example("v1", [(0, float("inf"), 10)])]), None, "example 0 (v1) answer 0: 'reply_timespan'"),
-    (json.dumps([example("v1", [(0, 10, float("nan"))])]), None, "example 0 (v1) answer 0: 'related_timespan'"),
-])
-def test_cli_bad_input_exits_with_one_line(tmp_path, gold_text, pred_text, message):
-    g, p = write_files(tmp_path, [example("v1", [(0, 10, 10)])],
-                       ['{"question_id": "v1", "model_response_list": []}'])
-    if gold_text is not None:
-        Path(g).write_text(gold_text)
-    if pred_text is not None:
-        Path(p).write_text(pred_text)
-    with pytest.raises(SystemExit) as err:
-        reward.main(["eval", "--gold", g, "--pred", p])
-    text = str(err.value.code)
-    assert text.startswith("reward.py: ") and message in text and "\n" not in text
-
-
 def test_an_output_has_one_writer_and_a_killed_writer_leaves_no_lock(tmp_path):
     out = tmp_path / "scores.json"
     with another_run_writing(out) as pid:
@@ -613,46 +352,6 @@ def test_an_output_has_one_writer_and_a_killed_writer_leaves_no_lock(tmp_path):
     reward.hold_output(str(out))  # the holder died by SIGKILL: the kernel dropped its lock, no stale file refuses
     reward.hold_output(str(out))  # asking again in the same process is fine
     assert not out.exists()  # the lock lives beside it, in .scores.json.lock
-
-
-@pytest.mark.parametrize("what", ["--json", "--cache"])
-def test_cli_refuses_an_output_another_eval_is_writing(tmp_path, what):
-    g, p = write_files(tmp_path, [example("v1", [(0, 10, 10)])], [pred_line("v1", [(2, "A reply.")])])
-    out = tmp_path / "out.jsonl"
-    argv = ["eval", "--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--base-url", "http://127.0.0.1:9/v1",
-            "--cache", str(out) if what == "--cache" else "", *(["--json", str(out)] if what == "--json" else [])]
-    with another_run_writing(out) as pid:
-        with pytest.raises(SystemExit) as err:
-            reward.main(argv)
-    assert str(err.value.code).startswith(f"reward.py: {out} is being written by another run (pid {pid} on ")
-    assert not out.exists()  # nothing asked, nothing written
-
-
-def test_cli_names_a_utf16_predictions_file_and_expands_home(tmp_path, monkeypatch):
-    g, p = write_files(tmp_path, [example("v1", [(0, 10, 10)])], [pred_line("v1", [(2, "A reply.")])])
-    Path(p).write_text(Path(p).read_text(), encoding="utf-16")  # as some Windows editors save it
-    with pytest.raises(SystemExit) as err:
-        reward.main(["eval", "--gold", g, "--pred", p])
-    assert str(err.value.code) == f"reward.py: {p} is not UTF-8 text (saved as UTF-16?): save it as UTF-8"
-    # "~" in every path, as typed --json=~/... or quoted (the shell leaves it)
-    Path(p).write_text(pred_line("v1", [(2, "A reply.")]) + "\n")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    reward.main(["eval", "--gold", "~/anno.json", "--pred", "~/preds.jsonl", "--json", "~/s.json"])
-    assert json.loads((tmp_path / "s.json").read_text())["examples"] == 1
-
-
-def test_cli_unreachable_judge_exits_with_one_line(tmp_path, monkeypatch):
-    for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "JUDGE_MODEL"):
-        monkeypatch.delenv(var, raising=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    g, p = write_files(tmp_path, [example("v1", [(0, 10, 10)])], [pred_line("v1", [(2, "A reply.")])])
-    with pytest.raises(SystemExit) as err:
-        reward.main(["eval", "--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--cache", "",
-                     "--base-url", f"http://127.0.0.1:{port}/v1", "--retries", "0", "--workers", "2"])
-    text = str(err.value.code)
-    assert text.startswith("reward.py: judge endpoint") and "unreachable" in text and "\n" not in text
 
 
 def gold_with(tmp_path, change):
@@ -739,230 +438,3 @@ def test_load_gold_accepts_every_shape_of_the_real_files(tmp_path):
     path.write_text(json.dumps([web, ego, vad, tv, toy]))
     assert reward.load_gold(path) == [web, ego, vad, tv, toy]  # returned as read, extra keys kept
 
-
-def test_cli_refuses_a_result_when_too_many_judge_calls_failed(server, tmp_path, capsys):
-    server.answer = lambda text: 500  # a broken judge: every call fails
-    g, p = write_files(tmp_path, [example(f"v{i}", [(0, 10, 10)]) for i in range(5)],
-                       [pred_line(f"v{i}", [(2, f"Reply {i}.")]) for i in range(5)])
-    out = tmp_path / "s.json"
-    args = ["eval", "--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--base-url", server.url,
-            "--cache", str(tmp_path / "c.jsonl"), "--retries", "0", "--json", str(out)]
-    with pytest.raises(SystemExit) as err:
-        reward.main(args)
-    message = str(err.value.code)  # a string: Python prints it on stderr and exits with status 1
-    assert message.startswith("reward.py: 5 of 5 judge calls failed") and "--max-failures" in message
-    assert "\n" not in message
-    printed = capsys.readouterr().out
-    assert "NOT A RESULT" in printed and f"last judge failure: {server.url}: HTTP 500" in printed
-    summary = json.loads(out.read_text())  # still written, flagged
-    assert summary["valid"] is False and summary["judge_failures"] == 5 and summary["judge_failure_share"] == 1.0
-    assert summary["judge_last_failure"].startswith(server.url)
-    # the same run with every failure tolerated is a result (the dropped judgments count as silence)
-    summary = reward.main(args + ["--max-failures", "1"])
-    assert summary["valid"] is True and summary["pauc"]["0.5"] == pytest.approx(25.0)
-    assert "NOT A RESULT" not in capsys.readouterr().out
-    # the judge answers, but not one number ("1 3"): as failed, not scored, not cached
-    server.answer = lambda text: "1 3"
-    with pytest.raises(SystemExit, match="5 of 5 judge calls failed.*only the failed calls are asked again"):
-        reward.main(args)
-    # once it is fixed, the message holds: the rerun asks the failed calls again, and they are a result
-    server.answer = lambda text: "3"
-    summary = reward.main(args)
-    assert summary["valid"] is True and summary["judge_calls"] == 5 and summary["judge_failures"] == 0
-
-
-def test_gold_the_video_cannot_reach_is_said_per_example_kept_and_counted(tmp_path, capsys):
-    ok = example("ok", [(0, 10, 10)], duration=30.0)
-    odd = example("odd", [(0, 10, 10), (31, 33, 32)], duration=30.0)  # a reply span after the end
-    odd["answer"][0]["content"] = "  "  # an empty gold answer
-    odd["conversation"].append({"role": "user", "content": "And now?", "time": 35.0})  # a question after the end
-    assert reward.gold_warnings(ok) == [] and reward.gold_warnings(ok, 30.4, turn=1.0) == []
-    assert reward.gold_warnings(odd) == [
-        "answer 0 is empty: every reply in its span is judged against nothing",
-        "reply span 1 [31, 33] starts after the video ends (30 s): no reply can reach it, and it scores as silence",
-        "conversation 1 at 35 s comes after the video ends (30 s): the model never sees it"]
-    # with the video's own length: a duration off by more than a turn, and the spans held to the video
-    assert reward.gold_warnings(ok, 8.0, turn=2.0) == [
-        "'duration' is 30 s but the video lasts 8 s (another cut of it?): spans may not match what it shows"]
-    # eval (no videos): kept, scored as defined (the unreachable span as silence), each one said and counted
-    g, p = write_files(tmp_path, [ok, odd], [pred_line("ok", [(2, "gold 0")]), pred_line("odd", [(2, "A reply.")])])
-    summary = reward.main(["eval", "--gold", g, "--pred", p, "--json", str(tmp_path / "s.json")])
-    assert summary["examples"] == 2 and summary["gold_turns"] == 3
-    assert summary["gold_warnings"] == {"odd": reward.gold_warnings(odd)}
-    printed = capsys.readouterr().out
-    assert "gold warning, odd: reply span 1 [31, 33] starts after the video ends" in printed
-    assert "replies 2 (1 with gold warnings, above: scored as the benchmark defines them)" in printed
-
-
-def test_load_predictions_treats_no_reply_as_silence(tmp_path):
-    p = tmp_path / "p.jsonl"
-    p.write_text(pred_line("v1", [(3, "  NO REPLY "), (1, "Hi. "), (5, "Bye.")]) + "\n\n")
-    assert reward.load_predictions(p) == {"v1": [(1.0, "Hi."), (5.0, "Bye.")]}
-
-
-REPO = Path(__file__).resolve().parents[1]
-API_KEY = "sk-proj-Zq8TESTonly4tests0123456789"  # what a real key looks like; never sent anywhere but 127.0.0.1
-
-
-def run_eval(args):
-    """`python reward.py eval ARGS` in a subprocess with OPENAI_API_KEY set: the real stdout, stderr and exit code."""
-    env = dict(os.environ, OPENAI_API_KEY=API_KEY, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, str(REPO / "reward.py"), "eval", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-@pytest.mark.parametrize("status", [401, 500])
-def test_cli_never_prints_or_writes_the_api_key(server, tmp_path, status):
-    server.echo_auth = True  # every answer and error body repeats "Authorization: Bearer <key>"
-    server.answer = lambda text: "3" if text.endswith("answer: first") else status  # the repeat check fails too
-    g, p = write_files(tmp_path, [example("v1", [(0, 10, 10), (20, 30, 30)])],
-                       [pred_line("v1", [(2, "first"), (22, "second")])])
-    cache, out = tmp_path / "judge.jsonl", tmp_path / "s.json"
-    proc = run_eval(["--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--base-url", server.url,
-                     "--cache", str(cache), "--json", str(out), "--retries", "0", "--workers", "1"])
-    stdout, stderr = proc.communicate(timeout=60)
-    written = [f.read_text() for f in (cache, out) if f.exists()]
-    assert f"HTTP {status}" in (stdout + stderr) and "Bearer [redacted]" in (stdout + stderr)  # echoed, then redacted
-    assert "Bearer [redacted]" in cache.read_text()  # the 200 answer to "first" was cached, redacted
-    for text in [stdout, stderr, *written]:
-        assert API_KEY not in text and API_KEY[:12] not in text
-
-
-def test_ctrl_c_while_judging_exits_at_once_and_keeps_the_answers(server, tmp_path):
-    server.answer = lambda text: "3" if "fast" in text else ("sleep", 60)  # the slow ones outlast the test
-    g, p = write_files(tmp_path, [example(f"v{i}", [(0, 10, 10)]) for i in range(6)],
-                       [pred_line(f"v{i}", [(2, f"{'fast' if i < 2 else 'slow'} reply {i}.")]) for i in range(6)])
-    cache = tmp_path / "judge.jsonl"
-    proc = run_eval(["--gold", g, "--pred", p, "--judge", "openai", "--model", "m", "--base-url", server.url,
-                     "--cache", str(cache), "--workers", "2", "--timeout", "60", "--retries", "0"])
-    try:
-        deadline = time.monotonic() + 30
-        while len(server.requests) < 4 and time.monotonic() < deadline:  # 2 answered, 2 slow ones in flight
-            time.sleep(0.02)
-        assert len(server.requests) == 4
-        proc.send_signal(signal.SIGINT)
-        start = time.monotonic()
-        stdout, stderr = proc.communicate(timeout=30)  # before the fix: every queued request, 60 s each
-        elapsed = time.monotonic() - start
-    finally:
-        proc.kill()
-    assert proc.returncode == 130 and elapsed < 5, (proc.returncode, elapsed, stderr[-500:])
-    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
-    assert stderr.startswith("reward.py: interrupted") and f"2 judge answers are in {cache}" in stderr
-    assert len(cache.read_text().splitlines()) == 2 and len(server.requests) == 4  # nothing queued was started
-
-
-# ----------------------------------------------------------------------------------------------
-# several prediction files and the timeline page
-
-class Elements(HTMLParser):
-    """Every element of a page as {"tag", its attributes, "text": all the text inside it}."""
-
-    def __init__(self, page):
-        super().__init__()  # convert_charrefs: "&lt;" comes back as "<", as a browser shows it
-        self.found, self.open = [], []
-        self.feed(page)
-
-    def handle_starttag(self, tag, attrs):
-        element = {"tag": tag, **dict(attrs), "text": ""}
-        self.found.append(element)
-        self.open.append(element)
-
-    def handle_startendtag(self, tag, attrs):
-        self.found.append({"tag": tag, **dict(attrs), "text": ""})
-
-    def handle_endtag(self, tag):
-        while self.open and self.open.pop()["tag"] != tag:
-            pass  # void elements such as <meta> have no end tag
-
-    def handle_data(self, data):
-        for element in self.open:
-            element["text"] += data
-
-    def of(self, tag, cls=None):
-        return [el for el in self.found if el["tag"] == tag and (cls is None or el.get("class") == cls)]
-
-
-EVIL = "<script>alert('x')</script> & \"quoted\""
-
-
-def two_runs(tmp_path):
-    """A gold file (v1: spans [10, 20] and [30, 40] in a 60 s video; v2: [0, 10] in 12 s) and two runs."""
-    gold = [example("v1", [(10, 20, 19), (30, 40, 39)], duration=60), example("v2", [(0, 10, 9)], duration=12)]
-    gold[0]["answer"][0]["content"] = "A red circle appeared on the left."
-    gold[0]["answer"][1]["content"] = "A blue <b>square</b> & co."
-    gold[1]["answer"][0]["content"] = "A green dot."
-    sft = [pred_line("v1", [(14, "A red circle on the left."), (16, "A red circle on the left."), (25, SILENCE),
-                            (50, EVIL)]), pred_line("v2", [(3, "A green dot.")])]
-    g, p1 = write_files(tmp_path, gold, sft)
-    p2 = tmp_path / "grpo.jsonl"  # GRPO: the same first reply (a free cache hit for a caching judge), one more
-    p2.write_text(pred_line("v1", [(14, "A red circle on the left."), (33, "A blue square.")]) + "\n")
-    return g, p1, str(p2)
-
-
-def test_html_timeline_puts_spans_and_replies_on_the_time_axis_and_escapes_text(tmp_path):
-    g, p1, p2 = two_runs(tmp_path)
-    page = tmp_path / "t.html"
-    reward.main(["eval", "--gold", g, "--pred", p1, p2, "--label", "SFT", "GRPO", "--html", str(page)])
-    els = Elements(page.read_text())
-
-    def at(t, end):  # the page's time axis: 0 s at PLOT_X0, the axis end PLOT_W pixels to the right
-        return reward.PLOT_X0 + reward.PLOT_W * t / end
-
-    svgs = els.of("svg")
-    assert len(svgs) == 2  # one timeline per video
-    # gold spans at s0, as wide as the span; v1's axis ends at its duration (60 s), v2's at 12 s
-    spans = {el["text"].split(",")[0] + " " + el["text"].split("answer: ")[1]: el for el in els.of("rect", "span")}
-    for name, s0, s1, end in [("gold 1 A red circle appeared on the left.", 10, 20, 60),
-                              ("gold 2 A blue <b>square</b> & co.", 30, 40, 60), ("gold 1 A green dot.", 0, 10, 12)]:
-        x = float(spans[name]["x"])
-        assert x == pytest.approx(at(s0, end), abs=0.01)
-        assert float(spans[name]["width"]) == pytest.approx(at(s1, end) - x, abs=0.01)
-    # every reply of both runs is a dot at its time, with its text, run and note; NO REPLY is no dot
-    dots = {el["text"].split(" (")[0]: el for el in els.of("circle", "reply")}
-    expect = {"SFT at 14 s: A red circle on the left.": (14, 60, "gold 1: score 2 of 2"),
-              "SFT at 16 s: A red circle on the left.": (16, 60, "gold 1: an exact repeat"),
-              f"SFT at 50 s: {EVIL}": (50, 60, "outside every gold span"),
-              "SFT at 3 s: A green dot.": (3, 12, "gold 1: score 2 of 2"),
-              "GRPO at 14 s: A red circle on the left.": (14, 60, "gold 1: score 2 of 2"),
-              "GRPO at 33 s: A blue square.": (33, 60, "gold 2: score")}
-    assert set(dots) == set(expect)
-    for text, (t, end, note) in expect.items():
-        assert float(dots[text]["cx"]) == pytest.approx(at(t, end), abs=0.01)
-        assert note in dots[text]["text"]
-    # a run without a line for a video says so instead of drawing silence
-    assert any(el["text"] == "(no prediction)" for el in els.of("text"))
-    # escaped: no markup from the data became an element; nothing is fetched or run
-    assert not els.of("script") and not els.of("b") and not els.of("link") and not els.of("img")
-    assert not [el for el in els.found if "src" in el or "href" in el]
-    # the PAUC table on top: one row per run
-    rows = [el["text"] for el in els.of("tr")]
-    assert rows[1].startswith("SFT") and rows[2].startswith("GRPO") and "valid" in rows[1]
-
-
-def test_cli_several_pred_files_one_summary_each_and_shared_judge_calls_are_free(server, tmp_path, capsys):
-    server.answer = lambda text: "No." if "New reply:" in text else "3"
-    g, p1, p2 = two_runs(tmp_path)
-    out = tmp_path / "s.json"
-    judge = ["--judge", "openai", "--model", "m", "--base-url", server.url, "--cache", str(tmp_path / "c.jsonl")]
-    result = reward.main(["eval", "--gold", g, "--pred", p1, p2, "--json", str(out), *judge])
-    printed = capsys.readouterr().out
-    assert f"== preds: {p1}" in printed and f"== grpo: {p2}" in printed and printed.count("PAUC x100") == 2
-    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert result["gold"] == g and list(result["runs"]) == ["preds", "grpo"] and result["runs"]["grpo"]["pred"] == p2
-    sft, grpo = result["runs"]["preds"], result["runs"]["grpo"]
-    assert (grpo["judge_calls"], grpo["judge_cache_hits"]) == (2, 1)  # the reply both runs share was asked once
-    alone = reward.main(["eval", "--gold", g, "--pred", p1, *judge])  # one file: the summary as it always was
-    assert alone["pauc"] == sft["pauc"] and "runs" not in alone
-    assert "==" not in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--label", "A"], "2 --pred files need as many distinct names"),
-    (["--label", "A", "A"], "2 --pred files need as many distinct names"),
-])
-def test_cli_labels_must_name_each_pred_file_once(tmp_path, extra, message):
-    g, p1, p2 = two_runs(tmp_path)
-    with pytest.raises(SystemExit) as err:
-        reward.main(["eval", "--gold", g, "--pred", p1, p2, *extra])
-    assert str(err.value.code).startswith("reward.py: ") and message in str(err.value.code)
