@@ -794,7 +794,8 @@ def placement_arg(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Scene captions → proactive dialogues + gold spans (paper Sec. 3).")
+    # a bad flag is one line, as every other bad input (argparse would print the whole usage first)
+    parser = mmduet2.argument_parser("data.py", "Scene captions → proactive dialogues + gold spans (paper Sec. 3).")
     path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -852,6 +853,8 @@ def main(argv=None):
     t.add_argument("--min-event", type=float, default=TOY_WORLD["min_event"], help="shortest event, seconds")
     t.add_argument("--max-event", type=float, default=TOY_WORLD["max_event"], help="longest event, seconds")
     t.add_argument("--gap", type=float, default=TOY_WORLD["gap"], help="seconds between events at least")
+    for command in sub.choices.values():  # a sub-command's parser reports its own flags' errors: one line too
+        command.error = parser.error
     args = parser.parse_args(argv)
 
     try:

@@ -1,76 +1,24 @@
 """Streaming inference: watch a video as a multi-turn chat and answer (or stay silent) every turn.
 
-Role in the pipeline: the last stage (data -> SFT -> GRPO -> infer). It runs a checkpoint (the
-released `wangyueqian/MMDuet2` by default) on a video file, a camera or a network stream the way
-the paper does (Sec. 4.1 and Appendix A): every user turn brings 1-2 frames, plus any text that
-arrived meanwhile (a question, a subtitle); the model answers each turn with a reply or exactly
-"NO REPLY". The KV-cached engine lives in mmduet2.py (`Stream`); this file reads frames, places user
-text, times each turn, prints replies as they come and writes predictions in the ProactiveVideoQA
-format (paper Sec. 5.1; docs/formats.md). How the engine works: docs/streaming.md.
+The last stage (data -> SFT -> GRPO -> infer), the paper's inference protocol (Sec. 4.1, 5.1, Appendix A):
+every user turn brings 1-2 frames, one every --interval s, plus any text that arrived meanwhile; the model
+(the KV-cached `mmduet2.Stream`) answers with a reply or exactly "NO REPLY", greedy, <= 100 new tokens.
+A camera or network stream is watched live (docs/streaming.md, "Live sources"); predictions are written
+in the ProactiveVideoQA format (docs/formats.md); what is refused, skipped or resumed: docs/reliability.md.
+Departures (docs/departures.md): frames capped at 128 tokens (--frame-tokens); a user text joins the
+first turn at or after its time; live, the frames a slow model has no time for are dropped.
 
-Inference settings (docs/paper.md, "Settings"): 1 s frame interval, 1 frame per turn ([WEB]; the paper
-uses 2 for [EGO], [TV], [VAD]: --frames-per-turn 2), greedy decoding, at most 100 new tokens per
-turn, 128 LLM tokens per frame. Where we depart from the paper / released code:
-1. Frame size is capped at 128 tokens (max_pixels = 128*28*28, the training setting); the
-   released inference set no cap. `--frame-tokens` changes it (we offer no `--max-pixels`).
-2. A user text that arrives between two turns is put into the first turn whose time is >= its
-   time (the question at t=0 goes into the first turn, after that turn's frames).
-3. Live (below), the frames a slow model has no time for are dropped; the paper evaluates on files,
-   every frame fed.
-
-Live (a camera, a network stream, or a file with --realtime): a camera or stream is read with PyAV
-(a file with decord, as offline) as it plays, a frame every --interval s of stream time (the
-presentation times, as for a file: a phone's variable frame rate and its rotation come out alike),
-with a file's frame sizes and turn times (frame k at k x interval, its turn at (k+1) x interval),
-never ahead of the stream's clock (a served file plays at wall-clock speed).
-When a turn takes longer than the interval, the frames that came meanwhile are DROPPED but the
-newest --frames-per-turn, so the model answers the latest frames, about one turn behind, instead
-of falling further behind each turn: each turn's lag (how long after its time the reply came) is
-on the turn counter, and the run ends saying how many frames were taken and dropped, and the lag.
-A line typed on stdin while it plays is a user text in the turn fed next (texts meeting in a turn
-are joined, one per line). It ends with the stream, with a dropped connection (one line; the turns
-answered so far are written to --out), or with Ctrl-C (code 130, the same). A benchmark with
---realtime plays each video so (OUT.run.json records it).
-
-What stops, what goes on, what is kept:
-- Fatal, before the model loads, with one line (`infer.py: what, what to do`): a bad flag, a
-  missing/undecodable/too-short single video, an --interval far below its frame period, a bad --ask,
-  an anno.json that is not the benchmark format (checked by `reward.load_gold`, then each example's
-  video name, subtitle times and span), an --out whose folder does not exist, a single-video --out
-  that exists (unless --overwrite), an --out another run is writing (`reward.hold_output`), a model
-  that cannot be loaded (a folder missing a file; a hub name without network fails at once:
-  download it and pass the folder). A cached hub model loads offline.
-- Warned, never fatal (benchmark): gold its video cannot reach (a span or question after its end,
-  a `duration` off by more than a turn, an empty answer: `reward.gold_warnings`), counted at the end.
-- Skipped, never fatal (benchmark): an example whose video is missing, unreadable, too short or
-  fails to decode part-way. Its lines so far are dropped, and the reason is printed and recorded
-  in OUT.run.json, so a rerun does not stream it again unless --retry-skipped.
-- Resumed (benchmark): --out is appended to, one flushed line per finished example, and a rerun
-  runs only the question_ids it lacks. OUT.run.json, written when --out is created, records the
-  settings that made it (model, interval, frames per turn, frame tokens, max new tokens, realtime): a resume
-  with other settings, into a file without that record, or into another benchmark's predictions
-  is refused (--overwrite starts over). Each record is appended whole or not at all (a full disk stops
-  the run with one line); a last line cut by a run killed mid-write is removed, and its example runs
-  again; a whole last record without its newline gets it back.
-- Interrupted or failing part-way: Ctrl-C in a benchmark exits with code 130, saying how many
-  examples are written (the one in progress is not, and runs on a rerun). A single video stopped
-  by Ctrl-C (code 130), by a frame that fails to decode or by a live stream that breaks off (code 1)
-  still writes the turns streamed so far to --out.
-
-Run:
-    python infer.py --demo                   # offline: a new toy video through the shipped toy model (toy-model/)
-    python infer.py --demo --html demo.html  # ... and its timeline page: when the model spoke, against the gold
-    python infer.py video.mp4 --question "What is the person cooking?"           # released model
+    python infer.py --demo --html demo.html          # a new toy video through toy-model/, and its timeline page
+    python infer.py video.mp4 --question "What is the person cooking?"           # the released model
     python infer.py video.mp4 --model tiny --ask 5:"What now?" --out pred.jsonl   # CPU smoke run
-    python infer.py video.mp4 --model tiny --realtime            # a file played as live: type questions as it plays
-    python infer.py /dev/video0 --question "Tell me when someone comes in."       # webcam, Linux (v4l2)
-    python infer.py 0 --input-format avfoundation            # webcam, macOS (Windows: "video=NAME" --input-format dshow)
-    python infer.py rtsp://camera.local/stream --out pred.jsonl   # network stream (also http(s)://, HLS .m3u8)
-    python infer.py --benchmark WEB/anno.json --videos WEB/videos --out preds.jsonl
-    python infer.py --benchmark EGO/anno.json --videos EGO/videos --frames-per-turn 2 --out preds.jsonl
+    python infer.py video.mp4 --model tiny --realtime    # a file played as live: type questions as it plays
+    python infer.py /dev/video0 --question "Tell me when someone comes in." # webcam (macOS: 0 --input-format avfoundation)
+    python infer.py rtsp://camera.local/stream --out pred.jsonl     # network stream (also http(s)://, HLS .m3u8)
+    python infer.py --benchmark WEB/anno.json --videos WEB/videos --out preds.jsonl   # EGO/TV/VAD: --frames-per-turn 2
     python evaluate.py --gold WEB/anno.json --pred preds.jsonl --judge openai
 """
 import collections
+import functools
 import itertools
 import json
 import math
@@ -316,8 +264,8 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
     turns = live.turns() if live else video_turns(video, interval, frames_per_turn, rounds)
     try:
         for t, frames in turns:
-            # departure 2: a text joins the first turn whose time >= its own, after that turn's frames
-            # (encode_user puts frames first), so the question at t=0 lands in the first turn
+            # a departure (docs/departures.md): a text joins the first turn whose time >= its own, after that
+            # turn's frames (encode_user puts frames first), so the question at t=0 lands in the first turn
             texts = []
             while pending and pending[0][0] <= t + 1e-9:  # the epsilon absorbs float error (3 x 0.1 s)
                 texts.append(pending.pop(0)[1])
@@ -570,168 +518,183 @@ def parse_args(argv):
     p.add_argument("--realtime", action="store_true",
                    help="watch a file as a live stream: at wall-clock speed, dropping the frames the model is too "
                         "slow for (a camera or network stream always is)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.demo is not None:  # the demo makes up its own arguments (run_demo): only --html goes with it
+        return args
+    # flags that contradict each other, or bad values: one line each, before anything is opened. SystemExit with
+    # the message (code 1), as every bad input of this script, not p.error (code 2, plus "--help lists the flags")
+    for bad, message in (
+            (args.html, "--html is for --demo; for a benchmark run: evaluate.py ... --html FILE"),
+            ((args.video is None) == (args.benchmark is None), "give either a VIDEO or --benchmark ANNO_JSON"),
+            (args.video and args.video.endswith(".json"),
+             f"{args.video} is not a video: for a benchmark, --benchmark {args.video} --out FILE.jsonl"),
+            (args.benchmark and not args.out, "--benchmark needs --out FILE.jsonl"),
+            (args.benchmark and (args.question or args.ask),
+             "--question/--ask are for a single VIDEO; a benchmark brings its own questions"),
+            (args.benchmark and args.input_format,
+             "--input-format is for a live SOURCE (a camera); a benchmark reads video files"),
+            (not 0 < args.interval < math.inf or args.frame_tokens < 4 or args.max_new_tokens < 1,
+             "--interval must be > 0 (and finite), --frame-tokens >= 4, --max-new-tokens >= 1")):
+        if bad:
+            raise SystemExit(f"infer.py: {message}")
+    if args.device and (problem := device_problem(args.device)):
+        raise SystemExit(f"infer.py: {problem}")
+    return args
 
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-TOY_MODEL = os.path.join(ROOT, "toy-model")  # a toy GRPO checkpoint shipped in the repository, for --demo
+def device_problem(name):
+    """Why --device NAME cannot run on this machine, or None (torch would say so only after the model load)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name} is not a torch device (e.g. cpu, cuda, cuda:1)"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPUs (use --device cpu)"
+    return None
 
 
-def demo(seed, out_dir):
-    """--demo: a fresh toy video from `data.py toy` (a subprocess: scripts never import each other), then
-    its question, video and gold events as the arguments of a normal run with the toy settings."""
-    cmd = [sys.executable, os.path.join(ROOT, "data.py"), "toy", "--out", out_dir, "--seed", str(seed),
-           "--n-train", "0", "--n-rl", "0", "--n-test", "1", "--nqna-frac", "0"]
-    subprocess.run(cmd, check=True, capture_output=True)
-    ex = json.load(open(os.path.join(out_dir, "test", "anno.json")))[0]
-    print(f"a {ex['duration']:g} s toy video (data.py toy --seed {seed}), question: {ex['conversation'][0]['content']!r}")
-    for a in ex["answer"]:
-        s0, s1 = a["related_timespan"]
-        print(f"  gold [{clock(s0)}-{clock(s1)}] {a['content']}")
-    # the toy world's frame settings (2 s, 2 frames per turn: SFT and GRPO were trained on them)
-    return ["--model", TOY_MODEL, "--question", ex["conversation"][0]["content"], "--interval", "2",
-            "--frames-per-turn", "2", "--max-new-tokens", "16", os.path.join(out_dir, "test", "videos", ex["video"])]
+# ----------------------------------------------------------------------------
+# One video or live source: replies printed as they come, above the turn counter
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.html and args.demo is None:
-        raise SystemExit("infer.py: --html is for --demo; for a benchmark run: evaluate.py ... --html FILE")
-    if args.demo is not None:  # the demo is a normal run on the arguments it makes up
-        with tempfile.TemporaryDirectory(prefix="mmduet2-demo-") as tmp:
-            preds = os.path.join(tmp, "pred.jsonl")
-            result = main(demo(args.demo, tmp) + ["--out", preds])
-            if args.html:  # the page evaluate.py --html writes, for this one video
-                import evaluate  # here, not on top: only this page needs the evaluation script (and openai)
-                anno = os.path.join(tmp, "test", "anno.json")
-                gold = reward.load_gold(anno)
-                summary, marks = evaluate.evaluate(gold, preds, reward.OfflineJudge())
-                evaluate.write_html(args.html, f"infer.py --demo {args.demo}", gold,
-                                    [("toy-model", "infer.py --demo", summary, marks)])
-                print(f"timeline page: {args.html}")
-            return result
-    # ---- refusals: flags that contradict each other, one line each, before anything is opened
-    if (args.video is None) == (args.benchmark is None):
-        raise SystemExit("infer.py: give either a VIDEO or --benchmark ANNO_JSON")
-    if args.video and args.video.endswith(".json"):
-        raise SystemExit(f"infer.py: {args.video} is not a video: for a benchmark, --benchmark {args.video} --out FILE.jsonl")
-    if args.benchmark and not args.out:
-        raise SystemExit("infer.py: --benchmark needs --out FILE.jsonl")
-    if args.benchmark and (args.question or args.ask):
-        raise SystemExit("infer.py: --question/--ask are for a single VIDEO; a benchmark brings its own questions")
-    if args.benchmark and args.input_format:
-        raise SystemExit("infer.py: --input-format is for a live SOURCE (a camera); a benchmark reads video files")
-    if not 0 < args.interval < math.inf or args.frame_tokens < 4 or args.max_new_tokens < 1:
-        raise SystemExit("infer.py: --interval must be > 0 (and finite), --frame-tokens >= 4, --max-new-tokens >= 1")
-    if args.device:  # torch would say so only after the model load, in a traceback
+def check_source(args):
+    """The single VIDEO (a file, a camera, a network stream), checked before the model loads:
+    (its first frame, the frames it gives (None: live, no end known), the user turns [(t, text)])."""
+    if args.out and os.path.exists(args.out) and not args.overwrite:  # one video's output is never resumed
+        raise ValueError(f"--out {args.out} exists: give another file, or --overwrite to replace it")
+    if is_live(args.video, args.input_format):  # opened now and again when the model is ready: a wrong URL fails now
+        first, n_frames, end = check_live(args.video, args.interval, args.input_format), None, math.inf
+    else:
+        first, n_frames, _ = check_video(args.video, args.interval)
+        end = n_frames * args.interval  # the last turn's time
+    # --question is asked at t=0: it joins the first turn, after that turn's frames (a departure: docs/departures.md)
+    return first, n_frames, ([(0.0, args.question)] if args.question else []) + parse_asks(args.ask, end)
+
+
+def print_reply(t, text):
+    """A reply, above the turn counter; t: the turn's time on the video's (or the live stream's) clock."""
+    tqdm.write(f"[{clock(t)}] {text or '(a blank reply)'}")
+
+
+def print_text(t, text):
+    """Live (or --realtime): a user text (typed, --question, --ask) in the turn it joined, above the counter."""
+    tqdm.write(f"[{clock(t)}] > {text}")
+
+
+def count_turn(bar, feed=None):
+    """After every turn: the turn counter and, live, how far behind the stream the model is."""
+    bar.update()
+    if feed:
+        bar.set_postfix_str(f"{feed.lags[-1]:.1f} s behind, {feed.dropped} frames dropped", refresh=False)
+
+
+def watch(args, model, processor, decode, n_frames, user_turns):
+    """Stream one video or live source; write its turns to --out (also when it ends early) and sum them up."""
+    live = n_frames is None
+    stream = mmduet2.Stream(model, processor)  # one conversation (and KV cache) per video
+    responses, latencies, failure, code = [], [], None, 0
+    feed = questions = None  # a file played at model speed needs neither
+    if live or args.realtime:  # frames come as the stream plays, dropped when the model is behind
+        frames = live_frames(args.video, args.interval, args.input_format) if live \
+            else mmduet2.read_frames(args.video, args.interval)
+        feed, questions = Feed(frames, args.interval, args.frames_per_turn), queue.Queue()
+        sys.stdout.reconfigure(line_buffering=True)  # each reply shows when it comes, through a pipe (tee) too
+        # daemon: a read blocked on stdin never holds up the exit
+        threading.Thread(target=read_questions, args=(sys.stdin, questions), daemon=True).start()
+        print("watching as it plays: type a question and Enter at any time (it joins the turn being fed); "
+              "Ctrl-C stops")
+    n_turns = None if live else math.ceil(n_frames / args.frames_per_turn)  # at most, when frames are dropped
+    with tqdm(total=n_turns, desc="turns", unit="turn", leave=False,
+              bar_format="turns: {n} [{elapsed}{postfix}]" if live else None) as bar:  # no end: a count
         try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise SystemExit(f"infer.py: --device {args.device} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise SystemExit(f"infer.py: --device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPUs "
-                             "(use --device cpu)")
-    try:  # every bad input is a one-line error, checked before the (slow) model load
-        if args.out:
-            check_out(args.out, [args.video, args.benchmark])
-            reward.hold_output(args.out)  # a second run on it is refused (its sidecar goes with it)
-        if args.video:
-            if args.out and os.path.exists(args.out) and not args.overwrite:  # one video's output is never resumed
-                raise ValueError(f"--out {args.out} exists: give another file, or --overwrite to replace it")
-            live = is_live(args.video, args.input_format)
-            if live:  # opened now and again when the model is ready: a wrong URL or camera fails at once
-                first, end = check_live(args.video, args.interval, args.input_format), math.inf  # no end known
-            else:
-                first, n_frames, _ = check_video(args.video, args.interval)
-                end = n_frames * args.interval  # the last turn's time
-            # --question is asked at t=0: it joins the first turn, after that turn's frames (departure 2)
-            user_turns = ([(0.0, args.question)] if args.question else []) + parse_asks(args.ask, end)
-        else:
-            if os.path.isdir(args.benchmark):
-                raise ValueError(f"--benchmark {args.benchmark} is a folder: give its anno.json")
-            examples = reward.load_gold(args.benchmark)  # checks every field (stream_rounds needs durations, spans)
-            args.videos = args.videos or os.path.join(os.path.dirname(args.benchmark), "videos")
-            if not os.path.isdir(args.videos):
-                raise ValueError(f"videos folder not found: {args.videos} (give --videos DIR)")
-            # question_id -> (video path, user turns, frames to stream)
-            plans = {ex["question_id"]: benchmark_inputs(ex, args.videos, args.interval) for ex in examples}
-            examples_by_id = {ex["question_id"]: ex for ex in examples}
-            sidecar = args.out + ".run.json"
-            settings = run_settings(args)
-            # a resume: the examples already written, and those an earlier run skipped (refused if the
-            # settings differ, so one file never mixes two runs' predictions)
-            if not args.overwrite and os.path.exists(args.out) and (repaired := repair_last_line(args.out)):
-                print(f"{args.out}: {repaired}")
-            done, skipped = (set(), {}) if args.overwrite else resume_state(args.out, sidecar, settings, set(plans))
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        model, processor = mmduet2.load_model(args.model, dtype, args.device, args.attn, args.frame_tokens)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"infer.py: {e}") from None
-    size = f" (this video: {first.shape[1]}x{first.shape[0]} -> " \
-           f"{mmduet2.frame_tokens(*first.shape[:2], args.frame_tokens)} tokens)" if args.video else ""
-    print(f"model {args.model} on {model.device}: a frame every {args.interval:g} s, {args.frames_per_turn} per turn, "
-          f"<= {args.frame_tokens} LLM tokens per frame{size}; greedy, <= {args.max_new_tokens} new tokens per turn")
-    decode = dict(config=mmduet2.decoding(processor, max_new_tokens=args.max_new_tokens),  # greedy, as the paper
-                  fast_silence=not args.no_fast_silence)
+            stream_video(stream, feed or args.video, args.interval, args.frames_per_turn, user_turns,
+                         on_reply=print_reply, on_turn=functools.partial(count_turn, bar, feed), questions=questions,
+                         on_text=print_text if feed else None, responses=responses, latencies=latencies, **decode)
+        except (OSError, ValueError) as e:  # a frame failed to decode, a stream broke off: the turns before stand
+            failure, code = f"infer.py: {e}", 1
+        except KeyboardInterrupt:
+            of = f" of {n_turns}" if not feed else ""
+            failure, code = f"infer.py: interrupted after {len(latencies)}{of} turns", 130
+    if args.out:  # written when the video ends early too: the turns streamed are not lost
+        name = urllib.parse.urlparse(args.video).path if live else args.video  # a URL's query is no name
+        qid = os.path.splitext(os.path.basename(name))[0] or "live"
+        try:
+            write_atomic(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
+        except OSError as e:  # a full disk: the old file, if any, is left as it was
+            raise SystemExit(f"infer.py: cannot write {args.out} ({e.strerror}): the predictions of the "
+                             f"{len(latencies)} turns streamed are not saved; free some space and rerun") from None
+    n_replies = sum(r["role"] == "assistant" for r in responses)
+    if feed:
+        print(feed.report())
+    if failure:
+        kept = f"; the predictions of the {len(latencies)} turns streamed are in {args.out}" if args.out else ""
+        print(failure + kept, file=sys.stderr)
+        raise SystemExit(code)
+    # real-time factor = model time / video time: below 1 the model keeps up with a live stream
+    span = feed.now() if live else n_frames * args.interval  # live: the stream time watched; a file: its last turn's
+    print(f"{len(latencies)} turns, {n_replies} replies; per-turn latency {latency_line(latencies)}; "
+          f"real-time factor {sum(latencies) / max(span, 1e-9):.2f}")
+    summary = {"turns": len(latencies), "replies": n_replies, "latencies": latencies}
+    if feed:
+        summary.update(taken=feed.taken, dropped=feed.dropped, lags=feed.lags)
+    return summary
 
-    if args.video:  # ---- one video or live source: print replies as they come, above the turn counter
-        def show(t, text):  # t: the turn's time on the video's (or the live stream's) clock
-            tqdm.write(f"[{clock(t)}] {text or '(a blank reply)'}")
-        stream = mmduet2.Stream(model, processor)  # one conversation (and KV cache) per video
-        responses, latencies, failure, code = [], [], None, 0
-        feed = questions = None  # a file played at model speed needs neither
-        if live or args.realtime:  # frames come as the stream plays, dropped when the model is behind
-            frames = live_frames(args.video, args.interval, args.input_format) if live \
-                else mmduet2.read_frames(args.video, args.interval)
-            feed, questions = Feed(frames, args.interval, args.frames_per_turn), queue.Queue()
-            sys.stdout.reconfigure(line_buffering=True)  # each reply shows when it comes, through a pipe (tee) too
-            # daemon: a read blocked on stdin never holds up the exit
-            threading.Thread(target=read_questions, args=(sys.stdin, questions), daemon=True).start()
-            print("watching as it plays: type a question and Enter at any time (it joins the turn being fed); "
-                  "Ctrl-C stops")
-        n_turns = None if live else math.ceil(n_frames / args.frames_per_turn)  # at most, when frames are dropped
 
-        def step():  # after every turn: the bar, and how far behind the stream the model is
-            bar.update()
-            if feed:
-                bar.set_postfix_str(f"{feed.lags[-1]:.1f} s behind, {feed.dropped} frames dropped", refresh=False)
-        with tqdm(total=n_turns, desc="turns", unit="turn", leave=False,
-                  bar_format="turns: {n} [{elapsed}{postfix}]" if live else None) as bar:  # no end: a count
-            try:
-                stream_video(stream, feed or args.video, args.interval, args.frames_per_turn, user_turns,
-                             on_reply=show, on_turn=step, questions=questions,
-                             on_text=(lambda t, text: tqdm.write(f"[{clock(t)}] > {text}")) if feed else None,
-                             responses=responses, latencies=latencies, **decode)
-            except (OSError, ValueError) as e:  # a frame failed to decode, a stream broke off: the turns before stand
-                failure, code = f"infer.py: {e}", 1
-            except KeyboardInterrupt:
-                of = f" of {n_turns}" if not feed else ""
-                failure, code = f"infer.py: interrupted after {len(latencies)}{of} turns", 130
-        if args.out:  # written when the video ends early too: the turns streamed are not lost
-            name = urllib.parse.urlparse(args.video).path if live else args.video  # a URL's query is no name
-            qid = os.path.splitext(os.path.basename(name))[0] or "live"
-            try:
-                write_atomic(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
-            except OSError as e:  # a full disk: the old file, if any, is left as it was
-                raise SystemExit(f"infer.py: cannot write {args.out} ({e.strerror}): the predictions of the "
-                                 f"{len(latencies)} turns streamed are not saved; free some space and rerun") from None
-        n_replies = sum(r["role"] == "assistant" for r in responses)
-        if feed:
-            print(feed.report())
-        if failure:
-            kept = f"; the predictions of the {len(latencies)} turns streamed are in {args.out}" if args.out else ""
-            print(failure + kept, file=sys.stderr)
-            raise SystemExit(code)
-        # real-time factor = model time / video time: below 1 the model keeps up with a live stream
-        span = feed.now() if live else end  # live: the stream time watched; a file: its last turn's time
-        print(f"{len(latencies)} turns, {n_replies} replies; per-turn latency {latency_line(latencies)}; "
-              f"real-time factor {sum(latencies) / max(span, 1e-9):.2f}")
-        summary = {"turns": len(latencies), "replies": n_replies, "latencies": latencies}
-        if feed:
-            summary.update(taken=feed.taken, dropped=feed.dropped, lags=feed.lags)
-        return summary
+# ----------------------------------------------------------------------------
+# A benchmark (Sec. 5.1): the question at t=0, subtitles at their times, frames to the last gold span
 
-    # ---- benchmark (Sec. 5.1): the question at t=0, subtitles at their times, frames to the last gold span
+
+def check_benchmark(args):
+    """The benchmark's examples and what an earlier run into --out left, checked before the model loads:
+    ({question_id: (video path, user turns, frames to stream)}, {question_id: example}, ids done, {id: why skipped})."""
+    if os.path.isdir(args.benchmark):
+        raise ValueError(f"--benchmark {args.benchmark} is a folder: give its anno.json")
+    examples = reward.load_gold(args.benchmark)  # checks every field (stream_rounds needs durations, spans)
+    args.videos = args.videos or os.path.join(os.path.dirname(args.benchmark), "videos")
+    if not os.path.isdir(args.videos):
+        raise ValueError(f"videos folder not found: {args.videos} (give --videos DIR)")
+    plans = {ex["question_id"]: benchmark_inputs(ex, args.videos, args.interval) for ex in examples}
+    # a resume: the examples already written, and those an earlier run skipped (refused if the
+    # settings differ, so one file never mixes two runs' predictions)
+    if not args.overwrite and os.path.exists(args.out) and (repaired := repair_last_line(args.out)):
+        print(f"{args.out}: {repaired}")
+    done, skipped = (set(), {}) if args.overwrite else resume_state(args.out, args.out + ".run.json",
+                                                                   run_settings(args), set(plans))
+    return plans, {ex["question_id"]: ex for ex in examples}, done, skipped
+
+
+def record_run(sidecar, settings, skipped):
+    """OUT.run.json: this run's settings and the examples skipped so far, with why."""
+    write_atomic(sidecar, json.dumps({"settings": settings, "skipped": skipped}, indent=1) + "\n")
+
+
+def stream_example(args, model, processor, decode, ex, plan, sizes, warned):
+    """One example through a fresh Stream (a new conversation and KV cache): (responses, latencies).
+    Its frame size and gold warnings are counted into `sizes` and `warned` first, also when it is then skipped:
+    a missing, unreadable or part-way damaged video raises OSError or ValueError."""
+    path, user_turns, rounds = plan
+    first, n_frames, seconds = check_video(path, args.interval)
+    # gold this video cannot reach (reward.gold_warnings): said, counted, and run as defined
+    warnings = reward.gold_warnings(ex, seconds, args.interval * args.frames_per_turn)
+    for warning in warnings:
+        tqdm.write(f"gold warning, {ex['question_id']}: {warning}")
+    if warnings:
+        warned.add(ex["question_id"])
+    h, w = first.shape[:2]
+    size = f"{w}x{h} -> {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens/frame"
+    sizes[size] = sizes.get(size, 0) + 1
+    # frames to the end of the last gold span, or to the video's end if it comes first
+    n_turns = math.ceil(min(rounds, n_frames) / args.frames_per_turn)
+    video = Feed(itertools.islice(mmduet2.read_frames(path, args.interval), rounds), args.interval,
+                 args.frames_per_turn) if args.realtime else path  # --realtime: played as live
+    with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
+        return stream_video(mmduet2.Stream(model, processor), video, args.interval, args.frames_per_turn,
+                            user_turns, rounds, on_turn=turns.update, **decode)
+
+
+def benchmark(args, model, processor, decode, plans, examples, done, skipped):
+    """Run the examples not yet in --out (a resume), one flushed record each; skip and record a bad video."""
+    sidecar, settings = args.out + ".run.json", run_settings(args)
     # todo: the examples not yet written, but those an earlier run skipped (unless --retry-skipped)
     todo = [qid for qid in plans if qid not in done and (args.retry_skipped or qid not in skipped)]
     held = [qid for qid in plans if qid not in done and qid not in todo]  # skipped by an earlier run
@@ -739,47 +702,26 @@ def main(argv=None):
     print(f"{len(plans)} examples: {len(done)} already in {args.out}{again}, {len(todo)} to run")
     if args.overwrite or not os.path.exists(args.out):  # a new file: its settings are recorded first
         open(args.out, "w").close()
-
-    def record_run():  # the sidecar: this run's settings and the examples skipped so far, with why
-        write_atomic(sidecar, json.dumps({"settings": settings, "skipped": skipped}, indent=1) + "\n")
-
-    sizes, n_replies, latencies, n_new, n_skipped, n_warned = {}, 0, [], 0, 0, 0
+    sizes, warned, n_replies, latencies, n_new, n_skipped = {}, set(), 0, [], 0, 0
     bar = tqdm(todo, desc="examples", unit="video")
     qid = None
     try:
-        record_run()
+        record_run(sidecar, settings, skipped)
         for qid in bar:
-            path, user_turns, rounds = plans[qid]
             try:  # a missing, unreadable or part-way damaged video is skipped and recorded, never fatal
-                first, n_frames, seconds = check_video(path, args.interval)
-                # gold this video cannot reach (reward.gold_warnings): said, counted, and run as defined
-                warnings = reward.gold_warnings(examples_by_id[qid], seconds, args.interval * args.frames_per_turn)
-                for warning in warnings:
-                    tqdm.write(f"gold warning, {qid}: {warning}")
-                n_warned += bool(warnings)
-                h, w = first.shape[:2]
-                size = f"{w}x{h} -> {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens/frame"
-                sizes[size] = sizes.get(size, 0) + 1
-                # frames to the end of the last gold span, or to the video's end if it comes first
-                n_turns = math.ceil(min(rounds, n_frames) / args.frames_per_turn)
-                video = Feed(itertools.islice(mmduet2.read_frames(path, args.interval), rounds), args.interval,
-                             args.frames_per_turn) if args.realtime else path  # --realtime: played as live
-                with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
-                    # a fresh Stream (a new conversation and KV cache) for every example
-                    responses, lat = stream_video(mmduet2.Stream(model, processor), video, args.interval,
-                                                  args.frames_per_turn, user_turns, rounds,
-                                                  on_turn=turns.update, **decode)
+                responses, lat = stream_example(args, model, processor, decode, examples[qid], plans[qid],
+                                                sizes, warned)
             except (OSError, ValueError) as e:
                 tqdm.write(f"skipped {qid}: {e}")
                 skipped[qid] = str(e)
                 n_skipped += 1
-                record_run()  # at once: a rerun does not stream it again (unless --retry-skipped)
+                record_run(sidecar, settings, skipped)  # at once: a rerun does not stream it again (--retry-skipped)
                 continue
             # one whole line per finished example, or none: an interrupted run resumes cleanly
             append_record(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
             n_new += 1
             if skipped.pop(qid, None) is not None:  # a retried example that ran this time
-                record_run()
+                record_run(sidecar, settings, skipped)
             n_replies += sum(r["role"] == "assistant" for r in responses)
             latencies += lat
     except OSError as e:  # a full disk: the record being written was cut back off, the file holds whole ones
@@ -795,13 +737,78 @@ def main(argv=None):
               f"({len(written)} in all){lost}", file=sys.stderr)
         raise SystemExit(130)
     frames = "".join(f"; {size} ({n} video{'s' * (n > 1)})" for size, n in sizes.items())  # each size once
-    warned = f", {n_warned} with gold warnings (above)" if n_warned else ""
+    warned_line = f", {len(warned)} with gold warnings (above)" if warned else ""
     print(f"done {n_new} examples, skipped {n_skipped}" + (f" (reasons in {sidecar})" if n_skipped else "")
-          + f"{warned}, replies {n_replies} ({n_replies / max(n_new, 1):.1f} per example); per-turn latency "
+          + f"{warned_line}, replies {n_replies} ({n_replies / max(n_new, 1):.1f} per example); per-turn latency "
           f"{latency_line(latencies)} over {len(latencies)} turns{frames}")
     return {"done": n_new, "skipped": [q for q in todo if q in skipped], "replies": n_replies, "latencies": latencies,
-            "gold_warnings": n_warned}
+            "gold_warnings": len(warned)}
 
+
+# ----------------------------------------------------------------------------
+# The demo, and main: check every input, load the model once, then watch or run the benchmark
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TOY_MODEL = os.path.join(ROOT, "toy-model")  # a toy GRPO checkpoint shipped in the repository, for --demo
+
+
+def demo_args(seed, out_dir):
+    """A fresh toy video from `data.py toy` (a subprocess: scripts never import each other), then
+    its question, video and gold events as the arguments of a normal run with the toy settings."""
+    cmd = [sys.executable, os.path.join(ROOT, "data.py"), "toy", "--out", out_dir, "--seed", str(seed),
+           "--n-train", "0", "--n-rl", "0", "--n-test", "1", "--nqna-frac", "0"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    ex = json.load(open(os.path.join(out_dir, "test", "anno.json")))[0]
+    print(f"a {ex['duration']:g} s toy video (data.py toy --seed {seed}), question: {ex['conversation'][0]['content']!r}")
+    for a in ex["answer"]:
+        s0, s1 = a["related_timespan"]
+        print(f"  gold [{clock(s0)}-{clock(s1)}] {a['content']}")
+    # the toy world's frame settings (2 s, 2 frames per turn: SFT and GRPO were trained on them)
+    return ["--model", TOY_MODEL, "--question", ex["conversation"][0]["content"], "--interval", "2",
+            "--frames-per-turn", "2", "--max-new-tokens", "16", os.path.join(out_dir, "test", "videos", ex["video"])]
+
+
+def run_demo(seed, html=None):
+    """--demo: a normal run on the arguments demo_args makes up; with --html, the page evaluate.py --html
+    writes (the replies against the gold events, scored offline), for this one video."""
+    with tempfile.TemporaryDirectory(prefix="mmduet2-demo-") as tmp:
+        preds = os.path.join(tmp, "pred.jsonl")
+        result = main(demo_args(seed, tmp) + ["--out", preds])
+        if html:
+            import evaluate  # here, not on top: only this page needs the evaluation script (and openai)
+            gold = reward.load_gold(os.path.join(tmp, "test", "anno.json"))
+            summary, marks = evaluate.evaluate(gold, preds, reward.OfflineJudge())
+            evaluate.write_html(html, f"infer.py --demo {seed}", gold, [("toy-model", "infer.py --demo", summary, marks)])
+            print(f"timeline page: {html}")
+        return result
+
+
+def main(argv=None):
+    """A demo, one video or live source (watch), or a benchmark: every input checked, then the model loaded once."""
+    args = parse_args(argv)  # bad flags stop here
+    if args.demo is not None:
+        return run_demo(args.demo, args.html)
+    try:  # every bad input is a one-line error, checked before the (slow) model load
+        if args.out:
+            check_out(args.out, [args.video, args.benchmark])
+            reward.hold_output(args.out)  # a second run on it is refused (its sidecar goes with it)
+        if args.video:
+            first, n_frames, user_turns = check_source(args)
+        else:
+            plan = check_benchmark(args)  # (plans, examples, done, skipped)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        model, processor = mmduet2.load_model(args.model, dtype, args.device, args.attn, args.frame_tokens)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"infer.py: {e}") from None
+    size = f" (this video: {first.shape[1]}x{first.shape[0]} -> " \
+           f"{mmduet2.frame_tokens(*first.shape[:2], args.frame_tokens)} tokens)" if args.video else ""
+    print(f"model {args.model} on {model.device}: a frame every {args.interval:g} s, {args.frames_per_turn} per turn, "
+          f"<= {args.frame_tokens} LLM tokens per frame{size}; greedy, <= {args.max_new_tokens} new tokens per turn")
+    decode = dict(config=mmduet2.decoding(processor, max_new_tokens=args.max_new_tokens),  # greedy, as the paper
+                  fast_silence=not args.no_fast_silence)
+    if args.video:
+        return watch(args, model, processor, decode, n_frames, user_turns)
+    return benchmark(args, model, processor, decode, *plan)
 
 if __name__ == "__main__":
     try:

@@ -27,7 +27,7 @@ Output (the format grpo.py writes too, mmduet2 section 7): OUT/step-NNNNNN/ ever
 
 Where we depart from the paper and its released script:
 1. DDP through accelerate, not DeepSpeed ZeRO-3: a full replica fits an 80 GB card at 3B (docs/full-scale.md,
-   `bench.py memory`), and DeepSpeed would run gradient accumulation inside its engine, against our loop.
+   `tools/bench.py memory`), and DeepSpeed would run gradient accumulation inside its engine, against our loop.
 2. bf16 as autocast over fp32 weights, which are also the optimizer's master copy (ZeRO's bf16 mode keeps bf16
    weights plus an fp32 master copy: the same 16 bytes per trained parameter).
 3. The loss is normalised by the global count of supervised tokens of the optimizer step (the paper does not
@@ -243,7 +243,7 @@ def main(argv=None):
     print0(f"{world} rank(s) on {device}, {args.mixed_precision} precision; {len(records)} examples in {len(args.data)} "
            f"file(s); {steps_per_epoch} steps/epoch × {args.grad_accum} accumulation × {world} ranks; {total_steps} "
            f"steps, {warmup_steps} warm-up, {args.schedule} decay, peak lr {args.lr:g}; {n_trained / 1e6:.1f}M "
-           f"parameters trained, {n_frozen / 1e6:.1f}M frozen (per-GPU memory at 3B: python bench.py memory)")
+           f"parameters trained, {n_frozen / 1e6:.1f}M frozen (per-GPU memory at 3B: python tools/bench.py memory)")
 
     # -- Loop: one optimizer step = grad_accum dialogues per rank. batch_size=None: each plan entry goes through
     # encode_example on its own (one dialogue per micro-batch). Resuming at step s skips the s × grad_accum

@@ -23,9 +23,9 @@ def pytest_configure(config):
 
 
 def write_video(path, seconds, fps=10, size=84, seed=0):
-    """A small mp4 whose frame i is filled with a colour that encodes i, plus noise (bench.write_mp4: PyAV, or
-    OpenCV where PyAV is missing, as on the GPU machines)."""
-    import bench
+    """A small mp4 whose frame i is filled with a colour that encodes i, plus noise (tools/bench.write_mp4: PyAV,
+    or OpenCV where PyAV is missing, as on the GPU machines)."""
+    from tools import bench
     rng = np.random.default_rng(seed)
     frames = []
     for i in range(round(seconds * fps)):

@@ -1,12 +1,12 @@
-"""bench.py: every command runs at a tiny scale and reports what it promises. No timed assertions:
+"""tools/bench.py: every command runs at a tiny scale and reports what it promises. No timed assertions:
 the numbers depend on the machine, so we check the keys, signs and ranges, never the speed."""
 import json
 
 import pytest
 import torch
 
-import bench
 import mmduet2
+from tools import bench
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -23,6 +23,12 @@ def run(*argv):
     return bench.main(list(argv) + ["--threads", "1"])
 
 
+def fixed(monkeypatch, command, **values):
+    """Shrink what a measurement fixes (bench.FIXED: not flags) for one test."""
+    for key, value in values.items():
+        monkeypatch.setitem(bench.FIXED[command], key, value)
+
+
 def check_report(out, name, result):
     """The JSON on disk is the returned result, the Markdown exists, and the machine is named."""
     assert json.load(open(out / f"{name}.json")) == json.loads(json.dumps(result))
@@ -32,15 +38,15 @@ def check_report(out, name, result):
     assert ("gpu_pending" in result) == (m["gpu"] is None)  # a CPU run says the GPU numbers are still to come
 
 
-def test_stream_tiny(tmp_path):
-    r = run("stream", "--turns", "12", "--reencode-max", "12", "--repeats", "2", "--silent-turns", "3",
-                    "--context", "2", "--silence-steps", "40", "--out", str(tmp_path))
+def test_stream_tiny(tmp_path, monkeypatch):
+    fixed(monkeypatch, "stream", repeats=2, silent_turns=3, context=2)
+    r = run("stream", "--turns", "12", "--silence-steps", "40", "--out", str(tmp_path))
     check_report(tmp_path, "stream", r)
     assert r["config"]["tokens_per_frame"] == 9  # 84×84 = 3×3 merged patches
     assert [row["turn"] for row in r["turns"]] == [1, 10, 12]
     for row in r["turns"]:
         assert 0 < row["cached_p50_ms"] <= row["cached_p95_ms"] and row["encode_p50_ms"] > 0
-        assert row["reencode_ms"] > 0  # every sampled turn is <= --reencode-max here
+        assert row["reencode_ms"] > 0  # every sampled turn is <= reencode_max (200) here
     ctx = [row["context_tokens"] for row in r["turns"]]
     assert (ctx[2] - ctx[1]) / 2 == (ctx[1] - ctx[0]) / 9 > 0  # every turn adds the same tokens
     assert len(r["cached_prefill_ms_per_turn"]) == 12 and min(r["cached_prefill_ms_per_turn"]) > 0
@@ -54,10 +60,10 @@ def test_stream_tiny(tmp_path):
     assert md.count("PASS") + md.count("FAIL") == 3
 
 
-def test_stream_without_reencoding(tmp_path):
-    """--reencode-max 0: no full forwards, and the 10x target says N/A instead of failing."""
-    r = run("stream", "--turns", "3", "--reencode-max", "0", "--repeats", "1", "--silent-turns", "1",
-                    "--context", "1", "--silence-steps", "0", "--out", str(tmp_path))
+def test_stream_without_reencoding(tmp_path, monkeypatch):
+    """reencode_max 0: no full forwards, and the 10x target says N/A instead of failing."""
+    fixed(monkeypatch, "stream", reencode_max=0, repeats=1, silent_turns=1, context=1)
+    r = run("stream", "--turns", "3", "--silence-steps", "0", "--out", str(tmp_path))
     assert all(row["reencode_ms"] is None for row in r["turns"])
     assert r["targets"]["reencode_10x"]["pass"] is None and "N/A" in (tmp_path / "stream.md").read_text()
 
@@ -83,16 +89,16 @@ def test_stream_3b_code_path(tmp_path, monkeypatch):
     """`--model 3b --layers 1` end to end. The vocabulary is shrunk here only to keep the test fast:
     151,936 × 2,048 embeddings take ~15 s to initialise on a CPU; every other width is the 3B's."""
     monkeypatch.setitem(bench.QWEN_3B_TEXT, "vocab_size", 1024)
-    r = run("stream", "--model", "3b", "--layers", "1", "--turns", "2", "--reencode-max", "2", "--repeats", "1",
-                    "--silent-turns", "1", "--context", "1", "--silence-steps", "1", "--max-new-tokens", "3",
-                    "--out", str(tmp_path))
+    fixed(monkeypatch, "stream", repeats=1, silent_turns=1, context=1, max_new_tokens=3)
+    r = run("stream", "--model", "3b", "--layers", "1", "--turns", "2", "--silence-steps", "1", "--out", str(tmp_path))
     check_report(tmp_path, "stream", r)
     assert 100 < r["machine"]["params_m"] < 200  # 1 LLM layer at width 2048 + 1 vision block + merger
     assert r["turns"][-1]["reencode_ms"] > 0 and 0 <= r["silent"]["silent_fraction_fast"] <= 1
 
 
-def test_sft_tiny(tmp_path):
-    r = run("sft", "--seq-len", "300", "--steps", "1", "--warmup", "0", "--out", str(tmp_path))
+def test_sft_tiny(tmp_path, monkeypatch):
+    fixed(monkeypatch, "sft", warmup=0)
+    r = run("sft", "--seq-len", "300", "--steps", "1", "--out", str(tmp_path))
     check_report(tmp_path, "sft", r)
     c = r["config"]
     assert 250 < c["seq_len"] <= 300 and c["supervised_tokens"] > 0 and c["frames"] >= 5
@@ -101,9 +107,9 @@ def test_sft_tiny(tmp_path):
     assert "RSS" in r["memory_kind"] or "cuda" in r["memory_kind"]
 
 
-def test_grpo_tiny(tmp_path):
-    r = run("grpo", "--steps", "1", "--group", "4", "--segment", "3", "--max-new-tokens", "4",
-                    "--no-grad-checkpointing", "--out", str(tmp_path))
+def test_grpo_tiny(tmp_path, monkeypatch):
+    fixed(monkeypatch, "grpo", segment=3.0, max_new_tokens=4, grad_checkpointing=False)
+    r = run("grpo", "--steps", "1", "--out", str(tmp_path))
     check_report(tmp_path, "grpo", r)
     assert r["config"]["turns_per_step"] == 3 * 4 and r["config"]["timed_steps"] == 1
     assert r["step_s"] > 0 and r["rollout_turns_per_s"] > 0 and r["generated_tokens"] > 0
@@ -111,7 +117,16 @@ def test_grpo_tiny(tmp_path):
     assert sum(r["share"].values()) == pytest.approx(1.0) and all(0 <= v <= 1 for v in r["share"].values())
 
 
-
+def test_a_bad_flag_is_one_line(capsys):
+    """A bad or folded flag is one line on stderr, exit 2 (not argparse's usage block): in a sub-command's own
+    flags, a flag that is not there (--repeats is bench.FIXED now), and a wrong combination."""
+    for argv, message in ((["stream", "--turns", "many"], "argument --turns: invalid int value: 'many'"),
+                          (["stream", "--repeats", "2"], "unrecognized arguments: --repeats 2"),
+                          (["memory", "--model", "tiny"], "memory models Qwen2.5-VL-3B's architecture: --model 3b")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"bench.py: {message} (bench.py --help lists the flags)\n"
 
 
 # ----------------------------------------------------------------------------
@@ -123,7 +138,9 @@ GIB = 2**30
 @pytest.fixture(scope="module")
 def memory_2k(tmp_path_factory):
     out = tmp_path_factory.mktemp("memory")
-    return out, run("memory", "--layers", "2", "--seq-len", "2000", "--rollout-frames", "8", "--out", str(out))
+    with pytest.MonkeyPatch.context() as monkeypatch:  # module scope: the function-scoped fixture is not at hand
+        fixed(monkeypatch, "memory", rollout_frames=8)
+        return out, run("memory", "--layers", "2", "--seq-len", "2000", "--out", str(out))
 
 
 def test_memory_rows_are_parameter_arithmetic(memory_2k):
@@ -164,12 +181,13 @@ def test_memory_table_prints_the_json(memory_2k):
     assert "The recipe fits" in md  # 2 layers are far from 79.1 GiB
 
 
-def test_memory_activations_are_measured(memory_2k, tmp_path):
+def test_memory_activations_are_measured(memory_2k, tmp_path, monkeypatch):
     """What a formula would not give: each checkpointed layer keeps exactly its fp32 input (autocast leaves the
     residual stream fp32), the saved inputs grow linearly with the tokens, and without checkpointing every
     layer saves what the one recomputed layer saves."""
     _, a = memory_2k
-    b = run("memory", "--layers", "2", "--seq-len", "4000", "--rollout-frames", "8", "--out", str(tmp_path))
+    fixed(monkeypatch, "memory", rollout_frames=8)
+    b = run("memory", "--layers", "2", "--seq-len", "4000", "--out", str(tmp_path))
     la, lb = a["config"]["sft"]["tokens"], b["config"]["sft"]["tokens"]
     assert 1.9 < lb / la < 2.1
     for r, n in ((a, la), (b, lb)):

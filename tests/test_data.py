@@ -382,6 +382,18 @@ def test_bad_input_lines_are_reported_with_their_line_number(tmp_path, capsys):
     assert data.placement_arg("end") == 0.0 and data.placement_arg("random") == 1.0 and data.placement_arg("0.3") == 0.3
 
 
+def test_a_bad_flag_is_one_line(capsys):
+    """A sub-command's bad flag is one line on stderr, exit 2, as the main parser's (not argparse's usage block)."""
+    for argv, message in ((["toy", "--out", "x", "--n-train", "many"], "argument --n-train: invalid int value: 'many'"),
+                          (["toy", "--out", "x", "--placement", "late"], "argument --placement: expected end, random"),
+                          (["toy"], "the following arguments are required: --out")):
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"data.py: {message}") and err.count("\n") == 1, err
+        assert err.endswith("(data.py --help lists the flags)\n")
+
+
 # ----------------------------------------------------------------------------------------------
 # The toy world
 

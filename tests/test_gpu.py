@@ -1,6 +1,6 @@
 """The GPU path, checked against the same computation on the CPU. Skipped where CUDA is absent (CI).
 
-    python -m pytest -m gpu -q                                   # on a GPU machine (bench.py gpu runs it too)
+    python -m pytest -m gpu -q                                   # on a GPU machine (tools/bench.py gpu runs it too)
     MMDUET2_TEST_DEVICE=cpu python -m pytest -m gpu -q           # a dry run of the same code on the CPU
 
 What runs on the device: the tiny model through greedy and sampled (T 1.2, top-k 10) Stream turns and a
@@ -164,7 +164,7 @@ def test_grpo_step_on_the_device_matches_the_same_update_on_the_cpu(rl_set, tmp_
 def test_3b_architecture_in_bf16_streams_a_turn():
     """Qwen2.5-VL-3B's widths (2 of its 36 layers, 2 of its 32 vision blocks), random weights, bf16, two 448×224
     frames of 128 tokens each: the turn runs, and its cached log-probs match one full forward."""
-    import bench
+    from tools import bench
     _, processor = mmduet2.tiny_model()
     mmduet2.set_frame_tokens(processor, 128)
     from transformers import Qwen2_5_VLForConditionalGeneration

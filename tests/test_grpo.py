@@ -222,7 +222,7 @@ def test_one_step_changes_parameters_and_resumes(rl_data, chatty_ckpt, tmp_path)
 
 def test_save_every_alone_writes_step_checkpoints(rl_data, tmp_path):
     """A step checkpoint (~55 GB at 3B) is written every --save-every steps and at no other time: the last step wrote
-    one too, whatever --save-every said, and bench.py gpu's GRPO stage ran out of its disk. The end is `final`."""
+    one too, whatever --save-every said, and tools/bench.py gpu's GRPO stage ran out of its disk. The end is `final`."""
     base = ["--init", "tiny", "--anno", str(rl_data / "anno.json")] + SMALL + ["--max-steps", "3"]
     for every, steps in (("2", ["step-000002"]), ("0", [])):
         out = tmp_path / every
