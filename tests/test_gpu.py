@@ -21,7 +21,6 @@ from conftest import random_frames, write_video
 
 import grpo
 import mmduet2
-import reward
 
 DEVICE = os.environ.get("MMDUET2_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
