@@ -1,58 +1,24 @@
 """Data: scene captions → proactive dialogues (SFT) + gold reply spans (ProactiveVideoQA anno.json).
 
-Role in the pipeline: the first step.
+Pipeline:  **data.py** ──▶ sft.py ──▶ grpo.py ──▶ infer.py ──▶ evaluate.py          (paper Sec. 3, Sec. 4.2)
 
-    scene captions ──data.py──▶ sft.jsonl + anno.json ──sft.py──▶ SFT ──grpo.py──▶ RL ──infer.py──▶ evaluate.py
-
-What it does (paper Sec. 3, "Dataset construction"; SFT placement from Sec. 4.2):
-
-1. Input: one JSONL line per video, `{"video", "duration", "scenes": [{"start", "end", "caption"}]}`
-   (step (1) of Sec. 3, scene segmentation and captioning, is done before this file).
-2. QA generation: an LLM reads all captions and writes 2-4 questions (by video length), each
-   with one answer per scene or exactly "NO REPLY" (Sec. 3 step (2)). Its JSON is parsed strictly;
-   a malformed answer is re-asked, then the video is reported and skipped.
-3. Dialogue construction (Sec. 3 step (3)), half the videos each:
-   - 1QnA: one question at t = 0; the answer of scene i is due inside scene i's reply span.
-   - nQnA: all questions, the first at t = 0 and the others at random turns. When a question is
-     asked, the answers of the scenes that already ended are summarised by the LLM into one
-     "immediate answer", replied at once; later scenes are answered in their spans until the
-     next question is asked.
-4. SFT placement (Sec. 4.2): an answer sits at the END of its reply span (the last user turn
-   inside it), so the event has happened when the model speaks; every other assistant turn is
-   "NO REPLY". `--placement random` / a fraction is the alternative measured in docs/toy.md.
-5. Gold spans: related_timespan = the scene, reply_timespan = the scene + 1 s (ProactiveVideoQA:
-   s1 ≈ r1 + 1 s); an immediate answer: related [0, t_q], reply [t_q, t_q + one turn].
-
-Also here: the offline mix (LLaVA-Video QA / Tarsier2 captions rendered as one-turn dialogues
-under Qwen's default system prompt, Sec. 4.2) and the toy world (docs/toy.md): synthetic mp4s of
-coloured squares whose scene list goes through the same steps 2-5 with a deterministic "LLM".
-Toy events last 5-10 s, so that at the paper's frame settings the end-of-span reply turn always
-shows the square and never precedes it (why: the comment above TOY_WORLD).
-
-Where we depart from the paper (each also noted beside its line):
-
-1. The prompts are our own; the LLM is any OpenAI-compatible endpoint (llm.LLMClient).
-2. A 1QnA dialogue uses one question per video, drawn at random among those some scene answers.
-3. nQnA: the first question is asked at t = 0. An answer is due only if its (end-of-span) turn
-   comes before the next question is asked; a scene under way when its question arrives gets its
-   reply span cut to start at the question (a reply before the question exists answers nothing).
-4. A question that no ended scene answers gets no immediate answer (its turn is NO REPLY).
-5. 1QnA vs nQnA is drawn per video with probability --nqna-frac (paper: exactly half).
-6. Our dialogues name the video and the frame interval (frames are sampled when training),
-   where the released data lists pre-extracted frame files.
-
-Files written by `build` into --out DIR (all resumable: a video already in sft.jsonl is skipped):
-    sft.jsonl     one dialogue per line (the format mmduet2.load_dialogue reads)
-    anno.jsonl    the gold examples, one per line, appended as they are built (the resume journal)
-    anno.json     the same examples as one ProactiveVideoQA list, assembled at the end
-    build.json    the settings; a re-run with other settings is refused (it would mix two datasets)
+From one JSONL line per video, `{"video", "duration", "scenes": [{"start", "end", "caption"}]}` (Sec. 3 step
+(1), scene segmentation and captioning, is done before this file):
+  2. QA generation: an LLM reads all captions and writes 2-4 questions, each with one answer per scene or
+     exactly "NO REPLY" (`LLMWriter`, `parse_questions`: strict JSON, re-asked when malformed).
+  3. Dialogues, half 1QnA (one question at t = 0), half nQnA (all questions, at random turns; the answers of
+     scenes already ended are summarised into one "immediate answer"): `make_dialogue`.
+  4. SFT placement (Sec. 4.2): an answer sits at the END of its reply span, every other turn is "NO REPLY".
+  5. Gold spans: related = the scene, reply = the scene + 1 s; an immediate answer is due at once.
+Also the offline mix (`offline_dialogue`, Sec. 4.2), and the toy world's command (toy.py).
 
 Run:
     python data.py toy --out data/toy                        # toy world: train / rl / test, ~1 min on a CPU
     python data.py build --scenes scenes.jsonl --out data/web --llm toy   # pipeline smoke run, no LLM
     OPENAI_BASE_URL=http://localhost:8000/v1 OPENAI_API_KEY=EMPTY JUDGE_MODEL=Qwen/Qwen2.5-32B-Instruct \\
-        python data.py build --scenes scenes.jsonl --out data/web --workers 16          # full scale
+        python data.py build --scenes scenes.jsonl --out data/web --workers 16          # full scale, resumable
     python data.py offline --qa llava_video_qa.jsonl --out data/offline.jsonl        # offline mix
+The files written: docs/formats.md. Where we depart from the paper: docs/departures.md, each beside its line.
 """
 import argparse
 import json
@@ -63,12 +29,11 @@ import re
 import sys
 from pathlib import Path
 
-import av
-import numpy as np
 from tqdm import tqdm
 
 import mmduet2
 import reward
+import toy
 from llm import LLMClient, imap  # by name: build's `llm` argument is the writer's kind
 from mmduet2 import IMAGE, SILENCE
 
@@ -105,7 +70,7 @@ SUMMARY_INSTRUCTION = (
 # The two LLM steps (Sec. 3 steps (2) and (3)) behind one small boundary:
 #   questions(captions, n) -> [{"question": str, "answers": [str per scene]}]
 #   summarise(question, answers) -> str
-# LLMWriter asks a real LLM; ToyWriter (toy world section) and the tests plug in deterministic ones.
+# LLMWriter asks a real LLM; toy.Writer and the tests plug in deterministic ones.
 
 def n_questions(duration):
     """How many questions to ask about a video of `duration` seconds: 2, 3 or 4."""
@@ -275,7 +240,8 @@ def choose_asks(qas, times, nqna, rng):
     random order, the later ones at distinct random turn times, never the first turn (it carries
     the first question) nor the last (an immediate answer needs a turn to be replied in).
     """
-    # a 1QnA dialogue whose question nothing answers would teach only silence (departure 2)
+    # a 1QnA dialogue whose question nothing answers would teach only silence (ours: one question per video,
+    # drawn among those some scene answers)
     answerable = [qa for qa in qas if any(a != SILENCE for a in qa["answers"])]
     if not answerable:
         raise ValueError("no question is answered by any scene")
@@ -285,7 +251,7 @@ def choose_asks(qas, times, nqna, rng):
     # nQnA draws from all the questions, answerable or not (one that no scene answers gets only NO REPLY)
     order = rng.sample(qas, len(qas))[:len(slots) + 1]  # a random order; at most one question per turn
     later = sorted(rng.sample(slots, len(order) - 1))  # distinct turns, so two questions never share one
-    return [(0.0, order[0])] + list(zip(later, order[1:]))  # departure 3: the first question at t = 0
+    return [(0.0, order[0])] + list(zip(later, order[1:]))  # ours: the first question at t = 0
 
 
 def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames_per_turn=FRAMES_PER_TURN,
@@ -320,19 +286,19 @@ def make_dialogue(duration, scenes, asks, writer, rng, interval=INTERVAL, frames
         # nQnA immediate answer: what the scenes that already ended say about the new question.
         # (For the first question, t_ask = 0: no scene has ended, so 1QnA never gets one.)
         ended = [a for s, a in zip(scenes, answers) if s["end"] <= t_ask and a != SILENCE]
-        if ended:  # none: nothing to say yet, the question turn is NO REPLY (departure 4)
+        if ended:  # none: nothing to say yet, the question turn is NO REPLY (ours: the paper does not say)
             summary = writer.summarise(question, ended)
             # related [0, t_ask]: its evidence is everything shown so far; reply [t_ask, one turn
             # later]: it answers the question just asked, so it is due at once (kept inside the video)
             add(summary, (0.0, t_ask), (t_ask, min(t_ask + turn, duration)), question, t_turn)
         # The other scenes are answered in their reply spans "until the next question is raised":
-        # an answer is due only if its paper-rule turn comes before the next question (departure 3).
+        # an answer is due only if its paper-rule turn comes before the next question (our reading).
         # Decided on the end placement, so the gold answers do not depend on --placement.
         for s, a in zip(scenes, answers):
             if a == SILENCE or s["end"] <= t_ask:  # silent, or already in the immediate answer
                 continue
             # reply span = the scene + REPLY_TAIL, cut at the video's end; a scene under way when the
-            # question comes starts its span at the question (departure 3)
+            # question comes starts its span at the question (ours: a reply before it answers nothing)
             s0, s1 = max(s["start"], t_ask), min(s["end"] + REPLY_TAIL, duration)
             t_end = place(times, s0, s1, 0.0, rng)  # the paper's end placement (draws nothing from rng)
             if t_end is None or t_end >= t_next:
@@ -373,11 +339,12 @@ def build_example(rec, writer, rng, out_dir, interval=INTERVAL, frames_per_turn=
     captions = [s["caption"] for s in rec["scenes"]]
     qas = writer.questions(captions, n_questions(rec["duration"]))  # Sec. 3 step (2)
     _, times = dialogue_times(rec["duration"], interval, frames_per_turn)
-    nqna = rng.random() < nqna_frac  # departure 5: a draw per video, so "half" holds on average
+    nqna = rng.random() < nqna_frac  # ours: a draw per video, so "half" holds on average
     asks = choose_asks(qas, times, nqna, rng)
     messages, conversation, answers = make_dialogue(rec["duration"], rec["scenes"], asks, writer, rng,
                                                     interval, frames_per_turn, random_frac, history_frac)
-    # departure 6: the dialogue names the video and the frame interval, and sft.py samples the frames;
+    # ours: the dialogue names the video and the frame interval, and sft.py samples the frames (the released
+    # data lists pre-extracted frame files);
     # the path is relative to sft.jsonl's folder, where mmduet2.load_dialogue resolves it
     dialogue = {"id": rec["id"], "video": os.path.relpath(rec["path"], out_dir), "interval": interval,
                 "frames_per_turn": frames_per_turn, "messages": messages}
@@ -431,9 +398,9 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
     if history_frac:  # only when used: a folder built before the flag existed still resumes
         settings["history_frac"] = history_frac
     settings_path = out_dir / "build.json"
-    if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
-        raise ValueError(f"{out_dir} was built with other settings ({settings_path.read_text().strip()}); "
-                         "use a new --out or delete it")
+    diff = mmduet2.settings_differ(json.loads(settings_path.read_text()), settings) if settings_path.exists() else ""
+    if diff:
+        raise ValueError(f"{out_dir} was built with other settings ({diff}); use a new --out or delete it")
     settings_path.write_text(json.dumps(settings) + "\n")
     sft_path, journal = out_dir / "sft.jsonl", out_dir / "anno.jsonl"
     done = {d["id"] for d in _journal(sft_path)}  # sft.jsonl, not the journal: its line is written last
@@ -496,9 +463,7 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
     # anno.json = the journal in sft.jsonl order (a gold line whose dialogue was cut off is dropped)
     gold = {g["question_id"]: g for g in _journal(journal)}
     examples = [gold[d["id"]] for d in _journal(sft_path) if d["id"] in gold]
-    tmp = out_dir / "anno.json.tmp"
-    tmp.write_text(json.dumps(examples, indent=1) + "\n")
-    tmp.replace(out_dir / "anno.json")  # atomic: a reader never sees half a file
+    mmduet2.write_atomic(out_dir / "anno.json", json.dumps(examples, indent=1) + "\n")  # a reader never sees half of it
     return counts
 
 
@@ -562,190 +527,23 @@ def build_offline(qa_path, out_path, max_frames=OFFLINE_FRAMES):
                                      rec.get("question") or CAPTION_QUESTION, rec["answer"].strip(), max_frames))
     # not resumable (no LLM, so a rerun is cheap): written whole, then renamed, so an interrupted
     # run never leaves half a file that looks finished
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out_path)
+    mmduet2.write_atomic(out_path, "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows), skipped
 
 
 # ----------------------------------------------------------------------------------------------
-# The toy world (docs/toy.md): coloured squares on a dark background, the same pipeline from the scene list on
+# Command line
 
-# Strongly distinct colours: a tiny vision tower learns colour in minutes (shape it did not learn).
-TOY_COLOURS = {"red": (230, 40, 40), "green": (40, 200, 40), "blue": (40, 80, 235), "yellow": (230, 220, 40),
-               "magenta": (220, 50, 220), "cyan": (40, 210, 220), "white": (235, 235, 235)}
-TOY_POSITIONS = ("left", "right", "top", "bottom")
-TOY_BACKGROUND = 24      # dark grey
-TOY_NOISE = 6            # ± grey levels of static per-video noise (static: it costs the encoder nothing)
-TOY_CRF = 18             # x264 quality: colours survive yuv420p round trips within a few levels
-TOY_LEAD = 1.0           # no event in the first second
-# ... and none in the last 4 s: the benchmark's last turn (often one frame) is then never an answer's
-# turn. Where it was, GRPO learnt to say answers again there, and ~half its duplicates sat at that turn.
-TOY_QUIET_END = 4.0
-# 84 px = 3x3 patches of 28 = 9 LLM tokens per frame. Events last at least 5 s = one 4 s turn + one
-# 2 s frame - the 1 s reply tail: then, at the paper's frame settings, the end-of-span turn always
-# shows the square in its last frame (with 4 s events, ~4% of answers sat at a turn none of whose
-# frames had shown the event yet: labels no model can learn). The model cannot see whether the
-# square will still be there at the next turn, so replying at a visible turn stays uncertain:
-# the exploration room GRPO needs (docs/toy.md, "the exploration trap").
-TOY_WORLD = dict(size=84, fps=10, min_len=20, max_len=40, min_events=2, max_events=4,
-                 min_event=5.0, max_event=10.0, gap=2.0)
-# The toy's SFT dialogues also say a quarter of the answers early in their span as untrained history
-# (--history-frac): with the end placement alone, SFT never saw an answered square stay on screen, and
-# the early replies GRPO teaches came with a second reply two turns later (docs/toy.md, "Duplicates").
-TOY_HISTORY_FRAC = 0.25
-TOY_QUESTIONS = ("Tell me whenever a new shape appears.", "Tell me the colour of each new shape.")
-TOY_OFFLINE_QUESTION = "List the colours of the squares in the order they appeared."
-TOY_CAPTION = re.compile(r"A (\w+) square appeared on the (\w+)\.")
-
-
-def toy_caption(colour, position):
-    return f"A {colour} square appeared on the {position}."
-
-
-def toy_colour_list(scenes):
-    """The toy's offline answer: the squares' colours in the order they appeared, "Red, blue, green."."""
-    return ", ".join(s["colour"] for s in scenes).capitalize() + "."
-
-
-def toy_boxes(size):
-    """Top-left corner (y, x) of the square at each position, and its side: even numbers, so the
-    yuv420p chroma grid (2x2) never straddles an edge and colours stay clean."""
-    # `// 2 * 2` rounds down to even. At 84 px: side 28 (a third of the frame, the pixels of one
-    # LLM token), margin 6 from the border, mid 28 (centred), far 50 (6 px from the other border)
-    side = size // 3 // 2 * 2
-    margin = size // 14 // 2 * 2
-    mid, far = (size - side) // 2 // 2 * 2, size - side - margin
-    # the four boxes overlap at their corners (left and top share a 6 x 6 px patch at 84 px), which
-    # never shows: events do not overlap in time, so a frame holds one square at most
-    return {"left": (mid, margin), "right": (mid, far), "top": (margin, mid), "bottom": (far, mid)}, side
-
-
-def toy_scenes(rng, size=84, fps=10, min_len=20, max_len=40, min_events=2, max_events=4,
-               min_event=5.0, max_event=10.0, gap=2.0):
-    """(duration, scenes) of one toy video: non-overlapping events at frame-exact times.
-
-    Times are whole frames (k / fps), so "visible" is exact: frame k shows the event iff
-    start <= k / fps < end. Events start after TOY_LEAD, keep `gap` seconds apart, end TOY_QUIET_END
-    before the video ends (so their reply spans fit, short of the last turn), and have distinct colours (a second red
-    square would read as a repeat to the judge). `size` comes along with the rest of the world dict.
-    """
-    duration = rng.randint(min_len, max_len)  # whole seconds, so the video is a whole number of frames
-    # everything below counts frames (integers), not seconds: no float drift between the scene list
-    # and the frames render_toy_video draws
-    total, lead, tail, gap_f = duration * fps, round(TOY_LEAD * fps), round(TOY_QUIET_END * fps), round(gap * fps)
-    lo, hi = round(min_event * fps), round(max_event * fps)
-    k = rng.randint(min_events, max_events)
-    while k > 1 and lead + tail + k * lo + (k - 1) * gap_f > total:
-        k -= 1  # the video is too short for this many events
-    budget = total - lead - tail - (k - 1) * gap_f  # frames for the events and the spare time between
-    lengths = []
-    for i in range(k):  # each length leaves room for the minimum length of the rest
-        lengths.append(rng.randint(lo, max(lo, min(hi, budget - (k - i - 1) * lo))))
-        budget -= lengths[-1]  # what is left is the spare time, handed out below
-    rng.shuffle(lengths)  # the first draws have the most room: shuffled, long events are not always first
-    extra = sorted(rng.randint(0, budget) for _ in range(k))  # the spare frames, spread before each event
-    colours = rng.sample(sorted(TOY_COLOURS), k)  # distinct; sample needs a sequence, not a dict
-    scenes, t, used = [], lead, 0
-    for length, shift, colour in zip(lengths, extra, colours):
-        # extra holds cumulative offsets: this event waits shift - used spare frames more than the
-        # last; whatever extra[-1] leaves of the budget falls after the last event
-        t += shift - used
-        used = shift
-        position = rng.choice(TOY_POSITIONS)  # positions may repeat: colours tell events apart
-        scenes.append({"start": t / fps, "end": (t + length) / fps, "caption": toy_caption(colour, position),
-                       "colour": colour, "position": position})
-        t += length + gap_f
-    return float(duration), scenes
-
-
-def render_toy_video(path, duration, scenes, seed, size=84, fps=10, **_):
-    """Write the toy mp4 (libx264, yuv420p): static noisy background, one square per visible event.
-
-    Takes the whole world dict as keywords (`**_`: the knobs that only shape the scene list)."""
-    # the same noise in every frame: it costs the encoder nothing, and a frame changes only where
-    # a square comes or goes
-    noise = np.random.default_rng(seed).integers(-TOY_NOISE, TOY_NOISE + 1, (size, size, 1))
-    # one channel of noise copied into R, G and B: grey static
-    background = np.repeat(np.clip(TOY_BACKGROUND + noise, 0, 255), 3, axis=2).astype(np.uint8)  # (H, W, 3)
-    boxes, side = toy_boxes(size)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"  # colour stored per 2x2 pixel block: hence toy_boxes' even edges
-        stream.options = {"crf": str(TOY_CRF)}
-        for k in range(round(duration * fps)):
-            frame = background.copy()
-            for s in scenes:
-                # the scene times are k / fps (toy_scenes), so round() gets the exact frame index back
-                if round(s["start"] * fps) <= k < round(s["end"] * fps):
-                    y, x = boxes[s["position"]]
-                    frame[y:y + side, x:x + side] = TOY_COLOURS[s["colour"]]
-            for packet in stream.encode(yuv_frame(frame)):
-                container.mux(packet)
-        for packet in stream.encode():  # flush the encoder's delayed frames
-            container.mux(packet)
-
-
-def yuv_frame(rgb):
-    """An (H, W, 3) uint8 RGB array as a yuv420p frame for the encoder in which every byte is set, padding included.
-
-    A frame's rows are padded for alignment, and FFmpeg's converter leaves that padding as it found it
-    (uninitialised memory). x264 reads some of it, so an rgb24 frame handed to `encode` made the same video
-    encode to different bytes from run to run (13 of 530 toy videos, decoded pixels 1-2 levels apart).
-    """
-    h, w, _ = rgb.shape
-    yuv = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p").to_ndarray()  # (H·3/2, W)
-    # to_ndarray packs the half-size U and V planes as H/4 rows of W each: unpack them to (H/2, W/2)
-    planes = [yuv[:h], yuv[h:h + h // 4].reshape(h // 2, w // 2), yuv[h + h // 4:].reshape(h // 2, w // 2)]
-    frame = av.VideoFrame(w, h, "yuv420p")
-    for plane, pixels in zip(frame.planes, planes):
-        rows = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)  # (rows, bytes per row with padding)
-        rows[:] = 0  # the padding, deterministically
-        rows[:, :pixels.shape[1]] = pixels
-    return frame
-
-
-class ToyWriter:
-    """The toy world's deterministic stand-in for the LLM: templates over the toy captions.
-
-    Questions: "whenever a new shape appears" (answer = the caption) and "the colour of each new
-    shape" (answer e.g. "Red."); every scene answers both. Summary: "So far: " + the answers.
-    """
-
-    def questions(self, captions, n):
-        parsed = [TOY_CAPTION.fullmatch(c.strip()) for c in captions]
-        if not all(parsed):
-            raise ValueError("the toy writer reads only toy captions ('A red square appeared on the left.')")
-        by_question = {TOY_QUESTIONS[0]: [c.strip() for c in captions],
-                       TOY_QUESTIONS[1]: [f"{m.group(1).capitalize()}." for m in parsed]}
-        # two templates only: the toy's videos (under 60 s) ask for n = 2; a longer one gets these two
-        return [{"question": q, "answers": a} for q, a in list(by_question.items())[:n]]
-
-    def summarise(self, question, answers):
-        return "So far: " + " ".join(answers)
-
-
-def make_toy(out, seed=0, n_train=400, n_rl=100, n_test=30, interval=INTERVAL, frames_per_turn=FRAMES_PER_TURN,
-             random_frac=0.0, nqna_frac=0.0, history_frac=TOY_HISTORY_FRAC, **world):
-    """Write out/{train,rl,test}/{videos/*.mp4, scenes.jsonl, sft.jsonl, anno.json}; deterministic by seed.
+def make_toy(out, seed=0, n_train=400, n_rl=100, n_test=30, interval=INTERVAL,
+             frames_per_turn=FRAMES_PER_TURN, random_frac=0.0, nqna_frac=0.0, history_frac=toy.HISTORY_FRAC, **world):
+    """The toy world (toy.py) through this file's pipeline: out/{train,rl,test}/{videos/*.mp4, scenes.jsonl, sft.jsonl, anno.json}; deterministic by seed.
 
     Each video draws from its own generator (seed, split, index): adding videos to a split does not
     change the ones before. scenes.jsonl keeps each event's colour and position (the ground truth
     drawn in the video). The toy is rebuilt from scratch on every call (a minute), never resumed.
+    `world`: keyword overrides of toy.WORLD (the tests' smaller worlds), not checked: the world is toy.WORLD.
     """
-    world = {**TOY_WORLD, **world}  # the caller's knobs over the defaults
-    # checked here, so a bad flag is one clear line, not a traceback from inside toy_scenes
-    if not 0 < world["min_len"] <= world["max_len"]:
-        raise ValueError(f"toy video length: need 0 < --min-len <= --max-len, "
-                         f"got {world['min_len']}, {world['max_len']}")
-    if not 1 <= world["min_events"] <= world["max_events"] <= len(TOY_COLOURS):
-        raise ValueError(f"toy events: need 1 <= --min-events <= --max-events <= {len(TOY_COLOURS)} (one colour each)")
-    # the shortest video must hold the lead, one shortest event and the quiet end
-    if (not 0 < world["min_event"] <= world["max_event"]
-            or TOY_LEAD + world["min_event"] + TOY_QUIET_END > world["min_len"]):
-        raise ValueError(f"toy events: need 0 < --min-event <= --max-event and a {TOY_LEAD + TOY_QUIET_END:g} s "
-                         f"margin + one --min-event event to fit in --min-len ({world['min_len']} s)")
+    world = {**toy.WORLD, **world}
     reward.hold_output(str(out), folder=True)  # a second toy run would delete this one's videos as it writes them
     counts = {}
     for split, n in (("train", n_train), ("rl", n_rl), ("test", n_test)):
@@ -762,24 +560,21 @@ def make_toy(out, seed=0, n_train=400, n_rl=100, n_test=30, interval=INTERVAL, f
         for i in tqdm(range(n), desc=f"toy {split} videos", unit="video", disable=None):
             rng = random.Random(f"toy:{seed}:{split}:{i}")  # the split in the seed: no two splits share a video
             name = f"{split}_{i:04d}"
-            duration, scenes = toy_scenes(rng, **world)
+            duration, events = toy.scenes(rng, **world)
             # the noise seed comes from the video's generator too: the same seed, the same bytes
-            render_toy_video(split_dir / "videos" / f"{name}.mp4", duration, scenes, rng.getrandbits(32), **world)
-            records.append({"id": name, "video": f"videos/{name}.mp4", "duration": duration, "scenes": scenes})
+            toy.render_video(split_dir / "videos" / f"{name}.mp4", duration, events, rng.getrandbits(32), **world)
+            records.append({"id": name, "video": f"videos/{name}.mp4", "duration": duration, "scenes": events})
         (split_dir / "scenes.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in records))
         # from here on exactly the path of real data, with the deterministic writer
-        counts[split] = build(split_dir / "scenes.jsonl", split_dir, ToyWriter(), interval, frames_per_turn,
-                              random_frac, nqna_frac, seed, llm="toy", history_frac=history_frac)
+        counts[split] = build(split_dir / "scenes.jsonl", split_dir, toy.Writer(), interval, frames_per_turn,
+                         random_frac, nqna_frac, seed, llm="toy", history_frac=history_frac)
         # the offline mix of Sec. 4.2 in miniature: one whole-video question per video (SFT trains on the train
         # split's, the test split's measure what RL does to offline ability: the paper's Table 4)
         (split_dir / "offline.jsonl").write_text("".join(json.dumps(offline_dialogue(
-            f"{r['id']}-offline", r["video"], r["duration"], TOY_OFFLINE_QUESTION, toy_colour_list(r["scenes"]))) + "\n"
+            f"{r['id']}-offline", r["video"], r["duration"], toy.OFFLINE_QUESTION, toy.colour_list(r["scenes"]))) + "\n"
             for r in records))
     return counts
 
-
-# ----------------------------------------------------------------------------------------------
-# Command line
 
 def placement_arg(text):
     """--placement: "end" (paper) → 0.0, "random" → 1.0, or a number P → random with probability P."""
@@ -810,7 +605,7 @@ def main(argv=None):
         p.add_argument("--nqna-frac", type=float, default=NQNA_FRAC, help="share of nQnA dialogues (paper: 0.5)")
         p.add_argument("--history-frac", type=float, default=0.0,
                        help="share of answers also said early in their span as untrained history, then NO REPLY "
-                            f"(paper and build: 0; toy: {TOY_HISTORY_FRAC})")
+                            f"(paper and build: 0; toy: {toy.HISTORY_FRAC})")
         p.add_argument("--seed", type=int, default=0, help="seed of every random choice (each video seeded by its id)")
 
     b = sub.add_parser("build", help="scene list → sft.jsonl + anno.json (resumable)")
@@ -841,18 +636,9 @@ def main(argv=None):
     t.add_argument("--n-rl", type=int, default=100, help="videos held out for GRPO")
     t.add_argument("--n-test", type=int, default=30, help="videos in the test split (anno.json is the benchmark)")
     dialogue_flags(t)
-    # the toy world's defaults, the quick start's: history (TOY_HISTORY_FRAC's comment), 1QnA only (docs/toy.md)
-    t.set_defaults(history_frac=TOY_HISTORY_FRAC, nqna_frac=0.0)
-    # the world
-    t.add_argument("--size", type=int, default=TOY_WORLD["size"], help="frame side in pixels (84 = 9 LLM tokens)")
-    t.add_argument("--fps", type=int, default=TOY_WORLD["fps"], help="frames per second of the mp4")
-    t.add_argument("--min-len", type=int, default=TOY_WORLD["min_len"], help="shortest video, seconds")
-    t.add_argument("--max-len", type=int, default=TOY_WORLD["max_len"], help="longest video, seconds")
-    t.add_argument("--min-events", type=int, default=TOY_WORLD["min_events"], help="fewest events per video")
-    t.add_argument("--max-events", type=int, default=TOY_WORLD["max_events"], help="most events per video")
-    t.add_argument("--min-event", type=float, default=TOY_WORLD["min_event"], help="shortest event, seconds")
-    t.add_argument("--max-event", type=float, default=TOY_WORLD["max_event"], help="longest event, seconds")
-    t.add_argument("--gap", type=float, default=TOY_WORLD["gap"], help="seconds between events at least")
+    # the toy world's defaults, the quick start's: history (toy.HISTORY_FRAC's comment), 1QnA only (docs/toy.md);
+    # the world itself is toy.WORLD
+    t.set_defaults(history_frac=toy.HISTORY_FRAC, nqna_frac=0.0)
     for command in sub.choices.values():  # a sub-command's parser reports its own flags' errors: one line too
         command.error = parser.error
     args = parser.parse_args(argv)
@@ -861,7 +647,7 @@ def main(argv=None):
         if args.command == "build":
             reward.hold_output(args.out, folder=True)  # before the LLM client opens its cache in it
             if args.llm == "toy":
-                writer, workers = ToyWriter(), 1  # templates: instant, threads would only add overhead
+                writer, workers = toy.Writer(), 1  # templates: instant, threads would only add overhead
             else:
                 # the cache lives with the dataset, so a resumed build re-asks nothing; 4096 tokens: a
                 # QA list (4 questions x one answer per scene) is long JSON, and a cut one cannot parse
@@ -881,9 +667,8 @@ def main(argv=None):
             if skipped:
                 raise ValueError(f"{skipped} lines skipped (see above)")
         else:
-            world = {k: getattr(args, k) for k in TOY_WORLD}  # the --size ... --gap flags, by the same names
             counts = make_toy(args.out, args.seed, args.n_train, args.n_rl, args.n_test, args.interval,
-                              args.frames_per_turn, args.placement, args.nqna_frac, args.history_frac, **world)
+                                  args.frames_per_turn, args.placement, args.nqna_frac, args.history_frac)
             for split, c in counts.items():
                 print(f"{split}: {c['built']} videos ({c['nqna']} nQnA), {c['answers']} gold answers")
     except (ValueError, OSError, reward.JudgeError) as e:

@@ -2,20 +2,14 @@
 
 Pipeline:  data.py ──▶ sft.py ──▶ **grpo.py** ──▶ infer.py ──▶ evaluate.py          (paper Sec. 4.3)
 
-SFT puts every reply at the end of its event, so the model learns *what* to say but replies late. Nobody
-knows the exact frame at which a fact becomes visible, so there is no label for "the right time". GRPO
-sidesteps it: sample several continuations of the same stream and prefer those that were right *and* early,
-as the PAUC-based reward measures. One step, on every rank, top to bottom in `main`:
-
-  1. Episodes (Sec. 4.3.3): a 20 s segment of a held-out video; the dialogue before it is context with the
-     *gold* replies where the SFT data spoke them; the policy must answer every user turn of the segment.
-  2. Rollouts: the context is encoded once, copied into a batch of G = 4 rows, and the rows answer the
-     segment together at T = 1.2, top-k 10, <= 100 new tokens per turn (mmduet2.Group). Each rollout keeps
-     the exact ids it sampled, with mask 1 on everything it generated (NO REPLY too).
-  3. Reward: reward.mmduet2_reward = 3·PAUC + 2·rep + 0.5·in_span + 2·prefix per rollout (Eq. 2).
-  4. Advantage: rewards are gathered from all ranks, then normalised within each group (`group_advantages`).
-  5. Update: the clipped-ratio loss on every generated token, averaged over the generated tokens of the step
-     on all ranks (`policy_loss`); one optimizer step per rollout batch, no KL (as released).
+SFT puts every reply at the end of its event: the model learns *what* to say but replies late, and no label
+says when a fact became visible. GRPO samples G continuations of one stream and prefers those that were right
+*and* early, as the PAUC reward measures. One step, on every rank, top to bottom in `main`:
+  1. Episodes: a 20 s segment of a held-out video after a context of gold replies (Sec. 4.3.3, `make_episode`).
+  2. Rollouts: G = 4 rows answer the segment at T = 1.2, top-k 10, <= 100 new tokens per turn (`rollouts`).
+  3. Rewards: 3·PAUC + 2·rep + 0.5·in_span + 2·prefix per rollout (Eq. 2, reward.mmduet2_reward).
+  4. Advantages: rewards normalised within each group, gathered from every rank (`group_advantages`).
+  5. Update: the clipped-ratio loss on every generated token (`policy_loss`), one optimizer step, no KL.
 
 Run it:
     accelerate launch grpo.py --toy --init runs/sft-toy/final                       # CPU, the toy world (~5 min)
@@ -24,20 +18,7 @@ Run it:
     accelerate launch --multi_gpu --num_processes 8 grpo.py --init runs/sft/final \\
         --anno data/web/rl/anno.json --out runs/grpo                                  # full scale, 8 GPUs
     # interrupted? the same command + --resume
-
-Departures from the paper / released code (verl + SGLang):
-  1. Rollouts run on our KV-cached engine under transformers' `generate`, not SGLang: a group's G rollouts
-     share one encoded context and are decoded as one batch (mmduet2.Group).
-  2. A group lives on one rank (to share that cache); rewards are all-gathered before normalising, so the
-     statistics and logs are global.
-  3. Loss: a token-level mean over the generated tokens of the step on all ranks (`--loss-agg seq`: a mean of
-     per-rollout means instead).
-  4. An episode's segment contains the start of a randomly chosen gold reply span, within `--max-frames`
-     (the released cap: 90 frames).
-  5. Episodes come from a ProactiveVideoQA anno.json (what data.py writes), not the released RL parquet files.
-  6. Precision: fp32 master weights with bf16 autocast (rollouts and update), as in sft.py; the vision
-     encoder is frozen and its merger trained, as in SFT (the released RL config is not known to us).
-  7. Tied groups get an advantage of exactly 0 (a float32 mean over equal rewards is not always exact).
+Where we depart from the paper and the released code (verl + SGLang): docs/departures.md, each beside its line.
 """
 import argparse
 import datetime
@@ -76,12 +57,12 @@ def group_advantages(rewards, eps=1e-4):
     return adv.masked_fill(tied, 0.0).to(rewards.dtype)
 
 
-def policy_loss(logp, old_logp, adv, clip=0.2, ref_logp=None, kl_coef=0.0):
-    """Per-token clipped surrogate loss (PPO/GRPO), plus an optional k3 KL to a reference.
+def policy_loss(logp, old_logp, adv, clip=0.2):
+    """Per-token clipped surrogate loss (PPO/GRPO).
 
-    logp, old_logp, ref_logp: (T,) log-probs of the generated tokens; adv: scalar or (T,).
+    logp, old_logp: (T,) log-probs of the generated tokens; adv: scalar or (T,).
         ratio = exp(logp − old_logp)
-        loss_t = −min(ratio·A, clip(ratio, 1 − ε, 1 + ε)·A) + β·(exp(ref − logp) − (ref − logp) − 1)
+        loss_t = −min(ratio·A, clip(ratio, 1 − ε, 1 + ε)·A)
     On-policy (one update per batch) old_logp = logp.detach(): ratio = 1, so the loss *value* is −A per token
     while its gradient is −A·∇log p: the REINFORCE gradient with a group baseline.
     Worked example: A = 1, logp − old = log 1.5 (ratio 1.5): unclipped 1.5, clipped 1.2 → loss −1.2.
@@ -90,11 +71,7 @@ def policy_loss(logp, old_logp, adv, clip=0.2, ref_logp=None, kl_coef=0.0):
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - clip, 1 + clip) * adv
-    loss = -torch.min(unclipped, clipped)
-    if ref_logp is not None and kl_coef:
-        d = ref_logp - logp
-        loss = loss + kl_coef * (torch.exp(d) - d - 1)  # k3: unbiased, always >= 0
-    return loss, clipped < unclipped
+    return -torch.min(unclipped, clipped), clipped < unclipped
 
 
 # ----------------------------------------------------------------------------
@@ -130,7 +107,10 @@ def turn_at(times, t):
 
 
 def make_episode(example, args, rng):
-    """One segment of an annotated video, drawn with `rng`: context up to `start`, the policy's turns after."""
+    """One segment of an annotated video, drawn with `rng`: context up to `start`, the policy's turns after.
+
+    The video comes from a ProactiveVideoQA anno.json (what data.py writes), not the released RL parquet files;
+    at most --max-frames frames of it are read (the released cap: 90)."""
     frames = []
     for _, frame in mmduet2.read_frames(os.path.join(args.videos, example["video"]), args.interval):
         if len(frames) == args.max_frames:
@@ -146,7 +126,7 @@ def make_episode(example, args, rng):
     answers = [dict(a, question=a.get("question", question)) for a in example["answer"]]
 
     # The segment: n_seg turns containing the start of a randomly chosen reachable gold span, so that every
-    # episode has something to say.
+    # episode has something to say (where the segment lies is our rule; the paper gives its length, 20 s).
     n_seg = max(1, round(args.segment / (args.interval * args.frames_per_turn)))
     reachable = [a for a in answers if a["reply_timespan"][0] <= times[-1]]
     j_target = turn_at(times, rng.choice(reachable)["reply_timespan"][0]) if reachable else 0
@@ -169,7 +149,8 @@ def make_episode(example, args, rng):
 
 @torch.no_grad()
 def rollouts(model, processor, ep, args):
-    """The G rollouts of one episode: the context encoded once, then the G rows decoded as one batch."""
+    """The G rollouts of one episode: the context encoded once, then the G rows decoded as one batch (our KV-cached
+    engine under transformers' `generate`, where the released code runs SGLang)."""
     fpt = args.frames_per_turn
     base = mmduet2.Stream(model, processor)
     for j in range(ep.start):  # the context, gold replies included (mask 0: the policy did not write them)
@@ -229,10 +210,6 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=1, help="passes over the RL videos (paper: 1)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: the epochs)")
     p.add_argument("--clip", type=float, default=0.2, help="PPO clip range ε")
-    p.add_argument("--inner-epochs", type=int, default=1, help="updates per rollout batch (paper: 1, on-policy)")
-    p.add_argument("--kl", type=float, default=0.0, help="k3 KL coefficient to the frozen initial model (paper: 0)")
-    p.add_argument("--loss-agg", choices=["token", "seq"], default="token",
-                   help="token: mean over all generated tokens of the step; seq: mean of per-rollout means")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     p.add_argument("--mixed-precision", choices=("bf16", "no"), default=None,
                    help="bf16 autocast over fp32 master weights (default: bf16 on GPU, no on CPU)")
@@ -247,12 +224,12 @@ def parse_args(argv=None):
     for bad, message in ((args.group < 2, "--group must be >= 2: a group's advantages compare its rollouts with each other"),
                          (not (args.segment > 0 and args.interval > 0), "--segment and --interval must be > 0 seconds"),
                          (args.max_frames < args.frames_per_turn, "--max-frames must hold at least one turn"),
-                         (min(args.episodes, args.max_new_tokens, args.inner_epochs, args.epochs) < 1,
-                          "--episodes, --max-new-tokens, --inner-epochs, --epochs must be >= 1"),
+                         (min(args.episodes, args.max_new_tokens, args.epochs) < 1,
+                          "--episodes, --max-new-tokens, --epochs must be >= 1"),
                          (not (args.temperature > 0 and args.clip > 0 and 0 < args.lr < 1),
                           "--temperature and --clip must be > 0, --lr in (0, 1)"),
-                         (min(args.top_k, args.kl, args.max_steps, args.keep, args.save_every) < 0 or args.frame_tokens < 4,
-                          "--top-k, --kl, --max-steps, --keep, --save-every must be >= 0, --frame-tokens >= 4")):
+                         (min(args.top_k, args.max_steps, args.keep, args.save_every) < 0 or args.frame_tokens < 4,
+                          "--top-k, --max-steps, --keep, --save-every must be >= 0, --frame-tokens >= 4")):
         if bad:
             p.error(message)
     args.videos = args.videos or os.path.join(os.path.dirname(args.anno), "videos")
@@ -315,15 +292,15 @@ def main(argv=None):
         try:
             judge = reward.OfflineJudge() if args.judge == "offline" else llm.OpenAIJudge(
                 model=args.judge_model, max_workers=args.judge_workers)
-            # -- model: the policy in fp32 (the optimizer's master copy; bf16 compute comes from autocast), and,
-            # only with --kl, a frozen reference
+            # -- model: the policy in fp32, the optimizer's master copy; bf16 compute comes from autocast (the
+            # released RL precision is not known to us: as in sft.py)
             model, processor = mmduet2.load_model(args.init, dtype=torch.float32, device=acc.device,
                                                   frame_tokens=args.frame_tokens)
         except (OSError, reward.JudgeError) as e:
             raise SystemExit(f"grpo.py: {e}") from None
-    model.model.visual.requires_grad_(False)  # the vision encoder stays frozen (as in SFT), its merger learns
+    model.model.visual.requires_grad_(False)  # the vision encoder stays frozen, its merger learns: as in SFT (the
+    # released RL config does not say)
     model.model.visual.merger.requires_grad_(True)
-    ref = mmduet2.load_model(args.init, device=acc.device)[0].requires_grad_(False) if args.kl else None
     if args.grad_checkpointing:  # active in train mode only: the update, not the rollouts
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -397,36 +374,45 @@ def main(argv=None):
             bar.close()
             raise SystemExit(f"grpo.py: {failure}; {mmduet2.resume_hint(args.out)}" if acc.is_main_process else 1)
 
-        # 4. Advantages: normalised within each group, over the rewards gathered from every rank
+        # 4. Advantages: normalised within each group, over the rewards gathered from every rank. A group lives on
+        # one rank (its G rollouts share one encoded context); the gather makes the statistics and logs global
         rewards = torch.tensor([[r.reward["total"] for r in g] for g in groups])  # (episodes, G)
         everything = acc.gather(rewards.to(acc.device)).cpu()  # (world · episodes, G), rank-major
         adv = group_advantages(everything)[rank * args.episodes:(rank + 1) * args.episodes]  # (episodes, G): ours
 
-        # 5. Update: the loss of every generated token, averaged over those of the whole step on all ranks
+        # 5. Update: the loss of every generated token, averaged over those of the whole step on all ranks (a token
+        # mean, our aggregation: every decision token weighs the same, however long its rollout)
         batch = [(r, a) for (_, r), a in zip(flat, adv.flatten())]  # (rollout, its advantage), in group order
         n_local = sum(len(r.logprobs) for r, _ in batch)
         n_global = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum"))
         model.train()
-        old, clipped, loss_sum, gap = {}, 0, 0.0, 0.0
-        for inner in range(args.inner_epochs):
-            for i, (r, a) in enumerate(batch):
-                # one gradient all-reduce per update: DDP's no_sync on every backward but the last
-                with nullcontext() if i == len(batch) - 1 else acc.no_sync(wrapped):
-                    logp = mmduet2.forward_logprobs(model, r.stream.seq, args.temperature, wrapped=wrapped)  # (T,)
-                    if inner == 0:  # on-policy: the old log-probs are these, detached (ratio 1 in the first pass)
-                        old[i] = logp.detach()
-                        gap += (old[i].cpu() - torch.tensor(r.logprobs)).abs().sum().item()
-                    ref_logp = mmduet2.forward_logprobs(ref, r.stream.seq, args.temperature).detach() if ref else None
-                    loss_t, clip_t = policy_loss(logp, old[i], a.to(logp.device), args.clip, ref_logp, args.kl)
-                    # DDP averages gradients over ranks, hence × world for a mean over the global tokens
-                    denom = n_global / world if args.loss_agg == "token" else len(batch) * len(logp)
-                    loss = loss_t.sum() / denom
-                    acc.backward(loss)
-                clipped += int(clip_t.sum())
-                loss_sum += loss.item()
-            grad_norm = acc.clip_grad_norm_(wrapped.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)  # in place: the gradients stay DDP's bucket views (sft.py says why)
+        clipped, loss_sum, gap = 0, 0.0, 0.0
+        for i, (r, a) in enumerate(batch):
+            # one gradient all-reduce per update: DDP's no_sync on every backward but the last
+            with nullcontext() if i == len(batch) - 1 else acc.no_sync(wrapped):
+                # log p of each generated token (mask 1: replies and NO REPLY alike) at the rollout temperature
+                # T = 1.2 over the full vocabulary, without top-k, as verl computes it. The rollouts sampled from
+                # that distribution cut to its top 10 tokens and renormalised; the loss does not see the cut: its
+                # gradient −A·∇log p is the full tempered policy's, taken on samples of the truncated one (slightly
+                # off-policy; where the top 10 hold nearly all the mass, the two agree). A token outside the top 10
+                # is never sampled, so never pushed directly: it moves only through the softmax's normalisation.
+                logp = mmduet2.forward_logprobs(model, r.stream.seq, args.temperature, wrapped=wrapped)  # (T,)
+                # old_logp: this training forward's own values, detached, before the update (one update per batch,
+                # on-policy: ratio exactly 1, the loss's gradient is REINFORCE with the group baseline). Not the
+                # rollout's log-probs: those came from the KV-cached engine in eval mode (bf16 on a GPU), a
+                # slightly different number for the same policy, which would make the ratio ≠ 1 and clip by noise.
+                # Their distance is logged as logprob_gap.
+                old_logp = logp.detach()
+                gap += (old_logp.cpu() - torch.tensor(r.logprobs)).abs().sum().item()
+                loss_t, clip_t = policy_loss(logp, old_logp, a.to(logp.device), args.clip)
+                # DDP averages gradients over ranks, hence × world for a mean over the global tokens
+                loss = loss_t.sum() / (n_global / world)
+                acc.backward(loss)
+            clipped += int(clip_t.sum())
+            loss_sum += loss.item()
+        grad_norm = acc.clip_grad_norm_(wrapped.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # in place: the gradients stay DDP's bucket views (sft.py says why)
         step += 1
         t_end = time.time()
 
@@ -440,7 +426,7 @@ def main(argv=None):
                    replies_per_rollout=sum(not mmduet2.is_silent(t) for _, r in flat for _, t in r.turns) / len(flat),
                    reply_delay=sum(delays) / len(delays) if delays else None,
                    judge_calls=judge.calls - calls, judge_failures=judge.failures - failures,
-                   clip_ratio=clipped / max(1, n_local * args.inner_epochs), loss=loss_sum, grad_norm=float(grad_norm),
+                   clip_ratio=clipped / max(1, n_local), loss=loss_sum, grad_norm=float(grad_norm),
                    logprob_gap=gap / max(1, n_local),  # |rollout − training| log p per token: 0 in fp32, small in bf16
                    tokens=n_global, tokens_per_s=n_global / (t_end - t0), time_episodes=t_episodes - t0,  # the wait
                    time_rollout=t_rollout - t_episodes, time_judge=t_judge - t_rollout, time_update=t_end - t_judge)

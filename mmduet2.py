@@ -1285,6 +1285,32 @@ def file_digest(path):
         return None
 
 
+def settings_differ(saved, settings):
+    """The one resume-settings check: "key: saved there, now here" for every setting that differs, or "".
+
+    Every key either side names is compared (a missing one reads None), so a setting only the earlier run
+    recorded counts too. sft.py and grpo.py compare a checkpoint's trainer.json, data.py build its build.json.
+        settings_differ({"seed": 0, "world": 2}, {"seed": 1, "world": 2}) → "seed: 0 there, 1 now"
+    """
+    keys = [*settings, *(k for k in saved if k not in settings)]
+    return ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in keys
+                     if saved.get(k) != settings.get(k))
+
+
+def write_atomic(path, text):
+    """The one atomic write: replace `path` by `text` in one step, so an interruption leaves the old file or the
+    new, never half of one (a checkpoint folder gets the same by a rename: save_checkpoint)."""
+    tmp = f"{path}.tmp"  # beside the target: one filesystem, so the rename below is atomic
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:  # a full disk: no half-written .tmp is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def start_run(out, resume, settings, is_main=True):
     """Where a run starts: (checkpoint folder or None, its step).
 
@@ -1306,15 +1332,13 @@ def start_run(out, resume, settings, is_main=True):
     # --resume into an OUT without a checkpoint starts from step 0 (a run killed before its first save)
     ckpt, step = (found[-1], json.load(open(os.path.join(found[-1], "trainer.json")))) if found else (None, None)
     if ckpt:
-        # only the settings this run names are compared (a missing one reads None)
-        mine = {k: step["settings"].get(k) for k in settings}
-        if mine != settings:
-            diff = ", ".join(f"{k}: {mine[k]!r} there, {settings[k]!r} now" for k in settings if mine[k] != settings[k])
+        diff = settings_differ(step["settings"], settings)
+        if diff:
             raise SystemExit(f"{ckpt} was written by a run with other settings ({diff}): cannot resume it")
         step = step["step"]
     if is_main and os.path.exists(metrics):  # keep the lines up to the checkpoint's step (0: none)
         lines = [line for line in open(metrics) if line.strip() and json.loads(line)["step"] <= (step or 0)]
-        open(metrics, "w").writelines(lines)
+        write_atomic(metrics, "".join(lines))
     return ckpt, step or 0
 
 

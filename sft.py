@@ -2,11 +2,10 @@
 
 Pipeline:  data.py ──▶ **sft.py** ──▶ grpo.py ──▶ infer.py ──▶ evaluate.py
 
-One training example is one whole dialogue (our SFT JSONL from data.py, or the released MMDuet2-data SFT
-JSONL, plus any offline JSONL in the same format): a system prompt, then user turns that each bring 1–2
-frames (+ maybe a question or a subtitle), each followed by the assistant's answer or exactly "NO REPLY".
-mmduet2.encode_dialogue renders it with Qwen's chat template (frames resized to at most --frame-tokens LLM
-tokens) and gives the loss mask; we train by teacher forcing:
+One example is one whole dialogue (data.py's SFT JSONL or the released MMDuet2-data one, plus an offline mix):
+user turns that each bring 1–2 frames (+ maybe a question or a subtitle), each followed by the assistant's
+answer or exactly "NO REPLY". mmduet2.encode_dialogue renders it with Qwen's chat template (frames resized to
+at most --frame-tokens LLM tokens) and gives the loss mask; we train by teacher forcing:
 
     loss = − Σ log p(supervised token) / (supervised tokens in the whole optimizer step, all ranks)
 
@@ -21,26 +20,7 @@ Run it:
     accelerate launch --multi_gpu --num_processes 8 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \\
         sft.py --data data/web/sft.jsonl data/offline/llava.jsonl --grad-accum 4 --out runs/sft   # 8 GPUs
     # interrupted? the same command + --resume (it continues from OUT/step-N)
-
-Output (the format grpo.py writes too, mmduet2 section 7): OUT/step-NNNNNN/ every --save-every steps, OUT/final/
-(loadable by `mmduet2.load_model(folder)`, `grpo.py --init`, `infer.py --model`), OUT/metrics.jsonl.
-
-Where we depart from the paper and its released script:
-1. DDP through accelerate, not DeepSpeed ZeRO-3: a full replica fits an 80 GB card at 3B (docs/full-scale.md,
-   `tools/bench.py memory`), and DeepSpeed would run gradient accumulation inside its engine, against our loop.
-2. bf16 as autocast over fp32 weights, which are also the optimizer's master copy (ZeRO's bf16 mode keeps bf16
-   weights plus an fp32 master copy: the same 16 bytes per trained parameter).
-3. The loss is normalised by the global count of supervised tokens of the optimizer step (the paper does not
-   say; a mean of per-example means would weight a short dialogue's tokens more).
-4. Per-device batch is 1 (the paper's value) and is not a flag: a larger micro-batch needs padding of 3-D rope
-   positions; use --grad-accum for a larger batch.
-5. Each epoch drops the examples that do not fill a whole optimizer step on every rank (at most
-   world × accumulation − 1), so all ranks take the same number of steps.
-6. Gradient clipping 1.0, weight decay 0, AdamW betas (0.9, 0.999): HF Trainer's defaults, assumed; neither the
-   paper nor the settings we have state them. Decay: cosine, as the released script.
-7. Truncation at --max-tokens keeps the first tokens and drops an image cut in half (mmduet2.truncate).
-8. A malformed data line is fatal, reported as FILE:LINE: checked for every file at start-up, before the model
-   loads (so nothing is lost), frames included (images vs placeholders, files there, videos long enough).
+Output: OUT/step-N/ and OUT/final/ (docs/formats.md, "Runs"). Where we depart from the paper: docs/departures.md.
 """
 import argparse
 import datetime
@@ -76,7 +56,6 @@ def parse_args(argv=None):
                    help="initial weights: a hub name, a folder (e.g. OUT/final), or 'tiny' (random, in-process)")
     p.add_argument("--frame-tokens", type=int, default=mmduet2.FRAME_TOKENS,
                    help="max LLM tokens per frame (paper: 128, i.e. max_pixels = 128·28·28)")
-    p.add_argument("--attn", default=None, help="attention implementation (default: transformers' choice, sdpa)")
     p.add_argument("--train-vision", action="store_true",
                    help="also train the vision encoder (paper: frozen; the merger is always trained)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
@@ -89,10 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=10_000, help="truncate each dialogue to this many tokens (paper: 10,000)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding videos ahead of the GPU (0: in-process)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data shuffle and of torch")
-    # optimisation
+    # optimisation. The batch per device is 1 dialogue (the paper's) and not a flag: a larger micro-batch would need
+    # padded 3-D rope positions; --grad-accum makes the batch larger
     p.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (paper: 1e-5)")
-    p.add_argument("--schedule", choices=("cosine", "linear"), default="cosine",
-                   help="decay after warm-up, to 0 at the last step (released script: cosine)")
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up linearly (paper: 5%%)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the data (paper: 1)")
     p.add_argument("--max-steps", type=int, default=0, help="optimizer steps to run; 0 = epochs × steps per epoch")
@@ -104,8 +82,6 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=500, help="save OUT/step-N every this many steps (0: only OUT/final)")
     p.add_argument("--keep", type=int, default=2, help="keep the last K step checkpoints, delete older ones (0: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest OUT/step-N (weights, optimizer, schedule, RNG)")
-    p.add_argument("--dump-rank-params", action="store_true",
-                   help="(tests) each rank saves its weights to OUT/params-rankR.pt, to check DDP kept them equal")
     p.add_argument("--toy", action="store_true", help=mmduet2.preset_help(TOY))
     args = mmduet2.parse_with_preset(p, TOY, argv)
     for bad, message in ((not args.data, "--data is required (or --toy)"),
@@ -148,14 +124,16 @@ def read_records(paths, toy=False):
 
 def main(argv=None):
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
-    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    from transformers import get_cosine_schedule_with_warmup
     from transformers.utils import logging as hf_logging
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
     args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
     hf_logging.disable_progress_bar()  # loading/saving bars would break up the training bar
 
-    # -- Setup. cpu=True makes `accelerate launch --multi_gpu` on a CPU machine real gloo DDP: without it the ranks
+    # -- Setup. DDP through accelerate, not the paper's DeepSpeed ZeRO-3: a full replica fits an 80 GB card at 3B
+    # (docs/full-scale.md), and DeepSpeed would run gradient accumulation inside its engine, against our loop.
+    # cpu=True makes `accelerate launch --multi_gpu` on a CPU machine real gloo DDP: without it the ranks
     # run as independent processes and never synchronise (docs/streaming.md, "Multi-process on CPU").
     # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule once per rank.
     # gradient_as_bucket_view: DDP's all-reduce buckets hold the gradients themselves, not a second copy.
@@ -189,7 +167,8 @@ def main(argv=None):
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
         order = list(range(len(records)))
         random.Random(args.seed + epoch).shuffle(order)
-        plan += order[rank::world][:steps_per_epoch * args.grad_accum]  # drop the ragged tail (deviation 5)
+        # the ragged tail (at most world × accumulation − 1 examples) is dropped: every rank takes the same steps
+        plan += order[rank::world][:steps_per_epoch * args.grad_accum]
     # a resume must find the same order and schedule: the step alone then says where the run was
     # the data by content: the same files under another spelling of their path are the same run, changed ones not
     settings = {k: getattr(args, k) for k in ("seed", "grad_accum", "max_tokens")} | {
@@ -201,6 +180,7 @@ def main(argv=None):
         path, line_no, rec = records[i]
         try:
             messages, frames = mmduet2.load_dialogue(rec, root=os.path.dirname(path))
+            # truncation keeps the first tokens and drops an image cut in half (ours: mmduet2.truncate)
             chunk = mmduet2.encode_dialogue(processor, messages, frames, max_tokens=args.max_tokens)
         except Exception as e:  # a missing video, an unreadable frame...: say which line of which file
             raise ValueError(f"{path}:{line_no}: {type(e).__name__}: {e}") from None
@@ -208,9 +188,10 @@ def main(argv=None):
             raise ValueError(f"{path}:{line_no}: no assistant token left after truncation to {args.max_tokens} tokens")
         return chunk
 
-    # -- Model: fp32 master weights; bf16 compute comes from autocast (deviation 2)
+    # -- Model: fp32 master weights, which are also the optimizer's; bf16 compute comes from autocast (the paper's bf16
+    # under ZeRO keeps bf16 weights plus an fp32 master copy: the same 16 bytes per trained parameter)
     try:
-        model, processor = mmduet2.load_model(args.model, dtype=torch.float32, device=device, attn=args.attn,
+        model, processor = mmduet2.load_model(args.model, dtype=torch.float32, device=device,
                                               frame_tokens=args.frame_tokens)
     except (OSError, FileNotFoundError) as e:
         raise SystemExit(f"sft.py: {e}")
@@ -229,11 +210,12 @@ def main(argv=None):
     # a step in which no rank saw a frame still moves the merger by AdamW's momentum, as in any loop that zeroes.)
     for p in trained:
         p.grad = torch.zeros_like(p)
-    # fused AdamW on a GPU: one kernel, none of foreach's temporary copies of the parameters (deviation 6: betas assumed)
+    # fused AdamW on a GPU: one kernel, none of foreach's temporary copies of the parameters. Betas, weight decay 0 and
+    # clipping 1.0 are HF Trainer's defaults, assumed: neither the paper nor the settings we have state them
     optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=cuda)
     warmup_steps = math.ceil(args.warmup * total_steps)  # HF Trainer rounds the warm-up up too
-    make_schedule = get_cosine_schedule_with_warmup if args.schedule == "cosine" else get_linear_schedule_with_warmup
-    scheduler = make_schedule(optimizer, warmup_steps, total_steps)
+    # linear warm-up, then cosine decay to 0 at the last step (the released script's schedule)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     wrapped, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     if ckpt:
         acc.load_state(os.path.join(ckpt, "state"))  # weights, optimizer, schedule, every rank's RNG
@@ -242,7 +224,7 @@ def main(argv=None):
     n_frozen = sum(p.numel() for p in model.parameters()) - n_trained
     print0(f"{world} rank(s) on {device}, {args.mixed_precision} precision; {len(records)} examples in {len(args.data)} "
            f"file(s); {steps_per_epoch} steps/epoch × {args.grad_accum} accumulation × {world} ranks; {total_steps} "
-           f"steps, {warmup_steps} warm-up, {args.schedule} decay, peak lr {args.lr:g}; {n_trained / 1e6:.1f}M "
+           f"steps, {warmup_steps} warm-up, cosine decay, peak lr {args.lr:g}; {n_trained / 1e6:.1f}M "
            f"parameters trained, {n_frozen / 1e6:.1f}M frozen (per-GPU memory at 3B: python tools/bench.py memory)")
 
     # -- Loop: one optimizer step = grad_accum dialogues per rank. batch_size=None: each plan entry goes through
@@ -272,7 +254,8 @@ def main(argv=None):
 
         # The normaliser: supervised tokens of the whole step, on every rank. Each micro-batch's summed loss is
         # divided by it and multiplied by world, because DDP averages (not sums) gradients over ranks; the step's
-        # gradient is then exactly that of −Σ log p / N_global (deviation 3).
+        # gradient is then exactly that of −Σ log p / N_global (the paper does not say how it normalises; a mean of
+        # per-example means would weight a short dialogue's tokens more).
         n_local = sum(sum(c.mask) for c in chunks)
         n_global = int(acc.reduce(torch.tensor(n_local, device=device), "sum"))
         loss_sum = 0.0  # Σ −log p over this rank's micro-batches, for the log
@@ -310,10 +293,6 @@ def main(argv=None):
 
     # -- Save
     mmduet2.save_checkpoint(acc, wrapped, processor, args.out, "final", total_steps, settings)
-    if args.dump_rank_params:  # for the multi-process test: every rank's own view of the weights
-        torch.save({"params": {n: p.detach().cpu() for n, p in model.named_parameters()},
-                    "examples": ["{}:{}".format(*records[i][:2]) for i in plan[:total_steps * args.grad_accum]]},
-                   os.path.join(args.out, f"params-rank{rank}.pt"))
     print0(f"saved {os.path.join(args.out, 'final')} after {total_steps} steps ({time.time() - t_start:.0f} s)")
     acc.end_training()
 

@@ -20,8 +20,7 @@ def run(*cmd):
 
 def test_toy_pipeline_end_to_end(tmp_path):
     data, sft, grpo = tmp_path / "toy", tmp_path / "sft", tmp_path / "grpo"
-    out = run("data.py", "toy", "--out", str(data), "--n-train", "4", "--n-rl", "2", "--n-test", "2",
-              "--min-len", "20", "--max-len", "20", "--nqna-frac", "0")
+    out = run("data.py", "toy", "--out", str(data), "--n-train", "4", "--n-rl", "2", "--n-test", "2", "--nqna-frac", "0")
     assert "test: 2 videos" in out
     run("sft.py", "--toy", "--data", str(data / "train" / "sft.jsonl"), "--out", str(sft), "--epochs", "2")
     assert (sft / "final" / "model.safetensors").exists()

@@ -26,6 +26,8 @@ QUESTION = "Tell me whenever a new shape appears."
 ANSWERS = ["A red square appeared on the left.", "A blue square appeared on the top.",
            "A green square appeared on the right.", "A yellow square appeared on the bottom."]
 STEPS, SAVE_EVERY = 20, 5
+# sft.py through tests/ddp_probe.py: each rank also saves its own weights and the dialogues it read (params-rankR.pt)
+PROBE = (os.path.join("tests", "ddp_probe.py"), "sft")
 
 
 def dialogue(k, answer):
@@ -95,7 +97,7 @@ def params(path):
 def one_rank(data, tmp_path_factory):
     """1 process, accumulation 2: 2 dialogues per optimizer step."""
     out = tmp_path_factory.mktemp("sft_one")
-    p = run_sft(data, out, "--dump-rank-params")
+    p = run_sft(data, out, program=PROBE)
     return out, p
 
 
@@ -103,7 +105,7 @@ def one_rank(data, tmp_path_factory):
 def two_ranks(data, tmp_path_factory):
     """2 gloo ranks, accumulation 1: the same 2 dialogues per optimizer step, one per rank."""
     out = tmp_path_factory.mktemp("sft_two")
-    p = run_sft(data, out, "--dump-rank-params", nproc=2, grad_accum=1)
+    p = run_sft(data, out, nproc=2, grad_accum=1, program=PROBE)
     return out, p
 
 
@@ -167,7 +169,7 @@ def test_resume_equals_an_uninterrupted_run(one_rank, data, tmp_path):
     for path in ["final", "params-rank0.pt", *[f"step-{s:06d}" for s in range(15, STEPS + 1, SAVE_EVERY)]]:
         shutil.rmtree(out / path) if (out / path).is_dir() else os.remove(out / path)
     os.makedirs(out / ".tmp-step-000015")  # a checkpoint cut short mid-write must be ignored
-    p = run_sft(data, out, "--resume", "--dump-rank-params")
+    p = run_sft(data, out, "--resume", program=PROBE)
     assert "resumed from" in p.stdout and "step-000010" in p.stdout
     steps = [r["step"] for r in metrics(out)]
     assert steps == list(range(1, STEPS + 1))  # the lost steps are run again and logged once
@@ -214,9 +216,9 @@ def test_two_ranks_train_on_records_without_images(data, tmp_path):
     mixed.write_text("".join(json.dumps({"messages": dialogue(k, ANSWERS[k]), "images": [
         {"path": str(data / "frames" / f"{j}.jpg")} for j in range(4)]} if k % 2 == 0 else
         {"messages": text_only(k), "images": []}) + "\n" for k in range(4)))
-    steps = ["--data", str(mixed), "--max-steps", "6", "--dump-rank-params"]
-    run_sft(data, tmp_path / "two", *steps, nproc=2, grad_accum=2)
-    run_sft(data, tmp_path / "one", *steps, grad_accum=4)
+    steps = ["--data", str(mixed), "--max-steps", "6"]
+    run_sft(data, tmp_path / "two", *steps, nproc=2, grad_accum=2, program=PROBE)
+    run_sft(data, tmp_path / "one", *steps, grad_accum=4, program=PROBE)
     r0, r1, one = (params(tmp_path / run / f"params-rank{r}.pt") for run, r in (("two", 0), ("two", 1), ("one", 0)))
     tiny = dict(mmduet2.load_model("tiny")[0].named_parameters())
     for name, value in r0.items():
@@ -259,7 +261,7 @@ def test_gradients_stay_views_of_ddp_buckets_under_accumulation(data, tmp_path):
     few buckets. Gradients set to None between steps (zero_grad's default) or before the first one are allocated
     afresh by the next no_sync backward, one per parameter beside the buckets: +11.6 GiB at 3B."""
     out = tmp_path / "run"
-    run_sft(data, out, "--max-steps", "3", nproc=2, grad_accum=2, program=(os.path.join("tests", "ddp_probe.py"), "sft"))
+    run_sft(data, out, "--max-steps", "3", nproc=2, grad_accum=2, program=PROBE)
     model = mmduet2.load_model("tiny")[0].model
     n_trained = len([*model.language_model.parameters(), *model.visual.merger.parameters()])  # 31 tensors
     for rank in (0, 1):
