@@ -13,7 +13,7 @@ From one JSONL line per video, `{"video", "duration", "scenes": [{"start", "end"
 Also the offline mix (`offline_dialogue`, Sec. 4.2), and the toy world's command (toy.py).
 
 Run:
-    python data.py toy --out data/toy                        # toy world: train / rl / test, ~1 min on a CPU
+    python data.py toy --out data/toy                        # toy world: train / rl / test, ~3 min on a 2-core CPU
     python data.py build --scenes scenes.jsonl --out data/web --llm toy   # pipeline smoke run, no LLM
     OPENAI_BASE_URL=http://localhost:8000/v1 OPENAI_API_KEY=EMPTY JUDGE_MODEL=Qwen/Qwen2.5-32B-Instruct \\
         python data.py build --scenes scenes.jsonl --out data/web --workers 16          # full scale, resumable
