@@ -1,7 +1,7 @@
 """Performance: what a streamed turn, an SFT step and a GRPO step cost in time and memory, as JSON + Markdown.
 
 Role: a side tool of the pipeline (data → SFT → GRPO → infer). It checks the cost argument of
-docs/streaming.md on our own code: a KV-cached stream (mmduet2.Stream) encodes only the new turn,
+docs/streaming.md on our own code: a KV-cached stream (engine.Stream) encodes only the new turn,
 while re-encoding the whole conversation costs more at every turn (O(turns²) over a video).
 
     python bench.py stream --model tiny                      # CPU, ~20 s: cache vs re-encode, silent turns
@@ -65,6 +65,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import engine
 import mmduet2
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -239,14 +240,14 @@ def bench_stream(args):
         s.prefill()
         return t1 - t0, clock(dev) - t1
 
-    warm = mmduet2.Stream(model, processor)  # warm-up: allocator, kernel choice, the processor's first call
+    warm = engine.Stream(model, processor)  # warm-up: allocator, kernel choice, the processor's first call
     for k in range(3):
         teacher_forced(warm, k)
     reencode(warm.seq)
 
     # 1. Turn k with the cache (each repeat on a fresh fork: same turn, same cache) vs re-encoding
     sample = sorted({k for k in SAMPLE_TURNS if k <= args.turns} | {args.turns})
-    stream = mmduet2.Stream(model, processor)
+    stream = engine.Stream(model, processor)
     stream.prefill()  # the system prompt
     enc, pre, ctx, full = {}, {}, {}, {}
     for k in range(1, args.turns + 1):
@@ -266,7 +267,7 @@ def bench_stream(args):
 
     # 2. Silent turns: one user turn three ways, each on a fork of the same stream
     loss = teach_silence(model, processor, frames_of, args) if args.silence_steps else None
-    base = mmduet2.Stream(model, processor)
+    base = engine.Stream(model, processor)
     for k in range(args.context):
         base.feed(None, frames_of(k))
         base.feed(mmduet2.SILENCE, role="assistant")
@@ -281,7 +282,7 @@ def bench_stream(args):
                 s.prefill()
             else:
                 reply = s.turn(frames, fast_silence=mode == "fast",
-                                   config=mmduet2.decoding(processor, max_new_tokens=args.max_new_tokens))
+                                   config=engine.decoding(processor, max_new_tokens=args.max_new_tokens))
             if i:
                 times[mode].append(clock(dev) - t0)
                 if mode != "bare":
@@ -832,7 +833,7 @@ def memory_lines(result):
         "- forward: on top of what is saved, autocast keeps a bf16 copy of every trained weight it casts until its "
         "region ends (its cast cache): one forward in training, all of a step's rollouts in GRPO. backward: what is "
         "still saved, the layer being recomputed and the gradients in flight.",
-        "- The KV cache is bf16 (mmduet2.kv_cache). A plain DynamicCache under autocast over fp32 weights holds fp32 "
+        "- The KV cache is bf16 (engine.kv_cache). A plain DynamicCache under autocast over fp32 weights holds fp32 "
         "(rope's fp32 cos/sin promote the keys, the values follow): the last column, 2× the cache.",
         "- Not counted: the CUDA context and NCCL buffers, the allocator's free cached blocks (fragmentation), the "
         "frozen ViT's transient forward (it runs before the LLM's activations pile up; not run here), and GRPO's one-time "
@@ -855,13 +856,13 @@ def turn_latency(model, processor, args, fpt, context=10, turns=20, reply_tokens
     turn of `reply_tokens` new tokens (min_new_tokens holds back <|im_end|>). Each on a fork of one stream, whose
     vision features are computed afresh (a live stream sees each frame once)."""
     frames_of = frame_pool(argparse.Namespace(frame_size=args.frame_size, frames_per_turn=fpt))
-    base = mmduet2.Stream(model, processor)
+    base = engine.Stream(model, processor)
     for k in range(context):
         base.feed(None, frames_of(k))
         base.feed(mmduet2.SILENCE, role="assistant")
     base.prefill()
-    greedy = mmduet2.decoding(processor, max_new_tokens=100)
-    replying = mmduet2.decoding(processor, max_new_tokens=reply_tokens)
+    greedy = engine.decoding(processor, max_new_tokens=100)
+    replying = engine.decoding(processor, max_new_tokens=reply_tokens)
     replying.min_new_tokens = reply_tokens
     out = {}
     for mode, config, fast in (("silent", greedy, True), ("replying", replying, False)):

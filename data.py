@@ -70,6 +70,7 @@ from tqdm import tqdm
 
 import mmduet2
 import reward
+import runs
 from mmduet2 import IMAGE, SILENCE
 
 # ----------------------------------------------------------------------------------------------
@@ -424,7 +425,7 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
     if not scenes_path.is_file():
         raise FileNotFoundError(f"scenes file not found: {scenes_path}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    reward.hold_output(str(out_dir), folder=True)  # a second build into it is refused: it would write each video twice
+    runs.hold_output(str(out_dir), folder=True)  # a second build into it is refused: it would write each video twice
     # everything that shapes a dialogue; --workers is not here: it changes the speed, not the output
     settings = {"interval": interval, "frames_per_turn": frames_per_turn, "random_frac": random_frac,
                 "nqna_frac": nqna_frac, "seed": seed, "llm": llm}
@@ -531,7 +532,7 @@ def build_offline(qa_path, out_path, max_frames=OFFLINE_FRAMES):
     if not qa_path.is_file():
         raise FileNotFoundError(f"offline QA file not found: {qa_path}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    reward.hold_output(str(out_path))
+    runs.hold_output(str(out_path))
     rows, skipped = [], 0
     lines = qa_path.read_text().splitlines()
     for lineno, line in enumerate(tqdm(lines, desc="offline", unit="example", disable=None), 1):
@@ -742,7 +743,7 @@ def make_toy(out, seed=0, n_train=400, n_rl=100, n_test=30, interval=INTERVAL, f
             or TOY_LEAD + world["min_event"] + TOY_QUIET_END > world["min_len"]):
         raise ValueError(f"toy events: need 0 < --min-event <= --max-event and a {TOY_LEAD + TOY_QUIET_END:g} s "
                          f"margin + one --min-event event to fit in --min-len ({world['min_len']} s)")
-    reward.hold_output(str(out), folder=True)  # a second toy run would delete this one's videos as it writes them
+    runs.hold_output(str(out), folder=True)  # a second toy run would delete this one's videos as it writes them
     counts = {}
     for split, n in (("train", n_train), ("rl", n_rl), ("test", n_test)):
         split_dir = Path(out) / split
@@ -852,7 +853,7 @@ def main(argv=None):
 
     try:
         if args.command == "build":
-            reward.hold_output(args.out, folder=True)  # before the LLM client opens its cache in it
+            runs.hold_output(args.out, folder=True)  # before the LLM client opens its cache in it
             if args.llm == "toy":
                 writer, workers = ToyWriter(), 1  # templates: instant, threads would only add overhead
             else:

@@ -10,7 +10,7 @@ as the PAUC-based reward measures. One step, on every rank, top to bottom in `ma
   1. Episodes (Sec. 4.3.3): a 20 s segment of a held-out video; the dialogue before it is context with the
      *gold* replies where the SFT data spoke them; the policy must answer every user turn of the segment.
   2. Rollouts: the context is encoded once, copied into a batch of G = 4 rows, and the rows answer the
-     segment together at T = 1.2, top-k 10, <= 100 new tokens per turn (mmduet2.Group). Each rollout keeps
+     segment together at T = 1.2, top-k 10, <= 100 new tokens per turn (engine.Group). Each rollout keeps
      the exact ids it sampled, with mask 1 on everything it generated (NO REPLY too).
   3. Reward: reward.mmduet2_reward = 3·PAUC + 2·rep + 0.5·in_span + 2·prefix per rollout (Eq. 2).
   4. Advantage: rewards are gathered from all ranks, then normalised within each group (`group_advantages`).
@@ -27,7 +27,7 @@ Run it:
 
 Departures from the paper / released code (verl + SGLang):
   1. Rollouts run on our KV-cached engine under transformers' `generate`, not SGLang: a group's G rollouts
-     share one encoded context and are decoded as one batch (mmduet2.Group).
+     share one encoded context and are decoded as one batch (engine.Group).
   2. A group lives on one rank (to share that cache); rewards are all-gathered before normalising, so the
      statistics and logs are global.
   3. Loss: a token-level mean over the generated tokens of the step on all ranks (`--loss-agg seq`: a mean of
@@ -53,8 +53,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+import engine
 import mmduet2
 import reward
+import runs
 
 # ----------------------------------------------------------------------------
 # The math: pure functions, tested by hand in tests/test_grpo.py
@@ -117,7 +119,7 @@ class Episode:
 @dataclass
 class Rollout:
     """One of the G answers to an episode."""
-    stream: mmduet2.Stream  # its `seq` holds the exact ids, with mask 1 on what this rollout generated
+    stream: engine.Stream  # its `seq` holds the exact ids, with mask 1 on what this rollout generated
     turns: list             # [(time, text)] of the segment's assistant turns, NO REPLY included
     logprobs: list          # log p of each generated id as sampled (softmax(logits / T)), for the log
     reward: dict = field(default_factory=dict)  # reward.mmduet2_reward: its parts and "total"
@@ -170,12 +172,12 @@ def make_episode(example, args, rng):
 def rollouts(model, processor, ep, args):
     """The G rollouts of one episode: the context encoded once, then the G rows decoded as one batch."""
     fpt = args.frames_per_turn
-    base = mmduet2.Stream(model, processor)
+    base = engine.Stream(model, processor)
     for j in range(ep.start):  # the context, gold replies included (mask 0: the policy did not write them)
         base.feed(ep.texts[j], ep.frames[j * fpt:(j + 1) * fpt])
         base.feed(ep.context.get(j, mmduet2.SILENCE), role="assistant")
-    group = mmduet2.Group(base, args.group)  # the context is encoded here, once for the G rows
-    config = mmduet2.decoding(processor, args.temperature, args.top_k, args.max_new_tokens)
+    group = engine.Group(base, args.group)  # the context is encoded here, once for the G rows
+    config = engine.decoding(processor, args.temperature, args.top_k, args.max_new_tokens)
     out = [Rollout(row, [], []) for row in group.rows]
     for j in range(ep.start, ep.end):
         for r, reply in zip(out, group.turn(ep.frames[j * fpt:(j + 1) * fpt], ep.texts[j], config)):
@@ -194,7 +196,7 @@ TOY = dict(init="runs/sft-toy/final", anno="data/toy/rl/anno.json", out="runs/gr
 
 
 def parse_args(argv=None):
-    p = mmduet2.argument_parser("grpo.py", __doc__.split("\n")[0])
+    p = runs.argument_parser("grpo.py", __doc__.split("\n")[0])
     path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     # model and data
     p.add_argument("--init", default="runs/sft/final", type=path, help="the SFT checkpoint folder to start from")
@@ -203,7 +205,7 @@ def parse_args(argv=None):
     p.add_argument("--videos", default=None, type=path,
                    help="folder of the videos named in --anno (default: videos/ beside it)")
     p.add_argument("--out", default="runs/grpo", type=path, help="checkpoints and metrics.jsonl go here")
-    p.add_argument("--toy", action="store_true", help=mmduet2.preset_help(TOY))
+    p.add_argument("--toy", action="store_true", help=runs.preset_help(TOY))
     # episodes (Sec. 4.3.3)
     p.add_argument("--segment", type=float, default=20.0, help="seconds of video the policy answers per episode (paper: 20)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between frames (paper: 2)")
@@ -242,7 +244,7 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=2, help="keep the last K step checkpoints (0: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="episode order and sampling seed")
-    args = mmduet2.parse_with_preset(p, TOY, argv)
+    args = runs.parse_with_preset(p, TOY, argv)
     for bad, message in ((args.group < 2, "--group must be >= 2: a group's advantages compare its rollouts with each other"),
                          (not (args.segment > 0 and args.interval > 0), "--segment and --interval must be > 0 seconds"),
                          (args.max_frames < args.frames_per_turn, "--max-frames must hold at least one turn"),
@@ -279,7 +281,7 @@ def main(argv=None):
     rank, world, print0 = acc.process_index, acc.num_processes, acc.print
     if acc.is_main_process:  # one run per OUT: a second would mix its checkpoints and metrics with this one's
         try:
-            reward.hold_output(args.out, folder=True)
+            runs.hold_output(args.out, folder=True)
         except ValueError as e:
             raise SystemExit(f"grpo.py: {e}") from None
     # what a resumed run must share with the checkpoint: the step alone says where it was (the episodes of step s
@@ -288,11 +290,11 @@ def main(argv=None):
     # folder by its real path
     settings = {k: getattr(args, k) for k in ("seed", "group", "episodes", "interval", "frames_per_turn", "segment")} | {
         "init": os.path.realpath(args.init) if os.path.isdir(args.init) else args.init,
-        "anno_sha256": mmduet2.file_digest(args.anno), "world": world}
-    ckpt, step = mmduet2.start_run(args.out, args.resume, settings, acc.is_main_process)
+        "anno_sha256": runs.file_digest(args.anno), "world": world}
+    ckpt, step = runs.start_run(args.out, args.resume, settings, acc.is_main_process)
 
     # -- data: checked before the model loads (a rank failing mid-run would leave the others in a collective)
-    with mmduet2.said_once(acc):  # these checks fail alike on every rank
+    with runs.said_once(acc):  # these checks fail alike on every rank
         try:
             examples = reward.load_gold(args.anno)
         except (OSError, ValueError) as e:
@@ -364,7 +366,7 @@ def main(argv=None):
         episodes, error = [], None
         try:
             seed, episodes = upcoming.result()
-            torch.manual_seed(seed)  # sampling uses torch's default generators (mmduet2.Stream)
+            torch.manual_seed(seed)  # sampling uses torch's default generators (engine.Stream)
         except (OSError, ValueError) as e:  # an unreadable video: said below, by every rank at once
             error = str(e)
         if step + 1 < total_steps:
@@ -390,11 +392,11 @@ def main(argv=None):
         t_judge = time.time()
 
         # A rank that failed above stops every rank here, before the first collective of the step: alone, it would
-        # leave the others waiting in it until its timeout (mmduet2.first_failure)
-        failure = mmduet2.first_failure(acc, error)
+        # leave the others waiting in it until its timeout (runs.first_failure)
+        failure = runs.first_failure(acc, error)
         if failure:
             bar.close()
-            raise SystemExit(f"grpo.py: {failure}; {mmduet2.resume_hint(args.out)}" if acc.is_main_process else 1)
+            raise SystemExit(f"grpo.py: {failure}; {runs.resume_hint(args.out)}" if acc.is_main_process else 1)
 
         # 4. Advantages: normalised within each group, over the rewards gathered from every rank
         rewards = torch.tensor([[r.reward["total"] for r in g] for g in groups])  # (episodes, G)
@@ -451,10 +453,10 @@ def main(argv=None):
         # --save-every alone writes step checkpoints (~55 GB each at 3B: weights, optimizer, state); the run's end
         # is OUT/final below, so a last step-N beside it would only double the disk a run needs
         if args.save_every and step % args.save_every == 0:
-            mmduet2.save_checkpoint(acc, wrapped, processor, args.out, f"step-{step:06d}", step, settings, args.keep)
+            runs.save_checkpoint(acc, wrapped, processor, args.out, f"step-{step:06d}", step, settings, args.keep)
     bar.close()
     reader.shutdown()
-    mmduet2.save_checkpoint(acc, wrapped, processor, args.out, "final", step, settings)
+    runs.save_checkpoint(acc, wrapped, processor, args.out, "final", step, settings)
     print0(f"saved {os.path.join(args.out, 'final')} after {step} steps")
     return dict(model=model, rewards=everything, advantages=adv, rollouts=[r for _, r in flat])  # the last step
 
@@ -463,5 +465,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        print(f"grpo.py: interrupted; {mmduet2.resume_hint(parse_args().out)}", file=sys.stderr)
+        print(f"grpo.py: interrupted; {runs.resume_hint(parse_args().out)}", file=sys.stderr)
         sys.exit(130)

@@ -4,7 +4,7 @@ Role in the pipeline: the last stage (data -> SFT -> GRPO -> infer). It runs a c
 released `wangyueqian/MMDuet2` by default) on a video file, a camera or a network stream the way
 the paper does (Sec. 4.1 and Appendix A): every user turn brings 1-2 frames, plus any text that
 arrived meanwhile (a question, a subtitle); the model answers each turn with a reply or exactly
-"NO REPLY". The KV-cached engine lives in mmduet2.py (`Stream`); this file reads frames, places user
+"NO REPLY". The KV-cached engine lives in engine.py (`Stream`); this file reads frames, places user
 text, times each turn, prints replies as they come and writes predictions in the ProactiveVideoQA
 format (paper Sec. 5.1; docs/formats.md). How the engine works: docs/streaming.md.
 
@@ -37,7 +37,7 @@ What stops, what goes on, what is kept:
   missing/undecodable/too-short single video, an --interval far below its frame period, a bad --ask,
   an anno.json that is not the benchmark format (checked by `reward.load_gold`, then each example's
   video name, subtitle times and span), an --out whose folder does not exist, a single-video --out
-  that exists (unless --overwrite), an --out another run is writing (`reward.hold_output`), a model
+  that exists (unless --overwrite), an --out another run is writing (`runs.hold_output`), a model
   that cannot be loaded (a folder missing a file; a hub name without network fails at once:
   download it and pass the folder). A cached hub model loads offline.
 - Warned, never fatal (benchmark): gold its video cannot reach (a span or question after its end,
@@ -87,8 +87,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import engine
 import mmduet2
 import reward
+import runs
 
 
 def clock(t):
@@ -290,7 +292,7 @@ def read_questions(lines, questions):
 def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), rounds=None,
                  on_reply=None, keep_silent=False, on_turn=None, responses=None, latencies=None,
                  questions=None, on_text=None, **decode):
-    """Stream `video` through an `mmduet2.Stream`, one user turn at a time. Returns (responses, latencies).
+    """Stream `video` through an `engine.Stream`, one user turn at a time. Returns (responses, latencies).
 
     video: a file (read with decord, every frame: interval, frames_per_turn and rounds apply), or a
     Feed (a live source, or a file paced as one: its frames come as it plays, dropped when the model
@@ -519,7 +521,7 @@ def latency_line(latencies):
 
 def parse_args(argv):
     # a bad flag is one line, as every other bad input (argparse would print the whole usage first)
-    p = mmduet2.argument_parser("infer.py", "Stream a video, a camera, a network stream (or a ProactiveVideoQA "
+    p = runs.argument_parser("infer.py", "Stream a video, a camera, a network stream (or a ProactiveVideoQA "
                                             "benchmark) through MMDuet2.")
     path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     # what to watch
@@ -633,7 +635,7 @@ def main(argv=None):
     try:  # every bad input is a one-line error, checked before the (slow) model load
         if args.out:
             check_out(args.out, [args.video, args.benchmark])
-            reward.hold_output(args.out)  # a second run on it is refused (its sidecar goes with it)
+            runs.hold_output(args.out)  # a second run on it is refused (its sidecar goes with it)
         if args.video:
             if args.out and os.path.exists(args.out) and not args.overwrite:  # one video's output is never resumed
                 raise ValueError(f"--out {args.out} exists: give another file, or --overwrite to replace it")
@@ -670,13 +672,13 @@ def main(argv=None):
            f"{mmduet2.frame_tokens(*first.shape[:2], args.frame_tokens)} tokens)" if args.video else ""
     print(f"model {args.model} on {model.device}: a frame every {args.interval:g} s, {args.frames_per_turn} per turn, "
           f"<= {args.frame_tokens} LLM tokens per frame{size}; greedy, <= {args.max_new_tokens} new tokens per turn")
-    decode = dict(config=mmduet2.decoding(processor, max_new_tokens=args.max_new_tokens),  # greedy, as the paper
+    decode = dict(config=engine.decoding(processor, max_new_tokens=args.max_new_tokens),  # greedy, as the paper
                   fast_silence=not args.no_fast_silence)
 
     if args.video:  # ---- one video or live source: print replies as they come, above the turn counter
         def show(t, text):  # t: the turn's time on the video's (or the live stream's) clock
             tqdm.write(f"[{clock(t)}] {text or '(a blank reply)'}")
-        stream = mmduet2.Stream(model, processor)  # one conversation (and KV cache) per video
+        stream = engine.Stream(model, processor)  # one conversation (and KV cache) per video
         responses, latencies, failure, code = [], [], None, 0
         feed = questions = None  # a file played at model speed needs neither
         if live or args.realtime:  # frames come as the stream plays, dropped when the model is behind
@@ -765,7 +767,7 @@ def main(argv=None):
                              args.frames_per_turn) if args.realtime else path  # --realtime: played as live
                 with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
                     # a fresh Stream (a new conversation and KV cache) for every example
-                    responses, lat = stream_video(mmduet2.Stream(model, processor), video, args.interval,
+                    responses, lat = stream_video(engine.Stream(model, processor), video, args.interval,
                                                   args.frames_per_turn, user_turns, rounds,
                                                   on_turn=turns.update, **decode)
             except (OSError, ValueError) as e:
