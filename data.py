@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import mmduet2
 import reward
+import runs
 import toy
 from llm import LLMClient, imap  # by name: build's `llm` argument is the writer's kind
 from mmduet2 import IMAGE, SILENCE
@@ -391,14 +392,14 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
     if not scenes_path.is_file():
         raise FileNotFoundError(f"scenes file not found: {scenes_path}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    reward.hold_output(str(out_dir), folder=True)  # a second build into it is refused: it would write each video twice
+    runs.hold_output(str(out_dir), folder=True)  # a second build into it is refused: it would write each video twice
     # everything that shapes a dialogue; --workers is not here: it changes the speed, not the output
     settings = {"interval": interval, "frames_per_turn": frames_per_turn, "random_frac": random_frac,
                 "nqna_frac": nqna_frac, "seed": seed, "llm": llm}
     if history_frac:  # only when used: a folder built before the flag existed still resumes
         settings["history_frac"] = history_frac
     settings_path = out_dir / "build.json"
-    diff = mmduet2.settings_differ(json.loads(settings_path.read_text()), settings) if settings_path.exists() else ""
+    diff = runs.settings_differ(json.loads(settings_path.read_text()), settings) if settings_path.exists() else ""
     if diff:
         raise ValueError(f"{out_dir} was built with other settings ({diff}); use a new --out or delete it")
     settings_path.write_text(json.dumps(settings) + "\n")
@@ -463,7 +464,7 @@ def build(scenes_path, out_dir, writer, interval=INTERVAL, frames_per_turn=FRAME
     # anno.json = the journal in sft.jsonl order (a gold line whose dialogue was cut off is dropped)
     gold = {g["question_id"]: g for g in _journal(journal)}
     examples = [gold[d["id"]] for d in _journal(sft_path) if d["id"] in gold]
-    mmduet2.write_atomic(out_dir / "anno.json", json.dumps(examples, indent=1) + "\n")  # a reader never sees half of it
+    runs.write_atomic(out_dir / "anno.json", json.dumps(examples, indent=1) + "\n")  # a reader never sees half of it
     return counts
 
 
@@ -500,7 +501,7 @@ def build_offline(qa_path, out_path, max_frames=OFFLINE_FRAMES):
     if not qa_path.is_file():
         raise FileNotFoundError(f"offline QA file not found: {qa_path}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    reward.hold_output(str(out_path))
+    runs.hold_output(str(out_path))
     rows, skipped = [], 0
     lines = qa_path.read_text().splitlines()
     for lineno, line in enumerate(tqdm(lines, desc="offline", unit="example", disable=None), 1):
@@ -527,7 +528,7 @@ def build_offline(qa_path, out_path, max_frames=OFFLINE_FRAMES):
                                      rec.get("question") or CAPTION_QUESTION, rec["answer"].strip(), max_frames))
     # not resumable (no LLM, so a rerun is cheap): written whole, then renamed, so an interrupted
     # run never leaves half a file that looks finished
-    mmduet2.write_atomic(out_path, "".join(json.dumps(r) + "\n" for r in rows))
+    runs.write_atomic(out_path, "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows), skipped
 
 
@@ -544,7 +545,7 @@ def make_toy(out, seed=0, n_train=400, n_rl=100, n_test=30, interval=INTERVAL,
     `world`: keyword overrides of toy.WORLD (the tests' smaller worlds), not checked: the world is toy.WORLD.
     """
     world = {**toy.WORLD, **world}
-    reward.hold_output(str(out), folder=True)  # a second toy run would delete this one's videos as it writes them
+    runs.hold_output(str(out), folder=True)  # a second toy run would delete this one's videos as it writes them
     counts = {}
     for split, n in (("train", n_train), ("rl", n_rl), ("test", n_test)):
         split_dir = Path(out) / split
@@ -590,7 +591,7 @@ def placement_arg(text):
 
 def main(argv=None):
     # a bad flag is one line, as every other bad input (argparse would print the whole usage first)
-    parser = mmduet2.argument_parser("data.py", "Scene captions → proactive dialogues + gold spans (paper Sec. 3).")
+    parser = runs.argument_parser("data.py", "Scene captions → proactive dialogues + gold spans (paper Sec. 3).")
     path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -645,7 +646,7 @@ def main(argv=None):
 
     try:
         if args.command == "build":
-            reward.hold_output(args.out, folder=True)  # before the LLM client opens its cache in it
+            runs.hold_output(args.out, folder=True)  # before the LLM client opens its cache in it
             if args.llm == "toy":
                 writer, workers = toy.Writer(), 1  # templates: instant, threads would only add overhead
             else:

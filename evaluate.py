@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 
 from llm import DEFAULT_CACHE, OpenAIJudge
+from runs import hold_output
 from reward import (METRIC_SCALE, SILENCE, JudgeError, OfflineJudge, area_ratio, duplicate_proportion,
-                    gold_warnings, hold_output, is_id, is_seconds, load_gold, metric_turns, question_of,
+                    gold_warnings, is_id, is_seconds, load_gold, metric_turns, question_of,
                     reply_stats, sorted_replies)
 
 

@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+import engine
 import llm
 import mmduet2
 import reward
+import runs
 
 # ----------------------------------------------------------------------------
 # The math: pure functions, tested by hand in tests/test_grpo.py
@@ -95,7 +97,7 @@ class Episode:
 @dataclass
 class Rollout:
     """One of the G answers to an episode."""
-    stream: mmduet2.Stream  # its `seq` holds the exact ids, with mask 1 on what this rollout generated
+    stream: engine.Stream  # its `seq` holds the exact ids, with mask 1 on what this rollout generated
     turns: list             # [(time, text)] of the segment's assistant turns, NO REPLY included
     logprobs: list          # log p of each generated id as sampled (softmax(logits / T)), for the log
     reward: dict = field(default_factory=dict)  # reward.mmduet2_reward: its parts and "total"
@@ -152,12 +154,12 @@ def rollouts(model, processor, ep, args):
     """The G rollouts of one episode: the context encoded once, then the G rows decoded as one batch (our KV-cached
     engine under transformers' `generate`, where the released code runs SGLang)."""
     fpt = args.frames_per_turn
-    base = mmduet2.Stream(model, processor)
+    base = engine.Stream(model, processor)
     for j in range(ep.start):  # the context, gold replies included (mask 0: the policy did not write them)
         base.feed(ep.texts[j], ep.frames[j * fpt:(j + 1) * fpt])
         base.feed(ep.context.get(j, mmduet2.SILENCE), role="assistant")
-    group = mmduet2.Group(base, args.group)  # the context is encoded here, once for the G rows
-    config = mmduet2.decoding(processor, args.temperature, args.top_k, args.max_new_tokens)
+    group = engine.Group(base, args.group)  # the context is encoded here, once for the G rows
+    config = engine.decoding(processor, args.temperature, args.top_k, args.max_new_tokens)
     out = [Rollout(row, [], []) for row in group.rows]
     for j in range(ep.start, ep.end):
         for r, reply in zip(out, group.turn(ep.frames[j * fpt:(j + 1) * fpt], ep.texts[j], config)):
@@ -176,7 +178,7 @@ TOY = dict(init="runs/sft-toy/final", anno="data/toy/rl/anno.json", out="runs/gr
 
 
 def parse_args(argv=None):
-    p = mmduet2.argument_parser("grpo.py", __doc__.split("\n")[0])
+    p = runs.argument_parser("grpo.py", __doc__.split("\n")[0])
     path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     # model and data
     p.add_argument("--init", default="runs/sft/final", type=path, help="the SFT checkpoint folder to start from")
@@ -185,7 +187,7 @@ def parse_args(argv=None):
     p.add_argument("--videos", default=None, type=path,
                    help="folder of the videos named in --anno (default: videos/ beside it)")
     p.add_argument("--out", default="runs/grpo", type=path, help="checkpoints and metrics.jsonl go here")
-    p.add_argument("--toy", action="store_true", help=mmduet2.preset_help(TOY))
+    p.add_argument("--toy", action="store_true", help=runs.preset_help(TOY))
     # episodes (Sec. 4.3.3)
     p.add_argument("--segment", type=float, default=20.0, help="seconds of video the policy answers per episode (paper: 20)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between frames (paper: 2)")
@@ -220,7 +222,7 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=2, help="keep the last K step checkpoints (0: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="episode order and sampling seed")
-    args = mmduet2.parse_with_preset(p, TOY, argv)
+    args = runs.parse_with_preset(p, TOY, argv)
     for bad, message in ((args.group < 2, "--group must be >= 2: a group's advantages compare its rollouts with each other"),
                          (not (args.segment > 0 and args.interval > 0), "--segment and --interval must be > 0 seconds"),
                          (args.max_frames < args.frames_per_turn, "--max-frames must hold at least one turn"),
@@ -257,7 +259,7 @@ def main(argv=None):
     rank, world, print0 = acc.process_index, acc.num_processes, acc.print
     if acc.is_main_process:  # one run per OUT: a second would mix its checkpoints and metrics with this one's
         try:
-            reward.hold_output(args.out, folder=True)
+            runs.hold_output(args.out, folder=True)
         except ValueError as e:
             raise SystemExit(f"grpo.py: {e}") from None
     # what a resumed run must share with the checkpoint: the step alone says where it was (the episodes of step s
@@ -266,11 +268,11 @@ def main(argv=None):
     # folder by its real path
     settings = {k: getattr(args, k) for k in ("seed", "group", "episodes", "interval", "frames_per_turn", "segment")} | {
         "init": os.path.realpath(args.init) if os.path.isdir(args.init) else args.init,
-        "anno_sha256": mmduet2.file_digest(args.anno), "world": world}
-    ckpt, step = mmduet2.start_run(args.out, args.resume, settings, acc.is_main_process)
+        "anno_sha256": runs.file_digest(args.anno), "world": world}
+    ckpt, step = runs.start_run(args.out, args.resume, settings, acc.is_main_process)
 
     # -- data: checked before the model loads (a rank failing mid-run would leave the others in a collective)
-    with mmduet2.said_once(acc):  # these checks fail alike on every rank
+    with runs.said_once(acc):  # these checks fail alike on every rank
         try:
             examples = reward.load_gold(args.anno)
         except (OSError, ValueError) as e:
@@ -342,7 +344,7 @@ def main(argv=None):
         episodes, error = [], None
         try:
             seed, episodes = upcoming.result()
-            torch.manual_seed(seed)  # sampling uses torch's default generators (mmduet2.Stream)
+            torch.manual_seed(seed)  # sampling uses torch's default generators (engine.Stream)
         except (OSError, ValueError) as e:  # an unreadable video: said below, by every rank at once
             error = str(e)
         if step + 1 < total_steps:
@@ -368,11 +370,11 @@ def main(argv=None):
         t_judge = time.time()
 
         # A rank that failed above stops every rank here, before the first collective of the step: alone, it would
-        # leave the others waiting in it until its timeout (mmduet2.first_failure)
-        failure = mmduet2.first_failure(acc, error)
+        # leave the others waiting in it until its timeout (runs.first_failure)
+        failure = runs.first_failure(acc, error)
         if failure:
             bar.close()
-            raise SystemExit(f"grpo.py: {failure}; {mmduet2.resume_hint(args.out)}" if acc.is_main_process else 1)
+            raise SystemExit(f"grpo.py: {failure}; {runs.resume_hint(args.out)}" if acc.is_main_process else 1)
 
         # 4. Advantages: normalised within each group, over the rewards gathered from every rank. A group lives on
         # one rank (its G rollouts share one encoded context); the gather makes the statistics and logs global
@@ -438,10 +440,10 @@ def main(argv=None):
         # --save-every alone writes step checkpoints (~55 GB each at 3B: weights, optimizer, state); the run's end
         # is OUT/final below, so a last step-N beside it would only double the disk a run needs
         if args.save_every and step % args.save_every == 0:
-            mmduet2.save_checkpoint(acc, wrapped, processor, args.out, f"step-{step:06d}", step, settings, args.keep)
+            runs.save_checkpoint(acc, wrapped, processor, args.out, f"step-{step:06d}", step, settings, args.keep)
     bar.close()
     reader.shutdown()
-    mmduet2.save_checkpoint(acc, wrapped, processor, args.out, "final", step, settings)
+    runs.save_checkpoint(acc, wrapped, processor, args.out, "final", step, settings)
     print0(f"saved {os.path.join(args.out, 'final')} after {step} steps")
     return dict(model=model, rewards=everything, advantages=adv, rollouts=[r for _, r in flat])  # the last step
 
@@ -450,5 +452,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        print(f"grpo.py: interrupted; {mmduet2.resume_hint(parse_args().out)}", file=sys.stderr)
+        print(f"grpo.py: interrupted; {runs.resume_hint(parse_args().out)}", file=sys.stderr)
         sys.exit(130)

@@ -2,7 +2,7 @@
 
 The last stage (data -> SFT -> GRPO -> infer), the paper's inference protocol (Sec. 4.1, 5.1, Appendix A):
 every user turn brings 1-2 frames, one every --interval s, plus any text that arrived meanwhile; the model
-(the KV-cached `mmduet2.Stream`) answers with a reply or exactly "NO REPLY", greedy, <= 100 new tokens.
+(the KV-cached `engine.Stream`) answers with a reply or exactly "NO REPLY", greedy, <= 100 new tokens.
 A camera or network stream is watched live (docs/streaming.md, "Live sources"); predictions are written
 in the ProactiveVideoQA format (docs/formats.md); what is refused, skipped or resumed: docs/reliability.md.
 Departures (docs/departures.md): frames capped at 128 tokens (--frame-tokens); a user text joins the
@@ -35,8 +35,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import engine
 import mmduet2
 import reward
+import runs
 
 
 def clock(t):
@@ -238,7 +240,7 @@ def read_questions(lines, questions):
 def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), rounds=None,
                  on_reply=None, keep_silent=False, on_turn=None, responses=None, latencies=None,
                  questions=None, on_text=None, **decode):
-    """Stream `video` through an `mmduet2.Stream`, one user turn at a time. Returns (responses, latencies).
+    """Stream `video` through an `engine.Stream`, one user turn at a time. Returns (responses, latencies).
 
     video: a file (read with decord, every frame: interval, frames_per_turn and rounds apply), or a
     Feed (a live source, or a file paced as one: its frames come as it plays, dropped when the model
@@ -386,19 +388,6 @@ def append_record(path, line):
         os.close(fd)
 
 
-def write_atomic(path, text):
-    """Replace `path` by `text` in one step: an interruption leaves the old file or the new, never half of one."""
-    tmp = f"{path}.tmp"  # beside the target: one filesystem, so the rename below is atomic
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError:  # a full disk: no half-written .tmp is left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def run_settings(args):
     """What decides a benchmark run's predictions: a resume must match the run that made the file."""
     model = os.path.realpath(args.model) if os.path.isdir(args.model) else args.model  # one folder, one name
@@ -467,7 +456,7 @@ def latency_line(latencies):
 
 def parse_args(argv):
     # a bad flag is one line, as every other bad input (argparse would print the whole usage first)
-    p = mmduet2.argument_parser("infer.py", "Stream a video, a camera, a network stream (or a ProactiveVideoQA "
+    p = runs.argument_parser("infer.py", "Stream a video, a camera, a network stream (or a ProactiveVideoQA "
                                             "benchmark) through MMDuet2.")
     path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     # what to watch
@@ -591,7 +580,7 @@ def count_turn(bar, feed=None):
 def watch(args, model, processor, decode, n_frames, user_turns):
     """Stream one video or live source; write its turns to --out (also when it ends early) and sum them up."""
     live = n_frames is None
-    stream = mmduet2.Stream(model, processor)  # one conversation (and KV cache) per video
+    stream = engine.Stream(model, processor)  # one conversation (and KV cache) per video
     responses, latencies, failure, code = [], [], None, 0
     feed = questions = None  # a file played at model speed needs neither
     if live or args.realtime:  # frames come as the stream plays, dropped when the model is behind
@@ -619,7 +608,7 @@ def watch(args, model, processor, decode, n_frames, user_turns):
         name = urllib.parse.urlparse(args.video).path if live else args.video  # a URL's query is no name
         qid = os.path.splitext(os.path.basename(name))[0] or "live"
         try:
-            write_atomic(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
+            runs.write_atomic(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
         except OSError as e:  # a full disk: the old file, if any, is left as it was
             raise SystemExit(f"infer.py: cannot write {args.out} ({e.strerror}): the predictions of the "
                              f"{len(latencies)} turns streamed are not saved; free some space and rerun") from None
@@ -665,7 +654,7 @@ def check_benchmark(args):
 
 def record_run(sidecar, settings, skipped):
     """OUT.run.json: this run's settings and the examples skipped so far, with why."""
-    write_atomic(sidecar, json.dumps({"settings": settings, "skipped": skipped}, indent=1) + "\n")
+    runs.write_atomic(sidecar, json.dumps({"settings": settings, "skipped": skipped}, indent=1) + "\n")
 
 
 def stream_example(args, model, processor, decode, ex, plan, sizes, warned):
@@ -688,7 +677,7 @@ def stream_example(args, model, processor, decode, ex, plan, sizes, warned):
     video = Feed(itertools.islice(mmduet2.read_frames(path, args.interval), rounds), args.interval,
                  args.frames_per_turn) if args.realtime else path  # --realtime: played as live
     with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
-        return stream_video(mmduet2.Stream(model, processor), video, args.interval, args.frames_per_turn,
+        return stream_video(engine.Stream(model, processor), video, args.interval, args.frames_per_turn,
                             user_turns, rounds, on_turn=turns.update, **decode)
 
 
@@ -791,7 +780,7 @@ def main(argv=None):
     try:  # every bad input is a one-line error, checked before the (slow) model load
         if args.out:
             check_out(args.out, [args.video, args.benchmark])
-            reward.hold_output(args.out)  # a second run on it is refused (its sidecar goes with it)
+            runs.hold_output(args.out)  # a second run on it is refused (its sidecar goes with it)
         if args.video:
             first, n_frames, user_turns = check_source(args)
         else:
@@ -804,7 +793,7 @@ def main(argv=None):
            f"{mmduet2.frame_tokens(*first.shape[:2], args.frame_tokens)} tokens)" if args.video else ""
     print(f"model {args.model} on {model.device}: a frame every {args.interval:g} s, {args.frames_per_turn} per turn, "
           f"<= {args.frame_tokens} LLM tokens per frame{size}; greedy, <= {args.max_new_tokens} new tokens per turn")
-    decode = dict(config=mmduet2.decoding(processor, max_new_tokens=args.max_new_tokens),  # greedy, as the paper
+    decode = dict(config=engine.decoding(processor, max_new_tokens=args.max_new_tokens),  # greedy, as the paper
                   fast_silence=not args.no_fast_silence)
     if args.video:
         return watch(args, model, processor, decode, n_frames, user_turns)

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import socket
 import threading
 from pathlib import Path
 from typing import Protocol
@@ -584,44 +583,3 @@ def gold_warnings(example, video_seconds=None, turn=0.0):
             out.append(f"conversation {j} at {c['time']:g} s comes after the video ends ({end:g} s): "
                        "the model never sees it")
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Outputs: one writer at a time (every script's --out, eval's cache and --json)
-
-_HELD = {}  # lock file -> its open file: held, and so locked, until this process exits
-
-
-def hold_output(path, folder=False):
-    """Make this process the one writer of `path` (a file, or a run's folder) until it exits; if another
-    process writes it, a one-line ValueError naming the path and that process (two runs on one output
-    would write every record twice, or interleave two runs' records).
-
-    An advisory lock (flock) on a lock file: FOLDER/.lock, or .NAME.lock beside a file. The kernel drops
-    it when the process's files close, which every exit does: a crash, a kill -9 or an out-of-memory kill
-    leaves no stale lock to refuse the rerun (a pid file would). The lock file stays (deleting it would race
-    with a run that is opening it) and holds the writer's pid, to name it. Asking again in the same process
-    (a test calling main twice) is a no-op.
-    """
-    head, name = (path, ".lock") if folder else (os.path.dirname(path), f".{os.path.basename(path)}.lock")
-    lock = os.path.realpath(os.path.join(head, name))  # another spelling of the same path is the same lock
-    if lock in _HELD:
-        return
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; two runs on one output are not caught there
-        return
-    os.makedirs(os.path.dirname(lock), exist_ok=True)
-    f = open(lock, "a+")  # "a+": open without emptying what a holder wrote
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # NB: refuse at once, never wait for the other run
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "its pid not written yet"
-        f.close()
-        raise ValueError(f"{path} is being written by another run ({holder}): wait for it to end, "
-                         "or give this one another output") from None
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}")  # the host too: a run folder may be shared by nodes
-    f.flush()
-    _HELD[lock] = f

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 import mmduet2
-import reward
+import runs
 
 # ----------------------------------------------------------------------------------------------
 # Arguments (defaults = the released recipe; --toy = a CPU-sized run)
@@ -49,7 +49,7 @@ TOY = dict(model="tiny", data=["data/toy/train/sft.jsonl", "data/toy/train/offli
 
 
 def parse_args(argv=None):
-    p = mmduet2.argument_parser("sft.py", __doc__.split("\n")[0])
+    p = runs.argument_parser("sft.py", __doc__.split("\n")[0])
     path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     # model
     p.add_argument("--model", default="Qwen/Qwen2.5-VL-3B-Instruct",
@@ -82,8 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=500, help="save OUT/step-N every this many steps (0: only OUT/final)")
     p.add_argument("--keep", type=int, default=2, help="keep the last K step checkpoints, delete older ones (0: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest OUT/step-N (weights, optimizer, schedule, RNG)")
-    p.add_argument("--toy", action="store_true", help=mmduet2.preset_help(TOY))
-    args = mmduet2.parse_with_preset(p, TOY, argv)
+    p.add_argument("--toy", action="store_true", help=runs.preset_help(TOY))
+    args = runs.parse_with_preset(p, TOY, argv)
     for bad, message in ((not args.data, "--data is required (or --toy)"),
                          (args.grad_accum < 1 or args.epochs < 1 or args.max_steps < 0,
                           "--grad-accum and --epochs must be >= 1, --max-steps >= 0"),
@@ -151,13 +151,13 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if acc.is_main_process:  # one run per OUT: a second would mix its checkpoints and metrics with this one's
         try:
-            reward.hold_output(args.out, folder=True)
+            runs.hold_output(args.out, folder=True)
         except ValueError as e:
             raise SystemExit(f"sft.py: {e}") from None
 
     # -- Data. Order: one seeded permutation per epoch, the same on every rank; rank r takes every world-th
     # example of it. So 1 rank × accumulation 2 and 2 ranks × accumulation 1 see the same pairs per step.
-    with mmduet2.said_once(acc):
+    with runs.said_once(acc):
         records = read_records(args.data, args.toy)
         steps_per_epoch = len(records) // (world * args.grad_accum)
         if steps_per_epoch == 0:
@@ -172,8 +172,8 @@ def main(argv=None):
     # a resume must find the same order and schedule: the step alone then says where the run was
     # the data by content: the same files under another spelling of their path are the same run, changed ones not
     settings = {k: getattr(args, k) for k in ("seed", "grad_accum", "max_tokens")} | {
-        "data_sha256": [mmduet2.file_digest(p) for p in args.data], "world": world, "total_steps": total_steps}
-    ckpt, start_step = mmduet2.start_run(args.out, args.resume, settings, acc.is_main_process)
+        "data_sha256": [runs.file_digest(p) for p in args.data], "world": world, "total_steps": total_steps}
+    ckpt, start_step = runs.start_run(args.out, args.resume, settings, acc.is_main_process)
 
     def encode_example(i):
         """Record i → a Chunk (ids, image pixels, loss mask). Runs in a DataLoader worker."""
@@ -244,7 +244,7 @@ def main(argv=None):
             chunks = [next(batches) for _ in range(args.grad_accum)]
         except ValueError as e:  # "FILE:LINE: what went wrong" (a missing video, an unreadable frame...)
             error = str(e).strip().splitlines()[-1]  # a worker's error carries its traceback
-        failure = mmduet2.first_failure(acc, error)  # every rank stops if one failed, not just that one
+        failure = runs.first_failure(acc, error)  # every rank stops if one failed, not just that one
         if failure:
             bar.close()
             raise SystemExit(f"sft.py: {failure}" if acc.is_main_process else 1)
@@ -288,11 +288,11 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
         if args.save_every and (step + 1) % args.save_every == 0:
-            mmduet2.save_checkpoint(acc, wrapped, processor, args.out, f"step-{step + 1:06d}", step + 1, settings, args.keep)
+            runs.save_checkpoint(acc, wrapped, processor, args.out, f"step-{step + 1:06d}", step + 1, settings, args.keep)
     bar.close()
 
     # -- Save
-    mmduet2.save_checkpoint(acc, wrapped, processor, args.out, "final", total_steps, settings)
+    runs.save_checkpoint(acc, wrapped, processor, args.out, "final", total_steps, settings)
     print0(f"saved {os.path.join(args.out, 'final')} after {total_steps} steps ({time.time() - t_start:.0f} s)")
     acc.end_training()
 
@@ -301,5 +301,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        print(f"sft.py: interrupted; {mmduet2.resume_hint(parse_args().out)}", file=sys.stderr)
+        print(f"sft.py: interrupted; {runs.resume_hint(parse_args().out)}", file=sys.stderr)
         sys.exit(130)

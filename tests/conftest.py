@@ -108,10 +108,10 @@ def frame_index(frame, rotation=0):
 
 @contextlib.contextmanager
 def another_run_writing(path, folder=False):
-    """A second real process that holds `path` as its output (reward.hold_output), as a run writing it would,
+    """A second real process that holds `path` as its output (runs.hold_output), as a run writing it would,
     until the block ends, when it is killed with SIGKILL (no clean exit: the kernel must drop its lock).
     Yields its pid."""
-    code = ("import sys, reward; reward.hold_output(sys.argv[1], folder=sys.argv[2] == '1'); "
+    code = ("import sys, runs; runs.hold_output(sys.argv[1], folder=sys.argv[2] == '1'); "
             "print('held', flush=True); sys.stdin.read()")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(int(folder))], cwd=root,

@@ -301,7 +301,7 @@ def test_build_writes_both_formats_and_resumes(tmp_path):
     data.build(scenes, tmp_path / "history", writer, nqna_frac=0.5, seed=3, history_frac=0.5)
     with pytest.raises(ValueError, match=r"other settings \(history_frac: 0.5 there, None now\)"):
         data.build(scenes, tmp_path / "history", writer, nqna_frac=0.5, seed=3)
-    assert not list(out.glob("*.tmp"))  # anno.json written whole, then renamed (mmduet2.write_atomic)
+    assert not list(out.glob("*.tmp"))  # anno.json written whole, then renamed (runs.write_atomic)
 
 
 def test_build_with_workers_writes_what_one_worker_writes_in_input_order(tmp_path, capsys):

@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import random_frames, write_video
 
+import engine
 import grpo
 import mmduet2
 
@@ -42,8 +43,8 @@ def full_logprobs(model, seq, temperature):
 
 def test_greedy_turns_on_the_device_equal_the_cpu(pair):
     cpu, dev, processor, frames = pair
-    greedy = mmduet2.decoding(processor, max_new_tokens=16)
-    a, b, silent = mmduet2.Stream(cpu, processor), mmduet2.Stream(dev, processor), set()
+    greedy = engine.decoding(processor, max_new_tokens=16)
+    a, b, silent = engine.Stream(cpu, processor), engine.Stream(dev, processor), set()
     for k in range(6):
         ra = a.turn(frames[k:k + 1], QUESTION if k == 0 else None, greedy)
         rb = b.turn(frames[k:k + 1], QUESTION if k == 0 else None, greedy)
@@ -55,9 +56,9 @@ def test_greedy_turns_on_the_device_equal_the_cpu(pair):
 def test_sampled_turns_on_the_device_match_a_cpu_forward(pair):
     """T 1.2, top-k 10 with fast silence (the draft is accepted or not by draws on the device)."""
     cpu, dev, processor, frames = pair
-    rollout = mmduet2.decoding(processor, temperature=1.2, top_k=10, max_new_tokens=10)
+    rollout = engine.decoding(processor, temperature=1.2, top_k=10, max_new_tokens=10)
     torch.manual_seed(0)
-    s, logprobs = mmduet2.Stream(dev, processor), []
+    s, logprobs = engine.Stream(dev, processor), []
     for k in range(6):
         logprobs += s.turn(frames[k:k + 1], QUESTION if k == 0 else None, rollout).logprobs
     assert torch.allclose(full_logprobs(cpu, s.seq, 1.2), torch.tensor(logprobs), atol=1e-3)
@@ -65,11 +66,11 @@ def test_sampled_turns_on_the_device_match_a_cpu_forward(pair):
 
 def test_group_rollout_on_the_device_matches_cpu_forwards(pair):
     cpu, dev, processor, frames = pair
-    base = mmduet2.Stream(dev, processor)
+    base = engine.Stream(dev, processor)
     base.feed(QUESTION, frames[:1])
     base.feed(mmduet2.SILENCE, role="assistant")
-    group = mmduet2.Group(base, 4)
-    rollout = mmduet2.decoding(processor, temperature=1.2, top_k=10, max_new_tokens=10)
+    group = engine.Group(base, 4)
+    rollout = engine.decoding(processor, temperature=1.2, top_k=10, max_new_tokens=10)
     torch.manual_seed(0)
     logprobs = [[] for _ in range(4)]
     for k in range(1, 6):
@@ -174,8 +175,8 @@ def test_3b_architecture_in_bf16_streams_a_turn():
     model.eval()
     frames = random_frames(2, size=448)
     frames = [f[:, :224] for f in frames]  # 448 × 224: exactly 128 tokens
-    s = mmduet2.Stream(model, processor)
-    reply = s.turn(frames, QUESTION, mmduet2.decoding(processor, max_new_tokens=8), fast_silence=False)
+    s = engine.Stream(model, processor)
+    reply = s.turn(frames, QUESTION, engine.decoding(processor, max_new_tokens=8), fast_silence=False)
     assert sum(s.seq.mm_types) == 256 and len(reply.ids) >= 1
     full = full_logprobs(model, s.seq, 1.0).float().cpu()  # the full forward, on the device too
     assert torch.isfinite(full).all() and (full - torch.tensor(reply.logprobs)).abs().mean() < 0.1

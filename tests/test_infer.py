@@ -3,7 +3,7 @@
 Hermetic: synthetic mp4s written here with PyAV (served as network streams by a local HTTP server on
 127.0.0.1), the random tiny Qwen2.5-VL built in-process. A random
 model rarely says NO REPLY, so model runs check the structure of the output, not its content; the
-silence and placement rules are checked exactly with a scripted stand-in for `mmduet2.Stream`.
+silence and placement rules are checked exactly with a scripted stand-in for `engine.Stream`.
 """
 import contextlib
 import errno
@@ -25,6 +25,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import engine  # noqa: E402
 import evaluate  # noqa: E402
 import infer  # noqa: E402
 import mmduet2  # noqa: E402
@@ -50,7 +51,7 @@ def fast_load(monkeypatch, tiny):
 
 
 class ScriptedStream:
-    """Stands in for mmduet2.Stream: records each turn and answers from a script (cycled)."""
+    """Stands in for engine.Stream: records each turn and answers from a script (cycled)."""
 
     def __init__(self, script):
         self.script, self.turns = script, []
@@ -58,7 +59,7 @@ class ScriptedStream:
     def turn(self, frames, text=None, **decode):
         self.turns.append((len(frames), text))
         answer = self.script[(len(self.turns) - 1) % len(self.script)]
-        return mmduet2.Reply(answer, [], [])
+        return engine.Reply(answer, [], [])
 
 
 def records(path):
@@ -401,8 +402,8 @@ def test_a_phone_video_gives_the_same_frames_from_a_file_and_a_stream(tmp_path, 
 def test_a_slow_model_drops_frames_and_answers_as_offline_on_the_frames_kept(tmp_path, tiny):
     model, processor = tiny
     video = write_video(tmp_path / "v.mp4", 3)  # 30 frames at 10 fps, all taken at a 0.1 s interval
-    decode = dict(config=mmduet2.decoding(processor, max_new_tokens=3), fast_silence=True)
-    stream = mmduet2.Stream(model, processor)
+    decode = dict(config=engine.decoding(processor, max_new_tokens=3), fast_silence=True)
+    stream = engine.Stream(model, processor)
     turn = stream.turn
     stream.turn = lambda *a, **k: time.sleep(0.3) or turn(*a, **k)  # 3x slower than the stream
     feed = infer.Feed(mmduet2.read_frames(video, 0.1), 0.1, 1)  # --realtime: the file played as live
@@ -416,7 +417,7 @@ def test_a_slow_model_drops_frames_and_answers_as_offline_on_the_frames_kept(tmp
     # the same model, offline, on the frames that were kept (frame k at k x 0.1 s has its turn at (k + 1) x 0.1 s)
     frames = {round(t + 0.1, 6): frame for t, frame in mmduet2.read_frames(video, 0.1)}
     replies = [r for r in responses if r["role"] == "assistant"]
-    offline = mmduet2.Stream(model, processor)
+    offline = engine.Stream(model, processor)
     assert [r["content"] for r in replies] == [
         offline.turn([frames[r["time"]]], "What changes?" if i == 0 else None, **decode).text.strip()
         for i, r in enumerate(replies)]
@@ -554,7 +555,7 @@ def test_benchmark_runs_skips_and_resumes(videos, tmp_path, fast_load, capsys, m
     assert evaluate.load_predictions(str(out)).keys() == {"q-a", "q-b"}
 
     # a second run does no new model work and keeps the first run's lines
-    monkeypatch.setattr(mmduet2.Stream, "turn", lambda *a, **k: pytest.fail("resumed run streamed again"))
+    monkeypatch.setattr(engine.Stream, "turn", lambda *a, **k: pytest.fail("resumed run streamed again"))
     summary = infer.main(argv)
     assert summary["done"] == 0 and out.read_text() == first_run
     printed = capsys.readouterr().out  # q-missing is not tried again either

@@ -30,7 +30,7 @@ def decode(path):
 
 
 def files(root):
-    """Every file under root but the lock files (reward.hold_output: the writer's pid, not data)."""
+    """Every file under root but the lock files (runs.hold_output: the writer's pid, not data)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 

@@ -1,7 +1,7 @@
 """Performance: what a streamed turn, an SFT step and a GRPO step cost in time and memory, as JSON + Markdown.
 
 A side tool of the pipeline (data → SFT → GRPO → infer): it checks on our own code the cost argument of
-docs/streaming.md (a KV-cached mmduet2.Stream encodes only the new turn; re-encoding the conversation costs
+docs/streaming.md (a KV-cached engine.Stream encodes only the new turn; re-encoding the conversation costs
 O(turns²) over a video) and what one GPU holds at full scale. How each command measures: docs/performance.md.
 
     python tools/bench.py stream --model tiny --threads 1          # CPU, ~20 s: cache vs re-encode, silent turns
@@ -38,7 +38,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (this file: tools/bench.py)
 sys.path.insert(0, ROOT)  # so that `python tools/bench.py` finds the shared files (mmduet2.py) in the repository root
+import engine  # noqa: E402
 import mmduet2  # noqa: E402
+import runs  # noqa: E402
 
 # Qwen/Qwen2.5-VL-3B-Instruct's config.json. For the vision tower the file gives only hidden 1280,
 # out 2048 and tokens_per_second 2; the other values are Qwen2_5_VLVisionConfig's defaults.
@@ -220,14 +222,14 @@ def bench_stream(args):
         s.prefill()
         return t1 - t0, clock(dev) - t1
 
-    warm = mmduet2.Stream(model, processor)  # warm-up: allocator, kernel choice, the processor's first call
+    warm = engine.Stream(model, processor)  # warm-up: allocator, kernel choice, the processor's first call
     for k in range(3):
         teacher_forced(warm, k)
     reencode(warm.seq)
 
     # 1. Turn k with the cache (each repeat on a fresh fork: same turn, same cache) vs re-encoding
     sample = sorted({k for k in SAMPLE_TURNS if k <= args.turns} | {args.turns})
-    stream = mmduet2.Stream(model, processor)
+    stream = engine.Stream(model, processor)
     stream.prefill()  # the system prompt
     enc, pre, ctx, full = {}, {}, {}, {}
     for k in range(1, args.turns + 1):
@@ -247,7 +249,7 @@ def bench_stream(args):
 
     # 2. Silent turns: one user turn three ways, each on a fork of the same stream
     loss = teach_silence(model, processor, frames_of, args) if args.silence_steps else None
-    base = mmduet2.Stream(model, processor)
+    base = engine.Stream(model, processor)
     for k in range(args.context):  # the context: turns answered NO REPLY
         teacher_forced(base, k)
     times, silent = {"fast": [], "slow": [], "bare": []}, {"fast": [], "slow": []}
@@ -260,7 +262,7 @@ def bench_stream(args):
                 s.prefill()
             else:
                 reply = s.turn(frames, fast_silence=mode == "fast",
-                                   config=mmduet2.decoding(processor, max_new_tokens=args.max_new_tokens))
+                                   config=engine.decoding(processor, max_new_tokens=args.max_new_tokens))
             if i:
                 times[mode].append(clock(dev) - t0)
                 if mode != "bare":
@@ -822,13 +824,13 @@ def turn_latency(model, processor, args, fpt, context=10, turns=20, reply_tokens
     turn of `reply_tokens` new tokens (min_new_tokens holds back <|im_end|>). Each on a fork of one stream, whose
     vision features are computed afresh (a live stream sees each frame once)."""
     frames_of = frame_pool(argparse.Namespace(frame_size=args.frame_size, frames_per_turn=fpt))
-    base = mmduet2.Stream(model, processor)
+    base = engine.Stream(model, processor)
     for k in range(context):
         base.feed(None, frames_of(k))
         base.feed(mmduet2.SILENCE, role="assistant")
     base.prefill()
-    greedy = mmduet2.decoding(processor, max_new_tokens=100)
-    replying = mmduet2.decoding(processor, max_new_tokens=reply_tokens)
+    greedy = engine.decoding(processor, max_new_tokens=100)
+    replying = engine.decoding(processor, max_new_tokens=reply_tokens)
     replying.min_new_tokens = reply_tokens
     out = {}
     for mode, config, fast in (("silent", greedy, True), ("replying", replying, False)):
@@ -946,7 +948,7 @@ def gpu_lines(result):
 
 def parse_args(argv=None):
     # a bad flag is one line, as every other bad input (argparse would print the whole usage first)
-    p = mmduet2.argument_parser("bench.py", __doc__.split("\n")[0])
+    p = runs.argument_parser("bench.py", __doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)  # the flags every command takes
