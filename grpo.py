@@ -21,7 +21,6 @@ Run it:
 Where we depart from the paper and the released code (verl + SGLang): docs/departures.md, each beside its line.
 """
 import argparse
-import datetime
 import json
 import os
 import random
@@ -242,30 +241,59 @@ def parse_args(argv=None):
 # The loop
 
 
+def load_examples(args, print0=print):
+    """anno.json's examples, each video there and decodable, checked before the model loads; gold its video cannot
+    reach (reward.gold_warnings) is said, one line each, and its episodes run as defined."""
+    try:
+        examples = reward.load_gold(args.anno)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"grpo.py: {e}") from None
+    missing = [ex["video"] for ex in examples if not os.path.isfile(os.path.join(args.videos, ex["video"]))]
+    if missing:
+        raise SystemExit(f"grpo.py: {len(missing)} videos missing in {args.videos}, e.g. {missing[0]}")
+    try:
+        warned = [f"gold warning, {ex['question_id']}: {w}" for ex in examples for w in reward.gold_warnings(
+            ex, mmduet2.video_duration(os.path.join(args.videos, ex["video"])), args.interval * args.frames_per_turn)]
+    except (OSError, ValueError) as e:  # an undecodable video
+        raise SystemExit(f"grpo.py: {e}") from None
+    for line in warned:
+        print0(line)
+    return examples
+
+
+def episodes_of(examples, args, step, rank, world):
+    """This rank's episodes of `step` and the seed of its sampling: its share of one fixed permutation per epoch,
+    drawn with (seed, step, rank), so a resumed run replays the same episodes and samples."""
+    epoch, k = divmod(step * args.episodes * world, len(examples))
+    order = list(range(len(examples)))
+    random.Random(args.seed + epoch).shuffle(order)
+    rng = random.Random(f"{args.seed}:{step}:{rank}")
+    seed = rng.randrange(2**62)
+    mine = [examples[order[(k + rank * args.episodes + e) % len(examples)]] for e in range(args.episodes)]
+    return seed, [make_episode(ex, args, rng) for ex in mine]
+
+
+def rollout_stats(flat, everything):
+    """The step's reward statistics over all ranks (`everything`: the gathered rewards), the rest over this rank's
+    rollouts (`flat`: [(episode, rollout)])."""
+    parts = {key: torch.tensor([r.reward[key] for _, r in flat]) for key in ("pauc", "rep", "in_span", "prefix")}
+    delays = [d for ep, r in flat for d in reward.reply_delays(r.turns, ep.answers)]
+    std = everything.std(-1)  # (world · episodes,)
+    return dict(reward=everything.mean().item(), reward_std=std.mean().item(),
+                frac_reward_zero_std=(std == 0).float().mean().item(),
+                **{k: v.mean().item() for k, v in parts.items()}, **{f"{k}_std": v.std().item() for k, v in parts.items()},
+                replies_per_rollout=sum(not mmduet2.is_silent(t) for _, r in flat for _, t in r.turns) / len(flat),
+                reply_delay=sum(delays) / len(delays) if delays else None)
+
+
 def main(argv=None):
-    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
-    from transformers.utils import logging as hf_logging
     args = parse_args(argv)
-    hf_logging.disable_progress_bar()  # loading/saving bars would break up the training bar
     cuda = torch.cuda.is_available()
     args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
-    # cpu=True on a machine without GPU: otherwise `--multi_gpu` ranks run unsynchronised (docs/streaming.md).
-    # gradient_as_bucket_view: DDP's all-reduce buckets hold the gradients themselves, not a second copy
-    # (11.6 GiB at 3B: docs/full-scale.md).
-    # timeout: a healthy rank waits longest while rank 0 writes a step checkpoint (sft.py says more)
-    acc = Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision,
-                      kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
-                                       InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=30))])
+    acc = runs.accelerator("grpo.py", args.out, args.mixed_precision)  # DDP under accelerate, OUT held
     rank, world, print0 = acc.process_index, acc.num_processes, acc.print
-    if acc.is_main_process:  # one run per OUT: a second would mix its checkpoints and metrics with this one's
-        try:
-            runs.hold_output(args.out, folder=True)
-        except ValueError as e:
-            raise SystemExit(f"grpo.py: {e}") from None
-    # what a resumed run must share with the checkpoint: the step alone says where it was (the episodes of step s
-    # are a function of these); --max-steps / --epochs may grow (the lr is constant)
-    # anno.json by content (the same file under another spelling is the same run, a changed one is not), a
-    # folder by its real path
+    # what a resumed run must share with the checkpoint (the episodes of step s are a function of these; --max-steps
+    # and --epochs may grow): anno.json by content, a folder by its real path
     settings = {k: getattr(args, k) for k in ("seed", "group", "episodes", "interval", "frames_per_turn", "segment")} | {
         "init": os.path.realpath(args.init) if os.path.isdir(args.init) else args.init,
         "anno_sha256": runs.file_digest(args.anno), "world": world}
@@ -273,20 +301,7 @@ def main(argv=None):
 
     # -- data: checked before the model loads (a rank failing mid-run would leave the others in a collective)
     with runs.said_once(acc):  # these checks fail alike on every rank
-        try:
-            examples = reward.load_gold(args.anno)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"grpo.py: {e}") from None
-        missing = [ex["video"] for ex in examples if not os.path.isfile(os.path.join(args.videos, ex["video"]))]
-        if missing:
-            raise SystemExit(f"grpo.py: {len(missing)} videos missing in {args.videos}, e.g. {missing[0]}")
-        try:  # gold the video cannot reach (reward.gold_warnings): said, one line each; its episodes run as defined
-            warned = [f"gold warning, {ex['question_id']}: {w}" for ex in examples for w in reward.gold_warnings(
-                ex, mmduet2.video_duration(os.path.join(args.videos, ex["video"])), args.interval * args.frames_per_turn)]
-        except (OSError, ValueError) as e:  # an undecodable video: every rank stops here, before any collective
-            raise SystemExit(f"grpo.py: {e}") from None
-        for line in warned:
-            print0(line)
+        examples = load_examples(args, print0)
         per_step = args.episodes * world
         total_steps = args.max_steps or args.epochs * len(examples) // per_step
         if total_steps == 0:
@@ -300,14 +315,7 @@ def main(argv=None):
                                                   frame_tokens=args.frame_tokens)
         except (OSError, reward.JudgeError) as e:
             raise SystemExit(f"grpo.py: {e}") from None
-    model.model.visual.requires_grad_(False)  # the vision encoder stays frozen, its merger learns: as in SFT (the
-    # released RL config does not say)
-    model.model.visual.merger.requires_grad_(True)
-    if args.grad_checkpointing:  # active in train mode only: the update, not the rollouts
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    trained = [p for p in model.parameters() if p.requires_grad]
-    for p in trained:  # before DDP wraps the model, so that they become views of its buckets at once (as in sft.py)
-        p.grad = torch.zeros_like(p)
+    trained = runs.trainable(model, args.grad_checkpointing)  # frozen vision, gradients ready for DDP (as in SFT)
     # fused AdamW on a GPU: one kernel, none of foreach's temporary copies of the parameters
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0, fused=cuda)
     wrapped, optimizer = acc.prepare(model, optimizer)
@@ -318,21 +326,10 @@ def main(argv=None):
     print0(f"{len(examples)} videos, {total_steps} steps of {per_step} episodes × {args.group} rollouts on {world} "
            f"rank(s), {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens per frame, {args.mixed_precision} precision")
 
-    def episodes_of(step):
-        """This rank's episodes of `step` and the seed of its sampling: its share of one fixed permutation per
-        epoch, drawn with (seed, step, rank), so a resumed run replays the same episodes and samples."""
-        epoch, k = divmod(step * per_step, len(examples))
-        order = list(range(len(examples)))
-        random.Random(args.seed + epoch).shuffle(order)
-        rng = random.Random(f"{args.seed}:{step}:{rank}")
-        seed = rng.randrange(2**62)
-        mine = [examples[order[(k + rank * args.episodes + e) % len(examples)]] for e in range(args.episodes)]
-        return seed, [make_episode(ex, args, rng) for ex in mine]
-
     # The frames of the next step's episodes (up to 90 each) are decoded on a thread while this step rolls out and
     # updates, instead of on the main thread while the GPU waits (decord and numpy release the GIL).
     reader = ThreadPoolExecutor(1)
-    upcoming = reader.submit(episodes_of, step)
+    upcoming = reader.submit(episodes_of, examples, args, step, rank, world)
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if acc.is_main_process else None
     everything = adv = None
     flat = []  # the last step's rewards, advantages and rollouts are returned (for the tests)
@@ -348,7 +345,7 @@ def main(argv=None):
         except (OSError, ValueError) as e:  # an unreadable video: said below, by every rank at once
             error = str(e)
         if step + 1 < total_steps:
-            upcoming = reader.submit(episodes_of, step + 1)
+            upcoming = reader.submit(episodes_of, examples, args, step + 1, rank, world)
         t_episodes = time.time()
 
         # 2. Rollouts: G per episode, from the current policy (no collective in here: ranks go at their own pace)
@@ -419,14 +416,7 @@ def main(argv=None):
         t_end = time.time()
 
         # 6. Log: reward statistics over all ranks; the rest over this rank's rollouts
-        parts = {key: torch.tensor([r.reward[key] for _, r in flat]) for key in ("pauc", "rep", "in_span", "prefix")}
-        delays = [d for ep, r in flat for d in reward.reply_delays(r.turns, ep.answers)]
-        std = everything.std(-1)  # (world · episodes,)
-        row = dict(step=step, reward=everything.mean().item(), reward_std=std.mean().item(),
-                   frac_reward_zero_std=(std == 0).float().mean().item(),
-                   **{k: v.mean().item() for k, v in parts.items()}, **{f"{k}_std": v.std().item() for k, v in parts.items()},
-                   replies_per_rollout=sum(not mmduet2.is_silent(t) for _, r in flat for _, t in r.turns) / len(flat),
-                   reply_delay=sum(delays) / len(delays) if delays else None,
+        row = dict(step=step, **rollout_stats(flat, everything),
                    judge_calls=judge.calls - calls, judge_failures=judge.failures - failures,
                    clip_ratio=clipped / max(1, n_local), loss=loss_sum, grad_norm=float(grad_norm),
                    logprob_gap=gap / max(1, n_local),  # |rollout − training| log p per token: 0 in fp32, small in bf16

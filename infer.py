@@ -17,7 +17,6 @@ first turn at or after its time; live, the frames a slow model has no time for a
     python infer.py --benchmark WEB/anno.json --videos WEB/videos --out preds.jsonl   # EGO/TV/VAD: --frames-per-turn 2
     python evaluate.py --gold WEB/anno.json --pred preds.jsonl --judge openai
 """
-import collections
 import functools
 import itertools
 import json
@@ -31,11 +30,11 @@ import threading
 import time
 import urllib.parse
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 import engine
+import live
 import mmduet2
 import reward
 import runs
@@ -67,183 +66,13 @@ def video_turns(video, interval, frames_per_turn=1, rounds=None):
         yield n * interval, frames
 
 
-LIVE_TIMEOUT = 10  # seconds a live source may stay silent (opening it, or between packets) before it counts as broken
-
-
-def is_live(source, input_format=None):
-    """A camera or a network stream, read with PyAV as it plays (a video file is read with decord)."""
-    return input_format is not None or "://" in source or source.startswith("/dev/video")
-
-
-def live_frames(source, interval, input_format=None):
-    """Yield (t, frame) from a camera or a network stream as it plays, one frame every `interval` s of
-    stream time: for t = k·interval, the frame nearest t by the presentation times, counted from the
-    stream's first frame (ties: the later), as read_frames picks a file's, so a file served as a stream
-    gives the file's frames; a variable frame rate (a phone's) is read right. Choosing between the frames
-    on either side of t means a frame is handed over when the next one arrives. `frame` is (H, W, 3)
-    uint8 RGB at the source's size, turned upright by its display matrix (a phone's portrait video is
-    stored sideways; decord turns a file's for read_frames). A gap in the stream skips the sample times
-    it covers but the latest. A stream's end is not known ahead, so its last sample may be one that a
-    file's frame count leaves out (its turn would end past the video).
-
-    A source that cannot be opened is a one-line ValueError; one that breaks off part-way (a dropped
-    connection, LIVE_TIMEOUT s without data) a one-line ConnectionError, after the frames before it.
-        a 25 fps stream, interval 1 -> its frames at 0.0, 1.0, 2.0, ... s (every 25th)
-    """
-    import av  # imported here: PyAV is only needed for live sources
-    fmt = input_format or ("v4l2" if source.startswith("/dev/video") else None)  # FFmpeg does not guess a camera
-    try:
-        container = av.open(source, format=fmt, timeout=LIVE_TIMEOUT)
-    except (av.FFmpegError, OSError, ValueError) as e:  # refused, not found, not a video, an unknown format
-        raise ValueError(f"cannot open {source}: {getattr(e, 'strerror', None) or e}") from None
-    with container:  # closed when the stream ends, breaks, or the reader stops (Ctrl-C)
-        if not container.streams.video:
-            raise ValueError(f"{source} holds no video stream")
-        # first: the stream's clock at its first frame; k: the next sample index; t: stream time;
-        # before: (time, frame) of the frame before this one
-        first, k, t, before = None, 0, 0.0, None
-        try:
-            for frame in container.decode(container.streams.video[0]):  # frames as they arrive
-                if frame.time is None:  # frame.time: its presentation time in seconds (pts × time base)
-                    continue  # none: it has no place on the stream's clock
-                first = frame.time if first is None else first  # a network stream's clock rarely starts at 0
-                t = frame.time - first
-                n = int(t / interval + 1e-6)  # the last sample time this frame has reached (epsilon: float error)
-                if n >= k:  # the first frame at or past a new sample time n·interval; after a gap, the latest
-                    s = n * interval
-                    # the frame before it lies before s: it is the one taken when it is nearer
-                    nearest = before[1] if before and s - before[0] < t - s else frame
-                    yield s, upright(nearest)
-                    k = n + 1
-                before = (t, frame)
-        except (av.FFmpegError, OSError, ValueError) as e:  # a cut connection ends in a truncated packet
-            raise ConnectionError(f"{source} broke off after {clock(t)} of stream "
-                                  f"({getattr(e, 'strerror', None) or e})") from None
-
-
-def upright(frame):
-    """A PyAV frame as (H, W, 3) uint8 RGB, turned as its display matrix says (a phone's portrait video is
-    stored landscape, with "rotate 90" beside it). frame.rotation is counter-clockwise degrees, as np.rot90's k."""
-    rgb = frame.to_ndarray(format="rgb24")  # (H, W, 3) as stored
-    return np.ascontiguousarray(np.rot90(rgb, round(frame.rotation / 90) % 4))
-
-
-def check_live(source, interval, input_format=None):
-    """Fail early (before the model loads) on a live source that cannot be opened: its first frame."""
-    frames = live_frames(source, interval, input_format)
-    try:
-        return next(frames)[1]
-    except StopIteration:
-        raise ValueError(f"{source} gave no frame") from None
-    finally:
-        frames.close()  # let go of the camera or the connection: the stream reopens it when the model is ready
-
-
-class Feed:
-    """A source's frames as they play, for a model that may be slower than the stream (live, or --realtime).
-
-    A reader thread takes the (t, frame) samples (live_frames, or a file's read_frames) on the stream's
-    clock, which starts when the first frame arrives. It never reads ahead of that clock, so a file or
-    a served file plays at wall-clock speed, and it hands frame k over when the clock reaches its turn
-    time (k+1)·interval, as the file path times turns. Only the newest `frames_per_turn` frames wait for
-    the model: when a turn takes longer than the interval, the older ones are dropped (and counted), so
-    the model is never more than about one turn behind the stream, whatever its speed.
-        1 s interval, 1 frame per turn, 2.6 s per turn: frames 0, 2, 5, 7, 10, ... taken, the others dropped
-    """
-
-    def __init__(self, frames, interval, frames_per_turn=1):
-        self.frames, self.interval = frames, interval
-        # [(t, frame)] handed over, oldest first. Its maxlen is where frames are dropped: appending to a
-        # full deque pushes its oldest frame out, so only the newest frames_per_turn wait for the model
-        self.ready = collections.deque(maxlen=frames_per_turn)
-        self.lock = threading.Condition()  # guards ready and done; wakes the model side
-        self.start = None  # time.monotonic() at stream time 0
-        self.done, self.error = False, None
-        self.stop = threading.Event()  # the model side is finished (Ctrl-C, an error): the reader stops too
-        self.taken = self.dropped = 0
-        self.lags = []  # per turn: seconds from its turn time to its reply (stream_video fills it)
-
-    def now(self):
-        """Stream time: seconds since the first frame arrived."""
-        return 0.0 if self.start is None else time.monotonic() - self.start
-
-    def _wait_for(self, t):  # until stream time t, or the stop
-        # a sleep that the model side can cut short: stop.set() wakes it at once
-        self.stop.wait(max(0.0, self.start + t - time.monotonic()))
-
-    def _hand_over(self, sample):
-        with self.lock:
-            self.dropped += len(self.ready) == self.ready.maxlen  # the model is busy: its oldest waiting frame goes
-            self.ready.append(sample)
-            self.lock.notify()
-
-    def _read(self):
-        held = None  # the newest frame, handed over when the stream reaches its turn time
-        try:
-            for t, frame in self.frames:  # live: each next() blocks until the source sends the frame
-                if self.stop.is_set():
-                    return
-                if self.start is None:  # the first frame starts the clock: stream time t is now
-                    self.start = time.monotonic() - t
-                self._wait_for(t)  # a live frame arrives about now; a file's is read at once and waits
-                if held:
-                    self._hand_over(held)  # frame k+1 is at (k+1)·interval: frame k's turn time has come
-                held = (t, frame)
-        except Exception as e:  # a broken stream, a damaged file: raised on the model's side, after what came before
-            self.error = e
-        finally:
-            if held and not self.stop.is_set():  # the last frame (or the last before a break) gets its turn too
-                self._wait_for(held[0] + self.interval)
-                self._hand_over(held)
-            with self.lock:
-                self.done = True
-                self.lock.notify()
-
-    def turns(self):
-        """Yield (t, frames) each time the model is free: the newest frames handed over (waiting for them
-        when the model is ahead), t = the last one's turn time. Ends with the stream, then raises its error."""
-        threading.Thread(target=self._read, daemon=True).start()  # daemon: a hung source never blocks the exit
-        try:
-            while True:
-                with self.lock:
-                    # a whole turn's frames, or the end of the stream (then what is left, maybe nothing)
-                    self.lock.wait_for(lambda: len(self.ready) == self.ready.maxlen or self.done)
-                    turn = list(self.ready)  # frames_per_turn frames, fewer only at the end
-                    self.ready.clear()
-                if not turn:
-                    break
-                # the turn's time: one interval after its newest frame, as a file's turn (video_turns)
-                yield turn[-1][0] + self.interval, [frame for _, frame in turn]
-                self.taken += len(turn)  # once answered (a turn cut short by Ctrl-C is not)
-        finally:
-            self.stop.set()  # the reader thread ends too, also when the model side stops early
-        if self.error:
-            raise self.error
-
-    def report(self):
-        """Frames taken and dropped, and how far behind the stream the replies came."""
-        slow = " (the model was slower than the stream)" if self.dropped else ""
-        lag = f"mean {sum(self.lags) / len(self.lags):.1f} s, max {max(self.lags):.1f} s" if self.lags else "n/a"
-        return f"frames: {self.taken} taken, {self.dropped} dropped{slow}; reply lag behind the stream: {lag}"
-
-
-def read_questions(lines, questions):
-    """Put each line typed on stdin into `questions` as it comes (a thread, while the stream plays)."""
-    try:
-        for line in lines:
-            if line.strip():
-                questions.put(line.strip())
-    except (OSError, ValueError):  # stdin closed or not readable (a background run): no questions then
-        pass
-
-
 def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), rounds=None,
                  on_reply=None, keep_silent=False, on_turn=None, responses=None, latencies=None,
                  questions=None, on_text=None, **decode):
     """Stream `video` through an `engine.Stream`, one user turn at a time. Returns (responses, latencies).
 
     video: a file (read with decord, every frame: interval, frames_per_turn and rounds apply), or a
-    Feed (a live source, or a file paced as one: its frames come as it plays, dropped when the model
+    live.Feed (a live source, or a file paced as one: its frames come as it plays, dropped when the model
     is behind; its lags get each turn's). user_turns: [(time, text)]; each text joins the first user
     turn whose time >= its time, after that turn's frames (texts meeting in one turn are joined by
     mmduet2.turn_text; texts later than the last turn are never seen). questions: a queue.Queue of
@@ -261,9 +90,9 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
     pending = sorted(user_turns, key=lambda u: u[0])  # texts the model has not seen yet
     responses = [] if responses is None else responses
     latencies = [] if latencies is None else latencies
-    live = video if isinstance(video, Feed) else None
-    # a Feed times its turns on the stream's clock (and drops frames); a file's come as fast as the model takes them
-    turns = live.turns() if live else video_turns(video, interval, frames_per_turn, rounds)
+    feed = video if isinstance(video, live.Feed) else None
+    # a live.Feed times its turns on the stream's clock (and drops frames); a file's come as fast as the model takes them
+    turns = feed.turns() if feed else video_turns(video, interval, frames_per_turn, rounds)
     try:
         for t, frames in turns:
             # a departure (docs/departures.md): a text joins the first turn whose time >= its own, after that
@@ -279,8 +108,8 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
             tic = time.perf_counter()  # latency: the model's time only, not decoding frames or waiting for them
             reply = stream.turn(frames, text, **decode)  # 1-2 frames (+ text) in, a reply or NO REPLY out
             latencies.append(time.perf_counter() - tic)
-            if live:  # how long after its frames' turn time the reply came: stays bounded, as frames are dropped
-                live.lags.append(live.now() - t)
+            if feed:  # how long after its frames' turn time the reply came: stays bounded, as frames are dropped
+                feed.lags.append(feed.now() - t)
             # the benchmark's record of the turn (docs/formats.md); times rounded so that 3 x 0.1 s is 0.3
             if text:
                 responses.append({"role": "user", "content": text, "time": round(t, 6)})
@@ -291,7 +120,7 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
             if on_turn:
                 on_turn()
     finally:
-        turns.close()  # a Feed's reader stops with it (Ctrl-C, an error), and lets go of its source
+        turns.close()  # a live.Feed's reader stops with it (Ctrl-C, an error), and lets go of its source
     return responses, latencies
 
 
@@ -551,8 +380,8 @@ def check_source(args):
     (its first frame, the frames it gives (None: live, no end known), the user turns [(t, text)])."""
     if args.out and os.path.exists(args.out) and not args.overwrite:  # one video's output is never resumed
         raise ValueError(f"--out {args.out} exists: give another file, or --overwrite to replace it")
-    if is_live(args.video, args.input_format):  # opened now and again when the model is ready: a wrong URL fails now
-        first, n_frames, end = check_live(args.video, args.interval, args.input_format), None, math.inf
+    if live.is_live(args.video, args.input_format):  # opened now and again when the model is ready: a wrong URL fails now
+        first, n_frames, end = live.check_live(args.video, args.interval, args.input_format), None, math.inf
     else:
         first, n_frames, _ = check_video(args.video, args.interval)
         end = n_frames * args.interval  # the last turn's time
@@ -579,22 +408,22 @@ def count_turn(bar, feed=None):
 
 def watch(args, model, processor, decode, n_frames, user_turns):
     """Stream one video or live source; write its turns to --out (also when it ends early) and sum them up."""
-    live = n_frames is None
+    source = n_frames is None  # a camera or a stream: no end known
     stream = engine.Stream(model, processor)  # one conversation (and KV cache) per video
     responses, latencies, failure, code = [], [], None, 0
     feed = questions = None  # a file played at model speed needs neither
-    if live or args.realtime:  # frames come as the stream plays, dropped when the model is behind
-        frames = live_frames(args.video, args.interval, args.input_format) if live \
+    if source or args.realtime:  # frames come as the stream plays, dropped when the model is behind
+        frames = live.live_frames(args.video, args.interval, args.input_format) if source \
             else mmduet2.read_frames(args.video, args.interval)
-        feed, questions = Feed(frames, args.interval, args.frames_per_turn), queue.Queue()
+        feed, questions = live.Feed(frames, args.interval, args.frames_per_turn), queue.Queue()
         sys.stdout.reconfigure(line_buffering=True)  # each reply shows when it comes, through a pipe (tee) too
         # daemon: a read blocked on stdin never holds up the exit
-        threading.Thread(target=read_questions, args=(sys.stdin, questions), daemon=True).start()
+        threading.Thread(target=live.read_questions, args=(sys.stdin, questions), daemon=True).start()
         print("watching as it plays: type a question and Enter at any time (it joins the turn being fed); "
               "Ctrl-C stops")
-    n_turns = None if live else math.ceil(n_frames / args.frames_per_turn)  # at most, when frames are dropped
+    n_turns = None if source else math.ceil(n_frames / args.frames_per_turn)  # at most, when frames are dropped
     with tqdm(total=n_turns, desc="turns", unit="turn", leave=False,
-              bar_format="turns: {n} [{elapsed}{postfix}]" if live else None) as bar:  # no end: a count
+              bar_format="turns: {n} [{elapsed}{postfix}]" if source else None) as bar:  # no end: a count
         try:
             stream_video(stream, feed or args.video, args.interval, args.frames_per_turn, user_turns,
                          on_reply=print_reply, on_turn=functools.partial(count_turn, bar, feed), questions=questions,
@@ -605,8 +434,8 @@ def watch(args, model, processor, decode, n_frames, user_turns):
             of = f" of {n_turns}" if not feed else ""
             failure, code = f"infer.py: interrupted after {len(latencies)}{of} turns", 130
     if args.out:  # written when the video ends early too: the turns streamed are not lost
-        name = urllib.parse.urlparse(args.video).path if live else args.video  # a URL's query is no name
-        qid = os.path.splitext(os.path.basename(name))[0] or "live"
+        name = urllib.parse.urlparse(args.video).path if source else args.video  # a URL's query is no name
+        qid = os.path.splitext(os.path.basename(name))[0] or "source"
         try:
             runs.write_atomic(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
         except OSError as e:  # a full disk: the old file, if any, is left as it was
@@ -619,8 +448,8 @@ def watch(args, model, processor, decode, n_frames, user_turns):
         kept = f"; the predictions of the {len(latencies)} turns streamed are in {args.out}" if args.out else ""
         print(failure + kept, file=sys.stderr)
         raise SystemExit(code)
-    # real-time factor = model time / video time: below 1 the model keeps up with a live stream
-    span = feed.now() if live else n_frames * args.interval  # live: the stream time watched; a file: its last turn's
+    # real-time factor = model time / video time: below 1 the model keeps up with a source stream
+    span = feed.now() if source else n_frames * args.interval  # a source: the stream time watched; a file: its last turn's
     print(f"{len(latencies)} turns, {n_replies} replies; per-turn latency {latency_line(latencies)}; "
           f"real-time factor {sum(latencies) / max(span, 1e-9):.2f}")
     summary = {"turns": len(latencies), "replies": n_replies, "latencies": latencies}
@@ -674,7 +503,7 @@ def stream_example(args, model, processor, decode, ex, plan, sizes, warned):
     sizes[size] = sizes.get(size, 0) + 1
     # frames to the end of the last gold span, or to the video's end if it comes first
     n_turns = math.ceil(min(rounds, n_frames) / args.frames_per_turn)
-    video = Feed(itertools.islice(mmduet2.read_frames(path, args.interval), rounds), args.interval,
+    video = live.Feed(itertools.islice(mmduet2.read_frames(path, args.interval), rounds), args.interval,
                  args.frames_per_turn) if args.realtime else path  # --realtime: played as live
     with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
         return stream_video(engine.Stream(model, processor), video, args.interval, args.frames_per_turn,

@@ -57,6 +57,54 @@ def preset_help(preset):
 # Several nodes: OUT must be one shared folder (every rank reads the checkpoint; each writes its own RNG state).
 # The format in full: docs/formats.md, "Runs".
 
+def accelerator(script, out, mixed_precision, find_unused_parameters=False, **kwargs):
+    """The Accelerator sft.py and grpo.py train under, and OUT held by rank 0 (one run per OUT: a second would mix
+    its checkpoints and metrics with this one's).
+
+    cpu=True on a machine without a GPU makes `accelerate launch --multi_gpu` real gloo DDP: without it the ranks
+    run as independent processes and never synchronise (docs/streaming.md, "Multi-process on CPU").
+    gradient_as_bucket_view: DDP's all-reduce buckets hold the gradients themselves, not a second copy (11.6 GiB
+    at 3B: docs/full-scale.md). timeout: the longest a healthy rank waits in a collective is while rank 0 writes a
+    step checkpoint (55 GB at 3B: past NCCL's 10-minute default to a shared filesystem at 2 nodes); a rank that
+    failed is not waited for (first_failure).
+    """
+    import datetime
+    import torch
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # transformers' loading/saving bars would break up the training bar
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, find_unused_parameters=find_unused_parameters)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, **kwargs,
+                      kwargs_handlers=[ddp, InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=30))])
+    if acc.is_main_process:
+        try:
+            hold_output(out, folder=True)
+        except ValueError as e:
+            raise SystemExit(f"{script}: {e}") from None
+    return acc
+
+
+def trainable(model, grad_checkpointing, train_vision=False):
+    """Freeze what the paper freezes and make the rest ready for DDP: the list of trained parameters.
+
+    Paper: the vision encoder (patch embedding + ViT blocks) is frozen; the merger, which maps its features into the
+    LLM's embedding space, is trained with the whole LLM (GRPO keeps that: the released RL config does not say).
+    The gradients exist before DDP wraps the model, so that DDP turns each one into a view of its all-reduce buckets
+    at once, and zero_grad(set_to_none=False) keeps them so. A gradient that is None when a no_sync micro-batch runs
+    is allocated afresh beside the buckets: a second copy of every gradient (+11.6 GiB at 3B). (Zeros, not None: a
+    step in which no rank saw a frame still moves the merger by AdamW's momentum, as in any loop that zeroes.)
+    """
+    import torch
+    model.model.visual.requires_grad_(train_vision)
+    model.model.visual.merger.requires_grad_(True)
+    if grad_checkpointing:  # non-reentrant: works with frozen inputs and with DDP; active in train mode only
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:
+        p.grad = torch.zeros_like(p)
+    return trained
+
+
 def checkpoints(out):
     """The complete step checkpoints in OUT, oldest first (a half-written one is still .tmp-*)."""
     steps = [d for d in os.listdir(out) if d.startswith("step-")] if os.path.isdir(out) else []

@@ -23,7 +23,6 @@ Run it:
 Output: OUT/step-N/ and OUT/final/ (docs/formats.md, "Runs"). Where we depart from the paper: docs/departures.md.
 """
 import argparse
-import datetime
 import json
 import math
 import os
@@ -122,53 +121,45 @@ def read_records(paths, toy=False):
 # ----------------------------------------------------------------------------------------------
 
 
+def training_plan(n, args, total_steps, steps_per_epoch, rank, world):
+    """This rank's example indices in training order, epoch after epoch: one seeded permutation per epoch, the same
+    on every rank, of which rank r takes every world-th. So 1 rank × accumulation 2 and 2 ranks × accumulation 1
+    see the same pairs per step. The ragged tail (at most world × accumulation − 1 examples) is dropped: every rank
+    takes the same steps."""
+    plan = []
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+        order = list(range(n))
+        random.Random(args.seed + epoch).shuffle(order)
+        plan += order[rank::world][:steps_per_epoch * args.grad_accum]
+    return plan
+
+
 def main(argv=None):
-    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from transformers import get_cosine_schedule_with_warmup
-    from transformers.utils import logging as hf_logging
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
     args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
-    hf_logging.disable_progress_bar()  # loading/saving bars would break up the training bar
 
-    # -- Setup. DDP through accelerate, not the paper's DeepSpeed ZeRO-3: a full replica fits an 80 GB card at 3B
-    # (docs/full-scale.md), and DeepSpeed would run gradient accumulation inside its engine, against our loop.
-    # cpu=True makes `accelerate launch --multi_gpu` on a CPU machine real gloo DDP: without it the ranks
-    # run as independent processes and never synchronise (docs/streaming.md, "Multi-process on CPU").
-    # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule once per rank.
-    # gradient_as_bucket_view: DDP's all-reduce buckets hold the gradients themselves, not a second copy.
+    # -- Setup. DDP through accelerate (runs.accelerator), not the paper's DeepSpeed ZeRO-3: a full replica fits an
+    # 80 GB card at 3B (docs/full-scale.md), and DeepSpeed would run gradient accumulation inside its engine, against
+    # our loop. step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule once per rank.
     # find_unused_parameters: a dialogue without frames (offline text-only data) leaves the vision merger without a
     # gradient on its rank; DDP then has to know, or the ranks reduce different sets of gradients and crash. It costs
-    # one walk of the autograd graph per optimizer step, spares DDP its one-time bucket rebuild, and makes DDP say once
-    # per rank that a step had no unused parameter (expected: most dialogues have frames).
-    # timeout: the longest a healthy rank waits in a collective is while rank 0 writes a step checkpoint (55 GB at 3B:
-    # past NCCL's 10-minute default to a shared filesystem at 2 nodes). A failed rank is not waited for: first_failure.
-    acc = Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision, step_scheduler_with_optimizer=False,
-                      kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True,
-                                                                     find_unused_parameters=True),
-                                       InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=30))])
+    # one walk of the autograd graph per optimizer step, and makes DDP say once per rank that a step had no unused
+    # parameter (expected: most dialogues have frames).
+    acc = runs.accelerator("sft.py", args.out, args.mixed_precision, find_unused_parameters=True,
+                           step_scheduler_with_optimizer=False)
     rank, world, device, print0 = acc.process_index, acc.num_processes, acc.device, acc.print
     torch.manual_seed(args.seed)
-    if acc.is_main_process:  # one run per OUT: a second would mix its checkpoints and metrics with this one's
-        try:
-            runs.hold_output(args.out, folder=True)
-        except ValueError as e:
-            raise SystemExit(f"sft.py: {e}") from None
 
-    # -- Data. Order: one seeded permutation per epoch, the same on every rank; rank r takes every world-th
-    # example of it. So 1 rank × accumulation 2 and 2 ranks × accumulation 1 see the same pairs per step.
+    # -- Data: checked whole before the model loads, then this rank's order (training_plan)
     with runs.said_once(acc):
         records = read_records(args.data, args.toy)
         steps_per_epoch = len(records) // (world * args.grad_accum)
         if steps_per_epoch == 0:
             raise SystemExit(f"sft.py: {len(records)} examples cannot fill one step of {world} ranks × {args.grad_accum} accumulation")
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    plan = []  # this rank's example indices, in training order, epoch after epoch
-    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
-        order = list(range(len(records)))
-        random.Random(args.seed + epoch).shuffle(order)
-        # the ragged tail (at most world × accumulation − 1 examples) is dropped: every rank takes the same steps
-        plan += order[rank::world][:steps_per_epoch * args.grad_accum]
+    plan = training_plan(len(records), args, total_steps, steps_per_epoch, rank, world)
     # a resume must find the same order and schedule: the step alone then says where the run was
     # the data by content: the same files under another spelling of their path are the same run, changed ones not
     settings = {k: getattr(args, k) for k in ("seed", "grad_accum", "max_tokens")} | {
@@ -195,21 +186,9 @@ def main(argv=None):
                                               frame_tokens=args.frame_tokens)
     except (OSError, FileNotFoundError) as e:
         raise SystemExit(f"sft.py: {e}")
-    # Paper: the vision encoder (patch embedding + ViT blocks) is frozen; the merger, which maps its features into
-    # the LLM's embedding space, is trained with the whole LLM.
-    model.model.visual.requires_grad_(args.train_vision)
-    model.model.visual.merger.requires_grad_(True)
-    if args.grad_checkpointing:  # non-reentrant: works with frozen inputs and with DDP
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    trained = runs.trainable(model, args.grad_checkpointing, args.train_vision)  # frozen vision, gradients for DDP
     model.config.use_cache = False
     model.train()  # load_model returns eval mode
-    trained = [p for p in model.parameters() if p.requires_grad]
-    # The gradients exist before DDP wraps the model, so that DDP turns each one into a view of its all-reduce buckets
-    # at once, and zero_grad(set_to_none=False) keeps them so. A gradient that is None when a no_sync micro-batch
-    # runs is allocated afresh beside the buckets: a second copy of every gradient (+11.6 GiB at 3B). (Zeros, not None:
-    # a step in which no rank saw a frame still moves the merger by AdamW's momentum, as in any loop that zeroes.)
-    for p in trained:
-        p.grad = torch.zeros_like(p)
     # fused AdamW on a GPU: one kernel, none of foreach's temporary copies of the parameters. Betas, weight decay 0 and
     # clipping 1.0 are HF Trainer's defaults, assumed: neither the paper nor the settings we have state them
     optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=cuda)

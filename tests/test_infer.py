@@ -28,6 +28,7 @@ import data  # noqa: E402
 import engine  # noqa: E402
 import evaluate  # noqa: E402
 import infer  # noqa: E402
+import live  # noqa: E402
 import mmduet2  # noqa: E402
 from conftest import another_run_writing, frame_index, write_timed_video, write_video  # noqa: E402
 
@@ -151,7 +152,7 @@ def test_stream_video_places_text_and_drops_silence(videos):
 def test_realtime_waits_for_the_frames(videos):
     _, v = videos
     start = time.perf_counter()
-    feed = infer.Feed(itertools.islice(mmduet2.read_frames(v["a"], 1.0), 2), 1.0, 1)  # --realtime: played as live
+    feed = live.Feed(itertools.islice(mmduet2.read_frames(v["a"], 1.0), 2), 1.0, 1)  # --realtime: played as live
     infer.stream_video(ScriptedStream(["NO REPLY"]), feed)
     assert time.perf_counter() - start >= 1.95  # the turn at t=2 s cannot start before 2 s of wall time
     assert (feed.taken, feed.dropped, len(feed.lags)) == (2, 0, 2)
@@ -373,12 +374,12 @@ def index_first(src, dst):
 def test_a_network_stream_gives_the_files_frames(videos):
     _, v = videos
     with http_video(v["seven"]) as url:
-        live = list(infer.live_frames(url, 1.0))
+        streamed = list(live.live_frames(url, 1.0))
     offline = list(mmduet2.read_frames(v["seven"], 1.0))
-    assert [t for t, _ in live] == [t for t, _ in offline] == [0, 1, 2, 3, 4, 5, 6]  # its presentation times
-    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(live, offline))  # decoded alike, pixel for pixel
-    assert infer.is_live(url) and infer.is_live("/dev/video0") and infer.is_live("0", "avfoundation")
-    assert not infer.is_live(v["seven"])
+    assert [t for t, _ in streamed] == [t for t, _ in offline] == [0, 1, 2, 3, 4, 5, 6]  # its presentation times
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(streamed, offline))  # decoded alike, pixel for pixel
+    assert live.is_live(url) and live.is_live("/dev/video0") and live.is_live("0", "avfoundation")
+    assert not live.is_live(v["seven"])
 
 
 @pytest.mark.parametrize("kind", ["variable frame rate", "portrait"])
@@ -391,9 +392,9 @@ def test_a_phone_video_gives_the_same_frames_from_a_file_and_a_stream(tmp_path, 
     for interval in (1.0, 0.5):
         offline = list(mmduet2.read_frames(path, interval))
         with http_video(path) as url:
-            live = list(infer.live_frames(url, interval))
-        assert [t for t, _ in live] == [t for t, _ in offline]  # the same sample times, to the video's end
-        for (t, a), (_, b) in zip(live, offline):
+            streamed = list(live.live_frames(url, interval))
+        assert [t for t, _ in streamed] == [t for t, _ in offline]  # the same sample times, to the video's end
+        for (t, a), (_, b) in zip(streamed, offline):
             assert a.shape == b.shape == ((128, 96, 3) if rotation else (96, 128, 3))  # upright, both
             assert np.array_equal(a, b)  # the same frame, decoded alike
             assert frame_index(a, rotation) == min(range(len(times)), key=lambda i: abs(times[i] - t))
@@ -406,7 +407,7 @@ def test_a_slow_model_drops_frames_and_answers_as_offline_on_the_frames_kept(tmp
     stream = engine.Stream(model, processor)
     turn = stream.turn
     stream.turn = lambda *a, **k: time.sleep(0.3) or turn(*a, **k)  # 3x slower than the stream
-    feed = infer.Feed(mmduet2.read_frames(video, 0.1), 0.1, 1)  # --realtime: the file played as live
+    feed = live.Feed(mmduet2.read_frames(video, 0.1), 0.1, 1)  # --realtime: the file played as live
     responses, latencies = infer.stream_video(stream, feed, user_turns=[(0, "What changes?")], keep_silent=True,
                                               **decode)
     assert feed.dropped > 0 and feed.taken + feed.dropped == 30  # every frame taken or dropped, none queued
@@ -446,7 +447,7 @@ def test_watching_a_network_stream_as_a_user(tmp_path):
 
 def test_questions_typed_while_it_plays_join_the_turn_being_fed(tmp_path, fast_load, monkeypatch, capsys):
     lines = queue.Queue()  # the stdin reader: a line a question, blank lines skipped
-    infer.read_questions(io.StringIO("Is it red?\n\n  Where is it now? \n"), lines)
+    live.read_questions(io.StringIO("Is it red?\n\n  Where is it now? \n"), lines)
     assert [lines.get_nowait() for _ in range(lines.qsize())] == ["Is it red?", "Where is it now?"]
 
     typed = {}  # the queue main() reads stdin into: the scripted model "types" into it during a turn
@@ -459,7 +460,7 @@ def test_questions_typed_while_it_plays_join_the_turn_being_fed(tmp_path, fast_l
             return super().turn(frames, text, **decode)
     streams = []
     monkeypatch.setattr(mmduet2, "Stream", lambda model, processor: streams.append(Typist(["Seen."])) or streams[-1])
-    monkeypatch.setattr(infer, "read_questions", lambda lines, questions: typed.update(q=questions))
+    monkeypatch.setattr(live, "read_questions", lambda lines, questions: typed.update(q=questions))
     out = tmp_path / "pred.jsonl"
     infer.main([write_video(tmp_path / "v.mp4", 2), "--realtime", "--interval", "0.5", "--model", "tiny", "--question", "What changes?",
                 "--out", str(out)])
@@ -484,7 +485,7 @@ def test_a_live_stream_that_ends_early_keeps_what_was_streamed(videos, tmp_path,
     with http_video(video, cut) as url:
         arrived = []  # the frames that come through before the cut (all of them, uncut)
         with pytest.raises(ConnectionError) if cut else contextlib.nullcontext():
-            for t, _ in infer.live_frames(url, 0.25):
+            for t, _ in live.live_frames(url, 0.25):
                 arrived.append(t)
         with pytest.raises(SystemExit) as e:
             infer.main([url, "--model", "tiny", "--interval", "0.25", "--out", str(out)])

@@ -9,13 +9,12 @@ O(turns²) over a video) and what one GPU holds at full scale. How each command 
     python tools/bench.py sft --model tiny --threads 1             # tokens/s and peak memory of one SFT step
     python tools/bench.py grpo --model tiny --steps 6 --threads 1  # runs grpo.py, reads its metrics.jsonl
     python tools/bench.py memory                   # per-GPU memory of SFT and GRPO at 3B under DDP, fake tensors (~30 s)
-    python tools/bench.py memory --layers 2 --seq-len 2000         # the same at 2 layers: a few seconds
     python tools/bench.py gpu --out bench/gpu                      # on a GPU: its tests, 3B latency, SFT and GRPO steps
 
 Each writes OUT/NAME.json and OUT/NAME.md (--out, default bench/), naming the machine; targets are PASS/FAIL lines,
-never asserted: timings belong to the machine. On a busy CPU use --threads 1 (OpenMP threads spin-waiting for a busy
-core made a 2-thread forward 30x slower). `--model 3b`: Qwen2.5-VL-3B's architecture, random weights (no download),
-the tiny tokenizer (a forward costs the same whatever ids and weights). What one measurement alone varies is FIXED.
+never asserted. On a busy CPU use --threads 1 (spin-waiting OpenMP threads made a 2-thread forward 30x slower).
+`--model 3b`: Qwen2.5-VL-3B's architecture, random weights, the tiny tokenizer (a forward costs the same whatever
+ids and weights). What one measurement alone varies is FIXED.
 """
 import argparse
 import collections
@@ -36,8 +35,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (this file: tools/bench.py)
-sys.path.insert(0, ROOT)  # so that `python tools/bench.py` finds the shared files (mmduet2.py) in the repository root
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: this file is tools/bench.py
+sys.path.insert(0, ROOT)  # `python tools/bench.py` finds mmduet2.py and the others in the repository root
 import engine  # noqa: E402
 import mmduet2  # noqa: E402
 import runs  # noqa: E402
@@ -54,8 +53,7 @@ GIB = 2**30
 CARD_GIB = 79.1  # an H100 80GB, as torch.cuda.get_device_properties(0).total_memory reports it
 SAMPLE_TURNS = (1, 10, 20, 40, 60, 100, 150, 200)  # where the table reports, and re-encoding is timed
 WINDOW = 5  # latency "at turn k" pools turns k-4..k (× repeats), so a p95 has samples to stand on
-# What one measurement alone varies is fixed, not a flag (tests shrink it here). Every command: the compute dtype
-# (auto: bf16 on a GPU), the paper's 128 LLM tokens per frame, transformers' default attention (sdpa).
+# Fixed, not flags (tests shrink them): every command's dtype (auto: bf16 on a GPU) and the paper's 128 tokens/frame
 EVERY = dict(dtype="auto", frame_tokens=mmduet2.FRAME_TOKENS)
 FIXED = dict(
     # timings per measurement (each on a fresh fork); re-encoding timed at the sampled turns <= 200 (it costs
