@@ -75,7 +75,7 @@ def scripted(monkeypatch):
     def make(model, processor):
         streams.append(ScriptedStream(["Seen."]))
         return streams[-1]
-    monkeypatch.setattr(mmduet2, "Stream", make)
+    monkeypatch.setattr(engine, "Stream", make)
     return streams
 
 
@@ -459,7 +459,7 @@ def test_questions_typed_while_it_plays_join_the_turn_being_fed(tmp_path, fast_l
                 typed["q"].put("Where is it now?")
             return super().turn(frames, text, **decode)
     streams = []
-    monkeypatch.setattr(mmduet2, "Stream", lambda model, processor: streams.append(Typist(["Seen."])) or streams[-1])
+    monkeypatch.setattr(engine, "Stream", lambda model, processor: streams.append(Typist(["Seen."])) or streams[-1])
     monkeypatch.setattr(live, "read_questions", lambda lines, questions: typed.update(q=questions))
     out = tmp_path / "pred.jsonl"
     infer.main([write_video(tmp_path / "v.mp4", 2), "--realtime", "--interval", "0.5", "--model", "tiny", "--question", "What changes?",
