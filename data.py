@@ -1,6 +1,6 @@
 """Data: scene captions → proactive dialogues (SFT) + gold reply spans (ProactiveVideoQA anno.json).
 
-Pipeline:  **data.py** ──▶ sft.py ──▶ grpo.py ──▶ infer.py ──▶ evaluate.py          (paper Sec. 3, Sec. 4.2)
+Pipeline:  **data.py** ──▶ sft.py ──▶ grpo.py ──▶ infer.py ──▶ evaluate.py      (paper Sec. 3, Sec. 4.2)
 
 From one JSONL line per video, `{"video", "duration", "scenes": [{"start", "end", "caption"}]}` (Sec. 3 step
 (1), scene segmentation and captioning, is done before this file):

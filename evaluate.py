@@ -26,8 +26,8 @@ from pathlib import Path
 
 from llm import DEFAULT_CACHE, OpenAIJudge
 from runs import hold_output
-from reward import (METRIC_SCALE, SILENCE, JudgeError, OfflineJudge, area_ratio, duplicate_proportion,
-                    gold_warnings, is_id, is_seconds, load_gold, metric_turns, question_of,
+from reward import (METRIC_SCALE, SILENCE, JudgeError, OfflineJudge, duplicate_proportion,
+                    gold_warnings, is_id, is_seconds, load_gold, metric_turns, pauc, question_of,
                     reply_stats, sorted_replies)
 
 
@@ -135,12 +135,12 @@ def evaluate(gold, pred_path, judge, omegas=(0.0, 0.5, 1.0), max_failures=0.01):
     # gold the video cannot reach, or empty answers: kept and scored as defined, but said (gold_warnings)
     warnings = {ex["question_id"]: w for ex in examples if (w := gold_warnings(ex))}
     # the judge scores do not depend on omega, only the areas do: judge once, compute three curves
-    pauc = {w: 100 * sum(area_ratio(p, L, METRIC_SCALE - 1, w) for p, L, _ in turns) / len(turns) for w in omegas}
+    by_omega = {w: 100 * pauc(turns, w) for w in omegas}
     dup = duplicate_proportion({ex["question_id"]: preds[ex["question_id"]] for ex in examples}, judge)
     stats = reply_stats(examples, preds)
     calls, hits, failures = judge.calls - calls0, judge.cache_hits - hits0, judge.failures - failures0
     share = failures / (calls + hits) if calls + hits else 0.0
-    summary = {"pauc": {str(w): v for w, v in pauc.items()}, "duplicate_proportion": dup,
+    summary = {"pauc": {str(w): v for w, v in by_omega.items()}, "duplicate_proportion": dup,
                "examples": len(examples), "skipped": skipped, "gold_turns": len(turns), "gold_warnings": warnings,
                "replies": stats["replies"], "judge_calls": calls, "judge_cache_hits": hits,
                "judge_failures": failures, "judge_failure_share": share,

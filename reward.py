@@ -302,7 +302,13 @@ def pauc_metric(examples, predictions, judge, omega=0.5):
     turns = metric_turns(examples, predictions, judge)
     if not turns:  # a mean over no turns: 0/0, not a score of 0
         raise ValueError("pauc_metric: the gold examples have no answer turns")
-    # one mean over every gold turn: a video with four gold turns weighs four times one with a single turn
+    return pauc(turns, omega)
+
+
+def pauc(turns, omega=0.5):
+    """PAUC from metric_turns' judged turns: the judge scores do not depend on omega, so evaluate.py judges once
+    and computes this for each omega. One mean over every gold turn: a video with four gold turns weighs four times
+    one with a single turn."""
     return sum(area_ratio(p, span_len, METRIC_SCALE - 1, omega) for p, span_len, _ in turns) / len(turns)
 
 

@@ -1,4 +1,4 @@
-"""The toy world (docs/toy.md): synthetic videos of coloured squares, whose scene lists go through data.py (`data.make_toy`).
+"""The toy world (docs/toy.md): synthetic videos of coloured squares, built into dialogues by `data.make_toy`.
 
 Role: the first step of the CPU run, in place of scene captioning and the LLM. `python data.py toy --out DIR`
 writes train/, rl/ and test/, each with videos/*.mp4, scenes.jsonl (every event's colour and position),

@@ -8,7 +8,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import evaluate  # noqa: E402
+import reward  # noqa: E402
 
 
 def run(*cmd):
@@ -41,7 +46,12 @@ def test_toy_pipeline_end_to_end(tmp_path):
             "--judge", "offline", "--json", str(report))
         r = json.load(open(report))
         assert r["examples"] == 2 and not r["skipped"] and r["judge_failures"] == 0
-        assert sorted(r["pauc"]) == ["0.0", "0.5", "1.0"] and all(0 <= v <= 100 for v in r["pauc"].values())
+        assert sorted(r["pauc"]) == ["0.0", "0.5", "1.0"]
+        # the script's number is the metric's, recomputed here from the files by reward.pauc_metric
+        gold = reward.load_gold(data / "test" / "anno.json")
+        replies = evaluate.load_predictions(preds, {ex["question_id"] for ex in gold})
+        for w, v in r["pauc"].items():
+            assert v == pytest.approx(100 * reward.pauc_metric(gold, replies, reward.OfflineJudge(), float(w)))
 
 
 def test_shipped_toy_model_replies_on_a_toy_video(tmp_path):
