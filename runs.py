@@ -1,13 +1,16 @@
-"""Runs: the plumbing the scripts share at their start and end (flags, outputs, checkpoints, resume).
+"""Runs: the plumbing the scripts share at their start and end (flags, outputs, training setup, checkpoints, resume).
 
-Role: sft.py, grpo.py, infer.py and data.py call it (reward.py's eval too, for `hold_output`); none of the
-lecture lives here. It imports nothing of ours and, at the top, only the standard library (accelerate is
-imported inside the functions that take an Accelerator), so it costs no torch import.
+Role: sft.py, grpo.py, infer.py, data.py and evaluate.py call it; none of the lecture lives here. It imports nothing
+of ours and, at the top, only the standard library (torch, accelerate and transformers are imported inside the
+functions that need them).
 
 - Flags: `argument_parser` (errors in one line) and the --toy preset (`parse_with_preset`, `preset_help`).
-- Checkpoints: one format and one resume path for sft.py and grpo.py (`start_run`, `save_checkpoint`,
-  `resume_hint`, `file_digest`); on several ranks a failure is said once (`said_once`, `first_failure`).
-- Outputs: `hold_output` makes this process the one writer of a file or a run's folder.
+- Outputs: `hold_output` makes this process the one writer of a file or a run's folder; `write_atomic`.
+- Training: `accelerator` (DDP under accelerate, OUT held), `trainable` (what the paper freezes, gradients ready
+  for DDP's buckets).
+- Checkpoints: one format and one resume path for sft.py and grpo.py (`start_run`, `settings_differ`,
+  `save_checkpoint`, `resume_hint`, `file_digest`); on several ranks a failure is said once (`said_once`,
+  `first_failure`).
 
 The formats in full: docs/formats.md, "Runs". Tests: tests/test_runs.py, and the resume tests of
 tests/test_sft.py and tests/test_grpo.py.

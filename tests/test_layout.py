@@ -1,0 +1,30 @@
+"""The layout the README states: modules never import a script, and the reward math imports nothing of ours."""
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULES = ("mmduet2", "engine", "runs", "live", "llm", "reward", "toy")
+SCRIPTS = ("data", "sft", "grpo", "infer", "evaluate", "bench")
+
+
+def imported(name):
+    """Every top-level name a file imports, at any depth of the file (an import inside a function counts)."""
+    tree = ast.parse(open(os.path.join(ROOT, f"{name}.py")).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_modules_never_import_a_script():
+    found = {m: imported(m) for m in MODULES}
+    assert all(found.values())  # each module was read and imports something (the check below is not vacuous)
+    assert {m: sorted(n & set(SCRIPTS)) for m, n in found.items() if n & set(SCRIPTS)} == {}
+
+
+def test_the_reward_math_imports_nothing_of_ours():
+    ours = set(MODULES + SCRIPTS) - {"reward"}
+    assert imported("reward") & ours == set()
