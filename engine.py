@@ -13,6 +13,10 @@ same ids; sampled: the same distribution), and tests/test_engine.py holds both t
 Randomness: sampling uses torch's default generator of the model's device (`generate` takes no generator,
 and our draft check draws from the same one), so `torch.manual_seed(s)` before a turn makes it
 reproducible on a CPU and on a GPU alike. GRPO seeds it per step from (seed, step, rank).
+
+Paper: Sec. 4.1 (a video as a multi-turn chat) and 4.3 (G rollouts per episode). To watch it work:
+    python infer.py --demo                          # a toy video through toy-model/, turn by turn
+    python -m pytest tests/test_engine.py -q        # each path held to one full forward over the ids
 """
 import copy
 import hashlib

@@ -1,4 +1,4 @@
-"""Evaluation: score infer.py's predictions with the ProactiveVideoQA metric (the paper's Table 2).
+"""Evaluation: score infer.py's predictions with the ProactiveVideoQA metric (paper Sec. 5.1, Table 2).
 
 Role in the pipeline: the last step. `infer.py --benchmark` streams a benchmark into predictions; this
 script judges them with reward.py's metric (PAUC x100 at w = 0 / 0.5 / 1, the reply duplicate proportion),

@@ -252,7 +252,7 @@ def resume_state(out, sidecar, settings, known):
                          "or --overwrite to start over") from None
     # every setting either side names: one only the old run recorded counts too (e.g. --realtime)
     differ = [f"--{k.replace('_', '-')} {old.get(k)} (this run: {settings.get(k)})"
-              for k in [*settings, *(k for k in old if k not in settings)] if old.get(k) != settings.get(k)]
+              for k in runs.differing(old, settings)]
     if differ:
         raise ValueError(f"{out} was made with {', '.join(differ)}: resume with those settings, "
                          "or give another --out (--overwrite starts over)")

@@ -4,6 +4,8 @@
 `interval` s of stream time, upright); `Feed` hands the model the newest frames of each turn on the stream's clock
 and drops those a slow model has no time for; `read_questions` turns typed lines into user texts. infer.py
 watches with them (`python infer.py SOURCE`); how they behave: docs/streaming.md, "Live sources".
+Paper: Sec. 4.1's turns, on a clock (its evaluation feeds files whole).
+    python -m pytest tests/test_infer.py -q -k "live or stream"
 """
 import collections
 import threading

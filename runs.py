@@ -12,6 +12,9 @@ functions that need them).
   `save_checkpoint`, `resume_hint`, `file_digest`); on several ranks a failure is said once (`said_once`,
   `first_failure`).
 
+Not in the paper (its released code runs under DeepSpeed/verl); the loops that use it are Sec. 4.2-4.3's.
+    python -m pytest tests/test_runs.py -q
+
 The formats in full: docs/formats.md, "Runs". Tests: tests/test_runs.py, and the resume tests of
 tests/test_sft.py and tests/test_grpo.py.
 """
@@ -134,9 +137,13 @@ def settings_differ(saved, settings):
     recorded counts too. sft.py and grpo.py compare a checkpoint's trainer.json, data.py build its build.json.
         settings_differ({"seed": 0, "world": 2}, {"seed": 1, "world": 2}) → "seed: 0 there, 1 now"
     """
-    keys = [*settings, *(k for k in saved if k not in settings)]
-    return ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in keys
-                     if saved.get(k) != settings.get(k))
+    return ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in differing(saved, settings))
+
+
+def differing(saved, settings):
+    """The keys whose values differ, of every key either side names (a missing one reads None): the rule of
+    settings_differ, for a caller that words its own message (infer.py names them as flags)."""
+    return [k for k in [*settings, *(k for k in saved if k not in settings)] if saved.get(k) != settings.get(k)]
 
 
 def write_atomic(path, text):
