@@ -82,7 +82,8 @@ PIXELS_PER_TOKEN = 28 * 28  # one LLM token = a 2×2 merge of 14×14 patches
 
 # Qwen2.5-VL's chat format, written as a Jinja template for the tiny tokenizer (a released checkpoint
 # ships its own). Each message renders as `<|im_start|>role\n...<|im_end|>\n`, images as
-# `<|vision_start|><|image_pad|><|vision_end|>`; a conversation without a system turn gets the default.
+# `<|vision_start|><|image_pad|><|vision_end|>` (a video as `<|video_pad|>`: lmms-eval's offline benchmarks, Table 4);
+# a conversation without a system turn gets the default.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -90,6 +91,7 @@ CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"  # lmms-eval feeds videos
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}"
