@@ -538,7 +538,8 @@ def build_offline(qa_path, out_path, max_frames=OFFLINE_FRAMES):
 
 def make_toy(out, seed=0, n_train=400, n_rl=100, n_test=30, interval=INTERVAL,
              frames_per_turn=FRAMES_PER_TURN, random_frac=0.0, nqna_frac=0.0, history_frac=toy.HISTORY_FRAC, **world):
-    """The toy world (toy.py) through this file's pipeline: out/{train,rl,test}/{videos/*.mp4, scenes.jsonl, sft.jsonl, anno.json}; deterministic by seed.
+    """The toy world (toy.py) through this file's pipeline: out/{train,rl,test}/{videos/*.mp4, scenes.jsonl, sft.jsonl,
+    anno.json, offline.jsonl}, and test/questions_proactive.json (`toy_streamingbench`); deterministic by seed.
 
     Each video draws from its own generator (seed, split, index): adding videos to a split does not
     change the ones before. scenes.jsonl keeps each event's colour and position (the ground truth
