@@ -31,6 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import benchmarks
 import mmduet2
 import reward
 import runs
@@ -537,7 +538,8 @@ def build_offline(qa_path, out_path, max_frames=OFFLINE_FRAMES):
 
 def make_toy(out, seed=0, n_train=400, n_rl=100, n_test=30, interval=INTERVAL,
              frames_per_turn=FRAMES_PER_TURN, random_frac=0.0, nqna_frac=0.0, history_frac=toy.HISTORY_FRAC, **world):
-    """The toy world (toy.py) through this file's pipeline: out/{train,rl,test}/{videos/*.mp4, scenes.jsonl, sft.jsonl, anno.json}; deterministic by seed.
+    """The toy world (toy.py) through this file's pipeline: out/{train,rl,test}/{videos/*.mp4, scenes.jsonl, sft.jsonl,
+    anno.json, offline.jsonl}, and test/questions_proactive.json (`toy_streamingbench`); deterministic by seed.
 
     Each video draws from its own generator (seed, split, index): adding videos to a split does not
     change the ones before. scenes.jsonl keeps each event's colour and position (the ground truth
@@ -553,7 +555,8 @@ def make_toy(out, seed=0, n_train=400, n_rl=100, n_test=30, interval=INTERVAL,
         # from scratch: build() would resume the old files, and a smaller --n-train would leave
         # the old extra videos behind
         for old in [*(split_dir / "videos").glob(f"{split}_*.mp4"),
-                    *(split_dir / f for f in ("sft.jsonl", "anno.jsonl", "anno.json", "build.json"))]:
+                    *(split_dir / f for f in ("sft.jsonl", "anno.jsonl", "anno.json", "build.json",
+                                              "questions_proactive.json"))]:
             old.unlink(missing_ok=True)
         records = []
         if n:  # a line at once, also where no progress bar shows (output not a terminal): this takes a minute
@@ -574,7 +577,36 @@ def make_toy(out, seed=0, n_train=400, n_rl=100, n_test=30, interval=INTERVAL,
         (split_dir / "offline.jsonl").write_text("".join(json.dumps(offline_dialogue(
             f"{r['id']}-offline", r["video"], r["duration"], toy.OFFLINE_QUESTION, toy.colour_list(r["scenes"]))) + "\n"
             for r in records))
+        if split == "test" and records:  # the test videos as a StreamingBench Proactive Output file too (Table 5)
+            (split_dir / "questions_proactive.json").write_text(json.dumps(toy_streamingbench(records), indent=1) + "\n")
     return counts
+
+
+def toy_streamingbench(records):
+    """The toy's videos in StreamingBench's Proactive Output layout (docs/benchmarks.md): one entry per video,
+    one question per square, derived from the scene list (no random number is drawn, so the other files of the
+    toy stay as they were).
+
+    Question k: 'When a red square appears, output "Red".', its clip starting (time_stamp) at 0 s for the
+    first square and when the square before it has gone for the others (the whole second after its end), so
+    each clip's first new square is the one asked about; the ground-truth time is the first whole second at
+    which the square is on screen. Times are whole seconds, as the layout's HH:MM:SS are.
+        squares red [3.2, 9.0) s, blue [11.5, 17.0) s -> red: time_stamp 00:00:00, truth 00:00:04;
+                                                         blue: time_stamp 00:00:09, truth 00:00:12
+    """
+    out = []
+    for r in records:
+        questions, clip_start = [], 0
+        for s in r["scenes"]:
+            output = s["colour"].capitalize()  # as the toy's colour answers say it ("Red."): the check is case-sensitive
+            questions.append({"task_type": benchmarks.SB_TASK,
+                              "question": toy.PROACTIVE_QUESTION.format(colour=s["colour"], output=output),
+                              "time_stamp": benchmarks.hms(clip_start),
+                              "ground_truth_time_stamp": benchmarks.hms(math.ceil(s["start"])),
+                              "ground_truth_output": output})
+            clip_start = math.ceil(s["end"])  # the next clip starts once this square is gone (end is exclusive)
+        out.append({"questions": questions, "video_categories": "toy", "video_path": f"./{r['video']}"})
+    return out
 
 
 def placement_arg(text):

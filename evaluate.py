@@ -5,8 +5,13 @@ script judges them with reward.py's metric (PAUC x100 at w = 0 / 0.5 / 1, the re
 prints one summary per predictions file, and can draw a timeline page of when each model spoke against
 the gold reply spans. What it prints, writes and refuses: docs/reward.md, "evaluate.py".
 
+The paper's other two evaluations score here too, told apart by the --gold file's fields (benchmarks.py,
+docs/benchmarks.md): StreamingBench Proactive Output (time and answer accuracy, Table 5) and offline QA
+(exact-match accuracy, Table 4 in miniature); no judge and no page for these.
+
 Run:
     python evaluate.py --gold anno.json --pred preds.jsonl --judge offline
+    python evaluate.py --gold data/toy/test/questions_proactive.json --pred sb-sft.jsonl sb-grpo.jsonl --label SFT GRPO
     OPENAI_BASE_URL=http://localhost:8000/v1 OPENAI_API_KEY=EMPTY JUDGE_MODEL=Qwen/Qwen2.5-32B-Instruct \
         python evaluate.py --gold anno.json --pred preds.jsonl --judge openai --json scores.json
     python evaluate.py --gold anno.json --pred runs/preds-sft.jsonl runs/preds-grpo.jsonl \
@@ -24,6 +29,7 @@ import os
 import sys
 from pathlib import Path
 
+import benchmarks
 from llm import DEFAULT_CACHE, OpenAIJudge
 from runs import hold_output
 from reward import (METRIC_SCALE, SILENCE, JudgeError, OfflineJudge, duplicate_proportion,
@@ -153,6 +159,36 @@ def evaluate(gold, pred_path, judge, omegas=(0.0, 0.5, 1.0), max_failures=0.01):
     return summary, reply_notes(examples, preds, turns)
 
 
+def evaluate_other(kind, gold, pred_path):
+    """Score one predictions file on StreamingBench Proactive Output or offline QA (benchmarks.py): the summary,
+    with the questions that have no prediction listed as skipped (an interrupted infer.py run)."""
+    preds = load_predictions(pred_path, known_ids={ex["question_id"] for ex in gold})
+    examples = [ex for ex in gold if ex["question_id"] in preds]
+    if not examples:
+        raise ValueError(f"{pred_path}: no prediction matches a gold example")
+    score = benchmarks.score_streamingbench if kind == "streamingbench" else benchmarks.score_offline
+    summary, verdicts = score(examples, preds)
+    summary["skipped"] = [ex["question_id"] for ex in gold if ex["question_id"] not in preds]
+    summary["per_question"] = verdicts
+    return summary
+
+
+def format_other(s):
+    """The printed summary of evaluate_other."""
+    skipped = f" ({len(s['skipped'])} skipped, no prediction: {', '.join(map(str, s['skipped']))})" if s["skipped"] else ""
+    if s["benchmark"] == "offline":
+        return (f"offline QA: {s['examples']} questions{skipped}, {s['silent']} unanswered\n"
+                f"accuracy (exact match, case and punctuation aside) x100: {s['accuracy']:.2f} ({s['correct']} of {s['examples']})")
+    offset = s["mean_first_reply_offset_s"]
+    offset = "n/a" if offset is None else f"{offset:+.2f} s"
+    return (f"StreamingBench Proactive Output: {s['examples']} questions{skipped}, {s['silent']} with no reply\n"
+            f"time accuracy x100 (first reply within +-{benchmarks.SB_TOLERANCE:g} s): {s['time_accuracy']:.2f} "
+            f"({s['time_correct']} of {s['examples']})\n"
+            f"answer accuracy x100 (on time and the output in it; the paper's Table 5): {s['answer_accuracy']:.2f} "
+            f"({s['answer_correct']} of {s['examples']})\n"
+            f"extra diagnostic (not the benchmark's metric): first reply {offset} from the ground-truth time on average")
+
+
 def format_summary(s):
     skipped = f" ({len(s['skipped'])} skipped, no prediction: {', '.join(map(str, s['skipped']))})" if s["skipped"] else ""
     d = s["diagnostics"]
@@ -276,7 +312,8 @@ def main(argv=None):
                                      "x100 at w = 0 / 0.5 / 1, the duplicate proportion, counts.")
     path = os.path.expanduser  # the type of path flags: --out=~/x or a quoted '~/x' reaches us unexpanded
     # data
-    parser.add_argument("--gold", required=True, type=path, help="benchmark anno.json (a JSON list of examples)")
+    parser.add_argument("--gold", required=True, type=path, help="benchmark anno.json (a JSON list of examples); or StreamingBench's "
+                        "questions_proactive.json, or offline QA dialogues (data.py offline): told apart by their fields")
     parser.add_argument("--pred", required=True, nargs="+", type=path,
                         help="predictions JSONL from infer.py, one example per line; several files (e.g. an SFT "
                              "and a GRPO run) are each scored, with one summary each")
@@ -310,6 +347,10 @@ def main(argv=None):
     if len(labels) != len(args.pred) or len(set(labels)) != len(labels):
         raise SystemExit(f"evaluate.py: {len(args.pred)} --pred files need as many distinct names, got {labels}; "
                          "give them with --label")
+    # which benchmark --gold is, by its fields: the two other ones need no judge (a missing file: load_gold says so)
+    kind = benchmarks.detect(args.gold) if os.path.isfile(args.gold) else "proactivevideoqa"
+    if kind != "proactivevideoqa":
+        return main_other(args, kind, labels)
     cached = args.judge == "openai" and args.cache  # only then do judge answers outlive the run
 
     judge, runs = None, []  # judge stays None if Ctrl-C comes before it is built (see below)
@@ -355,6 +396,31 @@ def main(argv=None):
         raise SystemExit(f"evaluate.py: {what}, more than --max-failures {100 * args.max_failures:g}%: the scores "
                          f"above are not a result; fix the judge (see its last failure) and rerun: "
                          f"{kept}only the failed calls are asked again")
+    return result
+
+
+def main_other(args, kind, labels):
+    """StreamingBench Proactive Output or offline QA: every --pred file scored by the benchmark's fixed rule."""
+    if args.html:
+        raise SystemExit("evaluate.py: --html draws PAUC timelines, for a ProactiveVideoQA anno.json; "
+                         f"--gold {args.gold} is {'StreamingBench' if kind == 'streamingbench' else 'offline QA'}")
+    runs = []
+    try:
+        if args.json:
+            hold_output(args.json)
+        gold = benchmarks.load_streamingbench(args.gold) if kind == "streamingbench" else benchmarks.load_offline(args.gold)
+        for label, pred in zip(labels, args.pred):
+            summary = evaluate_other(kind, gold, pred)
+            if len(args.pred) > 1:
+                print(f"== {label}: {pred}")
+            print(format_other(summary))
+            runs.append((label, pred, summary))
+        result = runs[0][2] if len(runs) == 1 else {
+            "gold": args.gold, "runs": {label: dict(s, pred=pred) for label, pred, s in runs}}
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"evaluate.py: {e}") from None
     return result
 
 

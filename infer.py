@@ -5,6 +5,8 @@ every user turn brings 1-2 frames, one every --interval s, plus any text that ar
 (the KV-cached `engine.Stream`) answers with a reply or exactly "NO REPLY", greedy, <= 100 new tokens.
 A camera or network stream is watched live (docs/streaming.md, "Live sources"); predictions are written
 in the ProactiveVideoQA format (docs/formats.md); what is refused, skipped or resumed: docs/reliability.md.
+--benchmark also runs StreamingBench's Proactive Output and offline QA files, told apart by their fields
+(benchmarks.py; their protocols: docs/benchmarks.md).
 Departures (docs/departures.md): frames capped at 128 tokens (--frame-tokens); a user text joins the
 first turn at or after its time; live, the frames a slow model has no time for are dropped.
 
@@ -16,6 +18,8 @@ first turn at or after its time; live, the frames a slow model has no time for a
     python infer.py rtsp://camera.local/stream --out pred.jsonl     # network stream (also http(s)://, HLS .m3u8)
     python infer.py --benchmark WEB/anno.json --videos WEB/videos --out preds.jsonl   # EGO/TV/VAD: --frames-per-turn 2
     python evaluate.py --gold WEB/anno.json --pred preds.jsonl --judge openai
+    python infer.py --benchmark questions_proactive.json --videos SB/src --out sb.jsonl   # StreamingBench PO (Table 5)
+    python infer.py --benchmark data/toy/test/offline.jsonl --model runs/sft-toy/final --out off.jsonl  # offline QA
 """
 import functools
 import itertools
@@ -33,6 +37,7 @@ import urllib.parse
 import torch
 from tqdm import tqdm
 
+import benchmarks
 import engine
 import live
 import mmduet2
@@ -46,34 +51,36 @@ def clock(t):
     return f"{int(m):02d}:{s:02.0f}" if s == int(s) else f"{int(m):02d}:{s:04.1f}"
 
 
-def video_turns(video, interval, frames_per_turn=1, rounds=None):
+def video_turns(video, interval, frames_per_turn=1, rounds=None, start=0.0):
     """Yield (t, frames) for each user turn, reading frames lazily (never the whole video).
 
     A turn holds `frames_per_turn` frames; the last may hold fewer. t = frames fed so far x interval,
-    taken at the end of the turn's frames (Sec. 4.1). rounds caps the number of FRAMES streamed.
+    taken at the end of the turn's frames (Sec. 4.1). rounds caps the number of FRAMES streamed. start:
+    the clip begins there (StreamingBench's time_stamp), and t stays on the video's clock (start + ...).
         7 frames, 1 s, 2 per turn -> (2, [f0, f1]), (4, [f2, f3]), (6, [f4, f5]), (7, [f6])
     """
     n, frames = 0, []  # n: frames read so far
-    for _, frame in itertools.islice(mmduet2.read_frames(video, interval), rounds):  # rounds None: all
+    for _, frame in itertools.islice(mmduet2.read_frames(video, interval, start), rounds):  # rounds None: all
         n += 1
         frames.append(frame)
         if len(frames) == frames_per_turn:
             # the turn's time is when its last frame has been seen: frame n-1 sits at (n-1)·interval,
             # and the turn closes one interval later (mmduet2.turn_times, the same rule)
-            yield n * interval, frames
+            yield start + n * interval, frames
             frames = []
     if frames:  # a last turn with fewer frames
-        yield n * interval, frames
+        yield start + n * interval, frames
 
 
 def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), rounds=None,
                  on_reply=None, keep_silent=False, on_turn=None, responses=None, latencies=None,
-                 questions=None, on_text=None, **decode):
+                 questions=None, on_text=None, start=0.0, **decode):
     """Stream `video` through an `engine.Stream`, one user turn at a time. Returns (responses, latencies).
 
     video: a file (read with decord, every frame: interval, frames_per_turn and rounds apply), or a
     live.Feed (a live source, or a file paced as one: its frames come as it plays, dropped when the model
-    is behind; its lags get each turn's). user_turns: [(time, text)]; each text joins the first user
+    is behind; its lags get each turn's). start: a file is streamed from there (video_turns); a user
+    text's time and a turn's are on the video's clock. user_turns: [(time, text)]; each text joins the first user
     turn whose time >= its time, after that turn's frames (texts meeting in one turn are joined by
     mmduet2.turn_text; texts later than the last turn are never seen). questions: a queue.Queue of
     texts typed while the stream plays; each joins the turn fed next. rounds: frames to stream (None:
@@ -92,7 +99,7 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
     latencies = [] if latencies is None else latencies
     feed = video if isinstance(video, live.Feed) else None
     # a live.Feed times its turns on the stream's clock (and drops frames); a file's come as fast as the model takes them
-    turns = feed.turns() if feed else video_turns(video, interval, frames_per_turn, rounds)
+    turns = feed.turns() if feed else video_turns(video, interval, frames_per_turn, rounds, start)
     try:
         for t, frames in turns:
             # a departure (docs/departures.md): a text joins the first turn whose time >= its own, after that
@@ -150,7 +157,7 @@ def parse_asks(specs, end):
 
 
 def benchmark_inputs(ex, videos, interval):
-    """(video path, user turns, frames to stream) of one anno.json example (paper Sec. 5.1).
+    """(video path, user turns, frames to stream, start) of one anno.json example (paper Sec. 5.1).
 
     The question (conversation[0], t=0) and any subtitles at their times; frames up to the end of
     the last gold reply span (`reward.stream_rounds`). The fields were checked by `reward.load_gold`.
@@ -158,7 +165,23 @@ def benchmark_inputs(ex, videos, interval):
     # a user message without a time is the question, at t=0
     user_turns = [(c.get("time", 0.0), c["content"]) for c in ex["conversation"] if c["role"] == "user"]
     # stream_rounds takes frames per second: 1 / interval
-    return os.path.join(videos, ex["video"]), user_turns, reward.stream_rounds(ex, 1 / interval)
+    return os.path.join(videos, ex["video"]), user_turns, reward.stream_rounds(ex, 1 / interval), 0.0
+
+
+def streamingbench_inputs(q, root, interval):
+    """(video path, user turns, frames to stream, start) of one StreamingBench Proactive Output question
+    (Table 5; docs/benchmarks.md): the clip from its time_stamp, the question in the clip's first user turn,
+    frames up to the ground-truth time + 4 s, where the official polling stops. The official protocol asks
+    "is it the right time to output ...?" every second; a proactive model is its own poll: it answers every
+    turn anyway, and its first reply is its answer (a departure: docs/departures.md)."""
+    return os.path.join(root, q["video"]), [(q["start"], q["question"])], benchmarks.sb_frames(q, interval), q["start"]
+
+
+def offline_inputs(ex, root, interval):
+    """(video path, user turns, frames, start) of one offline QA dialogue (Table 4 in miniature): the frames
+    and their interval are the dialogue's own (`data.py offline`), whatever --interval says."""
+    rec = ex["record"]
+    return os.path.join(root, rec["video"]), [(ex["time"], ex["question"])], ex["frames"], 0.0
 
 
 def done_ids(path, known):
@@ -301,9 +324,11 @@ def parse_args(argv):
                    help="text put into the first user turn whose time >= SECONDS (of stream time, live); "
                         "repeatable. Live or --realtime, a line typed on stdin joins the turn being fed")
     p.add_argument("--benchmark", metavar="ANNO_JSON", type=path,
-                   help="ProactiveVideoQA anno.json: run the benchmark protocol")
+                   help="run a benchmark's protocol: a ProactiveVideoQA anno.json, StreamingBench's "
+                        "questions_proactive.json or offline QA dialogues (data.py offline), told apart by their fields")
     p.add_argument("--videos", metavar="DIR", type=path,
-                   help="folder of the benchmark's videos (default: videos/ beside ANNO_JSON)")
+                   help="folder of the benchmark's videos (default: ProactiveVideoQA, videos/ beside ANNO_JSON; "
+                        "StreamingBench and offline QA, the file's folder, which their video paths are relative to)")
     p.add_argument("--demo", type=int, nargs="?", const=0, metavar="SEED",
                    help="write a toy video (data.py toy, seed SEED) and stream it through the shipped toy model")
     p.add_argument("--html", metavar="FILE", type=path,
@@ -464,14 +489,26 @@ def watch(args, model, processor, decode, n_frames, user_turns):
 
 def check_benchmark(args):
     """The benchmark's examples and what an earlier run into --out left, checked before the model loads:
-    ({question_id: (video path, user turns, frames to stream)}, {question_id: example}, ids done, {id: why skipped})."""
+    ({question_id: (video path, user turns, frames to stream, start)}, {question_id: example}, ids done,
+    {id: why skipped}). The benchmark is told by its fields (`benchmarks.detect`): a ProactiveVideoQA
+    anno.json, StreamingBench's questions_proactive.json, or offline QA dialogues (data.py offline)."""
     if os.path.isdir(args.benchmark):
         raise ValueError(f"--benchmark {args.benchmark} is a folder: give its anno.json")
-    examples = reward.load_gold(args.benchmark)  # checks every field (stream_rounds needs durations, spans)
-    args.videos = args.videos or os.path.join(os.path.dirname(args.benchmark), "videos")
+    if not os.path.isfile(args.benchmark):
+        raise ValueError(f"--benchmark {args.benchmark}: file not found")
+    args.kind = benchmarks.detect(args.benchmark)
+    if args.kind == "proactivevideoqa":
+        examples = reward.load_gold(args.benchmark)  # checks every field (stream_rounds needs durations, spans)
+        args.videos = args.videos or os.path.join(os.path.dirname(args.benchmark), "videos")
+        inputs = benchmark_inputs
+    else:  # their video paths are relative to the file's folder (StreamingBench: "./videos/x.mp4"), or to --videos
+        load = benchmarks.load_streamingbench if args.kind == "streamingbench" else benchmarks.load_offline
+        examples = load(args.benchmark)
+        args.videos = args.videos or os.path.dirname(args.benchmark) or "."
+        inputs = streamingbench_inputs if args.kind == "streamingbench" else offline_inputs
     if not os.path.isdir(args.videos):
         raise ValueError(f"videos folder not found: {args.videos} (give --videos DIR)")
-    plans = {ex["question_id"]: benchmark_inputs(ex, args.videos, args.interval) for ex in examples}
+    plans = {ex["question_id"]: inputs(ex, args.videos, args.interval) for ex in examples}
     # a resume: the examples already written, and those an earlier run skipped (refused if the
     # settings differ, so one file never mixes two runs' predictions)
     if not args.overwrite and os.path.exists(args.out) and (repaired := repair_last_line(args.out)):
@@ -490,10 +527,12 @@ def stream_example(args, model, processor, decode, ex, plan, sizes, warned):
     """One example through a fresh Stream (a new conversation and KV cache): (responses, latencies).
     Its frame size and gold warnings are counted into `sizes` and `warned` first, also when it is then skipped:
     a missing, unreadable or part-way damaged video raises OSError or ValueError."""
-    path, user_turns, rounds = plan
-    first, n_frames, seconds = check_video(path, args.interval)
+    path, user_turns, rounds, start = plan
+    offline = args.kind == "offline"
+    first, _, seconds = check_video(path, ex["record"]["interval"] if offline else args.interval)
     # gold this video cannot reach (reward.gold_warnings): said, counted, and run as defined
-    warnings = reward.gold_warnings(ex, seconds, args.interval * args.frames_per_turn)
+    warnings = reward.gold_warnings(ex, seconds, args.interval * args.frames_per_turn) \
+        if args.kind == "proactivevideoqa" else benchmarks.sb_warnings(ex, seconds) if not offline else []
     for warning in warnings:
         tqdm.write(f"gold warning, {ex['question_id']}: {warning}")
     if warnings:
@@ -501,13 +540,21 @@ def stream_example(args, model, processor, decode, ex, plan, sizes, warned):
     h, w = first.shape[:2]
     size = f"{w}x{h} -> {mmduet2.frame_tokens(h, w, args.frame_tokens)} tokens/frame"
     sizes[size] = sizes.get(size, 0) + 1
-    # frames to the end of the last gold span, or to the video's end if it comes first
-    n_turns = math.ceil(min(rounds, n_frames) / args.frames_per_turn)
-    video = live.Feed(itertools.islice(mmduet2.read_frames(path, args.interval), rounds), args.interval,
+    if offline:  # Table 4's protocol: the whole video in one user turn, the dialogue's own (default) system prompt
+        _, frames = mmduet2.load_dialogue(ex["record"], args.videos)
+        stream = engine.Stream(model, processor, system=ex["system"] or mmduet2.DEFAULT_SYSTEM_PROMPT)
+        tic = time.perf_counter()
+        reply = stream.turn(frames, ex["question"], **decode)  # one answer, greedy; NO REPLY is kept: a wrong one
+        t = round(user_turns[0][0], 6)
+        return ([{"role": "user", "content": ex["question"], "time": t},
+                 {"role": "assistant", "content": reply.text.strip(), "time": t}], [time.perf_counter() - tic])
+    # frames to the end of the last gold span (StreamingBench: to gt + 4 s), or to the video's end if it comes first
+    n_turns = math.ceil(min(rounds, mmduet2.count_frames(seconds - start, args.interval)) / args.frames_per_turn)
+    video = live.Feed(itertools.islice(mmduet2.read_frames(path, args.interval, start), rounds), args.interval,
                  args.frames_per_turn) if args.realtime else path  # --realtime: played as live
     with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
         return stream_video(engine.Stream(model, processor), video, args.interval, args.frames_per_turn,
-                            user_turns, rounds, on_turn=turns.update, **decode)
+                            user_turns, rounds, on_turn=turns.update, start=start, **decode)
 
 
 def benchmark(args, model, processor, decode, plans, examples, done, skipped):

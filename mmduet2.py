@@ -82,7 +82,8 @@ PIXELS_PER_TOKEN = 28 * 28  # one LLM token = a 2×2 merge of 14×14 patches
 
 # Qwen2.5-VL's chat format, written as a Jinja template for the tiny tokenizer (a released checkpoint
 # ships its own). Each message renders as `<|im_start|>role\n...<|im_end|>\n`, images as
-# `<|vision_start|><|image_pad|><|vision_end|>`; a conversation without a system turn gets the default.
+# `<|vision_start|><|image_pad|><|vision_end|>` (a video as `<|video_pad|>`: lmms-eval's offline benchmarks, Table 4);
+# a conversation without a system turn gets the default.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -90,6 +91,7 @@ CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"  # lmms-eval feeds videos
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}"
@@ -210,24 +212,26 @@ def _rgb(frame):
     return np.ascontiguousarray(frame.reshape(h, w * c)[:, :3 * w].reshape(h, w, 3))  # (H, W, 3)
 
 
-def read_frames(path, interval):
-    """Yield `(t, frame)` for frame k = 0, 1, ... sampled at video time t = k·interval.
+def read_frames(path, interval, start=0.0):
+    """Yield `(t, frame)` for frame k = 0, 1, ... sampled at video time t = start + k·interval.
 
     `frame` is an (H, W, 3) uint8 RGB array, upright (decord applies a phone's rotation), the video's
     frame nearest time t by the presentation times (`_clock`: a variable frame rate is read right). A
     video of duration D gives count_frames(D, interval) frames, so every frame's turn time
     ((k+1)·interval, see `turn_times`) lies inside the video. Frames are decoded one at a time, so an
     hour-long video never sits in memory; a frame that fails to decode (a damaged file whose start is
-    fine) is a one-line ValueError saying where.
-        10.5 s video, interval 2 → frames at t = 0, 2, 4, 6, 8 (5 frames)
+    fine) is a one-line ValueError saying where. `start` skips to a clip (StreamingBench's time_stamp): the
+    clip from `start` to the end is sampled as a video of its own, on the video's clock.
+        10.5 s video, interval 2 → frames at t = 0, 2, 4, 6, 8 (5 frames); start 3 → 3, 5, 7 (3 frames)
     """
     if not 0 < interval < float("inf"):  # also refuses nan, which every comparison fails
         raise ValueError(f"frame interval must be > 0 s and finite, got {interval}")
     vr = _open_video(path)
     duration, frame_at = _clock(vr)
-    n = count_frames(duration, interval)
-    if n == 0:
-        raise ValueError(f"video {path} ({duration:.2f} s) is shorter than one frame interval ({interval} s)")
+    n = count_frames(duration - start, interval)
+    if n <= 0:
+        clip = f" from {start:g} s" if start else ""
+        raise ValueError(f"video {path} ({duration:.2f} s) is shorter{clip} than one frame interval ({interval} s)")
     period = duration / len(vr)  # the mean time between frames
     # far below the frame period, every frame would be fed many times over (at 0.001 s: 100 turns per
     # frame of a 10 fps video), for minutes, without a word
@@ -235,13 +239,14 @@ def read_frames(path, interval):
         raise ValueError(f"frame interval {interval:g} s is far below the frame period of {path} ({period:.3g} s): "
                          f"each frame would be fed {period / interval:.0f} times; use an interval >= {period:.3g} s")
     for k in range(n):
+        t = start + k * interval  # start 0: exactly k·interval, the times every earlier result rests on
         try:
-            frame = vr[frame_at(k * interval)].asnumpy()
+            frame = vr[frame_at(t)].asnumpy()
         except Exception as e:  # decord's DECORDError: damaged bytes after a readable start
             # decord decodes ahead on a thread, so the damage may lie a few frames past this one
-            raise ValueError(f"cannot decode video {path} (reading its frame at {k * interval:g} s): "
+            raise ValueError(f"cannot decode video {path} (reading its frame at {t:g} s): "
                              f"{_decord_reason(e)}") from None
-        yield k * interval, _rgb(frame)
+        yield t, _rgb(frame)
 
 
 def turn_times(n_frames, interval, frames_per_turn):

@@ -45,6 +45,9 @@ WORLD = dict(size=84, fps=10, min_len=20, max_len=40, min_events=2, max_events=4
 HISTORY_FRAC = 0.25
 QUESTIONS = ("Tell me whenever a new shape appears.", "Tell me the colour of each new shape.")
 OFFLINE_QUESTION = "List the colours of the squares in the order they appeared."
+# StreamingBench's Proactive Output in the toy: the output as the toy's models name a colour ("Red."), since the
+# official check is a case-sensitive substring
+PROACTIVE_QUESTION = 'When a {colour} square appears, output "{output}".'
 CAPTION_PATTERN = re.compile(r"A (\w+) square appeared on the (\w+)\.")
 
 

@@ -39,6 +39,30 @@ def pred_line(qid, turns):
     return json.dumps({"question_id": qid, "model_response_list": rows})
 
 
+def test_cli_streamingbench_two_runs_by_hand(tmp_path, capsys):
+    """StreamingBench Proactive Output, told apart by its fields: the official time and answer accuracy for
+    each --pred file (the first reply within +-2 s of the truth; the output in its text), no judge, no page."""
+    gold = tmp_path / "questions_proactive.json"
+    gold.write_text(json.dumps([{"video_path": "./videos/v.mp4", "questions": [
+        {"task_type": "Proactive Output", "question": f'When {n} shows, output "{n}".', "time_stamp": "00:00:00",
+         "ground_truth_time_stamp": f"00:00:{t:02d}", "ground_truth_output": n} for n, t in (("3", 10), ("7", 20))]}]))
+    sft, grpo = tmp_path / "sft.jsonl", tmp_path / "grpo.jsonl"
+    # SFT: "3" at 13 s (+3 s: late), silent on v_q1; GRPO: "3" at 12 s (+2 s: counted), "six" at 20 s (on time, wrong)
+    sft.write_text(pred_line("v_q0", [(13, "It is 3.")]) + "\n" + pred_line("v_q1", [(30, SILENCE)]) + "\n")
+    grpo.write_text(pred_line("v_q0", [(12, "3"), (14, "3 again")]) + "\n" + pred_line("v_q1", [(20, "six")]) + "\n")
+    out = tmp_path / "sb.json"
+    result = evaluate.main(["--gold", str(gold), "--pred", str(sft), str(grpo), "--label", "SFT", "GRPO", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "== SFT:" in printed and "== GRPO:" in printed and "1 with no reply" in printed
+    s, g = result["runs"]["SFT"], result["runs"]["GRPO"]
+    assert (s["time_accuracy"], s["answer_accuracy"], s["silent"]) == (0.0, 0.0, 1)
+    assert (g["time_accuracy"], g["answer_accuracy"], g["time_correct"], g["answer_correct"]) == (100.0, 50.0, 2, 1)
+    assert json.loads(out.read_text())["runs"]["GRPO"]["answer_accuracy"] == 50.0
+    assert g["per_question"]["v_q0"]["reply_time"] == 12  # the first reply is the answer
+    with pytest.raises(SystemExit, match="--html draws PAUC timelines, for a ProactiveVideoQA anno.json"):
+        evaluate.main(["--gold", str(gold), "--pred", str(sft), "--html", str(tmp_path / "t.html")])
+
+
 def test_cli_eval_offline(tmp_path, capsys):
     gold = [example("v1", [(10, 20, 19), (30, 40, 39)]), example("v2", [(0, 10, 9)]), example("gone", [(0, 5, 5)])]
     gold[0]["answer"][0]["content"] = "A red circle appeared on the left."

@@ -97,8 +97,8 @@ def damaged(monkeypatch):
     file that fails at a known place (on a real one decord fails a few frames earlier or later, run to run)."""
     paths, real = set(), mmduet2.read_frames
 
-    def read_frames(path, interval):
-        for t, frame in real(path, interval):
+    def read_frames(path, interval, start=0.0):
+        for t, frame in real(path, interval, start):
             if path in paths and t >= 2:
                 raise ValueError(f"cannot decode video {path} (reading its frame at {t:g} s): Error sending packet")
             yield t, frame
@@ -684,6 +684,95 @@ def test_benchmark_ctrl_c_keeps_the_finished_examples(videos, tmp_path, fast_loa
         "q-b was in progress, is not written, and runs on a rerun")
     assert [r["question_id"] for r in records(out)] == ["q-a"]
     assert infer.main(argv)["done"] == 1  # the rerun's turns count on past the interrupted third and [r["question_id"] for r in records(out)] == ["q-a", "q-b"]
+
+
+# ----------------------------------------------------------------------------
+# the paper's other two benchmarks (benchmarks.py): StreamingBench Proactive Output, offline QA
+
+class PixelStream(ScriptedStream):
+    """A ScriptedStream that also keeps the system prompt it was made with and each turn's first frame's
+    mean value (write_video fills frame i with (7·i) % 256 in its red channel: the frame's index shows)."""
+    made = []
+
+    def __init__(self, model, processor, system=mmduet2.SYSTEM_PROMPT, script=("Seen 3.",)):
+        super().__init__(list(script))
+        self.system, self.reds = system, []
+        PixelStream.made.append(self)
+
+    def turn(self, frames, text=None, **decode):
+        self.reds.append(float(frames[0][:, :, 0].mean()))
+        return super().turn(frames, text, **decode)
+
+
+def test_streamingbench_runs_from_its_clip_to_gt_plus_4_and_scores(videos, tmp_path, fast_load, monkeypatch, capsys):
+    d, _ = videos
+    # seven.mp4 (7 s): q0 asked at 1 s, truth at 2 s -> frames at 1..5 s, turns at 2..6 s (gt + 4), question in the first;
+    # q1 asked at 0 s, truth at 3 s -> frames at 0..6 s, turns at 1..7 s (gt + 4 = 7 s, the video's end)
+    sb = tmp_path / "questions_proactive.json"
+    sb.write_text(json.dumps([{"video_path": "./seven.mp4", "questions": [
+        {"task_type": "Proactive Output", "question": 'When it is bright, output "3".', "time_stamp": "00:00:01",
+         "ground_truth_time_stamp": "00:00:02", "ground_truth_output": "3"},
+        {"task_type": "Proactive Output", "question": 'When it is dark, output "4".', "time_stamp": "00:00:00",
+         "ground_truth_time_stamp": "00:00:03", "ground_truth_output": "4"}]}]))
+    PixelStream.made = []
+    monkeypatch.setattr(engine, "Stream", PixelStream)
+    out = tmp_path / "sb.jsonl"
+    argv = ["--benchmark", str(sb), "--videos", str(d), "--model", "tiny", "--out", str(out)]
+    assert infer.main(argv)["done"] == 2
+    q0, q1 = records(out)
+    check_record(q0, "seven_q0", turn_times=[2.0, 3.0, 4.0, 5.0, 6.0])
+    assert q0["model_response_list"][0] == {"role": "user", "content": 'When it is bright, output "3".', "time": 2.0}
+    assert [r["time"] for r in q0["model_response_list"] if r["role"] == "assistant"] == [2.0, 3.0, 4.0, 5.0, 6.0]
+    check_record(q1, "seven_q1", turn_times=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    # the clip starts at time_stamp: q0's first frame is the video's frame at 1 s (index 10, red 70), q1's at 0 s
+    assert abs(PixelStream.made[0].reds[0] - 70) < 8 and abs(PixelStream.made[1].reds[0] - 0) < 8
+    assert [s.system for s in PixelStream.made] == [mmduet2.SYSTEM_PROMPT] * 2  # the proactive prompt, as always
+    capsys.readouterr()
+    # the eval, the official way: q0's first reply at 2 s (gt 2) says "Seen 3." -> time and answer; q1's at 1 s
+    # (gt 3, -2 s) -> on time, but "4" is not in it
+    summary = evaluate.main(["--gold", str(sb), "--pred", str(out), "--json", str(tmp_path / "sb.json")])
+    printed = capsys.readouterr().out
+    assert "time accuracy x100 (first reply within +-2 s): 100.00 (2 of 2)" in printed
+    assert "answer accuracy x100 (on time and the output in it; the paper's Table 5): 50.00 (1 of 2)" in printed
+    assert json.load(open(tmp_path / "sb.json"))["answer_accuracy"] == summary["answer_accuracy"] == 50.0
+    # resumable as every benchmark run: a second run streams nothing
+    monkeypatch.setattr(PixelStream, "turn", lambda *a, **k: pytest.fail("resumed run streamed again"))
+    assert infer.main(argv)["done"] == 0
+
+
+def test_offline_qa_is_one_turn_under_the_default_system_prompt(videos, tmp_path, fast_load, monkeypatch, capsys):
+    d, _ = videos
+    lines = [data.offline_dialogue("o1", "seven.mp4", 7.0, "List the colours.", "Red, blue."),
+             data.offline_dialogue("o2", "a.mp4", 6.0, "List the colours.", "Green.")]
+    gold = tmp_path / "offline.jsonl"
+    gold.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    PixelStream.made = []
+    monkeypatch.setattr(engine, "Stream", lambda model, processor, system=mmduet2.SYSTEM_PROMPT:
+                        PixelStream(model, processor, system, script=("red, BLUE",)))
+    out = tmp_path / "off.jsonl"
+    assert infer.main(["--benchmark", str(gold), "--videos", str(d), "--model", "tiny", "--out", str(out)])["done"] == 2
+    o1, o2 = records(out)
+    t = lines[0]["messages"][1]["time"]  # after the dialogue's 14 frames (7 s, 14 frames at 0.4828 s)
+    assert o1 == {"question_id": "o1", "model_response_list": [{"role": "user", "content": "List the colours.", "time": t},
+                                                                {"role": "assistant", "content": "red, BLUE", "time": t}]}
+    # one turn each, with every frame of the dialogue, under Qwen's default system prompt
+    assert [s.turns for s in PixelStream.made] == [[(14, "List the colours.")], [(12, "List the colours.")]]
+    assert [s.system for s in PixelStream.made] == [mmduet2.DEFAULT_SYSTEM_PROMPT] * 2
+    capsys.readouterr()
+    summary = evaluate.main(["--gold", str(gold), "--pred", str(out)])
+    assert (summary["correct"], summary["accuracy"]) == (1, 50.0)  # o1 right (case and punctuation aside), o2 not
+    assert "accuracy (exact match, case and punctuation aside) x100: 50.00 (1 of 2)" in capsys.readouterr().out
+
+
+def test_offline_qa_with_the_tiny_model(videos, tmp_path, fast_load):
+    """The real engine on the offline path: one answer per dialogue, in the prediction format."""
+    d, _ = videos
+    gold = tmp_path / "offline.jsonl"
+    gold.write_text(json.dumps(data.offline_dialogue("o1", "seven.mp4", 7.0, "List the colours.", "Red.")) + "\n")
+    out = tmp_path / "off.jsonl"
+    infer.main(["--benchmark", str(gold), "--videos", str(d), "--model", "tiny", "--max-new-tokens", "3", "--out", str(out)])
+    (rec,) = records(out)
+    assert [r["role"] for r in rec["model_response_list"]] == ["user", "assistant"]
 
 
 # ----------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""The layout the README states: modules never import a script, and the reward math imports nothing of ours."""
+"""The layout the README states: modules never import a script, and the metrics (reward.py, benchmarks.py) import
+nothing of ours."""
 import ast
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ("mmduet2", "engine", "runs", "live", "llm", "reward", "toy")
+MODULES = ("mmduet2", "engine", "runs", "live", "llm", "reward", "toy", "benchmarks")
 SCRIPTS = ("data", "sft", "grpo", "infer", "evaluate", "bench")
 
 
@@ -25,6 +28,8 @@ def test_modules_never_import_a_script():
     assert {m: sorted(n & set(SCRIPTS)) for m, n in found.items() if n & set(SCRIPTS)} == {}
 
 
-def test_the_reward_math_imports_nothing_of_ours():
-    ours = set(MODULES + SCRIPTS) - {"reward"}
-    assert imported("reward") & ours == set()
+@pytest.mark.parametrize("name", ["reward", "benchmarks"])
+def test_the_metrics_import_nothing_of_ours(name):
+    """The PAUC metric and reward (reward.py), StreamingBench's and offline QA's scoring (benchmarks.py)."""
+    ours = set(MODULES + SCRIPTS) - {name}
+    assert imported(name) & ours == set()

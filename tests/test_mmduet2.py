@@ -140,6 +140,29 @@ def test_system_turn_in_data_overrides_default(tiny):
     assert mmduet2.DEFAULT_SYSTEM_PROMPT in text and "NO REPLY\"" not in text
 
 
+def test_a_saved_checkpoint_renders_an_offline_prompt_as_qwen25vl_does(tiny, tmp_path):
+    """What lmms-eval (Table 4) feeds a checkpoint of ours: Qwen's default system prompt, a video and a question,
+    rendered by the template saved with the checkpoint (runs.save_checkpoint: save_pretrained of model and
+    processor). The reference is Qwen2.5-VL's own template rendered by hand: with the system turn given or
+    left out (the template adds the default), a video as <|video_pad|>, an image as <|image_pad|>."""
+    from transformers import AutoProcessor
+    model, processor = tiny
+    model.save_pretrained(tmp_path), processor.save_pretrained(tmp_path)
+    saved = AutoProcessor.from_pretrained(tmp_path)
+    question = [{"type": "video", "video": "v.mp4"}, {"type": "text", "text": "What colour is the square?"}]
+    expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What colour is the square?<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    for system in ([{"role": "system", "content": mmduet2.DEFAULT_SYSTEM_PROMPT}], []):
+        messages = system + [{"role": "user", "content": question}]
+        assert saved.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+    image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
+             {"role": "assistant", "content": "Red."}]
+    assert saved.apply_chat_template(image, tokenize=False) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n")
+
+
 def test_mask_is_exactly_assistant_text_and_im_end(tiny):
     _, processor = tiny
     replies = ["NO REPLY", "A red square appeared on the left.", "NO REPLY", "Blue."]

@@ -45,7 +45,8 @@ def test_toy_is_deterministic_by_seed(toy_dir):
     data.make_toy(toy_dir / "b", seed=5, **SMALL)
     data.make_toy(toy_dir / "c", seed=6, **SMALL)
     a, b, c = files(toy_dir / "a"), files(toy_dir / "b"), files(toy_dir / "c")
-    assert len(a) == 3 * 6 + 4  # per split: scenes/sft/anno/offline jsonl, anno.json, build.json + 4 videos
+    # per split: scenes/sft/anno/offline jsonl, anno.json, build.json; test/questions_proactive.json; 4 videos
+    assert len(a) == 3 * 6 + 1 + 4
     assert a == b  # same seed: same annotations, dialogues and video bytes
     assert a["train/anno.json"] != c["train/anno.json"] and a["train/videos/train_0000.mp4"] != c["train/videos/train_0000.mp4"]
 
@@ -59,7 +60,7 @@ def test_toy_written_twice_at_once_is_byte_identical(tmp_path):
     runs = [subprocess.Popen(cmd + ["--out", str(tmp_path / name)], stdout=subprocess.DEVNULL) for name in "ab"]
     assert [r.wait(timeout=600) for r in runs] == [0, 0]
     a, b = files(tmp_path / "a"), files(tmp_path / "b")
-    assert len(a) == 3 * 6 + 20  # per split: scenes/sft/anno/offline jsonl, anno.json, build.json; 20 videos
+    assert len(a) == 3 * 6 + 1 + 20  # per split: scenes/sft/anno/offline jsonl, anno.json, build.json; + 1; 20 videos
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []  # the names of the files that differ
 
 
@@ -177,3 +178,33 @@ def test_toy_offline_questions_name_the_colours_in_order(toy_dir):
         # Qwen's default system prompt: an offline task, not the proactive one (Sec. 4.1)
         assert messages[0]["content"] == mmduet2.DEFAULT_SYSTEM_PROMPT and len(frames) == data.OFFLINE_FRAMES
         assert messages[-1]["content"].lower().rstrip(".").split(", ") == colours
+
+
+def test_toy_streamingbench_asks_for_each_square_in_its_own_clip(toy_dir):
+    """test/questions_proactive.json: StreamingBench's layout, one question per square; its clip starts after the
+    square before it has gone, its ground-truth time is the first whole second the square shows (docs/benchmarks.md)."""
+    import math
+
+    import benchmarks
+    split = toy_dir / "a" / "test"
+    scenes = [json.loads(line) for line in (split / "scenes.jsonl").read_text().splitlines()]
+    questions = benchmarks.load_streamingbench(split / "questions_proactive.json")
+    assert len(questions) == sum(len(v["scenes"]) for v in scenes) >= 2
+    frames = decode(split / "videos" / "test_0000.mp4")  # 10 fps
+    corners, side = toy.boxes(84)
+    q = iter(questions)
+    for video in scenes:
+        end_before = 0.0
+        for k, event in enumerate(video["scenes"]):
+            question = next(q)
+            assert question["question_id"] == f"{video['id']}_q{k}" and question["video"] == f"./{video['video']}"
+            output = event["colour"].capitalize()
+            assert question["question"] == f'When a {event["colour"]} square appears, output "{output}".'
+            assert question["gt_output"] == output and question["gt_time"] == math.ceil(event["start"])
+            assert question["start"] == math.ceil(end_before) < question["gt_time"]  # the square before has gone
+            assert question["gt_time"] + benchmarks.SB_TAIL <= video["duration"]  # the polling fits in the video
+            end_before = event["end"]
+            if video["id"] == "test_0000":  # the square is on screen at the ground-truth time (decoded, not assumed)
+                y, x = corners[event["position"]]
+                pixel = frames[round(question["gt_time"] * 10), y + side // 2, x + side // 2].astype(int)
+                assert np.abs(pixel - toy.COLOURS[event["colour"]]).max() < 20
