@@ -116,7 +116,7 @@ def x264_options():
 
     x264's AVX-512 code wrote the same frames with other bytes now and then (on a 2-core Xeon VM, 9 of 120
     toy worlds written in a loop, two loops at once; always the bottom-right 16x16 block, which 84 px only
-    partly fills); told to use AVX2 at most, it wrote the same bytes as AVX-512 does when right, in 240 of 240.
+    partly fills); told to use AVX2 at most, it wrote the same bytes as AVX-512 does when right, in 480 of 480.
     Only where AVX-512 is there (which has AVX2, BMI2 and LZCNT beside it): elsewhere x264 picks no AVX-512.
     """
     try:
