@@ -290,6 +290,8 @@ def main(argv=None):
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
     args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
+    if args.toy and not cuda:  # the toy's numbers on any machine: torch's float sums depend on its thread count
+        torch.set_num_threads(1)  # (docs/toy.md, as in sft.py)
     acc = runs.accelerator("grpo.py", args.out, args.mixed_precision)  # DDP under accelerate, OUT held
     rank, world, print0 = acc.process_index, acc.num_processes, acc.print
     # what a resumed run must share with the checkpoint (the episodes of step s are a function of these; --max-steps

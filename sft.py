@@ -139,6 +139,8 @@ def main(argv=None):
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
     args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
+    if args.toy and not cuda:  # the toy's numbers on any machine: torch's float sums depend on its thread count
+        torch.set_num_threads(1)  # (docs/toy.md); on 2 cores one thread is also the faster, 653 s against 903 s
 
     # -- Setup. DDP through accelerate (runs.accelerator), not the paper's DeepSpeed ZeRO-3: a full replica fits an
     # 80 GB card at 3B (docs/full-scale.md), and DeepSpeed would run gradient accumulation inside its engine, against

@@ -6,8 +6,9 @@ runs that script's main and records what each rank did, into OUT:
   that was None when a no_sync micro-batch ran is allocated afresh, one storage per parameter: a second copy of
   every gradient beside the buckets.
 - timeout-rankR.json: the timeout each rank gave its process group.
-- params-rankR.pt: this rank's own weights at the end (DDP must keep them equal on every rank) and the ids of the
-  dialogues it loaded, in order (sft.py, which reads them in-process with --workers 0).
+- params-rankR.pt: this rank's own weights at the end (DDP must keep them equal on every rank), the ids of the
+  dialogues it loaded, in order (sft.py, which reads them in-process with --workers 0), and torch's thread count
+  at the first backward.
 """
 import json
 import os
@@ -25,6 +26,7 @@ backward, counts, seen = accelerate.Accelerator.backward, [], {}
 def recorded(self, loss, **kwargs):
     backward(self, loss, **kwargs)
     seen["accelerator"] = self  # the one that trains: its model is this rank's, after the run too
+    seen.setdefault("threads", torch.get_num_threads())
     grads = [p.grad for p in self._models[0].parameters() if p.requires_grad and p.grad is not None]
     counts.append(len({g.untyped_storage().data_ptr() for g in grads}))
 
@@ -50,5 +52,6 @@ out, rank = argv[argv.index("--out") + 1], accelerate.PartialState().process_ind
 json.dump(counts, open(os.path.join(out, f"grad-storages-rank{rank}.json"), "w"))
 json.dump(timeouts, open(os.path.join(out, f"timeout-rank{rank}.json"), "w"))
 model = seen["accelerator"].unwrap_model(seen["accelerator"]._models[0])
-torch.save({"params": {n: p.detach().cpu() for n, p in model.named_parameters()}, "examples": examples},
+torch.save({"params": {n: p.detach().cpu() for n, p in model.named_parameters()}, "examples": examples,
+            "threads": seen["threads"]},
            os.path.join(out, f"params-rank{rank}.pt"))
