@@ -45,10 +45,7 @@ import reward
 import runs
 
 
-def clock(t):
-    """Video time as [mm:ss] (with a decimal for sub-second intervals): 7.0 -> 00:07, 62.5 -> 01:02.5."""
-    m, s = divmod(t, 60)
-    return f"{int(m):02d}:{s:02.0f}" if s == int(s) else f"{int(m):02d}:{s:04.1f}"
+clock = mmduet2.clock  # stream time as [mm:ss]: 62.5 -> 01:02.5
 
 
 def video_turns(video, interval, frames_per_turn=1, rounds=None, start=0.0):
