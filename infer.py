@@ -8,13 +8,15 @@ in the ProactiveVideoQA format (docs/formats.md); what is refused, skipped or re
 --benchmark also runs StreamingBench's Proactive Output and offline QA files, told apart by their fields
 (benchmarks.py; their protocols: docs/benchmarks.md).
 Departures (docs/departures.md): frames capped at 128 tokens (--frame-tokens); a user text joins the
-first turn at or after its time; live, the frames a slow model has no time for are dropped.
+first turn at or after its time; live, the frames a slow model has no time for are dropped; watching keeps at
+most 90 frames in the context (--context-frames, engine.Window; a benchmark keeps all unless asked).
 
     python infer.py --demo --html demo.html          # a new toy video through toy-model/, and its timeline page
     python infer.py video.mp4 --question "What is the person cooking?"           # the released model
     python infer.py video.mp4 --model tiny --ask 5:"What now?" --out pred.jsonl   # CPU smoke run
     python infer.py video.mp4 --model tiny --realtime    # a file played as live: type questions as it plays
     python infer.py /dev/video0 --question "Tell me when someone comes in." # webcam (macOS: 0 --input-format avfoundation)
+    python infer.py video.mp4 --realtime --serve 127.0.0.1:8000    # and watch it at http://127.0.0.1:8000/ (docs/live.md)
     python infer.py rtsp://camera.local/stream --out pred.jsonl     # network stream (also http(s)://, HLS .m3u8)
     python infer.py --benchmark WEB/anno.json --videos WEB/videos --out preds.jsonl   # EGO/TV/VAD: --frames-per-turn 2
     python evaluate.py --gold WEB/anno.json --pred preds.jsonl --judge openai
@@ -469,8 +471,9 @@ def window_report(window):
     """What a bounded context dropped, and what its rebuilds cost."""
     ms = sorted(1000 * s for s in window.rebuild_s)
     shown = sum(role == "assistant" for _, role, _ in window.memory)
-    return (f"context: at most {window.frames} frames; rebuilt {window.rebuilds} times (every {window.step} frames, "
-            f"median {ms[len(ms) // 2]:.0f} ms, max {ms[-1]:.0f} ms); {window.dropped_frames} frames dropped, their "
+    return (f"context: at most {window.frames} frames; rebuilt {window.rebuilds} times (each keeping at most "
+            f"{window.frames - window.step} frames; median {ms[len(ms) // 2]:.0f} ms, max {ms[-1]:.0f} ms); "
+            f"{window.dropped_frames} frames dropped, their "
             f"texts kept as text: {len(window.memory) - shown} questions and the latest {shown} replies "
             f"({window.hidden['user']} questions and {window.hidden['assistant']} replies no longer shown)")
 

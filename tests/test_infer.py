@@ -979,7 +979,7 @@ def test_a_bounded_context_slides_and_says_what_it_dropped(videos, tmp_path, fas
                           "--context-frames", "4", "--out", str(out)])
     printed = capsys.readouterr().out
     assert summary["turns"] == 6
-    assert re.search(r"context: at most 4 frames; rebuilt 1 times \(every 2 frames, median \d+ ms, max \d+ ms\); "
+    assert re.search(r"context: at most 4 frames; rebuilt 1 times \(each keeping at most 2 frames; median \d+ ms, max \d+ ms\); "
                      r"2 frames dropped, their texts kept as text: 1 questions and the latest \d replies", printed)
     check_record(records(out)[0], "a", turn_times=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
 
