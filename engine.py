@@ -8,7 +8,9 @@ rope); decoding is transformers' `generate` with a `GenerationConfig` (`decoding
 Read `Stream.turn` first: its plain path is the whole idea. Two optimisations follow, each marked: fast
 silence (the NO REPLY draft checked in the same forward as the user turn) and `Group` (G streams as one
 batch). Both are ours, in neither the paper nor the released code; they change the cost only (greedy: the
-same ids; sampled: the same distribution), and tests/test_engine.py holds both to the plain path.
+same ids; sampled: the same distribution), and tests/test_engine.py holds both to the plain path. Last, `Window`: a Stream whose
+context keeps at most N frames, for a camera that does not end (infer.py --context-frames; docs/live.md);
+it changes what the model sees, so it is off for training and, unless asked, for a benchmark.
 
 Randomness: sampling uses torch's default generator of the model's device (`generate` takes no generator,
 and our draft check draws from the same one), so `torch.manual_seed(s)` before a turn makes it

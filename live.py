@@ -2,10 +2,11 @@
 
 `live_frames` samples a PyAV source by presentation time, as mmduet2.read_frames samples a file (a frame every
 `interval` s of stream time, upright); `Feed` hands the model the newest frames of each turn on the stream's clock
-and drops those a slow model has no time for; `read_questions` turns typed lines into user texts. infer.py
-watches with them (`python infer.py SOURCE`); how they behave: docs/streaming.md, "Live sources".
+and drops those a slow model has no time for; `read_questions` turns typed lines into user texts; `Page` shows the
+stream in a browser (`--serve`). infer.py watches with them (`python infer.py SOURCE`); how they behave:
+docs/streaming.md, "Live sources", and docs/live.md.
 Paper: Sec. 4.1's turns, on a clock (its evaluation feeds files whole).
-    python -m pytest tests/test_infer.py -q -k "live or stream"
+    python -m pytest tests/test_infer.py -q -k "live or stream or page"
 """
 import collections
 import io
