@@ -83,6 +83,11 @@ def kv_cache(model):
     return Cache(config=model.config)
 
 
+def _vision_key(chunk):
+    """A chunk's frames, as the key of the vision dict: their pixels and grids, hashed."""
+    return hashlib.blake2b(b"".join(p.numpy().tobytes() for p in chunk.pixels) + str(chunk.grids).encode()).digest()
+
+
 def _budget(config, max_new_tokens):
     """A copy of `config` that stops after `max_new_tokens` (what is left of a turn's budget)."""
     config = copy.copy(config)
@@ -196,7 +201,7 @@ class Stream:
     def _vision(self, chunk):
         """The vision encoder's output for a chunk's frames, computed once per pixel content and kept in a
         dict that forks and a Group's rows share (the last 64: a GRPO segment's turns; a live stream never repeats)."""
-        key = hashlib.blake2b(b"".join(p.numpy().tobytes() for p in chunk.pixels) + str(chunk.grids).encode()).digest()
+        key = _vision_key(chunk)
         if key not in self.vision:
             if len(self.vision) >= 64:
                 self.vision.pop(next(iter(self.vision)))  # the oldest (dicts keep insertion order)
@@ -462,8 +467,9 @@ class Window:
     keep their questions and their replies as text, within MEMORY_TOKENS: the questions first (a proactive
     question stays open for the whole stream: it asks for replies as the video goes), then the latest
     replies; what does not fit is dropped, and the memory says how many replies and questions it no longer
-    shows. With step = frames / 2, a rebuild comes every frames / 2 frames and costs one forward over about
-    frames / 2 frames (each frame is encoded at most twice); docs/live.md has the measured cost.
+    shows. With step = frames / 2, a rebuild comes every frames / 2 frames and costs one LLM forward over about
+    frames / 2 frames (their vision features are reused: each frame goes through the LLM at most twice and
+    through the vision encoder once); docs/live.md has the measured cost.
         frames 90, 2 per turn: turns 1-45 as a Stream; turn 46 first rebuilds (turns 24-45 kept: 44 frames)
     """
 
@@ -517,7 +523,17 @@ class Window:
             seq = seq + turn.chunk
         s.seq = seq
         old.cache = None  # let the old cache go before the new one is built (at 3B a 90-frame cache is ~0.5 GB)
+        # the kept frames' encoder outputs come from their own turns (the vision dict holds the last 64 turns'),
+        # so a rebuild runs the LLM over them again but not the vision encoder; put under the whole chunk's key
+        # for the prefill to find, and taken out after: it is never asked for again
+        pending = s._pending()
+        if pending.pixels:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+            features = [x for turn in kept for x in s._vision(turn.chunk).pooler_output if turn.chunk.pixels]
+            s.vision[_vision_key(pending)] = BaseModelOutputWithPooling(pooler_output=features)  # one (tokens, d) a frame
         s.prefill()  # one forward from position 0: the positions of one full forward over `seq`
+        if pending.pixels:
+            s.vision.pop(_vision_key(pending))
         self.rebuilds += 1
         self.rebuild_s.append(time.perf_counter() - tic)
 

@@ -8,6 +8,7 @@ import torch
 import engine
 import mmduet2
 from engine import Stream
+from conftest import random_frames
 from mmduet2 import SILENCE, Chunk
 
 QUESTION = "Tell me whenever a new shape appears."
@@ -218,11 +219,16 @@ def test_fast_silence_sampling_distribution(chatty):
 # ----------------------------------------------------------------------------
 # A bounded context (engine.Window): after a rebuild the stream is still one full forward over its ids
 
-def test_window_rebuild_equals_full_forward(chatty):
+def test_window_rebuild_equals_full_forward(chatty, monkeypatch):
     """A Window of 4 frames (slides of 2): after every turn, rebuilds included, the log-probs and logits of every
     token sampled since the last rebuild equal one full forward over the rebuilt sequence (system, the dropped
-    turns' texts with their times, the kept turns token for token); the cache holds exactly its ids."""
+    turns' texts with their times, the kept turns token for token); the cache holds exactly its ids. A rebuild
+    reuses the kept frames' vision features: the encoder runs once per frame."""
     model, processor, frames, _ = chatty
+    frames = frames + random_frames(3, seed=9)  # 11 turns, a new frame each
+    forward, encoded = model.model.visual.forward, []
+    monkeypatch.setattr(model.model.visual, "forward", lambda x, grid_thw, **k: encoded.append(len(grid_thw)) or
+                        forward(x, grid_thw, **k))
     window = engine.Window(Stream(model, processor), frames=4, step=2)
     rows, generate = [], model.generate
 
@@ -237,7 +243,9 @@ def test_window_rebuild_equals_full_forward(chatty):
         for k in range(11):
             torch.manual_seed(k)
             text = QUESTION if k in (0, 5) else None  # a question in a turn that is dropped, and one that is kept
-            reply = window.turn(frames[k % 8:k % 8 + 1], text, sampled, fast_silence=False, t=2.0 * (k + 1))
+            encoded.clear()
+            reply = window.turn(frames[k:k + 1], text, sampled, fast_silence=False, t=2.0 * (k + 1))
+            assert encoded == [1]  # this turn's frame only, also when the turn rebuilt the context first
             if window.rebuilds > rebuilds:  # this turn came after a rebuild: compare only what follows it
                 rebuilds, logprobs, rows[:] = window.rebuilds, [], rows[-len(reply.ids) + reply.forced_end:]
             logprobs += reply.logprobs
