@@ -542,26 +542,32 @@ class Window:
         self.memory to them (what does not fit now never will: newer texts only come in front of it).
             [00:00] User: Tell me whenever a new shape appears.
             [01:30] You said: A red square appeared on the left.
+        Questions come first but may take only half the memory (past it, the oldest question goes before a
+        reply), so repeated questions cannot push out every reply; a text said again is kept once, at its
+        latest time.
         """
         tok = self.stream.processor.tokenizer
         clip = self.memory_tokens // 4  # one long text cannot take the whole memory
-        lines = []  # (t, role, text, line)
-        for t, role, text in self.memory:
+        questions, replies, seen = [], [], set()  # each newest first: the order in which they are given up last
+        for t, role, text in reversed(self.memory):
+            if (role, text) in seen:
+                continue  # said again later: the later one stands for it
+            seen.add((role, text))
             ids = tok(text)["input_ids"]
             text = text if len(ids) <= clip else tok.decode(ids[:clip]).strip() + "..."
-            lines.append((t, role, text, f"[{clock(t)}] {'User' if role == 'user' else 'You said'}: {text}"))
-        # questions first, then replies, each the newest first: the order in which they are given up last
-        order = [x for x in reversed(lines) if x[1] == "user"] + [x for x in reversed(lines) if x[1] == "assistant"]
+            line = f"[{clock(t)}] {'User' if role == 'user' else 'You said'}: {text}"
+            (questions if role == "user" else replies).append((t, role, text, line, len(tok(line + "\n")["input_ids"])))
+        hidden = dict(self.hidden)
         while True:
-            keep = sorted(order, key=lambda x: x[0])  # stable: a question before the reply of its own turn
-            hidden = dict(self.hidden)
-            for x in lines:
-                hidden[x[1]] += x not in order
+            keep = sorted(questions + replies, key=lambda x: x[0])  # stable: a question before its own turn's reply
             note = [f"({n} earlier {'questions' if role == 'user' else 'replies'} are no longer shown.)"
                     for role, n in hidden.items() if n]
             text = "\n".join(["Earlier in this stream (these frames are no longer shown):"] + [x[3] for x in keep] + note)
-            if len(tok(text)["input_ids"]) <= self.memory_tokens or not order:
+            if len(tok(text)["input_ids"]) <= self.memory_tokens or not keep:
                 break
-            order.pop()  # the oldest reply goes first, then the oldest question
+            # the oldest reply goes, unless the questions hold more than half the memory: then the oldest question
+            over = sum(x[4] for x in questions) > self.memory_tokens // 2 and len(questions) > 1
+            gone = (questions if over or not replies else replies).pop()
+            hidden[gone[1]] += 1
         self.memory, self.hidden = [x[:3] for x in keep], hidden
         return text

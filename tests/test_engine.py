@@ -242,7 +242,8 @@ def test_window_rebuild_equals_full_forward(chatty, monkeypatch):
         logprobs, seen, rebuilds, replies = [], [], 0, 0
         for k in range(11):
             torch.manual_seed(k)
-            text = QUESTION if k in (0, 5) else None  # a question in a turn that is dropped, and one that is kept
+            # a question in a turn that is dropped early, and one in a turn dropped late
+            text = {0: QUESTION, 5: "Tell me the colour of each new shape."}.get(k)
             encoded.clear()
             reply = window.turn(frames[k:k + 1], text, sampled, fast_silence=False, t=2.0 * (k + 1))
             assert encoded == [1]  # this turn's frame only, also when the turn rebuilt the context first
@@ -267,7 +268,7 @@ def test_window_rebuild_equals_full_forward(chatty, monkeypatch):
     assert window.rebuilds == 4 and window.dropped_frames == 8 and sum(t.frames for t in window.turns) == 3 and replies > 0
     memory = processor.tokenizer.decode(seen[-1].ids)
     assert "Earlier in this stream" in memory and f"[00:02] User: {QUESTION}" in memory  # turn 1's question, at 2 s
-    assert f"[00:12] User: {QUESTION}" in memory  # turn 6's too: its turn was dropped at turn 9
+    assert "[00:12] User: Tell me the colour of each new shape." in memory  # turn 6's too: dropped at turn 9
 
 
 def test_window_memory_keeps_questions_first_and_says_what_it_dropped(chatty):
@@ -288,3 +289,11 @@ def test_window_memory_keeps_questions_first_and_says_what_it_dropped(chatty):
     assert window.hidden == {"user": 0, "assistant": 8 - len(kept)}
     again = window._memory_text()  # nothing new: the same memory
     assert again == text
+    # a question asked again and again is kept once, at its latest time; many questions take at most half
+    window.memory += [(40.0 + k, "user", "Tell me the colour of each new shape.") for k in range(5)] + \
+        [(50.0 + k, "user", f"Where is shape number {k} now?") for k in range(6)] + [(60.0, "assistant", "Blue.")]
+    window.memory_tokens = 240
+    text = window._memory_text()
+    assert len(tok(text)["input_ids"]) <= 240 and text.count("Tell me the colour") <= 1
+    assert "[01:00] You said: Blue." in text and "[00:55] User: Where is shape number 5 now?" in text
+    assert window.hidden["user"] > 0  # the oldest questions went, for the latest replies
