@@ -8,7 +8,9 @@ rope); decoding is transformers' `generate` with a `GenerationConfig` (`decoding
 Read `Stream.turn` first: its plain path is the whole idea. Two optimisations follow, each marked: fast
 silence (the NO REPLY draft checked in the same forward as the user turn) and `Group` (G streams as one
 batch). Both are ours, in neither the paper nor the released code; they change the cost only (greedy: the
-same ids; sampled: the same distribution), and tests/test_engine.py holds both to the plain path.
+same ids; sampled: the same distribution), and tests/test_engine.py holds both to the plain path. Last, `Window`: a Stream whose
+context keeps at most N frames, for a camera that does not end (infer.py --context-frames; docs/live.md);
+it changes what the model sees, so it is off for training and, unless asked, for a benchmark.
 
 Randomness: sampling uses torch's default generator of the model's device (`generate` takes no generator,
 and our draft check draws from the same one), so `torch.manual_seed(s)` before a turn makes it
@@ -20,11 +22,12 @@ Paper: Sec. 4.1 (a video as a multi-turn chat) and 4.3 (G rollouts per episode).
 """
 import copy
 import hashlib
+import time
 from dataclasses import dataclass
 
 import torch
 
-from mmduet2 import (ENDOFTEXT, IM_END, SILENCE, SYSTEM_PROMPT, Chunk, _image_tokens, _tokenize, encode_assistant,
+from mmduet2 import (ENDOFTEXT, IM_END, SILENCE, SYSTEM_PROMPT, Chunk, _image_tokens, _tokenize, clock, encode_assistant,
                      encode_system, encode_user, is_silent, model_inputs, rope_positions, token_logprobs)
 
 
@@ -78,6 +81,11 @@ def kv_cache(model):
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
             return super().update(key_states.to(dtype), value_states.to(dtype), layer_idx, *args, **kwargs)
     return Cache(config=model.config)
+
+
+def _vision_key(chunk):
+    """A chunk's frames, as the key of the vision dict: their pixels and grids, hashed."""
+    return hashlib.blake2b(b"".join(p.numpy().tobytes() for p in chunk.pixels) + str(chunk.grids).encode()).digest()
 
 
 def _budget(config, max_new_tokens):
@@ -193,7 +201,7 @@ class Stream:
     def _vision(self, chunk):
         """The vision encoder's output for a chunk's frames, computed once per pixel content and kept in a
         dict that forks and a Group's rows share (the last 64: a GRPO segment's turns; a live stream never repeats)."""
-        key = hashlib.blake2b(b"".join(p.numpy().tobytes() for p in chunk.pixels) + str(chunk.grids).encode()).digest()
+        key = _vision_key(chunk)
         if key not in self.vision:
             if len(self.vision) >= 64:
                 self.vision.pop(next(iter(self.vision)))  # the oldest (dicts keep insertion order)
@@ -424,3 +432,142 @@ class Group:
             row.cached, row.pos = row.cached + n, row.pos + n
         self.mask = torch.cat([self.mask, columns], 1)  # (G, C + steps)
         return outs, logps
+
+
+# ----------------------------------------------------------------------------
+# Live for hours: a bounded context (infer.py --context-frames; not in the paper, whose evaluation feeds files whole)
+
+MEMORY_TOKENS = 256  # the text kept from turns whose frames were dropped: at most this many tokens
+
+
+@dataclass
+class _Turn:
+    """One turn in a Window's context: its time, user text, reply, frame count, and its tokens as fed."""
+    t: float
+    text: str       # the user's text in this turn ("" when none)
+    reply: str      # the assistant's text (NO REPLY too)
+    frames: int
+    chunk: Chunk    # the user turn (frames, text, assistant header), the reply's ids, "\n": exactly as the model saw it
+
+
+class Window:
+    """A Stream that keeps at most `frames` frames in its context, for a stream with no end (a camera).
+
+    A plain Stream keeps every frame: a live camera at the paper's settings adds ~4,000 tokens a minute to
+    the KV cache, every turn attends over all of it, and the rope positions pass what the model was trained
+    on. A Window slides in steps: when a turn would bring more than `frames` frames into the context, the
+    oldest turns go, leaving at most `frames - step` frames (step: frames // 2 by default), and the context is
+    rebuilt as one sequence:
+
+        system | a user turn: the dropped turns' texts with their times | the kept turns, token for token
+
+    then encoded in one forward from position 0, so its cache and positions are exactly those of one full
+    forward over that sequence (tests/test_engine.py holds every logit after a rebuild to it). The kept turns
+    are their own ids (frames, questions, replies, NO REPLY turns), not re-tokenized text. The dropped turns
+    keep their questions and their replies as text, within MEMORY_TOKENS: the questions first (a proactive
+    question stays open for the whole stream: it asks for replies as the video goes), then the latest
+    replies; what does not fit is dropped, and the memory says how many replies and questions it no longer
+    shows. With step = frames / 2, a rebuild comes every frames / 2 frames and costs one LLM forward over about
+    frames / 2 frames (their vision features are reused: each frame goes through the LLM at most twice and
+    through the vision encoder once); docs/live.md has the measured cost.
+        frames 90, 2 per turn: turns 1-45 as a Stream; turn 46 first rebuilds (turns 24-45 kept: 44 frames)
+    """
+
+    def __init__(self, stream, frames, step=None, memory_tokens=MEMORY_TOKENS):
+        assert stream.cached == 0 and not stream.seq.pixels, "a Window starts from a fresh Stream"
+        self.stream, self.frames = stream, frames
+        self.step = step or max(1, frames // 2)
+        self.memory_tokens = memory_tokens
+        self.turns = []     # _Turn, oldest first: the turns whose frames are in the context
+        self.memory = []    # (t, role, text) kept from dropped turns, oldest first (pruned to what fits)
+        self.hidden = {"user": 0, "assistant": 0}  # texts of dropped turns the memory no longer shows
+        self.rebuilds, self.rebuild_s, self.dropped_frames = 0, [], 0
+
+    def turn(self, frames=(), text=None, config=None, fast_silence=True, t=0.0):
+        """Stream.turn, within the window: slide first if this turn's frames would not fit. t: the turn's
+        stream time (kept with its text, for the memory of a later rebuild)."""
+        if self.turns and sum(x.frames for x in self.turns) + len(frames) > self.frames:
+            self._slide()
+        s = self.stream
+        n_ids, n_images = len(s.seq.ids), len(s.seq.pixels)
+        reply = s.turn(frames, text, config, fast_silence)
+        seq = s.seq  # the turn is what the stream appended: its user chunk, the reply ids, "\n"
+        chunk = Chunk(seq.ids[n_ids:], seq.mm_types[n_ids:], [0] * (len(seq.ids) - n_ids),  # mask 0: fed, not sampled
+                      seq.pixels[n_images:], seq.grids[n_images:])
+        self.turns.append(_Turn(t, text or "", reply.text.strip(), len(frames), chunk))
+        return reply
+
+    def _slide(self):
+        """Drop the oldest turns (at most frames - step frames stay), keep their texts, and rebuild the cache."""
+        tic = time.perf_counter()
+        kept, n = [], 0
+        for turn in reversed(self.turns):  # the newest turns that fit in frames - step
+            if n + turn.frames > self.frames - self.step:
+                break
+            kept.insert(0, turn)
+            n += turn.frames
+        for turn in self.turns[:len(self.turns) - len(kept)]:
+            self.dropped_frames += turn.frames
+            if turn.text:
+                self.memory.append((turn.t, "user", turn.text))
+            if not is_silent(turn.reply):
+                self.memory.append((turn.t, "assistant", turn.reply))
+        self.turns = kept
+        old = self.stream
+        s = self.stream = Stream(old.model, old.processor, old.system)
+        s.vision = old.vision  # the encoder outputs of frames seen recently (the last turns' keys)
+        seq = s.seq  # the system turn
+        if self.memory:
+            seq = seq + encode_user(s.processor, self._memory_text(), (), s.system, generation_prompt=False)
+        for turn in kept:
+            seq = seq + turn.chunk
+        s.seq = seq
+        old.cache = None  # let the old cache go before the new one is built (at 3B a 90-frame cache is ~0.5 GB)
+        # the kept frames' encoder outputs come from their own turns (the vision dict holds the last 64 turns'),
+        # so a rebuild runs the LLM over them again but not the vision encoder; put under the whole chunk's key
+        # for the prefill to find, and taken out after: it is never asked for again
+        pending = s._pending()
+        if pending.pixels:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+            features = [x for turn in kept for x in s._vision(turn.chunk).pooler_output if turn.chunk.pixels]
+            s.vision[_vision_key(pending)] = BaseModelOutputWithPooling(pooler_output=features)  # one (tokens, d) a frame
+        s.prefill()  # one forward from position 0: the positions of one full forward over `seq`
+        if pending.pixels:
+            s.vision.pop(_vision_key(pending))
+        self.rebuilds += 1
+        self.rebuild_s.append(time.perf_counter() - tic)
+
+    def _memory_text(self):
+        """The dropped turns' texts that fit in memory_tokens, oldest first, each with its stream time; prunes
+        self.memory to them (what does not fit now never will: newer texts only come in front of it).
+            [00:00] User: Tell me whenever a new shape appears.
+            [01:30] You said: A red square appeared on the left.
+        Questions come first but may take only half the memory (past it, the oldest question goes before a
+        reply), so repeated questions cannot push out every reply; a text said again is kept once, at its
+        latest time.
+        """
+        tok = self.stream.processor.tokenizer
+        clip = self.memory_tokens // 4  # one long text cannot take the whole memory
+        questions, replies, seen = [], [], set()  # each newest first: the order in which they are given up last
+        for t, role, text in reversed(self.memory):
+            if (role, text) in seen:
+                continue  # said again later: the later one stands for it
+            seen.add((role, text))
+            ids = tok(text)["input_ids"]
+            text = text if len(ids) <= clip else tok.decode(ids[:clip]).strip() + "..."
+            line = f"[{clock(t)}] {'User' if role == 'user' else 'You said'}: {text}"
+            (questions if role == "user" else replies).append((t, role, text, line, len(tok(line + "\n")["input_ids"])))
+        hidden = dict(self.hidden)
+        while True:
+            keep = sorted(questions + replies, key=lambda x: x[0])  # stable: a question before its own turn's reply
+            note = [f"({n} earlier {'questions' if role == 'user' else 'replies'} are no longer shown.)"
+                    for role, n in hidden.items() if n]
+            text = "\n".join(["Earlier in this stream (these frames are no longer shown):"] + [x[3] for x in keep] + note)
+            if len(tok(text)["input_ids"]) <= self.memory_tokens or not keep:
+                break
+            # the oldest reply goes, unless the questions hold more than half the memory: then the oldest question
+            over = sum(x[4] for x in questions) > self.memory_tokens // 2 and len(questions) > 1
+            gone = (questions if over or not replies else replies).pop()
+            hidden[gone[1]] += 1
+        self.memory, self.hidden = [x[:3] for x in keep], hidden
+        return text

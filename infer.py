@@ -8,13 +8,15 @@ in the ProactiveVideoQA format (docs/formats.md); what is refused, skipped or re
 --benchmark also runs StreamingBench's Proactive Output and offline QA files, told apart by their fields
 (benchmarks.py; their protocols: docs/benchmarks.md).
 Departures (docs/departures.md): frames capped at 128 tokens (--frame-tokens); a user text joins the
-first turn at or after its time; live, the frames a slow model has no time for are dropped.
+first turn at or after its time; live, the frames a slow model has no time for are dropped; watching keeps at
+most 90 frames in the context (--context-frames, engine.Window; a benchmark keeps all unless asked).
 
     python infer.py --demo --html demo.html          # a new toy video through toy-model/, and its timeline page
     python infer.py video.mp4 --question "What is the person cooking?"           # the released model
     python infer.py video.mp4 --model tiny --ask 5:"What now?" --out pred.jsonl   # CPU smoke run
     python infer.py video.mp4 --model tiny --realtime    # a file played as live: type questions as it plays
     python infer.py /dev/video0 --question "Tell me when someone comes in." # webcam (macOS: 0 --input-format avfoundation)
+    python infer.py video.mp4 --realtime --serve 127.0.0.1:8000    # and watch it at http://127.0.0.1:8000/ (docs/live.md)
     python infer.py rtsp://camera.local/stream --out pred.jsonl     # network stream (also http(s)://, HLS .m3u8)
     python infer.py --benchmark WEB/anno.json --videos WEB/videos --out preds.jsonl   # EGO/TV/VAD: --frames-per-turn 2
     python evaluate.py --gold WEB/anno.json --pred preds.jsonl --judge openai
@@ -45,10 +47,7 @@ import reward
 import runs
 
 
-def clock(t):
-    """Video time as [mm:ss] (with a decimal for sub-second intervals): 7.0 -> 00:07, 62.5 -> 01:02.5."""
-    m, s = divmod(t, 60)
-    return f"{int(m):02d}:{s:02.0f}" if s == int(s) else f"{int(m):02d}:{s:04.1f}"
+clock = mmduet2.clock  # stream time as [mm:ss]: 62.5 -> 01:02.5
 
 
 def video_turns(video, interval, frames_per_turn=1, rounds=None, start=0.0):
@@ -85,7 +84,8 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
     mmduet2.turn_text; texts later than the last turn are never seen). questions: a queue.Queue of
     texts typed while the stream plays; each joins the turn fed next. rounds: frames to stream (None:
     the whole video). on_reply(t, text) is called on each non-silent reply as soon as it exists,
-    on_text(t, text) on each user turn's text, on_turn() after every turn (a progress bar).
+    on_text(t, text) on each user turn's text, on_turn(t, frames, text, reply) after every turn (a progress
+    bar, the --serve page). stream: an engine.Stream, or an engine.Window (a bounded context, --context-frames).
     decode: options of `Stream.turn`.
     responses: the benchmark's `model_response_list`: the user turns that carry text and the
     replies (NO REPLY turns too when keep_silent), each {"role", "content", "time"}.
@@ -113,7 +113,9 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
             if text and on_text:
                 on_text(t, text)
             tic = time.perf_counter()  # latency: the model's time only, not decoding frames or waiting for them
-            reply = stream.turn(frames, text, **decode)  # 1-2 frames (+ text) in, a reply or NO REPLY out
+            # 1-2 frames (+ text) in, a reply or NO REPLY out; a Window keeps the turn's time with its text
+            at = {"t": t} if isinstance(stream, engine.Window) else {}
+            reply = stream.turn(frames, text, **decode, **at)
             latencies.append(time.perf_counter() - tic)
             if feed:  # how long after its frames' turn time the reply came: stays bounded, as frames are dropped
                 feed.lags.append(feed.now() - t)
@@ -125,7 +127,7 @@ def stream_video(stream, video, interval=1.0, frames_per_turn=1, user_turns=(), 
             if on_reply and not reply.silent:
                 on_reply(t, reply.text.strip())
             if on_turn:
-                on_turn()
+                on_turn(t, frames, text, reply)
     finally:
         turns.close()  # a live.Feed's reader stops with it (Ctrl-C, an error), and lets go of its source
     return responses, latencies
@@ -247,6 +249,8 @@ def run_settings(args):
                 "frame_tokens": args.frame_tokens, "max_new_tokens": args.max_new_tokens}
     if args.realtime:  # played as live, frames are dropped: other predictions (recorded only when on: old records match)
         settings["realtime"] = True
+    if args.context_frames:  # a bounded context: other predictions (recorded only when given, as --realtime)
+        settings["context_frames"] = args.context_frames
     return settings
 
 
@@ -306,6 +310,9 @@ def latency_line(latencies):
     return f"mean {sum(ms) / len(ms):.0f} ms, p95 {p95:.0f} ms"
 
 
+CONTEXT_FRAMES = 90  # --context-frames' default when watching: the released RL recipe's cap on frames per episode
+
+
 def parse_args(argv):
     # a bad flag is one line, as every other bad input (argparse would print the whole usage first)
     p = runs.argument_parser("infer.py", "Stream a video, a camera, a network stream (or a ProactiveVideoQA "
@@ -356,8 +363,13 @@ def parse_args(argv):
                    help="max LLM tokens per frame, i.e. max_pixels = N*28*28 (paper training: 128)")
     # decoding (greedy, as in the paper)
     p.add_argument("--max-new-tokens", type=int, default=100, help="cap on each reply's tokens (paper: 100)")
-    p.add_argument("--no-fast-silence", action="store_true",
-                   help="decode NO REPLY token by token instead of checking it in the turn's forward (same output)")
+    p.add_argument("--context-frames", type=int, default=None, metavar="N",
+                   help="keep at most N frames in the model's context, the questions and latest replies of older "
+                        "turns as text (docs/live.md); 0 = every frame, as the paper (default: 90, the RL recipe's "
+                        "cap, watching a video or live source; 0 for a benchmark)")
+    p.add_argument("--serve", metavar="HOST:PORT",
+                   help="also show the stream on a page at http://HOST:PORT/ (its last frame, the replies, a box "
+                        "for questions; standard library only, docs/live.md), e.g. 127.0.0.1:8000")
     p.add_argument("--realtime", action="store_true",
                    help="watch a file as a live stream: at wall-clock speed, dropping the frames the model is too "
                         "slow for (a camera or network stream always is)")
@@ -376,13 +388,35 @@ def parse_args(argv):
              "--question/--ask are for a single VIDEO; a benchmark brings its own questions"),
             (args.benchmark and args.input_format,
              "--input-format is for a live SOURCE (a camera); a benchmark reads video files"),
+            (args.benchmark and args.serve, "--serve is for a single VIDEO or live SOURCE"),
+            (args.serve and not serve_address(args.serve), f"--serve {args.serve} is not HOST:PORT (e.g. 127.0.0.1:8000)"),
             (not 0 < args.interval < math.inf or args.frame_tokens < 4 or args.max_new_tokens < 1,
-             "--interval must be > 0 (and finite), --frame-tokens >= 4, --max-new-tokens >= 1")):
+             "--interval must be > 0 (and finite), --frame-tokens >= 4, --max-new-tokens >= 1"),
+            (args.context_frames is not None and 0 < args.context_frames < args.frames_per_turn or
+             (args.context_frames or 0) < 0, "--context-frames must be 0 (every frame) or >= --frames-per-turn")):
         if bad:
             raise SystemExit(f"infer.py: {message}")
     if args.device and (problem := device_problem(args.device)):
         raise SystemExit(f"infer.py: {problem}")
+    if args.context_frames is None:  # watching has no end; a benchmark stays the paper's protocol unless asked
+        args.context_frames = 0 if args.benchmark else CONTEXT_FRAMES
     return args
+
+
+def serve_address(spec):
+    """--serve HOST:PORT -> (host, port), or None when it is not one ([::1]:8000 for IPv6; port 0: any free one)."""
+    host, _, port = spec.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return (host, int(port)) if host and port.isdigit() and int(port) < 65536 else None
+
+
+def open_page(spec):
+    """The --serve page's socket, opened before the model loads: a port in use is one line, at once."""
+    host, port = serve_address(spec)
+    try:
+        return live.Page(host, port)
+    except OSError as e:
+        raise ValueError(f"--serve {spec}: cannot listen there ({e.strerror or e})") from None
 
 
 def device_problem(name):
@@ -424,40 +458,60 @@ def print_text(t, text):
     tqdm.write(f"[{clock(t)}] > {text}")
 
 
-def count_turn(bar, feed=None):
-    """After every turn: the turn counter and, live, how far behind the stream the model is."""
+def turn_done(bar, feed=None, page=None, *turn):
+    """After every turn: the turn counter and, live, how far behind the stream the model is; the page's new turn."""
+    if page:
+        page.publish(*turn)  # (t, frames, text, reply)
     bar.update()
     if feed:
         bar.set_postfix_str(f"{feed.lags[-1]:.1f} s behind, {feed.dropped} frames dropped", refresh=False)
 
 
-def watch(args, model, processor, decode, n_frames, user_turns):
-    """Stream one video or live source; write its turns to --out (also when it ends early) and sum them up."""
+def window_report(window):
+    """What a bounded context dropped, and what its rebuilds cost."""
+    ms = sorted(1000 * s for s in window.rebuild_s)
+    shown = sum(role == "assistant" for _, role, _ in window.memory)
+    return (f"context: at most {window.frames} frames; rebuilt {window.rebuilds} times (each keeping at most "
+            f"{window.frames - window.step} frames; median {ms[len(ms) // 2]:.0f} ms, max {ms[-1]:.0f} ms); "
+            f"{window.dropped_frames} frames dropped, their "
+            f"texts kept as text: {len(window.memory) - shown} questions and the latest {shown} replies "
+            f"({window.hidden['user']} questions and {window.hidden['assistant']} replies no longer shown)")
+
+
+def watch(args, model, processor, decode, n_frames, user_turns, page=None):
+    """Stream one video or live source; write its turns to --out (also when it ends early) and sum them up.
+    page: the --serve page (live.Page), shown each turn and told when the stream ends."""
     source = n_frames is None  # a camera or a stream: no end known
     stream = engine.Stream(model, processor)  # one conversation (and KV cache) per video
+    window = engine.Window(stream, args.context_frames) if args.context_frames else None  # a bounded context
     responses, latencies, failure, code = [], [], None, 0
-    feed = questions = None  # a file played at model speed needs neither
+    feed, questions = None, page and page.questions  # a file played at model speed needs no feed
     if source or args.realtime:  # frames come as the stream plays, dropped when the model is behind
         frames = live.live_frames(args.video, args.interval, args.input_format) if source \
             else mmduet2.read_frames(args.video, args.interval)
-        feed, questions = live.Feed(frames, args.interval, args.frames_per_turn), queue.Queue()
+        feed, questions = live.Feed(frames, args.interval, args.frames_per_turn), questions or queue.Queue()
         sys.stdout.reconfigure(line_buffering=True)  # each reply shows when it comes, through a pipe (tee) too
         # daemon: a read blocked on stdin never holds up the exit
         threading.Thread(target=live.read_questions, args=(sys.stdin, questions), daemon=True).start()
         print("watching as it plays: type a question and Enter at any time (it joins the turn being fed); "
               "Ctrl-C stops")
+    if page:
+        page.start()
+        print(f"the page: {page.url} (replies, the last frame, a box for questions)")
     n_turns = None if source else math.ceil(n_frames / args.frames_per_turn)  # at most, when frames are dropped
     with tqdm(total=n_turns, desc="turns", unit="turn", leave=False,
               bar_format="turns: {n} [{elapsed}{postfix}]" if source else None) as bar:  # no end: a count
         try:
-            stream_video(stream, feed or args.video, args.interval, args.frames_per_turn, user_turns,
-                         on_reply=print_reply, on_turn=functools.partial(count_turn, bar, feed), questions=questions,
+            stream_video(window or stream, feed or args.video, args.interval, args.frames_per_turn, user_turns,
+                         on_reply=print_reply, on_turn=functools.partial(turn_done, bar, feed, page), questions=questions,
                          on_text=print_text if feed else None, responses=responses, latencies=latencies, **decode)
         except (OSError, ValueError) as e:  # a frame failed to decode, a stream broke off: the turns before stand
             failure, code = f"infer.py: {e}", 1
         except KeyboardInterrupt:
             of = f" of {n_turns}" if not feed else ""
             failure, code = f"infer.py: interrupted after {len(latencies)}{of} turns", 130
+    if page:  # the page says that the stream ended, and why
+        page.end(failure.removeprefix("infer.py: ") if failure else f"all {len(latencies)} turns answered")
     if args.out:  # written when the video ends early too: the turns streamed are not lost
         name = urllib.parse.urlparse(args.video).path if source else args.video  # a URL's query is no name
         qid = os.path.splitext(os.path.basename(name))[0] or "source"
@@ -469,6 +523,8 @@ def watch(args, model, processor, decode, n_frames, user_turns):
     n_replies = sum(r["role"] == "assistant" for r in responses)
     if feed:
         print(feed.report())
+    if window and window.rebuilds:
+        print(window_report(window))
     if failure:
         kept = f"; the predictions of the {len(latencies)} turns streamed are in {args.out}" if args.out else ""
         print(failure + kept, file=sys.stderr)
@@ -553,8 +609,11 @@ def stream_example(args, model, processor, decode, ex, plan, sizes, warned):
     video = live.Feed(itertools.islice(mmduet2.read_frames(path, args.interval, start), rounds), args.interval,
                  args.frames_per_turn) if args.realtime else path  # --realtime: played as live
     with tqdm(total=n_turns, desc=size, unit="turn", leave=False) as turns:
-        return stream_video(engine.Stream(model, processor), video, args.interval, args.frames_per_turn,
-                            user_turns, rounds, on_turn=turns.update, start=start, **decode)
+        stream = engine.Stream(model, processor)
+        if args.context_frames:  # only when asked: the benchmark's protocol keeps every frame
+            stream = engine.Window(stream, args.context_frames)
+        return stream_video(stream, video, args.interval, args.frames_per_turn,
+                            user_turns, rounds, on_turn=lambda *turn: turns.update(), start=start, **decode)
 
 
 def benchmark(args, model, processor, decode, plans, examples, done, skipped):
@@ -659,6 +718,7 @@ def main(argv=None):
             runs.hold_output(args.out)  # a second run on it is refused (its sidecar goes with it)
         if args.video:
             first, n_frames, user_turns = check_source(args)
+            page = open_page(args.serve) if args.serve else None  # its socket: a port in use fails now
         else:
             plan = check_benchmark(args)  # (plans, examples, done, skipped)
         dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -669,10 +729,9 @@ def main(argv=None):
            f"{mmduet2.frame_tokens(*first.shape[:2], args.frame_tokens)} tokens)" if args.video else ""
     print(f"model {args.model} on {model.device}: a frame every {args.interval:g} s, {args.frames_per_turn} per turn, "
           f"<= {args.frame_tokens} LLM tokens per frame{size}; greedy, <= {args.max_new_tokens} new tokens per turn")
-    decode = dict(config=engine.decoding(processor, max_new_tokens=args.max_new_tokens),  # greedy, as the paper
-                  fast_silence=not args.no_fast_silence)
+    decode = dict(config=engine.decoding(processor, max_new_tokens=args.max_new_tokens))  # greedy, as the paper
     if args.video:
-        return watch(args, model, processor, decode, n_frames, user_turns)
+        return watch(args, model, processor, decode, n_frames, user_turns, page)
     return benchmark(args, model, processor, decode, *plan)
 
 if __name__ == "__main__":

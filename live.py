@@ -2,16 +2,22 @@
 
 `live_frames` samples a PyAV source by presentation time, as mmduet2.read_frames samples a file (a frame every
 `interval` s of stream time, upright); `Feed` hands the model the newest frames of each turn on the stream's clock
-and drops those a slow model has no time for; `read_questions` turns typed lines into user texts. infer.py
-watches with them (`python infer.py SOURCE`); how they behave: docs/streaming.md, "Live sources".
+and drops those a slow model has no time for; `read_questions` turns typed lines into user texts; `Page` shows the
+stream in a browser (`--serve`). infer.py watches with them (`python infer.py SOURCE`); how they behave:
+docs/streaming.md, "Live sources", and docs/live.md.
 Paper: Sec. 4.1's turns, on a clock (its evaluation feeds files whole).
-    python -m pytest tests/test_infer.py -q -k "live or stream"
+    python -m pytest tests/test_infer.py -q -k "live or stream or page"
 """
 import collections
+import io
+import json
+import queue
 import threading
 import time
 
 import numpy as np
+
+from mmduet2 import clock
 
 LIVE_TIMEOUT = 10  # seconds a live source may stay silent (opening it, or between packets) before it counts as broken
 
@@ -181,3 +187,215 @@ def read_questions(lines, questions):
                 questions.put(line.strip())
     except (OSError, ValueError):  # stdin closed or not readable (a background run): no questions then
         pass
+
+
+# ----------------------------------------------------------------------------
+# The page (infer.py --serve HOST:PORT): watch a stream from a browser, with the standard library alone
+
+MAX_QUESTION_BYTES = 4096  # a POST /question body longer than this is refused (413)
+KEEP_EVENTS = 500  # turns a browser that opens the page late is sent first (the newest)
+
+
+class Page:
+    """A page to watch a stream from: the frame the model last saw, its replies with their stream times (silent
+    turns too, as such), a box to type a question, and the stream's end (docs/live.md). Standard library only
+    (http.server), one self-contained HTML page: nothing is fetched from another host.
+
+        GET /            the page
+        GET /frame.jpg   the frame the model last saw (404 before the first turn)
+        GET /events      Server-Sent Events: one JSON object per turn, {"turn", "time", "clock", "text",
+                         "silent", "question"}, the last KEEP_EVENTS first; then "end" with {"reason"}
+        POST /question   the body (UTF-8 text) joins the next turn fed, through the queue stdin fills: 202
+    A bad request is answered (400, 404, 405, 409 after the end, 411, 413) and never reaches the stream.
+    The socket is opened when the Page is made (a port in use fails before the model loads); `start` serves it.
+    """
+
+    def __init__(self, host, port):
+        from http.server import ThreadingHTTPServer
+        self.questions = queue.Queue()  # what the page asks; infer.py's stdin reader puts typed lines here too
+        self.events = collections.deque(maxlen=KEEP_EVENTS)  # (index, JSON text), oldest first
+        self.count = 0  # events published so far: the next one's index
+        self.frame = None  # the last frame (H, W, 3) and its turn; encoded to JPEG when asked for
+        self.jpeg = (None, b"")  # (turn, bytes): the last encoded frame
+        self.ended = None  # the end's reason, once the stream has ended
+        self.readers = 0  # /events streams still open
+        self.lock = threading.Condition()  # guards all of the above; wakes the /events streams
+        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
+        self.httpd.daemon_threads = True  # an open /events stream never holds up the exit
+        self.url = f"http://{host}:{self.httpd.server_address[1]}/"
+
+    def start(self):
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+
+    def publish(self, t, frames, text, reply):
+        """One turn, as infer.stream_video's on_turn gives it."""
+        event = {"turn": self.count + 1, "time": round(t, 6), "clock": clock(t), "text": reply.text.strip(),
+                 "silent": reply.silent, "question": text}
+        with self.lock:
+            self.count += 1
+            self.events.append((self.count, json.dumps(event)))
+            if len(frames):
+                self.frame = (self.count, frames[-1])
+            self.lock.notify_all()
+
+    def end(self, reason, linger=2.0):
+        """Say the stream has ended, give the open pages up to `linger` s to read it, and stop serving."""
+        with self.lock:
+            self.ended = reason
+            self.lock.notify_all()
+        deadline = time.monotonic() + linger
+        while self.readers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def jpeg_frame(self):
+        """The last frame as JPEG bytes, encoded once per turn (Pillow, a dependency of the processor)."""
+        from PIL import Image
+        with self.lock:
+            frame = self.frame
+        if frame is None:
+            return None
+        if self.jpeg[0] != frame[0]:
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(frame[1])).save(buf, "JPEG", quality=85)
+            self.jpeg = (frame[0], buf.getvalue())
+        return self.jpeg[1]
+
+
+def _handler(page):
+    """The request handler of `page`: a class, as http.server wants."""
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # the terminal stays as it is: replies only
+            pass
+
+        def reply(self, status, body, content_type="text/plain; charset=utf-8"):
+            data = body.encode() if isinstance(body, str) else body
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            path = self.path.split("?")[0]
+            if path == "/":
+                self.reply(200, PAGE_HTML, "text/html; charset=utf-8")
+            elif path == "/frame.jpg":
+                jpeg = page.jpeg_frame()
+                self.reply(200, jpeg, "image/jpeg") if jpeg else self.reply(404, "no frame yet\n")
+            elif path == "/events":
+                self.events()
+            else:
+                self.reply(404, f"no such page: {path} (the page is /)\n")
+
+        def events(self):
+            """Server-Sent Events: the kept turns, then each new one as it comes, then the end."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            sent = 0  # the index of the last event written
+            with page.lock:
+                page.readers += 1
+            try:
+                while True:
+                    with page.lock:
+                        # a new turn, the end, or 15 s (then a comment line: a closed page shows up as a write error)
+                        page.lock.wait_for(lambda: page.count > sent or page.ended is not None, timeout=15)
+                        new = [(i, e) for i, e in page.events if i > sent]
+                        ended = page.ended
+                    out = "".join(f"data: {e}\n\n" for _, e in new) or ": still watching\n\n"
+                    sent = new[-1][0] if new else sent
+                    if ended is not None and not new:
+                        out = f"event: end\ndata: {json.dumps({'reason': ended})}\n\n"
+                    self.wfile.write(out.encode())
+                    self.wfile.flush()
+                    if ended is not None and not new:
+                        return
+            except OSError:  # the page was closed
+                pass
+            finally:
+                with page.lock:
+                    page.readers -= 1
+
+        def do_POST(self):
+            if self.path.split("?")[0] != "/question":
+                return self.reply(404 if self.path != "/" else 405, "POST /question with the question as its body\n")
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                self.close_connection = True
+                return self.reply(411, "a question needs its Content-Length\n")
+            if int(length) > MAX_QUESTION_BYTES:
+                self.close_connection = True  # its body is not read: the connection cannot be reused
+                return self.reply(413, f"a question is at most {MAX_QUESTION_BYTES} bytes\n")
+            try:
+                text = self.rfile.read(int(length)).decode("utf-8").strip()
+            except UnicodeDecodeError:
+                return self.reply(400, "a question is UTF-8 text\n")
+            if not text:
+                return self.reply(400, "the question is empty\n")
+            if page.ended is not None:
+                return self.reply(409, "the stream has ended\n")
+            page.questions.put(text)  # joins the turn fed next, as a line typed on stdin
+            self.reply(202, json.dumps({"queued": text}), "application/json")
+
+        do_PUT = do_DELETE = do_PATCH = lambda self: self.reply(405, "GET / or /events, POST /question\n")
+
+    return Handler
+
+
+PAGE_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>MMDuet2, watching</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+ body { font: 15px/1.4 system-ui, sans-serif; margin: 0; display: flex; gap: 16px; padding: 16px; background: #fafafa; }
+ #left { flex: 0 0 auto; max-width: 48%; } #right { flex: 1 1 auto; min-width: 0; }
+ #frame { max-width: 100%; border: 1px solid #ccc; background: #222; min-width: 224px; min-height: 112px; display: block; }
+ #status { margin: 8px 0; color: #555; } #status.ended { color: #a40; font-weight: bold; }
+ form { display: flex; gap: 8px; margin: 8px 0 16px; } #q { flex: 1; padding: 6px; font: inherit; }
+ #log { list-style: none; padding: 0; margin: 0; max-height: 80vh; overflow-y: auto; }
+ #log li { padding: 3px 6px; border-bottom: 1px solid #eee; } .t { color: #888; font-family: monospace; margin-right: 8px; }
+ li.silent { color: #aaa; font-size: 12px; padding: 0 6px; } li.question { background: #eef4ff; } li.reply { background: #fff; }
+</style></head><body>
+<div id="left"><img id="frame" alt="the frame the model last saw">
+ <div id="status">waiting for the first turn...</div></div>
+<div id="right">
+ <form id="ask"><input id="q" placeholder="Ask a question: it joins the next turn" autocomplete="off" maxlength="2000">
+  <button>Ask</button></form>
+ <ul id="log"></ul></div>
+<script>
+const log = document.getElementById("log"), status = document.getElementById("status");
+const frame = document.getElementById("frame");
+function line(cls, clock, text) {  // textContent only: a reply or a question is never read as HTML
+  const li = document.createElement("li"), t = document.createElement("span");
+  li.className = cls; t.className = "t"; t.textContent = "[" + clock + "]";
+  li.append(t, document.createTextNode(text)); log.prepend(li);
+  while (log.children.length > 400) log.lastChild.remove();
+}
+const events = new EventSource("/events");
+events.onmessage = (m) => {
+  const e = JSON.parse(m.data);
+  if (e.question) line("question", e.clock, "> " + e.question);
+  line(e.silent ? "silent" : "reply", e.clock, e.silent ? "(silent)" : e.text);
+  frame.src = "/frame.jpg?turn=" + e.turn;
+  status.textContent = "turn " + e.turn + " at " + e.clock + " of the stream";
+};
+events.addEventListener("end", (m) => {
+  events.close(); status.className = "ended";
+  status.textContent = "The stream has ended: " + JSON.parse(m.data).reason;
+});
+events.onerror = () => { if (status.className !== "ended") status.textContent = "lost the connection to infer.py; retrying..."; };
+document.getElementById("ask").onsubmit = async (ev) => {
+  ev.preventDefault();
+  const q = document.getElementById("q"), text = q.value.trim();
+  if (!text) return;
+  const r = await fetch("/question", {method: "POST", body: text}).catch(() => null);
+  if (r && r.status === 202) { q.value = ""; status.textContent = "asked: it joins the next turn"; }
+  else status.textContent = "not asked: " + (r ? await r.text() : "infer.py is not there");
+};
+</script></body></html>
+"""

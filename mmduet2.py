@@ -261,6 +261,13 @@ def turn_times(n_frames, interval, frames_per_turn):
     return [min(j + frames_per_turn, n_frames) * interval for j in range(0, n_frames, frames_per_turn)]
 
 
+def clock(t):
+    """Stream time as [mm:ss] (with a decimal for sub-second intervals): 7.0 -> 00:07, 62.5 -> 01:02.5.
+    infer.py prints replies so; engine.Window writes the times of the texts it keeps so."""
+    m, s = divmod(t, 60)
+    return f"{int(m):02d}:{s:02.0f}" if s == int(s) else f"{int(m):02d}:{s:04.1f}"
+
+
 def turn_text(texts):
     """A user turn's text from the texts that arrived for it (a question, subtitles), in order: one per line."""
     return "\n".join(texts) or None

@@ -8,6 +8,7 @@ import torch
 import engine
 import mmduet2
 from engine import Stream
+from conftest import random_frames
 from mmduet2 import SILENCE, Chunk
 
 QUESTION = "Tell me whenever a new shape appears."
@@ -213,3 +214,86 @@ def test_fast_silence_sampling_distribution(chatty):
         silent = sum(base.fork().turn(frames[2:3], config=hot, fast_silence=fast).silent for _ in range(n))
         sd = (p_silent * (1 - p_silent) / n) ** 0.5
         assert abs(silent / n - p_silent) < 4 * sd + 1e-3, (fast, silent / n, p_silent)
+
+
+# ----------------------------------------------------------------------------
+# A bounded context (engine.Window): after a rebuild the stream is still one full forward over its ids
+
+def test_window_rebuild_equals_full_forward(chatty, monkeypatch):
+    """A Window of 4 frames (slides of 2): after every turn, rebuilds included, the log-probs and logits of every
+    token sampled since the last rebuild equal one full forward over the rebuilt sequence (system, the dropped
+    turns' texts with their times, the kept turns token for token); the cache holds exactly its ids. A rebuild
+    reuses the kept frames' vision features: the encoder runs once per frame."""
+    model, processor, frames, _ = chatty
+    frames = frames + random_frames(3, seed=9)  # 11 turns, a new frame each
+    forward, encoded = model.model.visual.forward, []
+    monkeypatch.setattr(model.model.visual, "forward", lambda x, grid_thw, **k: encoded.append(len(grid_thw)) or
+                        forward(x, grid_thw, **k))
+    window = engine.Window(Stream(model, processor), frames=4, step=2)
+    rows, generate = [], model.generate
+
+    def recorded(*args, **kwargs):  # every decoding step's logits, as in the golden test
+        out = generate(*args, **kwargs)
+        rows.extend(step[0] for step in out.logits)
+        return out
+    model.generate = recorded
+    try:
+        sampled = engine.decoding(processor, temperature=1.0, max_new_tokens=12)
+        logprobs, seen, rebuilds, replies = [], [], 0, 0
+        for k in range(11):
+            torch.manual_seed(k)
+            # a question in a turn that is dropped early, and one in a turn dropped late
+            text = {0: QUESTION, 5: "Tell me the colour of each new shape."}.get(k)
+            encoded.clear()
+            reply = window.turn(frames[k:k + 1], text, sampled, fast_silence=False, t=2.0 * (k + 1))
+            assert encoded == [1]  # this turn's frame only, also when the turn rebuilt the context first
+            if window.rebuilds > rebuilds:  # this turn came after a rebuild: compare only what follows it
+                rebuilds, logprobs, rows[:] = window.rebuilds, [], rows[-len(reply.ids) + reply.forced_end:]
+            logprobs += reply.logprobs
+            replies += not reply.silent
+            s = window.stream
+            assert s.cache.get_seq_length() == s.cached and s.seq.ids[s.cached:][-1:] == processor.tokenizer.encode("\n")
+            assert sum(t.frames for t in window.turns) <= 4 and len(s.seq.pixels) == len(window.turns)
+            with torch.no_grad():
+                full = mmduet2.forward_logprobs(model, s.seq)
+                logits = model(**mmduet2.model_inputs(model, s.seq)).logits[0]
+            assert torch.allclose(full, torch.tensor(logprobs), atol=1e-4)
+            targets = [i for i in range(1, len(s.seq.mask)) if s.seq.mask[i]]
+            assert len(rows) == len(targets)
+            assert torch.allclose(torch.stack(rows), logits[[i - 1 for i in targets]], atol=1e-4)
+            seen.append(s.seq)
+    finally:
+        model.generate = generate
+    # turns 1-4 fill the window; turns 5, 7, 9, 11 each first rebuild it with the last 2 frames
+    assert window.rebuilds == 4 and window.dropped_frames == 8 and sum(t.frames for t in window.turns) == 3 and replies > 0
+    memory = processor.tokenizer.decode(seen[-1].ids)
+    assert "Earlier in this stream" in memory and f"[00:02] User: {QUESTION}" in memory  # turn 1's question, at 2 s
+    assert "[00:12] User: Tell me the colour of each new shape." in memory  # turn 6's too: dropped at turn 9
+
+
+def test_window_memory_keeps_questions_first_and_says_what_it_dropped(chatty):
+    """The dropped turns' texts within memory_tokens: questions before replies, the newest first, each kept one with
+    its time; what no longer fits is counted in the memory's last line, and never comes back."""
+    model, processor, _, _ = chatty
+    window = engine.Window(Stream(model, processor), frames=2, memory_tokens=120)
+    tok = processor.tokenizer
+    window.memory = [(2.0, "user", "Tell me the colour of each new shape.")] + \
+        [(4.0 * k, "assistant", f"A red square appeared on the left {k}.") for k in range(1, 9)]
+    text = window._memory_text()
+    assert len(tok(text)["input_ids"]) <= 120
+    assert "[00:02] User: Tell me the colour of each new shape." in text  # the question stays
+    kept = [m for m in window.memory if m[1] == "assistant"]
+    assert 0 < len(kept) < 8 and kept == [(4.0 * k, "assistant", f"A red square appeared on the left {k}.")
+                                          for k in range(9 - len(kept), 9)]  # the latest replies
+    assert text.endswith(f"({8 - len(kept)} earlier replies are no longer shown.)")
+    assert window.hidden == {"user": 0, "assistant": 8 - len(kept)}
+    again = window._memory_text()  # nothing new: the same memory
+    assert again == text
+    # a question asked again and again is kept once, at its latest time; many questions take at most half
+    window.memory += [(40.0 + k, "user", "Tell me the colour of each new shape.") for k in range(5)] + \
+        [(50.0 + k, "user", f"Where is shape number {k} now?") for k in range(6)] + [(60.0, "assistant", "Blue.")]
+    window.memory_tokens = 240
+    text = window._memory_text()
+    assert len(tok(text)["input_ids"]) <= 240 and text.count("Tell me the colour") <= 1
+    assert "[01:00] You said: Blue." in text and "[00:55] User: Where is shape number 5 now?" in text
+    assert window.hidden["user"] > 0  # the oldest questions went, for the latest replies

@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -53,6 +54,7 @@ def fast_load(monkeypatch, tiny):
 
 class ScriptedStream:
     """Stands in for engine.Stream: records each turn and answers from a script (cycled)."""
+    rebuilds = 0  # and for the engine.Window around it (NoWindow): it never rebuilds
 
     def __init__(self, script):
         self.script, self.turns = script, []
@@ -61,6 +63,13 @@ class ScriptedStream:
         self.turns.append((len(frames), text))
         answer = self.script[(len(self.turns) - 1) % len(self.script)]
         return engine.Reply(answer, [], [])
+
+
+class NoWindow:
+    """Stands in for engine.Window around a ScriptedStream (which has no cache to bound): the stream itself."""
+
+    def __new__(cls, stream, frames):
+        return stream
 
 
 def records(path):
@@ -76,6 +85,7 @@ def scripted(monkeypatch):
         streams.append(ScriptedStream(["Seen."]))
         return streams[-1]
     monkeypatch.setattr(engine, "Stream", make)
+    monkeypatch.setattr(engine, "Window", NoWindow)
     return streams
 
 
@@ -460,6 +470,7 @@ def test_questions_typed_while_it_plays_join_the_turn_being_fed(tmp_path, fast_l
             return super().turn(frames, text, **decode)
     streams = []
     monkeypatch.setattr(engine, "Stream", lambda model, processor: streams.append(Typist(["Seen."])) or streams[-1])
+    monkeypatch.setattr(engine, "Window", NoWindow)
     monkeypatch.setattr(live, "read_questions", lambda lines, questions: typed.update(q=questions))
     out = tmp_path / "pred.jsonl"
     infer.main([write_video(tmp_path / "v.mp4", 2), "--realtime", "--interval", "0.5", "--model", "tiny", "--question", "What changes?",
@@ -810,6 +821,7 @@ def resume_cases(tmp_path, d):
     for name, qid, settings in (("other-model", "q", {"model": "someone/other"}), ("no-record", "q", None),
                                 ("other-settings", "q", {"interval": 2.0, "frame_tokens": 64}),
                                 ("realtime", "q", {"realtime": True}),  # played as live: frames were dropped
+                                ("context-frames", "q", {"context_frames": 90}),  # a bounded context
                                 ("other-benchmark", "q-from-EGO", {})):
         out = tmp_path / f"{name}.jsonl"
         out.write_text(json.dumps({"question_id": qid, "model_response_list": []}) + "\n")
@@ -864,6 +876,12 @@ def resume_cases(tmp_path, d):
     ("input-format-unknown", "cannot open 0: no container format 'nosuch'"),
     ("benchmark-input-format", "--input-format is for a live SOURCE"),
     ("resume-realtime", "was made with --realtime True (this run: None)"),
+    ("resume-context-frames", "was made with --context-frames 90 (this run: None)"),
+    ("context-frames-below-a-turn", "--context-frames must be 0 (every frame) or >= --frames-per-turn"),
+    ("context-frames-negative", "--context-frames must be 0 (every frame) or >= --frames-per-turn"),
+    ("serve-not-host-port", "--serve 8000 is not HOST:PORT (e.g. 127.0.0.1:8000)"),
+    ("serve-benchmark", "--serve is for a single VIDEO or live SOURCE"),
+    ("serve-port-in-use", "cannot listen there (Address already in use)"),
 ])
 def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, message):
     d, v = videos
@@ -872,6 +890,7 @@ def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, messag
     (tmp_path / "preds.jsonl").write_text('{"question_id": "q", "model_response_list": []}\n{"question_id": "q2", "mod\n'
                                           '{"question_id": "q3", "model_response_list": []}\n')
     ok_anno = anno(tmp_path, [example("q", "a.mp4", 6.0, [[0, 2]])])
+    busy = socket.create_server(("127.0.0.1", 0))  # a port another program listens on
     argv = {
         "missing": [str(d / "nope.mp4")], "junk": [v["junk"]], "short": [v["short"]],
         "ask-no-colon": [v["a"], "--ask", "What now?"], "ask-not-a-number": [v["a"], "--ask", "soon:What now?"],
@@ -893,12 +912,17 @@ def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, messag
         "stream-refused": ["http://127.0.0.1:9/v.mp4"], "camera-missing": ["/dev/video99"],  # port 9: nothing listens
         "input-format-unknown": ["0", "--input-format", "nosuch"],
         "benchmark-input-format": ["--benchmark", ok_anno, "--input-format", "v4l2", "--out", str(tmp_path / "p")],
+        "context-frames-below-a-turn": [v["a"], "--frames-per-turn", "2", "--context-frames", "1"],
+        "context-frames-negative": [v["a"], "--context-frames", "-3"],
+        "serve-not-host-port": [v["a"], "--serve", "8000"],
+        "serve-benchmark": ["--benchmark", ok_anno, "--serve", "127.0.0.1:8000", "--out", str(tmp_path / "p")],
+        "serve-port-in-use": [v["a"], "--serve", f"127.0.0.1:{busy.getsockname()[1]}"],
         **bad_anno_cases(tmp_path, d), **resume_cases(tmp_path, d),
     }.get(case)
     if case == "model-folder":  # the real loader: a folder that does not exist fails before anything loads
         monkeypatch.undo()
         argv = [v["a"], "--model", str(tmp_path / "no_such_checkpoint")]
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e, busy:
         infer.main(argv)
     text = str(e.value.code)
     assert text.startswith("infer.py: ") and message in text and "\n" not in text
@@ -941,3 +965,122 @@ def test_a_bad_flag_is_one_line(capsys):
     assert e.value.code == 2  # argparse's code; its usage block is not printed
     assert capsys.readouterr().err == ("infer.py: argument --frames-per-turn: invalid choice: -1 (choose from 1, 2) "
                                        "(infer.py --help lists the flags)\n")
+
+
+# ----------------------------------------------------------------------------
+# a bounded context (--context-frames) and the page (--serve), as a user runs them
+
+def test_a_bounded_context_slides_and_says_what_it_dropped(videos, tmp_path, fast_load, capsys):
+    """--context-frames 4 on a 6-frame video at 1 frame a turn: the window is rebuilt, the run says what it
+    dropped and what a rebuild cost, and the predictions keep their format (engine's tests hold the logits)."""
+    _, v = videos
+    out = tmp_path / "pred.jsonl"
+    summary = infer.main([v["a"], "--model", "tiny", "--question", "What changes?", "--max-new-tokens", "3",
+                          "--context-frames", "4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert summary["turns"] == 6
+    assert re.search(r"context: at most 4 frames; rebuilt 1 times \(each keeping at most 2 frames; median \d+ ms, max \d+ ms\); "
+                     r"2 frames dropped, their texts kept as text: 1 questions and the latest \d replies", printed)
+    check_record(records(out)[0], "a", turn_times=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+
+
+def sse_events(response):
+    """Yield (event name, data) from a Server-Sent Events response, as a browser's EventSource reads it."""
+    name, data = "message", []
+    for raw in response:
+        line = raw.decode().rstrip("\n")
+        if not line:
+            if data:
+                yield name, json.loads("\n".join(data))
+            name, data = "message", []
+        elif line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            data.append(line[len("data: "):])
+
+
+def post(url, body, method="POST"):
+    """(status, text) of a request to the page; an HTTP error status is an answer too."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method=method), timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_the_page_shows_the_turns_takes_a_question_and_says_the_stream_ended(tmp_path, fast_load, scripted, monkeypatch):
+    """infer.py VIDEO --realtime --serve: the page is served (nothing from another host), /events gives one JSON
+    event per turn (silent ones too), a POSTed question joins the next turn fed and is answered there, bad
+    requests are answered with a 4xx and the stream goes on, and the end is announced."""
+    import http.client
+    import urllib.request
+
+    from PIL import Image
+    pages = []
+    start = live.Page.start
+    monkeypatch.setattr(live.Page, "start", lambda self: pages.append(self) or start(self))
+    monkeypatch.setattr(live, "read_questions", lambda lines, questions: None)  # no stdin here
+    monkeypatch.setattr(engine, "Stream", lambda model, processor: scripted.append(ScriptedStream(["NO REPLY", "Seen."]))
+                        or scripted[-1])
+    video = write_video(tmp_path / "v.mp4", 4)
+    run = threading.Thread(target=infer.main, args=([video, "--realtime", "--interval", "0.25", "--model", "tiny",
+                                                     "--serve", "127.0.0.1:0", "--out", str(tmp_path / "p.jsonl")],))
+    run.start()
+    for _ in range(200):
+        if pages:
+            break
+        time.sleep(0.05)
+    url = pages[0].url
+    with urllib.request.urlopen(url, timeout=10) as r:
+        html = r.read().decode()
+        assert r.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "EventSource(\"/events\")" in html and "://" not in html  # self-contained: no other host named
+    events, statuses = [], {}
+    with urllib.request.urlopen(url + "events", timeout=10) as stream:
+        for name, data in sse_events(stream):
+            events.append((name, data))
+            if len(events) == 2:  # a turn in: ask, and try every bad request
+                statuses["asked"] = post(url + "question", "Is it red?".encode())
+                statuses["empty"] = post(url + "question", b"  ")
+                statuses["too long"] = post(url + "question", b"x" * (live.MAX_QUESTION_BYTES + 1))
+                statuses["not utf-8"] = post(url + "question", b"\xff\xfe")
+                statuses["no such page"] = post(url + "nope", None, "GET")
+                statuses["post the page"] = post(url, b"hi")
+                statuses["put"] = post(url + "question", b"hi", "PUT")
+                c = http.client.HTTPConnection("127.0.0.1", pages[0].httpd.server_address[1], timeout=10)
+                c.putrequest("POST", "/question")  # no Content-Length
+                c.endheaders()
+                statuses["no length"] = c.getresponse().status
+                with urllib.request.urlopen(url + "frame.jpg", timeout=10) as r:
+                    statuses["frame"] = (r.headers["Content-Type"], Image.open(io.BytesIO(r.read())).size)
+            if name == "end":
+                break
+    run.join(30)
+    assert statuses["asked"][0] == 202 and json.loads(statuses["asked"][1]) == {"queued": "Is it red?"}
+    assert [statuses[k][0] for k in ("empty", "too long", "not utf-8", "no such page", "post the page", "put")] == \
+        [400, 413, 400, 404, 405, 405] and statuses["no length"] == 411
+    assert statuses["frame"] == ("image/jpeg", (84, 84))
+    turns = [d for n, d in events if n == "message"]
+    assert events[-1] == ("end", {"reason": f"all {len(turns)} turns answered"})
+    assert [d["turn"] for d in turns] == list(range(1, len(turns) + 1)) == list(range(1, 17))  # every turn, 4 s / 0.25
+    assert [d["silent"] for d in turns] == [d["text"] == "NO REPLY" for d in turns] and any(d["silent"] for d in turns)
+    assert all(d["clock"] == infer.clock(d["time"]) for d in turns)
+    asked = [d for d in turns if d["question"]]
+    assert len(asked) == 1 and asked[0]["question"] == "Is it red?" and asked[0]["turn"] > 2  # a later turn, once
+    assert ("Is it red?" in [text for _, text in scripted[0].turns])  # the model got it in that turn
+    with pytest.raises(OSError):  # the stream ended: so did the page
+        urllib.request.urlopen(url, timeout=5)
+
+
+def test_a_question_after_the_end_is_refused(monkeypatch):
+    page = live.Page("127.0.0.1", 0)
+    page.start()
+    try:
+        page.publish(2.0, [np.zeros((8, 8, 3), np.uint8)], None, engine.Reply("NO REPLY", [], []))
+        page.ended = "it ended"
+        assert post(page.url + "question", b"Still there?") == (409, "the stream has ended\n")
+        assert page.questions.empty()
+    finally:
+        page.end("done", linger=0)

@@ -10,6 +10,7 @@ O(turns²) over a video) and what one GPU holds at full scale. How each command 
     python tools/bench.py grpo --model tiny --steps 6 --threads 1  # runs grpo.py, reads its metrics.jsonl
     python tools/bench.py memory                   # per-GPU memory of SFT and GRPO at 3B under DDP, fake tensors (~30 s)
     python tools/bench.py gpu --out bench/gpu                      # on a GPU: its tests, 3B latency, SFT and GRPO steps
+    python tools/bench.py live --model tiny --minutes 120 --threads 1 --out DIR  # 2 h of live stream, bounded vs not
 
 Each writes OUT/NAME.json and OUT/NAME.md (--out, default bench/), naming the machine; targets are PASS/FAIL lines,
 never asserted. On a busy CPU use --threads 1 (spin-waiting OpenMP threads made a 2-thread forward 30x slower).
@@ -58,14 +59,23 @@ EVERY = dict(dtype="auto", frame_tokens=mmduet2.FRAME_TOKENS)
 FIXED = dict(
     # timings per measurement (each on a fresh fork); re-encoding timed at the sampled turns <= 200 (it costs
     # turns²); 20 silent turns per mode after 10 streamed ones; a reply's cap, if the model does speak
-    stream=dict(frames_per_turn=1, repeats=3, reencode_max=200, context=10, silent_turns=20, max_new_tokens=32),
+    # 50 AdamW steps teach the tiny and the random 3B model NO REPLY (a checkpoint folder: 0, training would spoil it)
+    stream=dict(frames_per_turn=1, repeats=3, reencode_max=200, context=10, silent_turns=20, max_new_tokens=32,
+                silence_steps=50),
     sft=dict(frames_per_turn=1, warmup=1, grad_checkpointing=True),  # 1 untimed step first; checkpointing as sft.py
     # grpo.py's G, lr and checkpointing; each rollout answers a 10 s segment (10 turns at 1 frame/s)
     grpo=dict(frames_per_turn=1, group=4, lr=1e-6, grad_checkpointing=True, segment=10.0, interval=1.0, max_new_tokens=16),
     # the paper's 2 frames per turn; the SFT tokens with a loss: 5-10% of a proactive dialogue (assumed); a GRPO
     # rollout: 90 frames (context + segment), 500 generated = supervised tokens (20 s at 2 s/frame: 5 turns × 100), G = 4
     memory=dict(frames_per_turn=2, supervised=0.1, rollout_frames=90, generated_tokens=500, group=4, card_gib=CARD_GIB),
-    gpu=dict(frames_per_turn=2))
+    gpu=dict(frames_per_turn=2),
+    # the paper's live settings (a frame every 2 s, 2 per turn, 128 tokens a frame: --frame-size 224 448 by default),
+    # infer.py's default window of 90 frames; the random tiny model speaks every turn, so each reply is cut at 16
+    # tokens (the toy settings) and kept; a question every 5 stream-minutes. Latency ratio: p50 of the last 10
+    # stream-minutes / minutes 10-20; RSS growth from minute 10 to the end. The unbounded run beside it streams at
+    # most 30 minutes: its turns slow down as its context grows, and it keeps every frame's pixels in memory.
+    live=dict(frames_per_turn=2, interval=2.0, context_frames=90, max_new_tokens=16, question_every_s=300,
+              reference_minutes=(10, 20), last_minutes=10, unbounded_minutes=30))
 
 # ----------------------------------------------------------------------------
 # Setup: the model, the machine, clocks, frames, the report
@@ -309,6 +319,114 @@ def bench_stream(args):
     lines += [f"- {'N/A' if t['pass'] is None else 'PASS' if t['pass'] else 'FAIL'}: {t['text']} "
               f"(measured {t['value']}{'; ' + t['note'] if t.get('note') else ''})" for t in targets.values()]
     return report(args, "stream", result, lines)
+
+
+# ----------------------------------------------------------------------------
+# live: hours of a stream with no end, with the bounded context (engine.Window) and without
+
+
+def rss_mb():
+    """Resident memory of this process now, in MiB (psutil, which accelerate brings), after a garbage collection."""
+    import gc
+
+    import psutil
+    gc.collect()
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def soak(model, processor, args, context_frames, minutes):
+    """Stream `minutes` of a synthetic endless source at args' settings, as fast as the model goes (no sleeping):
+    new random frames every turn (a live source never repeats one, so no vision feature is reused), a question
+    every question_every_s. Returns the run's numbers (per turn: latency, context tokens) and its targets."""
+    fpt, turn_s = args.frames_per_turn, args.interval * args.frames_per_turn
+    h, w = args.frame_size
+    rng = np.random.default_rng(0)
+    stream = engine.Stream(model, processor)
+    window = engine.Window(stream, context_frames) if context_frames else None
+    config = engine.decoding(processor, max_new_tokens=args.max_new_tokens)
+    every = max(1, round(args.question_every_s / turn_s))  # turns between questions
+    question = "Tell me whenever something new appears, and what it is."
+    latency, context, rss, max_pos, n_turns = [], [], {}, 0, int(minutes * 60 / turn_s)
+    t0 = time.perf_counter()
+    for k in range(1, n_turns + 1):
+        t = k * turn_s  # the turn's stream time: its frames have been seen
+        frames = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for _ in range(fpt)]
+        text = question if (k - 1) % every == 0 else None
+        tic = clock(args.device)
+        if window:
+            window.turn(frames, text, config, t=t)
+        else:
+            stream.turn(frames, text, config)
+        latency.append(clock(args.device) - tic)
+        s = window.stream if window else stream
+        context.append(len(s.seq.ids))  # every token the model attends to after this turn (its cache + 2 pending)
+        max_pos = max(max_pos, s.pos)
+        if t >= args.reference_minutes[0] * 60 and "start" not in rss:
+            rss["start"] = rss_mb()
+    rss["end"] = rss_mb()
+    times = np.arange(1, n_turns + 1) * turn_s
+
+    def p50(a, b):  # p50 latency (ms) over the turns with a < t <= b stream-seconds
+        x = [lat for lat, t in zip(latency, times) if a < t <= b]
+        return ms(x) if x else None
+    ref = p50(args.reference_minutes[0] * 60, args.reference_minutes[1] * 60)
+    last = p50(times[-1] - args.last_minutes * 60, times[-1]) if n_turns else None
+    # what the context may hold at most: system, the memory's turn, then context_frames // fpt turns, each the
+    # longest user turn (frames + the question) and the longest reply (max_new_tokens, a closing <|im_end|>, "\n")
+    budget = None
+    if window:
+        user = len(mmduet2.encode_user(processor, question, frames).ids)
+        memory = window.memory_tokens + len(mmduet2.encode_user(processor, "x", (), generation_prompt=False).ids) - 1
+        budget = len(mmduet2.encode_system(processor).ids) + memory + context_frames // fpt * (user + args.max_new_tokens + 2)
+    out = dict(minutes=minutes, context_frames=context_frames, turns=n_turns, wall_s=round(time.perf_counter() - t0, 1),
+               max_context_tokens=max(context), context_budget_tokens=budget, max_rope_position=max_pos,
+               latency_p50_ms_minutes_10_20=ref, latency_p50_ms_last_10=last,
+               latency_ratio=round(last / ref, 3) if ref and last else None,
+               rss_mb_minute_10=rss.get("start") and round(rss["start"], 1), rss_mb_end=round(rss["end"], 1),
+               rss_growth_mb=round(rss["end"] - rss["start"], 1) if "start" in rss else None,
+               context_tokens_every_minute=context[::max(1, round(60 / turn_s))],
+               latency_p50_ms_every_minute=[ms(latency[i:i + round(60 / turn_s)]) for i in range(0, n_turns, round(60 / turn_s))])
+    if window:
+        out.update(rebuilds=window.rebuilds, rebuild_every_frames=window.step,
+                   rebuild_p50_ms=ms(window.rebuild_s) if window.rebuild_s else None,
+                   rebuild_max_ms=ms(window.rebuild_s, 100) if window.rebuild_s else None,
+                   dropped_frames=window.dropped_frames, memory_questions=sum(r == "user" for _, r, _ in window.memory),
+                   memory_replies=sum(r == "assistant" for _, r, _ in window.memory), memory_hidden=window.hidden)
+    return out
+
+
+def bench_live(args):
+    """`--minutes` of stream with infer.py's bounded context, then the unbounded stream beside it (at most
+    unbounded_minutes), on one model; the targets of issue 27 as PASS/FAIL lines."""
+    model, processor, info = setup(args)
+    tpf = mmduet2.frame_tokens(*args.frame_size, args.frame_tokens)
+    runs_ = {"bounded": soak(model, processor, args, args.context_frames, args.minutes),
+             "unbounded": soak(model, processor, args, 0, min(args.minutes, args.unbounded_minutes))}
+    b = runs_["bounded"]
+    targets = dict(
+        context={"text": "max context tokens <= budget", "value": b["max_context_tokens"],
+                 "pass": b["max_context_tokens"] <= b["context_budget_tokens"]},
+        latency={"text": "latency ratio (p50, last 10 stream-minutes / minutes 10-20) <= 1.2", "value": b["latency_ratio"],
+                 "pass": None if b["latency_ratio"] is None else b["latency_ratio"] <= 1.2},
+        rss={"text": "RSS growth (end - minute 10) <= 100 MB", "value": b["rss_growth_mb"],
+             "pass": None if b["rss_growth_mb"] is None else b["rss_growth_mb"] <= 100})
+    result = dict(command="live", machine=info, targets=targets, **{k: b[k] for k in (
+                  "turns", "max_context_tokens", "context_budget_tokens", "latency_ratio", "rss_growth_mb")},
+                  runs=runs_, config=dict(minutes=args.minutes, interval=args.interval, frames_per_turn=args.frames_per_turn,
+                                          frame_size=list(args.frame_size), tokens_per_frame=tpf,
+                                          context_frames=args.context_frames, max_new_tokens=args.max_new_tokens,
+                                          question_every_s=args.question_every_s))
+    keys = ("minutes", "turns", "wall_s", "max_context_tokens", "context_budget_tokens", "max_rope_position",
+            "latency_p50_ms_minutes_10_20", "latency_p50_ms_last_10", "latency_ratio", "rss_mb_minute_10", "rss_mb_end",
+            "rss_growth_mb", "rebuilds", "rebuild_p50_ms", "rebuild_max_ms")
+    lines = [f"A synthetic endless source: {tpf} tokens per frame ({args.frame_size[0]}×{args.frame_size[1]}), a frame "
+             f"every {args.interval:g} s, {args.frames_per_turn} per turn, replies cut at {args.max_new_tokens} tokens, "
+             "streamed without sleeping.", ""]
+    lines += md_table(["", "bounded (--context-frames %d)" % args.context_frames, "unbounded (0)"],
+                      [[k, *(runs_[r].get(k) if runs_[r].get(k) is not None else "-" for r in runs_)] for k in keys])
+    lines += [""] + [f"- {'N/A' if t['pass'] is None else 'PASS' if t['pass'] else 'FAIL'}: {t['text']} "
+                     f"(measured {t['value']})" for t in targets.values()]
+    return report(args, "live", result, lines)
 
 
 # ----------------------------------------------------------------------------
@@ -900,7 +1018,7 @@ def bench_gpu(args):
                                   "frac_reward_zero_std", "moved_fraction", "logprob_gap", "config")}
 
     for name, run in (("tests", tests), ("latency", latency), ("sft", sft), ("grpo", grpo)):
-        if name != "tests" or not args.no_tests:
+        if name != "tests" or not args.quick:
             stage(name, run)
         torch.cuda.empty_cache() if args.device.type == "cuda" else None
     return result
@@ -961,7 +1079,6 @@ def parse_args(argv=None):
                         help="frame size (default: 84 84; memory: 224 448, the paper's 128 tokens)")
     s = sub.add_parser("stream", parents=[common], help="per-turn latency: KV cache vs re-encoding; silent turns")
     s.add_argument("--turns", type=int, default=200, help="turns to stream")
-    s.add_argument("--silence-steps", type=int, default=None, help="steps teaching NO REPLY (default: 50; 0 for a folder)")
     t = sub.add_parser("sft", parents=[common], help="one SFT step: tokens/s and peak memory")
     t.add_argument("--seq-len", type=int, default=2048, help="tokens of the synthetic dialogue (paper: up to 10,000)")
     t.add_argument("--steps", type=int, default=3, help="timed steps")
@@ -970,26 +1087,28 @@ def parse_args(argv=None):
     m = sub.add_parser("memory", parents=[common], help="per-GPU memory of SFT and GRPO steps at 3B (DDP), on fake tensors")
     m.add_argument("--seq-len", type=int, default=10_000, help="tokens of one SFT dialogue (paper: at most 10,000)")
     gp = sub.add_parser("gpu", parents=[common], help="the prepared GPU check: GPU tests, 3B latency, SFT and GRPO steps")
-    gp.add_argument("--quick", action="store_true", help="a dry run at small sizes (e.g. --device cpu --model tiny)")
-    gp.add_argument("--no-tests", action="store_true", help="only the measurements, not pytest -m gpu")
+    gp.add_argument("--quick", action="store_true",
+                    help="a dry run at small sizes, measurements only, without pytest -m gpu (e.g. --device cpu --model tiny)")
+    lv = sub.add_parser("live", parents=[common], help="hours of an endless stream: bounded context vs unbounded (issue 27)")
+    lv.add_argument("--minutes", type=float, default=120, help="stream-minutes of the bounded run (the unbounded: <= 30)")
     for command in sub.choices.values():  # a sub-command's parser reports its own flags' errors: one line too
         command.error = p.error
     args = p.parse_args(argv)
     full_scale = args.command in ("memory", "gpu")  # Qwen2.5-VL-3B (memory: at the paper's frames, 448×224 px)
     args.model = args.model or ("3b" if full_scale else "tiny")
-    args.frame_size = tuple(args.frame_size or ((224, 448) if full_scale else (84, 84)))
+    args.frame_size = tuple(args.frame_size or ((224, 448) if full_scale or args.command == "live" else (84, 84)))
     if args.command == "memory" and args.model != "3b":
         p.error("memory models Qwen2.5-VL-3B's architecture: --model 3b")
-    if args.command == "stream" and args.silence_steps is None:
-        args.silence_steps = 50 if args.model in ("tiny", "3b") else 0  # training a real checkpoint would spoil it
     vars(args).update(EVERY, **FIXED[args.command])
+    if args.command == "stream" and args.model not in ("tiny", "3b"):
+        args.silence_steps = 0  # training a real checkpoint would spoil it
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     result = {"stream": bench_stream, "sft": bench_sft, "grpo": bench_grpo, "memory": bench_memory,
-              "gpu": bench_gpu}[args.command](args)
+              "gpu": bench_gpu, "live": bench_live}[args.command](args)
     failed = [name for name, v in result.get("stages", {}).items() if "error" in v or v.get("returncode")]
     if failed:  # the GPU check's report is written; its exit status says it did not pass
         raise SystemExit(f"bench.py gpu: failed stage(s): {', '.join(failed)} (see {os.path.join(args.out, 'gpu.md')})")
