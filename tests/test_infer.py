@@ -1039,8 +1039,8 @@ def test_the_page_shows_the_turns_takes_a_question_and_says_the_stream_ended(tmp
     assert "EventSource(\"/events\")" in html and "://" not in html  # self-contained: no other host named
     events, statuses = [], {}
     with urllib.request.urlopen(url + "events", timeout=10) as stream:
-        for name, data in sse_events(stream):
-            events.append((name, data))
+        for name, payload in sse_events(stream):
+            events.append((name, payload))
             if len(events) == 2:  # a turn in: ask, and try every bad request
                 statuses["asked"] = post(url + "question", "Is it red?".encode())
                 statuses["empty"] = post(url + "question", b"  ")
