@@ -2,9 +2,10 @@
 
 Role: the first step of the CPU run, in place of scene captioning and the LLM. `python data.py toy --out DIR`
 writes train/, rl/ and test/, each with videos/*.mp4, scenes.jsonl (every event's colour and position),
-sft.jsonl, anno.json and offline.jsonl; the same --seed gives the same bytes. From the scene list on, the toy
-goes through `data.build` as real data does (paper Sec. 3 steps 2-3, SFT placement Sec. 4.2); only the two LLM
-steps are templates (`Writer`), behind the same boundary as data.LLMWriter.
+sft.jsonl, anno.json and offline.jsonl (test/ also questions_proactive.json, StreamingBench's layout); the same
+--seed gives the same bytes. From the scene list on, the toy goes through `data.build` as real data does (paper
+Sec. 3 steps 2-3, SFT placement Sec. 4.2); only the two LLM steps are templates (`Writer`), behind the same
+boundary as data.LLMWriter.
 
 The world (WORLD): 84×84 px, 10 fps, 20–40 s; 2–4 events of 5–10 s, each a square of one of 7 colours at the
 left, right, top or bottom, at least 2 s apart, none in the first second nor in the last 4 s (why: beside
@@ -114,9 +115,9 @@ def scenes(rng, size=84, fps=10, min_len=20, max_len=40, min_events=2, max_event
 def x264_options():
     """libx264's options for the toy videos: the quality, and on a CPU with AVX-512 the instruction sets to use.
 
-    x264's AVX-512 code wrote the same frames with other bytes now and then (on a 2-core Xeon VM, 9 of 120
-    toy worlds written in a loop, two loops at once; always the bottom-right 16x16 block, which 84 px only
-    partly fills); told to use AVX2 at most, it wrote the same bytes as AVX-512 does when right, in 480 of 480.
+    x264's AVX-512 code wrote the same frames with other bytes now and then (on a 2-core Xeon VM, 9 of 240
+    toy worlds written in two loops at once; always the bottom-right 16x16 block, which 84 px only partly
+    fills); told to use AVX2 at most, it wrote the same bytes as AVX-512 does when right, in 480 of 480.
     Only where AVX-512 is there (which has AVX2, BMI2 and LZCNT beside it): elsewhere x264 picks no AVX-512.
     """
     try:
