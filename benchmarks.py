@@ -161,6 +161,18 @@ def score_streamingbench(questions, predictions):
 # ----------------------------------------------------------------------------------------------
 # Offline QA (Table 4 in miniature)
 
+def json_lines(path, text):
+    """(line number, "PATH line N", record) for each non-blank line of a JSON-lines text; a line that is not JSON
+    is a one-line ValueError naming it (evaluate.py's predictions use it too)."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            yield n, f"{path} line {n}", record
+
+
 def load_offline(path):
     """An offline QA file (`data.py offline`: one dialogue per line) -> one dict per line, in file order:
     {question_id, record (the line, for mmduet2.load_dialogue), system, question, answer, frames, time}.
@@ -169,14 +181,7 @@ def load_offline(path):
     message means Qwen's default one, as Qwen2.5-VL's template adds it.
     """
     out, ids = [], set()
-    for n, line in enumerate(open(path, encoding="utf-8").read().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    for n, where, rec in json_lines(path, open(path, encoding="utf-8").read()):
         messages = rec.get("messages") if isinstance(rec, dict) else None
         if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                                    for m in messages)):

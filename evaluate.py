@@ -47,14 +47,7 @@ def load_predictions(path, known_ids=None):
         text = Path(path).read_text()
     except UnicodeDecodeError:  # e.g. UTF-16, as some Windows editors save: the error would name no file
         raise ValueError(f"{path} is not UTF-8 text (saved as UTF-16?): save it as UTF-8") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    for _, where, row in benchmarks.json_lines(path, text):
         if not (isinstance(row, dict) and "question_id" in row and isinstance(row.get("model_response_list"), list)):
             raise ValueError(f"{where}: expected {{\"question_id\": ..., \"model_response_list\": [...]}}")
         qid = row["question_id"]
