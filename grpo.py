@@ -399,10 +399,9 @@ def main(argv=None):
                 # is never sampled, so never pushed directly: it moves only through the softmax's normalisation.
                 logp = mmduet2.forward_logprobs(model, r.stream.seq, args.temperature, wrapped=wrapped)  # (T,)
                 # old_logp: this training forward's own values, detached, before the update (one update per batch,
-                # on-policy: ratio exactly 1, the loss's gradient is REINFORCE with the group baseline). Not the
-                # rollout's log-probs: those came from the KV-cached engine in eval mode (bf16 on a GPU), a
-                # slightly different number for the same policy, which would make the ratio ≠ 1 and clip by noise.
-                # Their distance is logged as logprob_gap.
+                # on-policy: ratio exactly 1, the gradient is REINFORCE with the group baseline). Not the rollout's
+                # log-probs: the KV-cached engine in eval mode (bf16 on a GPU) gives a slightly different number for
+                # the same policy, which would make the ratio ≠ 1 and clip by noise (their distance: logprob_gap).
                 old_logp = logp.detach()
                 gap += (old_logp.cpu() - torch.tensor(r.logprobs)).abs().sum().item()
                 loss_t, clip_t = policy_loss(logp, old_logp, a.to(logp.device), args.clip)
@@ -425,8 +424,7 @@ def main(argv=None):
                    tokens=n_global, tokens_per_s=n_global / (t_end - t0), time_episodes=t_episodes - t0,  # the wait
                    time_rollout=t_rollout - t_episodes, time_judge=t_judge - t_rollout, time_update=t_end - t_judge)
         if metrics:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            print(json.dumps(row), file=metrics, flush=True)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", replies=f"{row['replies_per_rollout']:.2f}")
         # --save-every alone writes step checkpoints (~55 GB each at 3B: weights, optimizer, state); the run's end

@@ -35,10 +35,9 @@ def _check_transformers(needed="5.23"):
     """Stop with one line when the installed transformers is older than `needed`.
 
     An older one runs wrong without an error: 5.17 takes `mm_encoder_outputs` (our cached vision features)
-    into **kwargs, so cached turns go without their frames. Checked here, at import, rather than in
-    load_model: every script and every path (the 3B architecture built by tools/bench.py, the tests) passes
-    through the import, before any data or model work, and the message is the same wherever it fires.
-    The version is read from the package's metadata: importing transformers would cost ~2 s here.
+    into **kwargs, so cached turns go without their frames. Checked at import, not in load_model: every
+    path (tools/bench.py's 3B architecture, the tests) passes through it before any data or model work.
+    The version comes from the package's metadata: importing transformers would cost ~2 s here.
     """
     from importlib.metadata import PackageNotFoundError, version
     from packaging.version import Version  # a dependency of transformers, so present wherever it is
@@ -130,8 +129,7 @@ def _open_video(path):
 
 @contextlib.contextmanager
 def _quiet_stderr():
-    """Send what C++ code writes to stderr (file descriptor 2, which Python's sys.stderr cannot catch) to
-    /dev/null for the duration of the block; Python's own stderr output there is lost too, so keep it short."""
+    """Send what C++ code writes to file descriptor 2 (which sys.stderr cannot catch) to /dev/null in the block."""
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
@@ -771,7 +769,7 @@ TOY_CORPUS = [f"A {c} square appeared on the {p}." for c in
 
 
 def tiny_model(seed=0, hidden=128, layers=2, vision_hidden=64, vision_depth=2):
-    """A random Qwen2.5-VL of ~0.7M parameters with a real processor: the same classes as the 3B model.
+    """A random Qwen2.5-VL of 0.6M parameters with a real processor: the same classes as the 3B model.
 
     The vision tower keeps Qwen's 14-px patches and 2×2 merge, so an 84×84 frame is 9 LLM tokens.
     Everything is built offline; `save_pretrained` / `load_model(folder)` round-trip it.
