@@ -169,7 +169,7 @@ def json_lines(path, text):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
             yield n, f"{path} line {n}", record
 
 

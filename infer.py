@@ -665,6 +665,9 @@ def benchmark(args, model, processor, decode, plans, examples, done, skipped):
     print(f"done {n_new} examples, skipped {n_skipped}" + (f" (reasons in {sidecar})" if n_skipped else "")
           + f"{warned_line}, replies {n_replies} ({n_replies / max(n_new, 1):.1f} per example); per-turn latency "
           f"{latency_line(latencies)} over {len(latencies)} turns{frames}")
+    if not done and not n_new:  # every example skipped (an --interval no video takes, say): not a result
+        raise SystemExit(f"infer.py: no example has a prediction in {args.out}: each was skipped (reasons above "
+                         f"and in {sidecar}); fix the cause and rerun with --retry-skipped, or --overwrite")
     return {"done": n_new, "skipped": [q for q in todo if q in skipped], "replies": n_replies, "latencies": latencies,
             "gold_warnings": len(warned)}
 

@@ -698,7 +698,7 @@ def _check_model_folder(folder):
              ("tokenizer.json", has("tokenizer.json") or has("vocab.json") and has("merges.txt")),
              ("chat template (chat_template.jinja)", has("chat_template.jinja") or has("chat_template.json")
               or says("tokenizer_config.json", "chat_template") or says("processor_config.json", "chat_template")),
-             ("image processor settings (preprocessor_config.json)",
+             ("image processor settings (preprocessor_config.json or processor_config.json)",
               has("preprocessor_config.json") or says("processor_config.json", "image_processor"))]
     missing = next((what for what, ok in needs if not ok), None)
     if missing:

@@ -575,6 +575,17 @@ def test_benchmark_runs_skips_and_resumes(videos, tmp_path, fast_load, capsys, m
            "--retry-skipped runs them), 0 to run" in printed
 
 
+def test_a_benchmark_where_every_example_is_skipped_fails(videos, tmp_path, fast_load):
+    # an --interval no video can take skipped every example, after the model load, and exited 0 with an empty file
+    d, _ = videos
+    gold = anno(tmp_path, [example("q-a", "a.mp4", 6.0, [[0, 2.0]]), example("q-b", "b.mp4", 5.0, [[1.0, 2.0]])])
+    out = tmp_path / "preds.jsonl"
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--benchmark", gold, "--videos", str(d), "--model", "tiny", "--interval", "0.001", "--out", str(out)])
+    assert str(e.value.code).startswith(f"infer.py: no example has a prediction in {out}: each was skipped")
+    assert out.read_text() == "" and json.load(open(f"{out}.run.json"))["skipped"].keys() == {"q-a", "q-b"}
+
+
 def test_a_second_run_on_the_same_out_is_refused(videos, tmp_path, fast_load, scripted):
     # two benchmark runs on one --out both wrote every record (or interleaved two settings' records)
     d, v = videos

@@ -246,7 +246,7 @@ def test_tiny_model_saves_and_reloads(tiny, tmp_path):
     ("model.safetensors", "weights (model.safetensors)"),
     ("chat_template.jinja", "chat template (chat_template.jinja)"),  # a transformers traceback
     ("tokenizer.json", "tokenizer.json"),  # "Image features and image tokens do not match": the wrong cause
-    ("processor_config.json", "image processor settings (preprocessor_config.json)"),
+    ("processor_config.json", "image processor settings (preprocessor_config.json or processor_config.json)"),
     ("shard", "model-00002-of-00002.safetensors"),  # a sharded checkpoint with a shard missing
 ])
 def test_a_model_folder_missing_a_file_is_one_line_before_anything_is_built(tiny, tmp_path, monkeypatch, remove, named):
