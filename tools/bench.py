@@ -19,6 +19,8 @@ ids and weights). What one measurement alone varies is FIXED.
 """
 import argparse
 import collections
+import gc
+import glob
 import json
 import os
 import platform
@@ -59,9 +61,8 @@ EVERY = dict(dtype="auto", frame_tokens=mmduet2.FRAME_TOKENS)
 FIXED = dict(
     # timings per measurement (each on a fresh fork); re-encoding timed at the sampled turns <= 200 (it costs
     # turns²); 20 silent turns per mode after 10 streamed ones; a reply's cap, if the model does speak
-    # 50 AdamW steps teach the tiny and the random 3B model NO REPLY (a checkpoint folder: 0, training would spoil it)
     stream=dict(frames_per_turn=1, repeats=3, reencode_max=200, context=10, silent_turns=20, max_new_tokens=32,
-                silence_steps=50),
+                silence_steps=50),  # AdamW steps that teach the tiny and the random 3B model NO REPLY
     sft=dict(frames_per_turn=1, warmup=1, grad_checkpointing=True),  # 1 untimed step first; checkpointing as sft.py
     # grpo.py's G, lr and checkpointing; each rollout answers a 10 s segment (10 turns at 1 frame/s)
     grpo=dict(frames_per_turn=1, group=4, lr=1e-6, grad_checkpointing=True, segment=10.0, interval=1.0, max_new_tokens=16),
@@ -69,11 +70,8 @@ FIXED = dict(
     # rollout: 90 frames (context + segment), 500 generated = supervised tokens (20 s at 2 s/frame: 5 turns × 100), G = 4
     memory=dict(frames_per_turn=2, supervised=0.1, rollout_frames=90, generated_tokens=500, group=4, card_gib=CARD_GIB),
     gpu=dict(frames_per_turn=2),
-    # the paper's live settings (a frame every 2 s, 2 per turn, 128 tokens a frame: --frame-size 224 448 by default),
-    # infer.py's default window of 90 frames; the random tiny model speaks every turn, so each reply is cut at 16
-    # tokens (the toy settings) and kept; a question every 5 stream-minutes. Latency ratio: p50 of the last 10
-    # stream-minutes / minutes 10-20; RSS growth from minute 10 to the end. The unbounded run beside it streams at
-    # most 30 minutes: its turns slow down as its context grows, and it keeps every frame's pixels in memory.
+    # the paper's live settings (--frame-size 224 448 by default) and infer.py's window of 90 frames; replies cut at
+    # 16 tokens (the random tiny model speaks every turn), a question every 5 stream-minutes: docs/live.md says why
     live=dict(frames_per_turn=2, interval=2.0, context_frames=90, max_new_tokens=16, question_every_s=300,
               reference_minutes=(10, 20), last_minutes=10, unbounded_minutes=30))
 
@@ -97,9 +95,7 @@ def qwen_3b_config(processor, layers=0):
 
 
 def setup(args, weights_dtype=None):
-    """Threads, device, compute dtype (into args); then (model, processor, machine description)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    """Device and compute dtype (into args); then (model, processor, machine description)."""
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = args.device.type == "cuda"
     args.compute = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype, torch.bfloat16 if cuda else torch.float32)
@@ -126,6 +122,13 @@ def machine(args, params=None):
                 transformers=transformers.__version__, device=str(args.device),
                 gpu=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None,
                 dtype=str(args.compute).replace("torch.", ""), model=args.model, params_m=params and round(params / 1e6, 2))
+
+
+def cold_fork(stream):
+    """A fork of the stream that runs the vision encoder itself, as a live stream sees each frame once."""
+    fork = stream.fork()
+    fork.vision = {}
+    return fork
 
 
 def clock(device):
@@ -162,10 +165,14 @@ def md_table(header, rows):
 
 
 def report(args, name, result, lines):
-    """Write OUT/name.json and OUT/name.md and print the Markdown."""
+    """Write OUT/name.json and OUT/name.md and print the Markdown; the targets as PASS/FAIL lines, never asserted."""
     m = result["machine"]
     head = [f"## bench.py {name}: {m['model']} on {m['gpu'] or m['cpu']} ({m['device']}, {m['dtype']}, "
             f"{m['threads']} threads, torch {m['torch']})", ""]
+    if "targets" in result:  # pass: None when it could not be measured
+        lines = lines + [""] + [f"- {'N/A' if t['pass'] is None else 'PASS' if t['pass'] else 'FAIL'}: {t['text']} "
+                                f"(measured {t['value']}{'; ' + t['note'] if t.get('note') else ''})"
+                                for t in result["targets"].values()]
     if not m["gpu"]:
         result["gpu_pending"] = "GPU numbers (3B, bf16) are still to be measured: this run had no GPU."
         lines = lines + ["", result["gpu_pending"]]
@@ -182,12 +189,10 @@ def report(args, name, result, lines):
 
 
 def teach_silence(model, processor, frames_of, args):
-    """AdamW on an all-NO-REPLY dialogue, so that greedy turns come out silent.
-
-    Only the last decoder layer and the final norm learn: enough to say NO REPLY, and affordable at
-    3B (no optimizer state for 3B parameters). lr 1e-3: silent within 10 steps at both widths we
-    tried (128 and 2048); 1e-2 oscillated at 2048. Timing does not depend on what the weights are.
-    """
+    """AdamW on an all-NO-REPLY dialogue, so that greedy turns come out silent. Only the last decoder layer and the
+    final norm learn: enough to say NO REPLY, and affordable at 3B (no optimizer state for 3B parameters). lr 1e-3:
+    silent within 10 steps at both widths we tried (128 and 2048); 1e-2 oscillated at 2048. Timing does not depend
+    on what the weights are."""
     lm = model.model.language_model
     params = list(lm.layers[-1].parameters()) + list(lm.norm.parameters())
     model.requires_grad_(False)  # no gradients for the rest: at full 3B depth they would not fit in 24 GiB
@@ -216,11 +221,6 @@ def bench_stream(args):
         with torch.no_grad():
             model(**mmduet2.model_inputs(model, seq), use_cache=False, logits_to_keep=1)
         return clock(dev) - t0
-
-    def cold_fork(stream):  # a fork that runs the vision encoder itself, as a live stream sees each frame once
-        fork = stream.fork()
-        fork.vision = {}
-        return fork
 
     def teacher_forced(s, k):  # user turn k + its NO REPLY → (seconds encoding them, seconds prefilling them)
         t0 = clock(dev)
@@ -260,8 +260,9 @@ def bench_stream(args):
     base = engine.Stream(model, processor)
     for k in range(args.context):  # the context: turns answered NO REPLY
         teacher_forced(base, k)
-    times, silent = {"fast": [], "slow": [], "bare": []}, {"fast": [], "slow": []}
-    for i in range(args.silent_turns + 1):  # i = 0 is a warm-up, not counted
+    times, replies = {"fast": [], "slow": [], "bare": []}, {"fast": [], "slow": []}
+    config = engine.decoding(processor, max_new_tokens=args.max_new_tokens)
+    for i in range(args.silent_turns + 1):  # i = 0 is a warm-up, not counted: [1:] below
         frames, forks = frames_of(args.context + i), {m: cold_fork(base) for m in times}
         for mode, s in forks.items():
             t0 = clock(dev)
@@ -269,15 +270,12 @@ def bench_stream(args):
                 s.feed(None, frames)
                 s.prefill()
             else:
-                reply = s.turn(frames, fast_silence=mode == "fast",
-                                   config=engine.decoding(processor, max_new_tokens=args.max_new_tokens))
-            if i:
-                times[mode].append(clock(dev) - t0)
-                if mode != "bare":
-                    silent[mode].append(reply.silent)
+                replies[mode].append(s.turn(frames, config=config, fast_silence=mode == "fast"))
+            times[mode].append(clock(dev) - t0)
     sil = dict(context_turns=args.context, turns=args.silent_turns, train_steps=args.silence_steps, train_loss=loss,
-               **{f"{m}_p50_ms": ms(t) for m, t in times.items()}, **{f"{m}_p95_ms": ms(t, 95) for m, t in times.items()},
-               **{f"silent_fraction_{m}": float(np.mean(v)) for m, v in silent.items()})
+               **{f"{m}_p50_ms": ms(t[1:]) for m, t in times.items()},
+               **{f"{m}_p95_ms": ms(t[1:], 95) for m, t in times.items()},
+               **{f"silent_fraction_{m}": float(np.mean([r.silent for r in v[1:]])) for m, v in replies.items()})
 
     # 3. Real time at 1 frame/s: a turn of fpt frames arrives every fpt seconds
     last = at[args.turns]
@@ -290,7 +288,7 @@ def bench_stream(args):
     flat = last["cached_p50_ms"] / at[ref]["cached_p50_ms"]
     slower = full[k60] / at[k60]["cached_p50_ms"] if k60 else None
     fast = sil["fast_p50_ms"] / sil["bare_p50_ms"]
-    targets = dict(  # pass: None when it could not be measured
+    targets = dict(
         cache_flat={"text": f"cached turn {args.turns} <= 1.5x cached turn {ref}", "value": round(flat, 2),
                     "pass": flat <= 1.5},
         reencode_10x={"text": f"re-encoding >= 10x cached, at turn {k60}", "value": slower and round(slower, 1),
@@ -311,13 +309,11 @@ def bench_stream(args):
                        for r in rows])
     lines += [""] + md_table([f"one turn after {args.context} (x{args.silent_turns})", "p50", "p95", "silent"],
                              [[label, sil[f"{m}_p50_ms"], sil[f"{m}_p95_ms"],
-                               f"{sil[f'silent_fraction_{m}']:.0%}" if m in silent else "-"]
+                               f"{sil[f'silent_fraction_{m}']:.0%}" if m in replies else "-"]
                               for m, label in (("fast", "turn(), fast silence"), ("slow", "turn(), plain decoding"),
                                                ("bare", "bare prefill of the user turn"))])
     lines += ["", f"Real-time factor at 1 frame/s, turn {args.turns}: {rtf['cached_p50']:.3f} (p50), "
-              f"{rtf['cached_p95']:.3f} (p95); a silent turn: {rtf['silent_fast_p50']:.3f}.", ""]
-    lines += [f"- {'N/A' if t['pass'] is None else 'PASS' if t['pass'] else 'FAIL'}: {t['text']} "
-              f"(measured {t['value']}{'; ' + t['note'] if t.get('note') else ''})" for t in targets.values()]
+              f"{rtf['cached_p95']:.3f} (p95); a silent turn: {rtf['silent_fast_p50']:.3f}."]
     return report(args, "stream", result, lines)
 
 
@@ -327,19 +323,15 @@ def bench_stream(args):
 
 def rss_mb():
     """Resident memory of this process now, in MiB (psutil, which accelerate brings), after a garbage collection."""
-    import gc
-
     import psutil
     gc.collect()
     return psutil.Process().memory_info().rss / 2**20
 
 
 def soak(model, processor, args, context_frames, minutes):
-    """Stream `minutes` of a synthetic endless source at args' settings, as fast as the model goes (no sleeping):
-    new random frames every turn (a live source never repeats one, so no vision feature is reused), a question
-    every question_every_s. Returns the run's numbers (per turn: latency, context tokens) and its targets."""
+    """Stream `minutes` of a synthetic endless source at args' settings as fast as the model goes (no sleeping), new
+    random frames every turn (a live source never repeats one, so no vision feature is reused); the run's numbers."""
     fpt, turn_s = args.frames_per_turn, args.interval * args.frames_per_turn
-    h, w = args.frame_size
     rng = np.random.default_rng(0)
     stream = engine.Stream(model, processor)
     window = engine.Window(stream, context_frames) if context_frames else None
@@ -350,7 +342,7 @@ def soak(model, processor, args, context_frames, minutes):
     t0 = time.perf_counter()
     for k in range(1, n_turns + 1):
         t = k * turn_s  # the turn's stream time: its frames have been seen
-        frames = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for _ in range(fpt)]
+        frames = [rng.integers(0, 255, (*args.frame_size, 3), dtype=np.uint8) for _ in range(fpt)]
         text = question if (k - 1) % every == 0 else None
         tic = clock(args.device)
         if window:
@@ -396,20 +388,18 @@ def soak(model, processor, args, context_frames, minutes):
 
 
 def bench_live(args):
-    """`--minutes` of stream with infer.py's bounded context, then the unbounded stream beside it (at most
-    unbounded_minutes), on one model; the targets of issue 27 as PASS/FAIL lines."""
+    """`--minutes` with infer.py's bounded context, then unbounded (at most unbounded_minutes); issue 27's targets."""
     model, processor, info = setup(args)
     tpf = mmduet2.frame_tokens(*args.frame_size, args.frame_tokens)
     runs_ = {"bounded": soak(model, processor, args, args.context_frames, args.minutes),
              "unbounded": soak(model, processor, args, 0, min(args.minutes, args.unbounded_minutes))}
     b = runs_["bounded"]
+    at_most = lambda key, limit: {"value": b[key], "pass": None if b[key] is None else b[key] <= limit}  # noqa: E731
     targets = dict(
-        context={"text": "max context tokens <= budget", "value": b["max_context_tokens"],
-                 "pass": b["max_context_tokens"] <= b["context_budget_tokens"]},
-        latency={"text": "latency ratio (p50, last 10 stream-minutes / minutes 10-20) <= 1.2", "value": b["latency_ratio"],
-                 "pass": None if b["latency_ratio"] is None else b["latency_ratio"] <= 1.2},
-        rss={"text": "RSS growth (end - minute 10) <= 100 MB", "value": b["rss_growth_mb"],
-             "pass": None if b["rss_growth_mb"] is None else b["rss_growth_mb"] <= 100})
+        context={"text": "max context tokens <= budget", **at_most("max_context_tokens", b["context_budget_tokens"])},
+        latency={"text": "latency ratio (p50, last 10 stream-minutes / minutes 10-20) <= 1.2",
+                 **at_most("latency_ratio", 1.2)},
+        rss={"text": "RSS growth (end - minute 10) <= 100 MB", **at_most("rss_growth_mb", 100)})
     result = dict(command="live", machine=info, targets=targets, **{k: b[k] for k in (
                   "turns", "max_context_tokens", "context_budget_tokens", "latency_ratio", "rss_growth_mb")},
                   runs=runs_, config=dict(minutes=args.minutes, interval=args.interval, frames_per_turn=args.frames_per_turn,
@@ -424,8 +414,6 @@ def bench_live(args):
              "streamed without sleeping.", ""]
     lines += md_table(["", "bounded (--context-frames %d)" % args.context_frames, "unbounded (0)"],
                       [[k, *(runs_[r].get(k) if runs_[r].get(k) is not None else "-" for r in runs_)] for k in keys])
-    lines += [""] + [f"- {'N/A' if t['pass'] is None else 'PASS' if t['pass'] else 'FAIL'}: {t['text']} "
-                     f"(measured {t['value']})" for t in targets.values()]
     return report(args, "live", result, lines)
 
 
@@ -435,21 +423,15 @@ def bench_live(args):
 
 def bench_sft(args):
     model, processor, info = setup(args, weights_dtype=torch.float32)  # fp32 master weights, as sft.py
-    dev, (h, w), fpt = args.device, args.frame_size, args.frames_per_turn
-    tpf = mmduet2.frame_tokens(h, w, args.frame_tokens)
-    # The paper's SFT: the vision encoder is frozen, its merger (into the LLM's space) is trained.
-    model.model.visual.requires_grad_(False)
-    model.model.visual.merger.requires_grad_(True)
-    if args.grad_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    dev, fpt, tpf = args.device, args.frames_per_turn, mmduet2.frame_tokens(*args.frame_size, args.frame_tokens)
+    trained = runs.trainable(model, args.grad_checkpointing)  # as sft.py: the ViT frozen (not its merger), gradients
     model.train()
     n_turns = args.seq_len // (tpf * fpt) + 1  # more than enough; cut to --seq-len (never inside a frame)
     seq = mmduet2.encode_dialogue(processor, *silent_dialogue(n_turns, frame_pool(args), fpt), max_tokens=args.seq_len)
-    trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=1e-5, fused=dev.type == "cuda")  # sft.py's optimizer: fused on a GPU
     amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" and args.compute == torch.bfloat16 else nullcontext()
     if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)  # the weights stay allocated, so the peak still counts them
+        torch.cuda.reset_peak_memory_stats(dev)  # weights and gradients stay allocated: the peak still counts them
     times = []
     for i in range(args.warmup + args.steps):
         t0 = clock(dev)
@@ -522,12 +504,10 @@ def write_rl_set(folder, args, n_videos=2, fps=2):
 
 
 def checkpoint_tensors(folder):
-    """name → tensor, read lazily from a checkpoint folder's safetensors (one file, or the shards of its index)."""
+    """name → tensor, read lazily from a checkpoint folder's safetensors files (one, or the shards of its index)."""
     from safetensors import safe_open
-    index = os.path.join(folder, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
-    for name in files:
-        with safe_open(os.path.join(folder, name), "pt") as f:
+    for name in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        with safe_open(name, "pt") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
 
@@ -614,34 +594,27 @@ def bench_grpo(args):
 
 
 def gpu_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' sdpa attention as it runs on a GPU in our training forward, for fake tensors.
-
-    No padding mask, so sdpa gets is_causal=True and the 2 KV heads as they are (enable_gqa); autocast
-    casts q, k, v to bf16 and torch picks a fused kernel, which saves q, k, v, its output and the
-    log-sum-exp for backward, never the (heads, L, L) attention matrix. On fake tensors torch cannot
-    ask a GPU which kernel fits and falls back to the math path (it saves that matrix, in fp32), so we
-    call the flash kernel ourselves: its meta function gives the GPU's shapes and saved tensors.
-    """
+    """transformers' sdpa attention as it runs on a GPU in our training forward, for fake tensors. On a GPU torch
+    picks a fused kernel, which saves q, k, v, its output and the log-sum-exp for backward, never the (heads, L, L)
+    attention matrix; on fake tensors it cannot ask a GPU which kernel fits and falls back to the math path (which
+    saves that matrix, in fp32), so we call the flash kernel ourselves: its meta function gives the GPU's shapes and
+    saved tensors."""
     assert attention_mask is None, "with a padding mask sdpa picks another kernel than the one modelled here"
-    device = query.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    device = query.device.type  # no padding mask: sdpa gets is_causal=True and the 2 KV heads as they are (enable_gqa)
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype  # autocast: bf16
     out = torch.ops.aten._scaled_dot_product_flash_attention(  # q (1, 16, L, 128), k and v (1, 2, L, 128)
         query.to(dtype), key.to(dtype), value.to(dtype), dropout_p=dropout, is_causal=True, scale=scaling)[0]
     return out.transpose(1, 2).contiguous(), None  # (1, 16, L, 128) → (1, L, 16, 128), as transformers' sdpa
 
 
-def fake_3b(processor, layers=0, device="cpu"):
+def fake_3b(processor, layers=0, device="cpu"):  # device="cuda": a fake GPU model, for forwards only
     """Qwen2.5-VL-3B on fake tensors, set up as sft.py trains it: fp32 weights, ViT frozen, merger + LLM trained.
-
-    Fake tensors (torch's FakeTensorMode) are meta tensors, with shapes, dtypes and storages but no data,
-    that claim a device; every op still goes through autograd, autocast and checkpointing. We claim the
-    CPU: on a fake GPU the backward needs a real one (the autograd engine asks CUDA for a context), and
-    torch.autocast("cuda") switches itself off without one. CPU autocast makes the same casts on this
-    model: its bf16 ops are linear, matmul, conv and sdpa there too, and the norms cast to fp32 in the
-    model's own code (tests/test_bench.py checks that a fake-GPU forward saves the same bytes).
-    Each trained parameter gets its gradient buffer up front, as DDP's buckets exist before any step.
-    device="cuda" gives a fake GPU model, for forwards only.
-    """
+    Fake tensors (torch's FakeTensorMode) are meta tensors, with shapes, dtypes and storages but no data, that claim
+    a device; every op still goes through autograd, autocast and checkpointing. We claim the CPU: on a fake GPU the
+    backward needs a real one (the autograd engine asks CUDA for a context), and torch.autocast("cuda") switches
+    itself off without one. CPU autocast makes the same casts on this model: its bf16 ops are linear, matmul, conv
+    and sdpa there too, and the norms cast to fp32 in the model's own code (tests/test_bench.py checks that a
+    fake-GPU forward saves the same bytes)."""
     from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     AttentionInterface.register("gpu_sdpa", gpu_attention)
@@ -652,26 +625,18 @@ def fake_3b(processor, layers=0, device="cpu"):
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device=device)
         model.tie_weights()  # to_empty gave lm_head a copy of the embedding; the checkpoint ties them
-        model.model.visual.requires_grad_(False)  # the paper's SFT: the ViT frozen, its merger trained
-        model.model.visual.merger.requires_grad_(True)
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p) if p.requires_grad else None  # fp32: the bucket views (bucket view on)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        runs.trainable(model, grad_checkpointing=True)  # as sft.py: fp32 gradients up front, DDP's bucket views
     return model.train()
 
 
 class Probe(TorchDispatchMode):
-    """Bytes of one training step on fake tensors, counted per storage (a view and its base are one allocation).
-
-    - saved: `pack` is a saved_tensors_hooks pack hook; it sees every tensor autograd keeps for backward.
-      Non-reentrant checkpointing hides what is saved inside a checkpointed layer behind its own hooks,
-      and saves only the layer's input where we see it.
-    - live: as a dispatch mode it sees every op's outputs; a finalizer on each new storage says when it
-      is freed (torch keeps one Python object per storage while it lives). The most bytes alive at once
-      is what the step adds to the weights, gradients and Adam state.
-    Both are kept per `part` of the step (set by module hooks), the live peak also per `phase`.
-    Storages in `known` (weights, buffers, gradients) exist before the step: those are arithmetic.
-    """
+    """Bytes of one training step on fake tensors, counted per storage (a view and its base are one allocation) and
+    per `part` of the step (set by module hooks). Storages in `known` (weights, buffers, gradients) exist before it.
+    - saved: `pack`, a saved_tensors_hooks pack hook, sees every tensor autograd keeps for backward (non-reentrant
+      checkpointing hides what a checkpointed layer saves behind its own hooks: we see only the layer's input).
+    - live: as a dispatch mode it sees every op's outputs, and a finalizer on each new storage when it is freed
+      (torch keeps one Python object per storage while it lives). The most bytes alive at once (also per `phase`)
+      is what the step adds to the weights, gradients and Adam state."""
 
     def __init__(self, model):
         super().__init__()
@@ -716,17 +681,12 @@ class Probe(TorchDispatchMode):
 
 
 def step_bytes(model, shape, backward=True, grad=True):
-    """One training forward (+ backward) of a fake model on a sequence of `shape`: the Probe that counted it.
-    grad=False: a rollout's forward instead (no autograd, eval mode: nothing saved, nothing recomputed).
-
-    As mmduet2.forward_logprobs under sft.py's accelerate: bf16 autocast around the model's forward,
-    its outputs converted to fp32 after it (accelerate's convert_outputs_to_fp32), log p of the
-    supervised tokens from logits at their positions only; then loss = −Σ log p and loss.backward().
-    The frozen ViT does not run (its window attention reads the frame grid on the host): with no
-    parameter to train it records nothing for backward, so we hand its output to the merger, which
-    trains. Values of ids and positions do not matter here, only shapes and dtypes.
-    shape: tokens, patches (of all frames, into the merger), supervised (positions with logits).
-    """
+    """One training forward (+ backward) of a fake model on a sequence of `shape` (tokens, patches of all frames into
+    the merger, supervised positions with logits): the Probe that counted it. grad=False: a rollout's forward instead
+    (no autograd, eval mode: nothing saved, nothing recomputed). As mmduet2.forward_logprobs under sft.py's
+    accelerate, then loss = −Σ log p and loss.backward(). The frozen ViT does not run (its window attention reads the
+    frame grid on the host): with no parameter to train it records nothing for backward, so we hand its output to
+    the merger, which trains. Only shapes and dtypes matter here, not the values of ids and positions."""
     lm, visual = model.model.language_model, model.model.visual
     probe, dev, L = Probe(model), model.device, shape["tokens"]
     set_part = lambda part: lambda *_: setattr(probe, "part", part)  # noqa: E731
@@ -745,7 +705,7 @@ def step_bytes(model, shape, backward=True, grad=True):
             keep = torch.arange(shape["supervised"], device=dev)  # positions that predict a supervised token
             out = model(inputs_embeds=embeds, position_ids=torch.zeros(3, 1, L, dtype=torch.long, device=dev),
                         logits_to_keep=keep, use_cache=False)
-        logits = out.logits.float()  # (1, supervised, 151936); accelerate drops the bf16 output for this copy
+        logits = out.logits.float()  # (1, supervised, 151936): accelerate's convert_outputs_to_fp32 drops the bf16 one
         del out
         return mmduet2.token_logprobs(logits[0], ids[0, keep], 1.0)  # (supervised,)
 
@@ -779,8 +739,6 @@ def layer_bytes(model, tokens):
 
 
 def bench_memory(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.device, args.compute = torch.device("meta"), torch.bfloat16  # for machine(): fake tensors, bf16 autocast
     _, processor = mmduet2.tiny_model()  # the tokenizer and image processor (14-px patches, 2×2 merge, as the 3B)
     mmduet2.set_frame_tokens(processor, args.frame_tokens)
@@ -811,13 +769,14 @@ def bench_memory(args):
     trained = [p for p in params if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for p in trained)  # gradients have their parameter's dtype
+    n_all, n_trained = sum(p.numel() for p in params), sum(p.numel() for p in trained)
     kv_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
     kv = lambda rows, tokens, nbytes=2: rows * tokens * kv_token * nbytes  # noqa: E731  rows × L × layers × (K, V) × heads × dims
     features = grpo["image_tokens"] * text.hidden_size * 2  # the merger's bf16 output, shared by the G rows
 
     # Measured: what one training step saves and holds alive, per sequence; then SFT without checkpointing
-    def measure(shape, one_layer):
-        probe = step_bytes(model, shape)
+    def measure(shape, one_layer=0, grad=True):  # grad=False: nothing saved, no backward
+        probe = step_bytes(model, shape, grad=grad)
         saved = {f"saved_{part}": probe.saved[part] for part in ("layers", "outside", "logits")}
         return dict(saved, one_layer=one_layer, saved_plus_layer=sum(saved.values()) + one_layer, logits_peak=probe.peak["logits"],
                     forward_peak=probe.peak["forward"], backward_peak=probe.peak["backward"])
@@ -825,8 +784,7 @@ def bench_memory(args):
     # the rollouts: forwards without autograd in one autocast region, so autocast's bf16 copy of every trained weight
     # it casts lives through all of them (a 1-token forward holds little else: that copy, measured)
     for name, shape in (("prefill", prefill), ("turn", group_turn), ("cast", dict(tokens=1, patches=4, supervised=1))):
-        probe = step_bytes(model, shape, grad=False)
-        measured[name] = dict(logits_peak=probe.peak["logits"], forward_peak=probe.peak["forward"], backward_peak=0)
+        measured[name] = measure(shape, grad=False)
     model.activation_checkpointing_disable()
     measured["sft_no_ckpt"] = measure(sft, 0)  # nothing is recomputed
 
@@ -835,8 +793,7 @@ def bench_memory(args):
     # "fresh gradients" is a no_sync micro-batch whose gradients were None (zero_grad's default, or bucket view off).
     def column(m, kv_bytes=0, feature_bytes=0, fresh_grads=False, fused=True):
         row = dict(weights=weights, gradients=grads, adam=2 * grads, ddp_copy=grads if fresh_grads else 0,
-                   kv_cache=kv_bytes, vision_features=feature_bytes, autocast_cache=measured["cast"]["forward_peak"],
-                   **dict.fromkeys(("saved_layers", "saved_outside", "saved_logits", "one_layer", "saved_plus_layer"), 0))
+                   kv_cache=kv_bytes, vision_features=feature_bytes, autocast_cache=measured["cast"]["forward_peak"])
         row.update(m, optimizer_temporaries=0 if fused else grads)  # foreach: sqrt(v) of every parameter at once
         row["held"] = sum(row[k] for k in ("weights", "gradients", "adam", "ddp_copy", "kv_cache", "vision_features"))
         row["peak"] = row["held"] + max(m["forward_peak"], m["backward_peak"], row["optimizer_temporaries"])
@@ -855,13 +812,11 @@ def bench_memory(args):
                "SFT, foreach AdamW": column(measured["sft"], fused=False),
                "SFT, no checkpointing": column(measured["sft_no_ckpt"]),
                "GRPO rollouts, fp32 KV cache": rollouts(nbytes=4)}
-    result = dict(command="memory", machine=machine(args, sum(p.numel() for p in params)), columns=columns,
-                  params=dict(all=sum(p.numel() for p in params), trained=sum(p.numel() for p in trained),
-                              frozen=sum(p.numel() for p in params if not p.requires_grad)),
+    result = dict(command="memory", machine=machine(args, n_all), columns=columns,
+                  params=dict(all=n_all, trained=n_trained, frozen=n_all - n_trained),
                   config=dict(sft=sft, grpo=grpo, prefill=prefill, group_turn=group_turn, layers=text.num_hidden_layers,
                               frame_size=list(args.frame_size), tokens_per_frame=tpf, frames_per_turn=fpt,
-                              supervised_fraction=args.supervised,
-                              group=args.group, card_gib=args.card_gib))
+                              supervised_fraction=args.supervised, group=args.group, card_gib=args.card_gib))
     return report(args, "memory", result, memory_lines(result))
 
 
@@ -906,23 +861,23 @@ def memory_lines(result):
     lines += [
         "",
         f"Per GPU under DDP (every GPU a full replica), {p['trained'] / 1e9:.2f} B trained (LLM + merger) and "
-        f"{p['frozen'] / 1e9:.2f} B frozen (ViT) parameters, fp32 weights with bf16 autocast, {c['layers']} LLM layers. "
-        f"SFT: one dialogue of {s['tokens']:,} tokens ({s['frames']} frames of {c['frame_size'][1]}×{c['frame_size'][0]} px = "
-        f"{c['tokens_per_frame']} tokens, {c['frames_per_turn']} per turn), logits at {s['supervised']:,} supervised "
-        f"positions ({c['supervised_fraction']:.0%}, assumed); under accumulation the gradients stay in DDP's buckets "
-        f"between micro-batches. GRPO update: one rollout of {g['tokens']:,} tokens ({g['frames']} frames + "
-        f"{g['supervised']} generated tokens, the supervised ones) while the episode's vision features are held (the "
-        f"group's KV cache is freed when its rollouts end). GRPO rollouts: no autograd, one autocast region for all of "
-        f"a step's rollouts; the larger of two moments, here the {ro['moment']}: the context's prefill ({pre['tokens']:,} "
-        f"tokens, 1 row of cache) or the G = {c['group']} rows' last turn ({turn['tokens'] // c['group']} tokens each, "
-        f"their caches at {g['tokens']:,} tokens).",
+        f"{p['frozen'] / 1e9:.2f} B frozen (ViT) parameters, fp32 weights with bf16 autocast, {c['layers']} LLM "
+        f"layers. SFT: one dialogue of {s['tokens']:,} tokens ({s['frames']} frames of {c['frame_size'][1]}×"
+        f"{c['frame_size'][0]} px = {c['tokens_per_frame']} tokens, {c['frames_per_turn']} per turn), logits at "
+        f"{s['supervised']:,} supervised positions ({c['supervised_fraction']:.0%}, assumed); under accumulation the "
+        f"gradients stay in DDP's buckets between micro-batches. GRPO update: one rollout of {g['tokens']:,} tokens "
+        f"({g['frames']} frames + {g['supervised']} generated tokens, the supervised ones) while the episode's vision "
+        "features are held (the group's KV cache is freed when its rollouts end). GRPO rollouts: no autograd, one "
+        f"autocast region for all of a step's rollouts; the larger of two moments, here the {ro['moment']}: the "
+        f"context's prefill ({pre['tokens']:,} tokens, 1 row of cache) or the G = {c['group']} rows' last turn "
+        f"({turn['tokens'] // c['group']} tokens each, their caches at {g['tokens']:,} tokens).",
         "",
         "- How each row is obtained (arithmetic on the parameter counts; measured on fake tensors: what autograd "
         "saves, what is alive at a peak): docs/performance.md.",
         "- Not counted: the CUDA context and NCCL buffers, the allocator's free cached blocks (fragmentation), the "
-        "frozen ViT's transient forward (it runs before the LLM's activations pile up; not run here), and GRPO's one-time "
-        "DDP bucket rebuild before its second update's forward, when the old and new buckets may briefly overlap "
-        "(SFT looks for unused parameters, which keeps its first buckets).",
+        "frozen ViT's transient forward (it runs before the LLM's activations pile up; not run here), and GRPO's "
+        "one-time DDP bucket rebuild before its second update's forward, when the old and new buckets may briefly "
+        "overlap (SFT looks for unused parameters, which keeps its first buckets).",
         "",
         f"**The recipe {'fits' if fits else 'does not fit'} on {c['card_gib']} GiB**: "
         + ", ".join(gib(name) for name in recipe) + ". One change each: "
@@ -936,9 +891,8 @@ def memory_lines(result):
 
 
 def turn_latency(model, processor, args, fpt, context=10, turns=20, reply_tokens=32):
-    """p50/p95 ms of one turn after `context` turns: a silent turn (fast silence, as infer.py runs) and a replying
-    turn of `reply_tokens` new tokens (min_new_tokens holds back <|im_end|>). Each on a fork of one stream, whose
-    vision features are computed afresh (a live stream sees each frame once)."""
+    """p50/p95 ms of one turn after `context` turns, each on a cold fork of one stream: a silent turn (fast silence,
+    as infer.py runs) and a replying turn of `reply_tokens` new tokens (min_new_tokens holds back <|im_end|>)."""
     frames_of = frame_pool(argparse.Namespace(frame_size=args.frame_size, frames_per_turn=fpt))
     base = engine.Stream(model, processor)
     for k in range(context):
@@ -950,15 +904,13 @@ def turn_latency(model, processor, args, fpt, context=10, turns=20, reply_tokens
     replying.min_new_tokens = reply_tokens
     out = {}
     for mode, config, fast in (("silent", greedy, True), ("replying", replying, False)):
-        times, silent = [], []
-        for i in range(turns + 2):  # two warm-ups, not counted
-            fork = base.fork()
-            fork.vision = {}
+        times, replies = [], []
+        for i in range(turns + 2):
+            fork = cold_fork(base)
             t0 = clock(args.device)
-            reply = fork.turn(frames_of(context + i), config=config, fast_silence=fast)
-            if i >= 2:
-                times.append(clock(args.device) - t0)
-                silent.append(reply.silent)
+            replies.append(fork.turn(frames_of(context + i), config=config, fast_silence=fast))
+            times.append(clock(args.device) - t0)
+        times, silent, reply = times[2:], [r.silent for r in replies[2:]], replies[-1]  # two warm-ups, not counted
         out[mode] = dict(p50_ms=ms(times), p95_ms=ms(times, 95), silent_fraction=float(np.mean(silent)),
                          new_tokens=len(reply.ids) - reply.forced_end)  # a cut reply's closing <|im_end|> was appended
     return out
@@ -1027,11 +979,12 @@ def bench_gpu(args):
 def gpu_lines(result):
     """The Markdown of bench_gpu: what each stage measured, or why it failed."""
     st, lines = result["stages"], []
+    ok = {name: v for name, v in st.items() if "error" not in v}  # the stages that measured something
     if "tests" in st:
         t = st["tests"]
         lines += [f"GPU tests (`pytest -m gpu`): {t.get('summary') or t.get('error')}", ""]
         lines += ["```", t["tail"].strip(), "```", ""] if t.get("tail") else []
-    if "latency" in st and "error" not in st["latency"]:
+    if "latency" in ok:
         rows = [[fpt, mode, v["p50_ms"], v["p95_ms"], v["new_tokens"], f"{v['silent_fraction']:.0%}"]
                 for fpt, modes in st["latency"].items() if fpt != "seconds" for mode, v in modes.items()]
         c = result["config"]
@@ -1040,14 +993,12 @@ def gpu_lines(result):
         lines += [f"Per-turn latency of {model} (random weights, bf16), 448×224 frames = 128 tokens, after "
                   f"{c['latency_context_turns']} turns, {c['latency_turns']} turns each (the paper: ~160 ms per turn on an H100):", ""]
         lines += md_table(["frames per turn", "turn", "p50 ms", "p95 ms", "tokens out", "silent"], rows) + [""]
-    if "sft" in st and "error" not in st["sft"]:
-        v = st["sft"]
+    if v := ok.get("sft"):
         predicted = f" (bench.py memory predicts {v['predicted_peak_gib']:.1f} GiB)" if v["predicted_peak_gib"] else ""
         lines += [f"SFT step at {v['config']['seq_len']:,} tokens (bf16 autocast over fp32, checkpointing, fused AdamW): "
                   f"{v['tokens_per_s']:,.0f} tokens/s, {v['step_s']:.2f} s per step, peak {v['peak_memory_gib']:.1f} GiB"
                   f"{predicted}.", ""]
-    if "grpo" in st and "error" not in st["grpo"]:
-        v = st["grpo"]
+    if v := ok.get("grpo"):
         split = ", ".join(f"{k} {x:.0%}" for k, x in v["share"].items())
         spread = ", ".join(f"{x:.3f}" for x in v["reward_std"])
         moved = "no group's rewards differed (spread 0): advantages 0, no update to measure" if max(v["reward_std"]) == 0 \
@@ -1107,6 +1058,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = {"stream": bench_stream, "sft": bench_sft, "grpo": bench_grpo, "memory": bench_memory,
               "gpu": bench_gpu, "live": bench_live}[args.command](args)
     failed = [name for name, v in result.get("stages", {}).items() if "error" in v or v.get("returncode")]
