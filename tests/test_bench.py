@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmduet2
-from tools import bench
+from tools import bench, memory_probe
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -225,11 +225,11 @@ def test_memory_activations_are_measured(memory_2k, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def fake_2_layers():
     _, processor = mmduet2.tiny_model()
-    return processor, bench.fake_3b(processor, layers=2)
+    return processor, memory_probe.fake_3b(bench.qwen_3b_config(processor, layers=2))
 
 
 def test_memory_probe_counts_what_autograd_saves(fake_2_layers):
-    """bench.layer_bytes against a direct count: every storage one decoder layer hands to autograd, once."""
+    """memory_probe.layer_bytes against a direct count: every storage one decoder layer hands to autograd, once."""
     _, model = fake_2_layers
     lm, n = model.model.language_model, 300
     layer, params = lm.layers[0], {p.untyped_storage()._cdata for p in model.parameters()}
@@ -245,7 +245,7 @@ def test_memory_probe_counts_what_autograd_saves(fake_2_layers):
         layer(h, attention_mask=None, position_embeddings=lm.rotary_emb(h, torch.zeros(3, 1, n, dtype=torch.long)))
     layer.gradient_checkpointing = True
     direct = {k: v for k, v in saved.items() if k not in params and k != h.untyped_storage()._cdata}
-    assert bench.layer_bytes(model, n) == sum(b for b, _, _ in direct.values())
+    assert memory_probe.layer_bytes(model, n) == sum(b for b, _, _ in direct.values())
     kept = {(dtype, shape) for _, dtype, shape in direct.values()}
     assert (torch.bfloat16, (1, n, 11008)) in kept  # the MLP's bf16 activations (autocast)
     assert (torch.bfloat16, (1, 16, n, 128)) in kept and (torch.bfloat16, (1, 2, n, 128)) in kept  # flash: q, k
@@ -258,10 +258,10 @@ def test_memory_cpu_autocast_stands_for_cuda(fake_2_layers, monkeypatch):
     processor, cpu = fake_2_layers
     monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    gpu = bench.fake_3b(processor, layers=2, device="cuda")
+    gpu = memory_probe.fake_3b(bench.qwen_3b_config(processor, layers=2), device="cuda")
     assert gpu.device.type == "cuda"
     shape = dict(tokens=700, patches=4 * 512, supervised=70)
-    on_cpu, on_gpu = bench.step_bytes(cpu, shape, backward=False), bench.step_bytes(gpu, shape, backward=False)
+    on_cpu, on_gpu = memory_probe.step_bytes(cpu, shape, backward=False), memory_probe.step_bytes(gpu, shape, backward=False)
     assert on_cpu.saved == on_gpu.saved and on_cpu.peak == on_gpu.peak
     assert on_cpu.peak["forward"] > sum(on_cpu.saved.values())  # the cast cache is there on both
 
