@@ -33,3 +33,19 @@ def test_the_metrics_import_nothing_of_ours(name):
     """The PAUC metric and reward (reward.py), StreamingBench's and offline QA's scoring (benchmarks.py)."""
     ours = set(MODULES + SCRIPTS) - {name}
     assert imported(name) & ours == set()
+
+
+def test_files_and_functions_stay_reader_sized():
+    """The third draft's limits (docs/tests.md): no file over 800 lines (tools/bench.py 1,000), no function over 150."""
+    files = [f for f in os.listdir(ROOT) if f.endswith(".py")] + [f"tools/{f}" for f in os.listdir(f"{ROOT}/tools")
+                                                                  if f.endswith(".py")]
+    assert len(files) >= 14  # the scripts, the modules and the tools were all found
+    long_files, long_functions = {}, {}
+    for f in files:
+        text = open(os.path.join(ROOT, f)).read()
+        if len(text.splitlines()) > (1000 if f == "tools/bench.py" else 800):
+            long_files[f] = len(text.splitlines())
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno >= 150:
+                long_functions[f"{f}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert long_files == {} and long_functions == {}
