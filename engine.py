@@ -529,7 +529,7 @@ class Window:
         pending = s._pending()
         if pending.pixels:
             from transformers.modeling_outputs import BaseModelOutputWithPooling
-            features = [x for turn in kept for x in s._vision(turn.chunk).pooler_output if turn.chunk.pixels]
+            features = [x for turn in kept if turn.chunk.pixels for x in s._vision(turn.chunk).pooler_output]
             s.vision[_vision_key(pending)] = BaseModelOutputWithPooling(pooler_output=features)  # one (tokens, d) a frame
         s.prefill()  # one forward from position 0: the positions of one full forward over `seq`
         if pending.pixels:

@@ -404,10 +404,10 @@ def parse_args(argv):
 
 
 def serve_address(spec):
-    """--serve HOST:PORT -> (host, port), or None when it is not one ([::1]:8000 for IPv6; port 0: any free one)."""
+    """--serve HOST:PORT -> (host, port), or None when it is not one (port 0: any free one). IPv4 or a name only:
+    the page's server (http.server) listens on IPv4."""
     host, _, port = spec.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    return (host, int(port)) if host and port.isdigit() and int(port) < 65536 else None
+    return (host, int(port)) if host and ":" not in host and port.isdigit() and int(port) < 65536 else None
 
 
 def open_page(spec):
@@ -510,16 +510,18 @@ def watch(args, model, processor, decode, n_frames, user_turns, page=None):
         except KeyboardInterrupt:
             of = f" of {n_turns}" if not feed else ""
             failure, code = f"infer.py: interrupted after {len(latencies)}{of} turns", 130
-    if page:  # the page says that the stream ended, and why
-        page.end(failure.removeprefix("infer.py: ") if failure else f"all {len(latencies)} turns answered")
-    if args.out:  # written when the video ends early too: the turns streamed are not lost
-        name = urllib.parse.urlparse(args.video).path if source else args.video  # a URL's query is no name
-        qid = os.path.splitext(os.path.basename(name))[0] or "source"
-        try:
-            runs.write_atomic(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
-        except OSError as e:  # a full disk: the old file, if any, is left as it was
-            raise SystemExit(f"infer.py: cannot write {args.out} ({e.strerror}): the predictions of the "
-                             f"{len(latencies)} turns streamed are not saved; free some space and rerun") from None
+    try:
+        if args.out:  # written when the video ends early too (first: the page's end may take seconds)
+            name = urllib.parse.urlparse(args.video).path if source else args.video  # a URL's query is no name
+            qid = os.path.splitext(os.path.basename(name))[0] or "source"
+            try:
+                runs.write_atomic(args.out, json.dumps({"question_id": qid, "model_response_list": responses}) + "\n")
+            except OSError as e:  # a full disk: the old file, if any, is left as it was
+                raise SystemExit(f"infer.py: cannot write {args.out} ({e.strerror}): the predictions of the "
+                                 f"{len(latencies)} turns streamed are not saved; free some space and rerun") from None
+    finally:
+        if page:  # the page says that the stream ended, and why
+            page.end(failure.removeprefix("infer.py: ") if failure else f"all {len(latencies)} turns answered")
     n_replies = sum(r["role"] == "assistant" for r in responses)
     if feed:
         print(feed.report())

@@ -6,7 +6,7 @@ and drops those a slow model has no time for; `read_questions` turns typed lines
 stream in a browser (`--serve`). infer.py watches with them (`python infer.py SOURCE`); how they behave:
 docs/streaming.md, "Live sources", and docs/live.md.
 Paper: Sec. 4.1's turns, on a clock (its evaluation feeds files whole).
-    python -m pytest tests/test_infer.py -q -k "live or stream or page"
+    python -m pytest tests/test_infer.py -q -k "live or stream or page or question"
 """
 import collections
 import io
@@ -221,7 +221,6 @@ class Page:
         self.readers = 0  # /events streams still open
         self.lock = threading.Condition()  # guards all of the above; wakes the /events streams
         self.httpd = ThreadingHTTPServer((host, port), _handler(self))
-        self.httpd.daemon_threads = True  # an open /events stream never holds up the exit
         self.url = f"http://{host}:{self.httpd.server_address[1]}/"
 
     def start(self):
@@ -229,10 +228,10 @@ class Page:
 
     def publish(self, t, frames, text, reply):
         """One turn, as infer.stream_video's on_turn gives it."""
-        event = {"turn": self.count + 1, "time": round(t, 6), "clock": clock(t), "text": reply.text.strip(),
-                 "silent": reply.silent, "question": text}
         with self.lock:
             self.count += 1
+            event = {"turn": self.count, "time": round(t, 6), "clock": clock(t), "text": reply.text.strip(),
+                     "silent": reply.silent, "question": text}
             self.events.append((self.count, json.dumps(event)))
             if len(frames):
                 self.frame = (self.count, frames[-1])
@@ -253,14 +252,17 @@ class Page:
         """The last frame as JPEG bytes, encoded once per turn (Pillow, a dependency of the processor)."""
         from PIL import Image
         with self.lock:
-            frame = self.frame
+            frame, jpeg = self.frame, self.jpeg
         if frame is None:
             return None
-        if self.jpeg[0] != frame[0]:
+        if jpeg[0] != frame[0]:  # two requests may both encode it: the same bytes
             buf = io.BytesIO()
             Image.fromarray(np.ascontiguousarray(frame[1])).save(buf, "JPEG", quality=85)
-            self.jpeg = (frame[0], buf.getvalue())
-        return self.jpeg[1]
+            jpeg = (frame[0], buf.getvalue())
+            with self.lock:
+                if self.jpeg[0] is None or self.jpeg[0] < jpeg[0]:  # never an older frame over a newer one
+                    self.jpeg = jpeg
+        return jpeg[1]
 
 
 def _handler(page):
@@ -268,8 +270,16 @@ def _handler(page):
     from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 60  # an idle connection does not hold its thread for ever
+
         def log_message(self, *args):  # the terminal stays as it is: replies only
             pass
+
+        def handle(self):
+            try:
+                super().handle()
+            except ConnectionError:  # a page closed mid-answer (a reload, a frame load cancelled): not ours to print
+                pass
 
         def reply(self, status, body, content_type="text/plain; charset=utf-8"):
             data = body.encode() if isinstance(body, str) else body
@@ -298,7 +308,9 @@ def _handler(page):
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
-            sent = 0  # the index of the last event written
+            # the index of the last event written: an EventSource that reconnects says which it had (its id)
+            last = self.headers.get("Last-Event-ID", "")
+            sent = int(last) if last.isdigit() else 0
             with page.lock:
                 page.readers += 1
             try:
@@ -308,7 +320,7 @@ def _handler(page):
                         page.lock.wait_for(lambda: page.count > sent or page.ended is not None, timeout=15)
                         new = [(i, e) for i, e in page.events if i > sent]
                         ended = page.ended
-                    out = "".join(f"data: {e}\n\n" for _, e in new) or ": still watching\n\n"
+                    out = "".join(f"id: {i}\ndata: {e}\n\n" for i, e in new) or ": still watching\n\n"
                     sent = new[-1][0] if new else sent
                     if ended is not None and not new:
                         out = f"event: end\ndata: {json.dumps({'reason': ended})}\n\n"

@@ -13,8 +13,8 @@ Supervised = every assistant text + its <|im_end|>, NO REPLY turns included: sta
 the model must learn (most turns are silent, which is why SFT alone replies rarely and late, Sec. 4.3).
 
 Run it:
-    python data.py toy --out data/toy --n-train 400 --n-rl 100 --nqna-frac 0     # the toy world's data
-    OMP_NUM_THREADS=1 python sft.py --toy                                        # 1 CPU: ~8 min, 4,000 steps
+    python data.py toy --out data/toy                                            # the toy world's data
+    python sft.py --toy                                                          # one torch thread: ~10 min, 4,000 steps
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         sft.py --toy                                                             # 2 CPU ranks (gloo DDP)
     accelerate launch --multi_gpu --num_processes 8 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \\

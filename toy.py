@@ -15,6 +15,7 @@ untrained history (HISTORY_FRAC).
 Run:
     python data.py toy --out data/toy          # train 400, rl 100, test 30 videos: ~3 min on a 2-core CPU
 """
+import functools
 import re
 
 import av
@@ -112,7 +113,8 @@ def scenes(rng, size=84, fps=10, min_len=20, max_len=40, min_events=2, max_event
     return float(duration), events
 
 
-def x264_options():
+@functools.cache  # read once per process, not per video
+def x264_options(cpuinfo="/proc/cpuinfo"):
     """libx264's options for the toy videos: the quality, and on a CPU with AVX-512 the instruction sets to use.
 
     x264's AVX-512 code wrote the same frames with other bytes now and then (on a 2-core Xeon VM, 9 of 240
@@ -121,7 +123,7 @@ def x264_options():
     Only where AVX-512 is there (which has AVX2, BMI2 and LZCNT beside it): elsewhere x264 picks no AVX-512.
     """
     try:
-        with open("/proc/cpuinfo") as f:  # Linux; another system keeps x264's own choice
+        with open(cpuinfo) as f:  # Linux; another system keeps x264's own choice
             avx512 = "avx512" in f.read()
     except OSError:
         avx512 = False
@@ -142,7 +144,7 @@ def render_video(path, duration, events, seed, size=84, fps=10, **_):
         stream = container.add_stream("libx264", rate=fps)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"  # colour stored per 2x2 pixel block: hence boxes' even edges
-        stream.options = x264_options()
+        stream.options = dict(x264_options())  # a copy: the cached dict stays as it is
         for k in range(round(duration * fps)):
             frame = background.copy()
             for s in events:

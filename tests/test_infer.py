@@ -891,6 +891,7 @@ def resume_cases(tmp_path, d):
     ("context-frames-below-a-turn", "--context-frames must be 0 (every frame) or >= --frames-per-turn"),
     ("context-frames-negative", "--context-frames must be 0 (every frame) or >= --frames-per-turn"),
     ("serve-not-host-port", "--serve 8000 is not HOST:PORT (e.g. 127.0.0.1:8000)"),
+    ("serve-ipv6", "--serve [::1]:8000 is not HOST:PORT (e.g. 127.0.0.1:8000)"),  # the page's server is IPv4
     ("serve-benchmark", "--serve is for a single VIDEO or live SOURCE"),
     ("serve-port-in-use", "cannot listen there (Address already in use)"),
 ])
@@ -925,6 +926,7 @@ def test_bad_input_is_one_clear_line(videos, tmp_path, monkeypatch, case, messag
         "benchmark-input-format": ["--benchmark", ok_anno, "--input-format", "v4l2", "--out", str(tmp_path / "p")],
         "context-frames-below-a-turn": [v["a"], "--frames-per-turn", "2", "--context-frames", "1"],
         "context-frames-negative": [v["a"], "--context-frames", "-3"],
+        "serve-ipv6": [v["a"], "--serve", "[::1]:8000"],
         "serve-not-host-port": [v["a"], "--serve", "8000"],
         "serve-benchmark": ["--benchmark", ok_anno, "--serve", "127.0.0.1:8000", "--out", str(tmp_path / "p")],
         "serve-port-in-use": [v["a"], "--serve", f"127.0.0.1:{busy.getsockname()[1]}"],
@@ -1036,8 +1038,10 @@ def test_the_page_shows_the_turns_takes_a_question_and_says_the_stream_ended(tmp
     monkeypatch.setattr(engine, "Stream", lambda model, processor: scripted.append(ScriptedStream(["NO REPLY", "Seen."]))
                         or scripted[-1])
     video = write_video(tmp_path / "v.mp4", 4)
-    run = threading.Thread(target=infer.main, args=([video, "--realtime", "--interval", "0.25", "--model", "tiny",
-                                                     "--serve", "127.0.0.1:0", "--out", str(tmp_path / "p.jsonl")],))
+    result = {}
+    argv = [video, "--realtime", "--interval", "0.25", "--model", "tiny", "--serve", "127.0.0.1:0",
+            "--out", str(tmp_path / "p.jsonl")]
+    run = threading.Thread(target=lambda: result.update(summary=infer.main(argv)))
     run.start()
     for _ in range(200):
         if pages:
@@ -1066,9 +1070,15 @@ def test_the_page_shows_the_turns_takes_a_question_and_says_the_stream_ended(tmp
                 statuses["no length"] = c.getresponse().status
                 with urllib.request.urlopen(url + "frame.jpg", timeout=10) as r:
                     statuses["frame"] = (r.headers["Content-Type"], Image.open(io.BytesIO(r.read())).size)
+                # an EventSource that reconnects sends the id of the last event it had: the stream goes on after it
+                again = urllib.request.Request(url + "events", headers={"Last-Event-ID": "1"})
+                with urllib.request.urlopen(again, timeout=10) as r:
+                    statuses["reconnected"] = next(sse_events(r))[1]["turn"]
             if name == "end":
                 break
     run.join(30)
+    assert not run.is_alive() and result["summary"]["turns"] == 16  # infer.main ended, and well
+    assert len(records(tmp_path / "p.jsonl")) == 1 and statuses["reconnected"] == 2
     assert statuses["asked"][0] == 202 and json.loads(statuses["asked"][1]) == {"queued": "Is it red?"}
     assert [statuses[k][0] for k in ("empty", "too long", "not utf-8", "no such page", "post the page", "put")] == \
         [400, 413, 400, 404, 405, 405] and statuses["no length"] == 411

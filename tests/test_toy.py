@@ -64,9 +64,13 @@ def test_toy_written_twice_at_once_is_byte_identical(tmp_path):
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []  # the names of the files that differ
 
 
-def test_x264_options_are_all_taken(tmp_path, caplog):
+def test_x264_options_are_all_taken(tmp_path, caplog, monkeypatch):
     """libx264 only warns about an option it cannot parse and encodes on: a misspelt instruction set would
-    silently bring back the AVX-512 code (x264_options)."""
+    silently bring back the AVX-512 code (x264_options). The options of an AVX-512 CPU, whatever this one has."""
+    (tmp_path / "cpuinfo").write_text("flags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    options = toy.x264_options(str(tmp_path / "cpuinfo"))
+    assert "asm=AVX2" in options["x264-params"]
+    monkeypatch.setattr(toy, "x264_options", lambda: options)
     level = av.logging.get_level()
     av.logging.set_level(av.logging.WARNING)  # PyAV hands FFmpeg's log to Python's logging from this level
     try:

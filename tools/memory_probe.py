@@ -4,6 +4,8 @@ bytes a step keeps for backward and holds at its peak (`tools/bench.py memory` b
 Fake tensors have shapes, dtypes and storages but no data, so a 3B step runs on a laptop in seconds; autograd,
 autocast and checkpointing still run as they do on a GPU. How the numbers compare with a real card:
 docs/performance.md, item 4 (memory).
+Paper: what one GPU holds in its full-scale runs (Qwen2.5-VL-3B; SFT Sec. 4.2 on 16 H800s, GRPO Sec. 4.3 on 8).
+    python tools/bench.py memory          # the table in docs/full-scale.md, in ~30 s on a CPU
 """
 import collections
 import weakref
