@@ -1105,3 +1105,23 @@ def test_a_question_after_the_end_is_refused(monkeypatch):
         assert page.questions.empty()
     finally:
         page.end("done", linger=0)
+
+
+def test_a_page_closed_mid_answer_prints_nothing(monkeypatch, capfd):
+    # a browser that cancels a frame load resets its connection mid-write: socketserver printed a traceback each time
+    import http.server
+    page = live.Page("127.0.0.1", 0)
+    page.start()
+    dropped = []
+
+    def reset(self):
+        dropped.append(self)
+        raise ConnectionResetError(104, "Connection reset by peer")
+    monkeypatch.setattr(http.server.BaseHTTPRequestHandler, "handle", reset)
+    try:
+        with socket.create_connection(("127.0.0.1", page.httpd.server_address[1]), timeout=10) as s:
+            s.sendall(b"GET /frame.jpg HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(100) == b""  # the handler gave up on it: the connection closes, no answer
+    finally:
+        page.end("done", linger=0)
+    assert len(dropped) == 1 and capfd.readouterr().err == ""
