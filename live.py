@@ -204,7 +204,8 @@ class Page:
         GET /            the page
         GET /frame.jpg   the frame the model last saw (404 before the first turn)
         GET /events      Server-Sent Events: one JSON object per turn, {"turn", "time", "clock", "text",
-                         "silent", "question"}, the last KEEP_EVENTS first; then "end" with {"reason"}
+                         "silent", "question"}, its id the turn; the last KEEP_EVENTS first (after Last-Event-ID
+                         when a page reconnects); then "end" with {"reason"}
         POST /question   the body (UTF-8 text) joins the next turn fed, through the queue stdin fills: 202
     A bad request is answered (400, 404, 405, 409 after the end, 411, 413) and never reaches the stream.
     The socket is opened when the Page is made (a port in use fails before the model loads); `start` serves it.
