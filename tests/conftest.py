@@ -37,8 +37,9 @@ def write_video(path, seconds, fps=10, size=84, seed=0):
 
 @pytest.fixture(scope="session")
 def tiny():
-    """(model, processor) of the random tiny Qwen2.5-VL."""
-    return mmduet2.load_model("tiny")
+    """(model, processor) of the random tiny Qwen2.5-VL, on the CPU in fp32 (load_model's default on a GPU
+    machine is the GPU in bf16: the GPU tests hold the device to this model as their CPU reference)."""
+    return mmduet2.load_model("tiny", dtype=torch.float32, device="cpu")
 
 
 def random_frames(n, seed=0, size=84):
@@ -49,7 +50,7 @@ def random_frames(n, seed=0, size=84):
 @pytest.fixture(scope="session")
 def chatty():
     """A tiny model overfit on one dialogue, so greedy decoding is silent on some turns and replies on others."""
-    model, processor = mmduet2.load_model("tiny")
+    model, processor = mmduet2.load_model("tiny", dtype=torch.float32, device="cpu")  # as `tiny`, on any machine
     frames = random_frames(8, seed=1)
     replies = ["NO REPLY", "A red square appeared on the left.", "NO REPLY", "Blue.",
                "NO REPLY", "NO REPLY", "A green square appeared on the top.", "NO REPLY"]

@@ -280,7 +280,21 @@ def test_gpu_check_dry_run(tmp_path):
     assert len(st["grpo"]["reward_std"]) == 1 and st["grpo"]["reward_std"][0] >= 0  # the spread of its one step
     md = (tmp_path / "gpu.md").read_text()
     assert "Per-turn latency of tiny" in md and "reward spread (std within a group) per step: " in md
-    assert "No stage failed." in md
+    assert "No stage failed." in md and "was not silent" not in md
+
+
+def test_gpu_report_flags_a_silent_row_that_replied():
+    """On the first H100 run the random 3B model's "silent" two-frame turns replied (100 tokens each): the report
+    says that row times replies, instead of passing it off as a silent turn's cost."""
+    def turn(silent):
+        return dict(p50_ms=1.0, p95_ms=1.0, new_tokens=3 if silent else 100, silent_fraction=float(silent))
+    latency = {"silence_loss": 0.5, "seconds": 1.0, "1": dict(silent=turn(True), replying=turn(False)),
+               "2": dict(silent=turn(False), replying=turn(False))}
+    result = dict(config=dict(model="3b", layers=0, latency_context_turns=10, latency_turns=20),
+                  stages=dict(latency=latency))
+    md = "\n".join(bench.gpu_lines(result))
+    assert "| 2 | silent | 1.0 | 1.0 | 100 | 0% |" in md
+    assert "**A 'silent' row was not silent** (NO REPLY taught to a loss of 0.5)" in md
 
 
 def test_gpu_check_names_a_failed_stage_and_fails(tmp_path, monkeypatch):

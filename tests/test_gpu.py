@@ -33,6 +33,9 @@ QUESTION = "Tell me whenever a new shape appears."
 def pair(chatty):
     """The overfit tiny model (silent on some turns, replying on others) on the CPU and on the device, fp32."""
     model, processor, frames, _ = chatty
+    # the reference must be what its name says: on a GPU machine, a fixture left to load_model's defaults got
+    # the GPU in bf16, and the "CPU" side of every comparison below was the device itself
+    assert model.device.type == "cpu" and model.dtype == torch.float32
     return model, copy.deepcopy(model).to(DEVICE), processor, frames
 
 
