@@ -147,10 +147,10 @@ def frame_pool(args, n=16):
     return lambda k: [pool[(k * fpt + i) % n] for i in range(fpt)]
 
 
-def silent_dialogue(n_turns, frames_of, fpt):
-    """(messages, frames) of a dialogue whose every assistant turn is NO REPLY."""
-    messages = [{"role": r, "content": c} for _ in range(n_turns)
-                for r, c in (("user", mmduet2.IMAGE * fpt), ("assistant", mmduet2.SILENCE))]
+def silent_dialogue(n_turns, frames_of, fpt, reply=None):
+    """(messages, frames) of a dialogue whose every assistant turn is NO REPLY (with `reply`: every other one)."""
+    messages = [{"role": r, "content": c} for k in range(n_turns)
+                for r, c in (("user", mmduet2.IMAGE * fpt), ("assistant", reply if reply and k % 2 else mmduet2.SILENCE))]
     return messages, [f for k in range(n_turns) for f in frames_of(k)]
 
 
@@ -171,7 +171,7 @@ def report(args, name, result, lines):
                                 f"(measured {t['value']}{'; ' + t['note'] if t.get('note') else ''})"
                                 for t in result["targets"].values()]
     if not m["gpu"]:
-        result["gpu_pending"] = "GPU numbers (3B, bf16) are still to be measured: this run had no GPU."
+        result["gpu_pending"] = "This run had no GPU: for the GPU's numbers (3B, bf16), `bench.py gpu` on one."
         lines = lines + ["", result["gpu_pending"]]
     text = "\n".join(head + lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
@@ -185,20 +185,21 @@ def report(args, name, result, lines):
 # stream: per-turn latency with the cache and re-encoding; silent turns; real-time factor
 
 
-def teach_silence(model, processor, frames_of, args, n_turns=8):
+def teach_silence(model, processor, frames_of, args, n_turns=8, reply=None):
     """AdamW on an all-NO-REPLY dialogue of `n_turns` turns, so that greedy turns come out silent. Only the last
     decoder layer and the final norm learn: enough to say NO REPLY, and affordable at 3B (no optimizer state for 3B
     parameters). lr 1e-3: silent within 10 steps at both widths we tried (128 and 2048); 1e-2 oscillated at 2048.
     Timing does not depend on what the weights are, but a silent turn must be silent: taught on 8 two-frame turns,
     the random 3B model on an H100 stayed silent after 10 one-frame turns and not after 10 two-frame ones (longer
-    than what it was taught on), so the gpu check teaches on a dialogue as long as the longest stream it times."""
+    than what it was taught on), so the gpu check teaches on a dialogue as long as the longest stream it times.
+    With `reply`, every other turn says it: the model learns to say it or NO REPLY about half the time."""
     lm = model.model.language_model
     params = list(lm.layers[-1].parameters()) + list(lm.norm.parameters())
     model.requires_grad_(False)  # no gradients for the rest: at full 3B depth they would not fit in 24 GiB
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-3)
-    seq = mmduet2.encode_dialogue(processor, *silent_dialogue(n_turns, frames_of, args.frames_per_turn))
+    seq = mmduet2.encode_dialogue(processor, *silent_dialogue(n_turns, frames_of, args.frames_per_turn, reply))
     model.train()
     for _ in range(args.silence_steps):
         loss = -mmduet2.forward_logprobs(model, seq).mean()
@@ -526,10 +527,10 @@ def moved_fraction(init, final):
 
 def bench_grpo(args):
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as work:
-        init = args.model
-        if args.model == "3b":  # grpo.py loads a folder: save Qwen2.5-VL-3B's architecture with random weights first
-            model, processor, _ = setup(args, weights_dtype=torch.bfloat16)
-            # What the run writes: this bf16 folder (2 B per parameter) and grpo.py's fp32 `final` (4 B); no step-N.
+        init, anno = args.model, write_rl_set(work, args)
+        if args.model in ("3b", "tiny"):  # a random model, saved as a folder for grpo.py (3B: bf16 weights)
+            model, processor, _ = setup(args, weights_dtype=torch.bfloat16 if args.model == "3b" else None)
+            # What the run writes: this folder (3B: 2 B per parameter) and grpo.py's fp32 `final` (4 B); no step-N.
             need, free = 6 * model.num_parameters() * 1.05, shutil.disk_usage(work).free
             if need > free:
                 raise SystemExit(f"bench.py grpo: {need / 1e9:.0f} GB needed in {work}, {free / 1e9:.0f} GB free")
@@ -539,12 +540,17 @@ def bench_grpo(args):
             # tokenizer's ~500 random logits lie ~2 standard deviations above: replies are text the judge tells apart.
             with torch.no_grad():
                 model.get_input_embeddings().weight[len(processor.tokenizer):] = 0
+            # Still, a random model replies at every turn and its replies all score 0: on the first H100 run every
+            # group tied in both steps, and no update was measured. Taught to give the first gold answer at half the
+            # turns and NO REPLY at the others, its rollouts differ in when they speak, and so do their rewards.
+            teach_silence(model, processor, frame_pool(args), argparse.Namespace(**{**vars(args), "silence_steps": 20}),
+                          reply=json.load(open(anno))[0]["answer"][0]["content"])
             init = os.path.join(work, "init")
             model.save_pretrained(init)
             processor.save_pretrained(init)
             del model  # and its memory back from torch's caching allocator: grpo.py runs in another process
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--init", init, "--anno", write_rl_set(work, args),
+        cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--init", init, "--anno", anno,
                "--out", os.path.join(work, "run"), "--judge", "offline", "--max-steps", str(args.steps),
                "--group", str(args.group), "--segment", str(args.segment), "--interval", str(args.interval),
                "--frames-per-turn", str(args.frames_per_turn), "--frame-tokens", str(args.frame_tokens),
