@@ -185,10 +185,11 @@ def report(args, name, result, lines):
 # stream: per-turn latency with the cache and re-encoding; silent turns; real-time factor
 
 
-def teach_silence(model, processor, frames_of, args, n_turns=8, reply=None):
-    """AdamW on an all-NO-REPLY dialogue of `n_turns` turns, so that greedy turns come out silent. Only the last
-    decoder layer and the final norm learn: enough to say NO REPLY, and affordable at 3B (no optimizer state for 3B
-    parameters). lr 1e-3: silent within 10 steps at both widths we tried (128 and 2048); 1e-2 oscillated at 2048.
+def teach_silence(model, processor, frames_of, fpt, steps, n_turns=8, reply=None):
+    """`steps` of AdamW on an all-NO-REPLY dialogue of `n_turns` turns of `fpt` frames, so that greedy turns come out
+    silent. Only the last decoder layer and the final norm learn: enough to say NO REPLY, and affordable at 3B (no
+    optimizer state for 3B parameters; a random model's bf16 weights are stepped as they are: it is taught, not
+    trained for a result). lr 1e-3: silent within 10 steps at both widths we tried (128 and 2048); 1e-2 oscillated at 2048.
     Timing does not depend on what the weights are, but a silent turn must be silent: taught on 8 two-frame turns,
     the random 3B model on an H100 stayed silent after 10 one-frame turns and not after 10 two-frame ones (longer
     than what it was taught on), so the gpu check teaches on a dialogue as long as the longest stream it times.
@@ -199,9 +200,9 @@ def teach_silence(model, processor, frames_of, args, n_turns=8, reply=None):
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-3)
-    seq = mmduet2.encode_dialogue(processor, *silent_dialogue(n_turns, frames_of, args.frames_per_turn, reply))
+    seq = mmduet2.encode_dialogue(processor, *silent_dialogue(n_turns, frames_of, fpt, reply))
     model.train()
-    for _ in range(args.silence_steps):
+    for _ in range(steps):
         loss = -mmduet2.forward_logprobs(model, seq).mean()
         opt.zero_grad()
         loss.backward()
@@ -256,7 +257,7 @@ def bench_stream(args):
     at = {r["turn"]: r for r in rows}
 
     # 2. Silent turns: one user turn three ways, each on a fork of the same stream
-    loss = teach_silence(model, processor, frames_of, args) if args.silence_steps else None
+    loss = teach_silence(model, processor, frames_of, fpt, args.silence_steps) if args.silence_steps else None
     base = engine.Stream(model, processor)
     for k in range(args.context):  # the context: turns answered NO REPLY
         teacher_forced(base, k)
@@ -543,7 +544,7 @@ def bench_grpo(args):
             # Still, a random model replies at every turn and its replies all score 0: on the first H100 run every
             # group tied in both steps, and no update was measured. Taught to give the first gold answer at half the
             # turns and NO REPLY at the others, its rollouts differ in when they speak, and so do their rewards.
-            teach_silence(model, processor, frame_pool(args), argparse.Namespace(**{**vars(args), "silence_steps": 20}),
+            teach_silence(model, processor, frame_pool(args), args.frames_per_turn, steps=20,
                           reply=json.load(open(anno))[0]["answer"][0]["content"])
             init = os.path.join(work, "init")
             model.save_pretrained(init)
@@ -811,7 +812,8 @@ def bench_gpu(args):
         a = sub("stream", dtype="bf16", silence_steps=10)
         model, processor, info = setup(a)  # bf16 weights, as infer.py loads them on a GPU
         result["machine"] = info
-        loss = teach_silence(model, processor, frame_pool(a), a, n_turns=context + 1)  # 2 frames a turn: the longest
+        # 2 frames a turn, context + 1 turns: the longest stream timed
+        loss = teach_silence(model, processor, frame_pool(a), a.frames_per_turn, a.silence_steps, n_turns=context + 1)
         return {"silence_loss": loss,
                 **{str(fpt): turn_latency(model, processor, a, fpt, context, turns, reply_tokens) for fpt in (1, 2)}}
 
