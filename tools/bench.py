@@ -189,7 +189,8 @@ def teach_silence(model, processor, frames_of, fpt, steps, n_turns=8, reply=None
     """`steps` of AdamW on an all-NO-REPLY dialogue of `n_turns` turns of `fpt` frames, so that greedy turns come out
     silent. Only the last decoder layer and the final norm learn: enough to say NO REPLY, and affordable at 3B (no
     optimizer state for 3B parameters; a random model's bf16 weights are stepped as they are: it is taught, not
-    trained for a result). lr 1e-3: silent within 10 steps at both widths we tried (128 and 2048); 1e-2 oscillated at 2048.
+    trained for a result). lr 1e-3: silent within 10 steps at both widths we tried (128 and 2048); 1e-2 oscillated
+    at 2048.
     Timing does not depend on what the weights are, but a silent turn must be silent: taught on 8 two-frame turns,
     the random 3B model on an H100 stayed silent after 10 one-frame turns and not after 10 two-frame ones (longer
     than what it was taught on), so the gpu check teaches on a dialogue as long as the longest stream it times.
