@@ -8,8 +8,8 @@ Sec. 3 steps 2-3, SFT placement Sec. 4.2); only the two LLM steps are templates 
 boundary as data.LLMWriter.
 
 The world (WORLD): 84×84 px, 10 fps, 20–40 s; 2–4 events of 5–10 s, each a square of one of 7 colours at the
-left, right, top or bottom, at least 2 s apart, none in the first second nor in the last 4 s (why: beside
-WORLD and QUIET_END). Not in the paper: a quarter of the answers are also said early in their span, as
+left, right, top or bottom (the answers name the colour only), at least 2 s apart, none in the first second nor in
+the last 4 s (why: beside WORLD and QUIET_END). Not in the paper: a quarter of the answers are also said early in their span, as
 untrained history (HISTORY_FRAC).
 
 Run:
@@ -50,11 +50,14 @@ OFFLINE_QUESTION = "List the colours of the squares in the order they appeared."
 # StreamingBench's Proactive Output in the toy: the output as the toy's models name a colour ("Red."), since the
 # official check is a case-sensitive substring
 PROACTIVE_QUESTION = 'When a {colour} square appears, output "{output}".'
-CAPTION_PATTERN = re.compile(r"A (\w+) square appeared on the (\w+)\.")
+# The answer names the colour, not the side (the square is still drawn at one of four): no toy model learnt the side
+# inside the streaming dialogues (right 1 time in 4), and a random side cost points earliness could not win back and
+# hid repeats from the judge, for whom another side is new information (docs/toy.md, "What changed")
+CAPTION_PATTERN = re.compile(r"A (\w+) square appeared\.")
 
 
-def caption(colour, position):
-    return f"A {colour} square appeared on the {position}."
+def caption(colour):
+    return f"A {colour} square appeared."
 
 
 def colour_list(scenes):
@@ -107,7 +110,7 @@ def scenes(rng, size=84, fps=10, min_len=20, max_len=40, min_events=2, max_event
         t += shift - used
         used = shift
         position = rng.choice(POSITIONS)  # positions may repeat: colours tell events apart
-        events.append({"start": t / fps, "end": (t + length) / fps, "caption": caption(colour, position),
+        events.append({"start": t / fps, "end": (t + length) / fps, "caption": caption(colour),
                        "colour": colour, "position": position})
         t += length + gap_f
     return float(duration), events
@@ -187,7 +190,7 @@ class Writer:
     def questions(self, captions, n):
         parsed = [CAPTION_PATTERN.fullmatch(c.strip()) for c in captions]
         if not all(parsed):
-            raise ValueError("the toy writer reads only toy captions ('A red square appeared on the left.')")
+            raise ValueError("the toy writer reads only toy captions ('A red square appeared.')")
         by_question = {QUESTIONS[0]: [c.strip() for c in captions],
                        QUESTIONS[1]: [f"{m.group(1).capitalize()}." for m in parsed]}
         # two templates only: the toy's videos (under 60 s) ask for n = 2; a longer one gets these two

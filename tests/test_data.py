@@ -353,7 +353,7 @@ def test_build_nqna_fraction_is_respected(tmp_path):
 
 
 def test_bad_input_lines_are_reported_with_their_line_number(tmp_path, capsys):
-    caption = toy.caption("red", "left")
+    caption = toy.caption("red")
     good = {"start": 2.0, "end": 8.0, "caption": caption}
     scenes = write_scenes(tmp_path, [
         record(0, [good]),                                                     # line 1: fine

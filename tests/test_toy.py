@@ -104,7 +104,7 @@ def test_toy_videos_show_exactly_what_the_annotations_say(toy_dir):
         assert len(frames) == round(rec["duration"] * fps)
         assert 2 <= len(rec["scenes"]) <= 4 and rec["scenes"][0]["start"] >= 1.0
         for s in rec["scenes"]:
-            assert s["caption"] == toy.caption(s["colour"], s["position"])
+            assert s["caption"] == toy.caption(s["colour"])
             assert 5.0 <= s["end"] - s["start"] <= 10.0 and s["end"] <= rec["duration"] - 1.0
             y, x = boxes[s["position"]]
             centre = frames[:, y + side // 2, x + side // 2].astype(int)  # (T, 3)
@@ -162,7 +162,7 @@ def test_toy_answers_follow_a_frame_that_shows_the_event_and_never_sit_at_the_la
 
 def test_toy_writer_goes_through_the_same_construction(toy_dir):
     writer = toy.Writer()
-    captions = [toy.caption("red", "left"), toy.caption("blue", "top")]
+    captions = [toy.caption("red"), toy.caption("blue")]
     qas = writer.questions(captions, 2)
     assert [qa["question"] for qa in qas] == list(toy.QUESTIONS)
     assert qas[0]["answers"] == captions and qas[1]["answers"] == ["Red.", "Blue."]
