@@ -9,8 +9,8 @@ boundary as data.LLMWriter.
 
 The world (WORLD): 84×84 px, 10 fps, 20–40 s; 2–4 events of 5–10 s, each a square of one of 7 colours at the
 left, right, top or bottom (the answers name the colour only), at least 2 s apart, none in the first second nor in
-the last 4 s (why: beside WORLD and QUIET_END). Not in the paper: a quarter of the answers are also said early in their span, as
-untrained history (HISTORY_FRAC).
+the last 4 s (why: beside WORLD and QUIET_END). Not in the paper: a quarter of the answers are also said early in
+their span, as untrained history (HISTORY_FRAC).
 
 Run:
     python data.py toy --out data/toy          # train 400, rl 100, test 30 videos: ~3 min on a 2-core CPU
@@ -51,8 +51,8 @@ OFFLINE_QUESTION = "List the colours of the squares in the order they appeared."
 # official check is a case-sensitive substring
 PROACTIVE_QUESTION = 'When a {colour} square appears, output "{output}".'
 # The answer names the colour, not the side (the square is still drawn at one of four): no toy model learnt the side
-# inside the streaming dialogues (right 1 time in 4), and a random side cost points earliness could not win back and
-# hid repeats from the judge, for whom another side is new information (docs/toy.md, "What changed")
+# inside the streaming dialogues (right 1 time in 4), so each answer lost a word to a guessed side, and a second
+# answer with another side was no repeat to the judge (new information) (docs/toy.md, "What changed")
 CAPTION_PATTERN = re.compile(r"A (\w+) square appeared\.")
 
 
