@@ -13,7 +13,7 @@ the last 4 s (why: beside WORLD and QUIET_END). Not in the paper: a quarter of t
 their span, as untrained history (HISTORY_FRAC).
 
 Run:
-    python data.py toy --out data/toy          # train 400, rl 100, test 30 videos: ~3 min on a 2-core CPU
+    python data.py toy --out data/toy          # train 400, rl 100, test 100 videos: ~3 min on a 2-core CPU
 """
 import functools
 import re
